@@ -1,0 +1,114 @@
+"""Analytic multiply-accumulate counts (GMACs) and budget → parameter resolution.
+
+The papers' "GFLOPs" are GMACs (one fused multiply-add counted once).  For a
+block that sees ``n_a`` tokens in attention and ``n_m`` tokens in its MLP::
+
+    MACs = n_a · (qkv + proj weights) + 2 · n_a² · attn_dim + n_m · (MLP weights)
+
+which for a standard ViT block of width C is ``4·n_a·C² + 2·n_a²·C + 8·n_m·C²``.
+Patch embedding (per patch) and the classifier head (per image) are added.  The
+weights are read off the live model, so q/k-norm, SwiGLU MLPs or other widths
+count correctly.  Norms, softmax, GELU and the reductions' own bookkeeping are
+not counted (as in fvcore and the papers).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+Schedule = list[tuple[int, int]]
+"""Per block: (tokens entering attention, tokens entering the MLP)."""
+
+
+def _linear_macs(module: nn.Module | None) -> int:
+    """MACs per token of all ``nn.Linear`` layers inside ``module``."""
+    if module is None:
+        return 0
+    return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, nn.Linear))
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Per-token and per-image MAC constants of one ViT."""
+
+    attn_linear: tuple[int, ...]
+    attn_dim: tuple[int, ...]
+    mlp_linear: tuple[int, ...]
+    patch_embed: int
+    head: int
+
+    @classmethod
+    def from_model(cls, model: nn.Module) -> CostModel:
+        blocks = list(model.blocks)
+        attn_linear = tuple(_linear_macs(b.attn) for b in blocks)
+        attn_dim = tuple(b.attn.qkv.out_features // 3 for b in blocks)
+        mlp_linear = tuple(_linear_macs(b.mlp) for b in blocks)
+        proj = model.patch_embed.proj
+        if isinstance(proj, nn.Conv2d):
+            patch = proj.out_channels * (proj.in_channels // proj.groups) * proj.kernel_size[0] * proj.kernel_size[1]
+        else:
+            patch = _linear_macs(proj)
+        head = _linear_macs(getattr(model, "head", None)) + _linear_macs(getattr(model, "head_dist", None))
+        return cls(attn_linear, attn_dim, mlp_linear, patch, head)
+
+    @property
+    def depth(self) -> int:
+        return len(self.attn_linear)
+
+    def block_macs(self, block: int, n_attn: float, n_attn_sq: float, n_mlp: float) -> float:
+        """MACs of one block; ``n_attn_sq`` is the (batch-mean of) squared attention count."""
+        return (
+            n_attn * self.attn_linear[block]
+            + 2.0 * n_attn_sq * self.attn_dim[block]
+            + n_mlp * self.mlp_linear[block]
+        )
+
+    def macs(self, schedule: Sequence[tuple[int, int]], num_patches: int) -> float:
+        """MACs per image of a fixed token schedule."""
+        total = num_patches * self.patch_embed + self.head
+        for i, (n_a, n_m) in enumerate(schedule):
+            total += self.block_macs(i, n_a, n_a * n_a, n_m)
+        return float(total)
+
+    def unreduced_macs(self, num_tokens: int, num_patches: int) -> float:
+        return self.macs([(num_tokens, num_tokens)] * self.depth, num_patches)
+
+
+def resolve_budget(
+    budget: float,
+    candidates: Iterable[dict[str, Any]],
+    cost_of: Callable[[dict[str, Any]], float],
+    unreduced: float,
+    knob: str,
+) -> dict[str, Any]:
+    """Pick the least-reducing candidate whose cost does not exceed ``budget × unreduced``.
+
+    Args:
+        budget: fraction of the unreduced GMACs to keep, in (0, 1].
+        candidates: parameter dicts ordered from least to most reduction.
+        cost_of: MACs of a candidate.
+        unreduced: MACs of the unreduced model.
+        knob: the parameter the budget sets (for the error message).
+
+    Raises:
+        ValueError: ``budget`` is out of (0, 1] or no candidate fits; the message
+            gives the achievable range.
+    """
+    if not isinstance(budget, (int, float)) or not 0.0 < budget <= 1.0:
+        raise ValueError(f"budget must be a fraction of the unreduced GMACs in (0, 1], got {budget!r}")
+    limit = budget * unreduced * (1.0 + 1e-9)
+    lowest = None
+    for cand in candidates:
+        cost = cost_of(cand)
+        if cost <= limit:
+            return cand
+        lowest = cost if lowest is None else min(lowest, cost)
+    low = lowest / unreduced if lowest is not None else 1.0
+    raise ValueError(
+        f"budget={budget} is not reachable by adjusting {knob!r}: achievable budgets on this model "
+        f"are {low:.3f} to 1.0 of the unreduced GMACs"
+    )

@@ -1,0 +1,24 @@
+"""One module per method; :data:`REGISTRY` maps the public names to reducer classes."""
+
+from __future__ import annotations
+
+from .base import ModelInfo, Reducer
+from .evit import EViT
+from .random_prune import RandomPrune
+from .tome import ToMe
+
+REGISTRY: dict[str, type[Reducer]] = {cls.name: cls for cls in (ToMe, EViT, RandomPrune)}
+
+
+def get_method(name: str) -> type[Reducer]:
+    """The reducer class registered under ``name``.
+
+    Raises:
+        ValueError: unknown name; the message lists the available methods.
+    """
+    if not isinstance(name, str) or name.lower() not in REGISTRY:
+        raise ValueError(f"unknown method {name!r}; available: {', '.join(sorted(REGISTRY))}")
+    return REGISTRY[name.lower()]
+
+
+__all__ = ["REGISTRY", "EViT", "ModelInfo", "RandomPrune", "Reducer", "ToMe", "get_method"]

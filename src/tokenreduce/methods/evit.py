@@ -1,0 +1,115 @@
+"""EViT — keep the attentive tokens, fuse the rest (Liang et al., ICLR 2022).
+
+Inside blocks ``layers`` (default 3, 6, 9), after the attention residual: the
+``ceil(keep_rate·(N−P))`` patch tokens with the highest head-averaged class-token
+attention are kept (in descending score order); with ``fuse_token`` the others
+are summed into one extra token weighted by their *un-normalised* class
+attention, as the official code does.  See specs/methods.md §2.
+
+Deviation from the official code, by design: all ``P`` prefix tokens are
+protected (the official code protects the class token only and treats a
+distillation token as a patch token).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..budget import Schedule
+from ..ops.attention import AttentionNeeds, AttentionSignals
+from ..ops.prune import keep_topk, masked_weighted_sum
+from ..state import TokenState
+from .base import ModelInfo, Reducer, check_fraction, check_layers
+
+KEEP_RATE_STEP = 0.001
+
+
+def kept_count(keep_rate: float, num_candidates: int) -> int:
+    """``ceil(keep_rate · num_candidates)``, robust to float noise (0.7·10 → 7, not 8)."""
+    return min(num_candidates, math.ceil(round(keep_rate * num_candidates, 6)))
+
+
+@dataclass(frozen=True)
+class EViTParams:
+    """Parameters of :class:`EViT`.
+
+    Attributes:
+        keep_rate: fraction of the current patch tokens kept at each reduction block (ρ).
+        layers: 0-based blocks that reduce (the paper's 4th, 7th and 10th layers).
+        fuse_token: fuse the inattentive tokens into one extra token.
+    """
+
+    keep_rate: float = 0.7
+    layers: tuple[int, ...] = (3, 6, 9)
+    fuse_token: bool = True
+
+
+class KeepRateReducer(Reducer):
+    """Shared schedule logic of methods that keep ``ceil(ρ·(N−P))`` patch tokens at ``layers``."""
+
+    knob = "keep_rate"
+    extra_tokens = 0  # tokens added after selection (EViT's fused token)
+
+    def __init__(self, info: ModelInfo, params: Any) -> None:
+        super().__init__(info, params)
+        self.keep_rate = check_fraction(self.name, "keep_rate", params.keep_rate)
+        self.layers = check_layers(self.name, params.layers, info.depth)
+
+    def needs(self, block: int) -> AttentionNeeds | None:
+        return AttentionNeeds(cls_attn=True) if block in self.layers else None
+
+    def tokens_after(self, n: int) -> int:
+        patches = n - self.info.num_prefix
+        keep = kept_count(self.keep_rate, patches)
+        if keep >= patches:
+            return n
+        return self.info.num_prefix + keep + self.extra_tokens
+
+    def schedule(self, num_tokens: int) -> Schedule:
+        counts, n = [], num_tokens
+        for block in range(self.info.depth):
+            m = self.tokens_after(n) if block in self.layers else n
+            counts.append((n, m))
+            n = m
+        return counts
+
+    @classmethod
+    def budget_candidates(cls, info: ModelInfo, base: Any) -> Iterator[dict[str, Any]]:
+        steps = round(1.0 / KEEP_RATE_STEP)
+        for i in range(steps, 0, -1):
+            yield {"keep_rate": round(i * KEEP_RATE_STEP, 3)}
+
+
+class EViT(KeepRateReducer):
+    """Top-k by class attention, inattentive tokens fused into one."""
+
+    name = "evit"
+    Params = EViTParams
+
+    def __init__(self, info: ModelInfo, params: EViTParams) -> None:
+        super().__init__(info, params)
+        self.extra_tokens = 1 if params.fuse_token else 0
+
+    def reduce(self, block: int, state: TokenState, signals: AttentionSignals) -> TokenState:
+        p = state.num_prefix
+        patches = state.num_tokens - p
+        keep = kept_count(self.keep_rate, patches)
+        if keep >= patches:
+            return state
+        cls_attn = signals.cls_attn.mean(dim=1)[:, p:]  # B×(N−P), un-normalised over patches
+        keep_idx = keep_topk(cls_attn, keep)
+        out = state.prefix_and_patches(keep_idx)
+        if not self.extra_tokens:
+            return out
+        fused = masked_weighted_sum(state.x[:, p:], cls_attn, keep_idx)
+        dropped = torch.ones_like(cls_attn).scatter(1, keep_idx, 0.0).unsqueeze(1)  # B×1×(N−P)
+        fused_size = dropped @ state.sizes()[:, p:]
+        fused_source = None
+        if state.source is not None:
+            fused_source = (dropped.to(state.source.dtype) @ state.source[:, p:]).clamp(max=1)
+        return out.append(fused, fused_size, fused_source)

@@ -1,0 +1,101 @@
+"""ToMe — Token Merging (Bolya et al., ICLR 2023).
+
+In every block, after the attention residual and before the MLP, bipartite soft
+matching on the head-averaged keys merges ``r`` tokens into their most similar
+partners as a size-weighted average; proportional attention (``log size`` bias
+on the keys) is on by default.  See specs/methods.md §1.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from ..budget import Schedule
+from ..ops.attention import AttentionNeeds, AttentionSignals
+from ..ops.matching import bipartite_soft_matching, max_merges
+from ..ops.merge import merge_wavg
+from ..state import TokenState
+from .base import ModelInfo, Reducer
+
+RSpec = int | tuple[int, float] | list[int]
+
+
+@dataclass(frozen=True)
+class ToMeParams:
+    """Parameters of :class:`ToMe`.
+
+    Attributes:
+        r: tokens merged per block: an int (every block), ``(r, inflection)`` with
+            inflection in [-1, 1] (a linear schedule from ``int(r·(1−inflection))``
+            to ``2r −`` that; −1 is the "decreasing" schedule), or a per-block list
+            (shorter lists are padded with zeros).  Official DeiT-S/T setting: 13.
+        prop_attn: proportional attention (``log size`` added to the key logits).
+            True for off-the-shelf supervised models (ToMe's recommendation).
+    """
+
+    r: RSpec = 13
+    prop_attn: bool = True
+
+
+def parse_r(r: RSpec, depth: int) -> list[int]:
+    """Expand ToMe's ``r`` specification into one merge count per block."""
+    if isinstance(r, bool):
+        raise ValueError(f"tome: r must be an int, (r, inflection) or a list of ints, got {r!r}")
+    if isinstance(r, int):
+        r, inflection = r, 0.0
+    elif isinstance(r, tuple) and len(r) == 2:
+        r, inflection = r
+        if not isinstance(r, int) or not isinstance(inflection, (int, float)) or not -1 <= inflection <= 1:
+            raise ValueError(f"tome: (r, inflection) needs an int r and inflection in [-1, 1], got {(r, inflection)!r}")
+    elif isinstance(r, (list, tuple)):
+        values = list(r)
+        if len(values) > depth or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            raise ValueError(f"tome: a per-block r list needs at most {depth} ints, got {values!r}")
+        if any(v < 0 for v in values):
+            raise ValueError(f"tome: r values must be >= 0, got {values!r}")
+        return values + [0] * (depth - len(values))
+    else:
+        raise ValueError(f"tome: r must be an int, (r, inflection) or a list of ints, got {r!r}")
+    if r < 0:
+        raise ValueError(f"tome: r must be >= 0, got {r}")
+    start = int(r * (1.0 - inflection))
+    end = 2 * r - start
+    if depth == 1:
+        return [start]
+    step = (end - start) / (depth - 1)
+    return [int(start + step * i) for i in range(depth)]
+
+
+class ToMe(Reducer):
+    """Bipartite soft matching in every block."""
+
+    name = "tome"
+    Params = ToMeParams
+    knob = "r"
+
+    def __init__(self, info: ModelInfo, params: ToMeParams) -> None:
+        super().__init__(info, params)
+        self.r_per_block = parse_r(params.r, info.depth)
+        self.prop_attn = bool(params.prop_attn)
+
+    def needs(self, block: int) -> AttentionNeeds | None:
+        return AttentionNeeds(keys=True) if self.r_per_block[block] > 0 else None
+
+    def reduce(self, block: int, state: TokenState, signals: AttentionSignals) -> TokenState:
+        match = bipartite_soft_matching(signals.keys, self.r_per_block[block], state.num_prefix)
+        return merge_wavg(state, match)
+
+    def schedule(self, num_tokens: int) -> Schedule:
+        counts, n = [], num_tokens
+        for r in self.r_per_block:
+            m = n - min(r, max_merges(n, self.info.num_prefix))
+            counts.append((n, m))
+            n = m
+        return counts
+
+    @classmethod
+    def budget_candidates(cls, info: ModelInfo, base: ToMeParams) -> Iterator[dict[str, Any]]:
+        for r in range(max_merges(info.num_tokens, info.num_prefix) + 1):
+            yield {"r": r}

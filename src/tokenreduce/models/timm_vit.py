@@ -1,0 +1,184 @@
+"""Adapter for timm ``VisionTransformer`` models (ViT, DeiT, distilled DeiT, DeiT-III, ...).
+
+Patching follows ToMe/tomesd: the classes of the live model and of its blocks are
+swapped for generated subclasses whose ``forward`` routes the tokens through the
+reducer; no weight is copied and ``state_dict()`` is unchanged.  Removing the
+patch restores the original classes, so the stock forward runs again, bit for bit.
+
+Per-forward state (sizes, sources, token counts) lives in one
+:class:`ReductionContext` shared by the model and its blocks; block 0 resets it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from timm.layers import Attention
+from timm.models.vision_transformer import Block, VisionTransformer
+from torch import Tensor, nn
+
+from ..budget import CostModel
+from ..methods.base import ModelInfo, Reducer
+from ..ops.attention import NO_NEEDS, attention_with_signals, size_bias
+from ..state import TokenState
+
+SUPPORTED_POOLS = ("token", "avg", "max", "avgmax", "")
+SUPPORTED_FAMILIES = (
+    "timm VisionTransformer models built from timm Block and Attention modules: ViT, DeiT, "
+    "distilled DeiT, DeiT-III (LayerScale), ViTs with q/k-norm, scale-norm or register tokens; "
+    f"global_pool in {[p for p in SUPPORTED_POOLS if p]} or ''"
+)
+
+
+class ReductionContext:
+    """State shared by a reduced model and its blocks during one forward."""
+
+    def __init__(self, reducer: Reducer, info: ModelInfo, method: str, trace_source: bool) -> None:
+        self.reducer = reducer
+        self.info = info
+        self.method = method
+        self.trace_source = trace_source
+        depth = info.depth
+        self.needs = [reducer.needs(i) for i in range(depth)]
+        self.has_before = [reducer.has_before_block(i) for i in range(depth)]
+        self.size: Tensor | None = None
+        self.source: Tensor | None = None
+        self.bias: Tensor | None = None
+        self._bias_of: Tensor | None = None
+        self.num_tokens_in = 0
+        self.batch_size = 0
+        self.records: list[tuple[Any, Any] | None] = [None] * depth
+
+    def start(self, x: Tensor) -> None:
+        """Reset for a new forward whose first block receives ``x`` (B×N×C)."""
+        b, n, _ = x.shape
+        self.size = None
+        self.bias = self._bias_of = None
+        self.source = None
+        if self.trace_source:
+            self.source = torch.eye(n, device=x.device, dtype=x.dtype).expand(b, n, n)
+        self.num_tokens_in = n
+        self.batch_size = b
+        self.records = [None] * self.info.depth
+        self.reducer.begin_forward()
+
+    def key_bias(self) -> Tensor | None:
+        """``log size`` for proportional attention, recomputed only when sizes change."""
+        if not self.reducer.prop_attn or self.size is None:
+            return None
+        if self._bias_of is not self.size:
+            self.bias, self._bias_of = size_bias(self.size), self.size
+        return self.bias
+
+
+def _block_forward(self: Block, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+    """timm ``Block.forward`` with the reducer's hooks around the attention."""
+    if attn_mask is not None or is_causal:
+        raise NotImplementedError("tokenreduce: attention masks / causal attention are not supported on reduced models")
+    ctx: ReductionContext = self._tr_ctx
+    i: int = self._tr_index
+    if i == 0:
+        ctx.start(x)
+    reducer = ctx.reducer
+    if ctx.has_before[i]:
+        state = reducer.before_block(i, TokenState(x, ctx.size, ctx.source, ctx.info.num_prefix))
+        x, ctx.size, ctx.source = state.x, state.size, state.source
+    n_attn = x.shape[1]
+    needs = ctx.needs[i]
+    out, signals = attention_with_signals(self.attn, self.norm1(x), ctx.key_bias(), needs or NO_NEEDS)
+    x = x + self.drop_path1(self.ls1(out))
+    if needs is not None:
+        state = reducer.reduce(i, TokenState(x, ctx.size, ctx.source, ctx.info.num_prefix), signals)
+        x, ctx.size, ctx.source = state.x, state.size, state.source
+    ctx.records[i] = (n_attn, x.shape[1])
+    return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+
+def _model_pool(self: VisionTransformer, x: Tensor, pool_type: str | None = None) -> Tensor:
+    """timm ``pool`` with average pooling weighted by how many patches each token stands for."""
+    base = self._tr_base
+    pool_type = self.global_pool if pool_type is None else pool_type
+    size = self._tr_ctx.size
+    if size is None or pool_type not in ("avg", "avgmax") or getattr(self, "attn_pool", None) is not None:
+        return base.pool(self, x, pool_type)
+    p = 0 if getattr(self, "pool_include_prefix", False) else self.num_prefix_tokens
+    tokens, weights = x[:, p:], size[:, p:].to(x.dtype)
+    avg = (tokens * weights).sum(dim=1) / weights.sum(dim=1)
+    if pool_type == "avgmax":
+        return 0.5 * (tokens.amax(dim=1) + avg)
+    return avg
+
+
+_CLASS_CACHE: dict[tuple[type, str], type] = {}
+
+
+def _reduced_class(base: type, kind: str, members: dict[str, Any]) -> type:
+    key = (base, kind)
+    if key not in _CLASS_CACHE:
+        _CLASS_CACHE[key] = type(f"TokenReduce{base.__name__}", (base,), {**members, "_tr_base": base})
+    return _CLASS_CACHE[key]
+
+
+def is_patched(model: nn.Module) -> bool:
+    return hasattr(model, "_tr_ctx")
+
+
+def check_supported(model: nn.Module) -> None:
+    """Raise ``TypeError`` naming the supported families if ``model`` cannot be adapted."""
+    if not isinstance(model, VisionTransformer):
+        raise TypeError(f"tokenreduce cannot adapt {type(model).__name__}; supported: {SUPPORTED_FAMILIES}")
+    for i, blk in enumerate(model.blocks):
+        blk_cls = getattr(blk, "_tr_base", type(blk))  # a patched block is checked as its stock class
+        if not issubclass(blk_cls, Block) or blk_cls.forward is not Block.forward:
+            raise TypeError(
+                f"tokenreduce cannot adapt block {i} of type {type(blk).__name__}; supported: {SUPPORTED_FAMILIES}"
+            )
+        if not isinstance(blk.attn, Attention) or type(blk.attn).forward is not Attention.forward:
+            raise TypeError(
+                f"tokenreduce cannot adapt attention {type(blk.attn).__name__} in block {i}; "
+                f"supported: {SUPPORTED_FAMILIES}"
+            )
+    if getattr(model, "attn_pool", None) is not None or model.global_pool not in SUPPORTED_POOLS:
+        raise TypeError(
+            f"tokenreduce cannot adapt global_pool={model.global_pool!r}; supported: {SUPPORTED_FAMILIES}"
+        )
+    if model.global_pool in ("avg", "avgmax") and not hasattr(model, "pool"):
+        raise TypeError("tokenreduce needs timm >= 1.0.15 for size-weighted average pooling")
+
+
+def model_info(model: VisionTransformer) -> ModelInfo:
+    """The facts a reducer may use about ``model``."""
+    first = model.blocks[0]
+    return ModelInfo(
+        depth=len(model.blocks),
+        dim=model.embed_dim,
+        num_heads=first.attn.num_heads,
+        num_prefix=model.num_prefix_tokens,
+        num_patches=model.patch_embed.num_patches,
+        cost=CostModel.from_model(model),
+    )
+
+
+def patch(model: VisionTransformer, reducer: Reducer, method: str, trace_source: bool = False) -> None:
+    """Route ``model``'s blocks through ``reducer`` (in place)."""
+    ctx = ReductionContext(reducer, reducer.info, method, trace_source)
+    model.__class__ = _reduced_class(type(model), "model", {"pool": _model_pool})
+    model._tr_ctx = ctx
+    for i, blk in enumerate(model.blocks):
+        blk.__class__ = _reduced_class(type(blk), "block", {"forward": _block_forward})
+        blk._tr_ctx = ctx
+        blk._tr_index = i
+
+
+def unpatch(model: nn.Module) -> None:
+    """Undo :func:`patch`; a no-op on an unpatched model."""
+    if not is_patched(model):
+        return
+    for blk in model.blocks:
+        if hasattr(blk, "_tr_base"):
+            blk.__class__ = blk._tr_base
+        for attr in ("_tr_ctx", "_tr_index"):
+            blk.__dict__.pop(attr, None)
+    model.__class__ = model._tr_base
+    model.__dict__.pop("_tr_ctx", None)

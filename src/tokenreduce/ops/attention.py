@@ -1,0 +1,125 @@
+"""Self-attention of a timm ``Attention`` module that also returns what a method needs.
+
+The output is computed exactly as timm computes it (q/k-norm, scale-norm,
+gating, fused scaled-dot-product attention when the module uses it).  The
+additive size bias ``log s`` of proportional attention goes into SDPA as a float
+``attn_mask``, so the fused kernel is kept.  Signals are produced only on
+request:
+
+* ``keys``: head-averaged keys, B×N×d (ToMe's similarity metric);
+* ``cls_attn``: the class token's softmax attention row, B×H×N, computed from
+  q_cls against all keys (one row, not the N×N matrix), in float32;
+* ``values``: the value vectors, B×H×N×d;
+* ``probs``: the full attention probabilities B×H×N×N (forces the explicit path).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class AttentionNeeds:
+    """Which signals a reducer wants from a block's attention."""
+
+    keys: bool = False
+    cls_attn: bool = False
+    values: bool = False
+    probs: bool = False
+
+
+@dataclass(frozen=True)
+class AttentionSignals:
+    """Signals of one attention call; fields not requested are ``None``."""
+
+    keys: Tensor | None = None
+    cls_attn: Tensor | None = None
+    values: Tensor | None = None
+    probs: Tensor | None = None
+
+
+NO_NEEDS = AttentionNeeds()
+
+
+def attention_with_signals(
+    attn: nn.Module,
+    x: Tensor,
+    bias: Tensor | None,
+    needs: AttentionNeeds = NO_NEEDS,
+) -> tuple[Tensor, AttentionSignals]:
+    """Run a timm ``Attention`` module with an optional key bias.
+
+    Args:
+        attn: a ``timm.layers.Attention`` module.
+        x: B×N×C normalised input tokens.
+        bias: additive bias on the logits of each key, B×1×1×N (``log size``), or ``None``.
+        needs: which signals to return.
+
+    Returns:
+        ``(out, signals)`` with ``out`` B×N×C_out, as timm's forward would give it
+        (plus the bias).
+    """
+    b, n, _ = x.shape
+    heads = attn.num_heads
+    gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
+    qkv = attn.qkv(x)
+    head_dim = qkv.shape[-1] // (3 * heads)
+    q, k, v = qkv.reshape(b, n, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+
+    probs = cls_attn = None
+    if needs.probs or not attn.fused_attn:
+        logits = (q * attn.scale) @ k.transpose(-2, -1)
+        if bias is not None:
+            logits = logits + bias.to(logits.dtype)
+        probs = logits.softmax(dim=-1)
+        out = attn.attn_drop(probs) @ v
+        if needs.cls_attn:
+            cls_attn = probs[:, :, 0].float()
+    else:
+        mask = None if bias is None else bias.to(q.dtype)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=attn.attn_drop.p if attn.training else 0.0
+        )
+        if needs.cls_attn:
+            cls_attn = class_attention_row(q, k, attn.scale, bias)
+
+    out = out.transpose(1, 2).reshape(b, n, heads * head_dim)
+    out = attn.norm(out)
+    if gate is not None:
+        out = out * gate
+    out = attn.proj_drop(attn.proj(out))
+    signals = AttentionSignals(
+        keys=k.mean(dim=1) if needs.keys else None,
+        cls_attn=cls_attn,
+        values=v if needs.values else None,
+        probs=probs if needs.probs else None,
+    )
+    return out, signals
+
+
+def class_attention_row(q: Tensor, k: Tensor, scale: float, bias: Tensor | None) -> Tensor:
+    """Softmax attention of query 0 (the class token) over all keys, in float32.
+
+    Args:
+        q: B×H×N×d queries; k: B×H×N×d keys; bias: B×1×1×N or ``None``.
+
+    Returns:
+        B×H×N probabilities.
+    """
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        logits = (q[:, :, :1].float() * scale) @ k.float().transpose(-2, -1)  # B×H×1×N
+        if bias is not None:
+            logits = logits + bias.float()
+        return logits.softmax(dim=-1).squeeze(2)
+
+
+def size_bias(size: Tensor | None) -> Tensor | None:
+    """Proportional-attention bias ``log s`` as B×1×1×N float32, or ``None`` for unit sizes."""
+    if size is None:
+        return None
+    return size.log().transpose(1, 2).unsqueeze(1)

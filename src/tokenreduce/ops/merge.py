@@ -1,0 +1,36 @@
+"""Size-weighted merging of a :class:`~tokenreduce.state.TokenState`."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import TYPE_CHECKING
+
+from .matching import BipartiteMatch
+
+if TYPE_CHECKING:
+    from ..state import TokenState
+
+
+def merge_wavg(state: TokenState, match: BipartiteMatch | None) -> TokenState:
+    """Merge tokens as a size-weighted average: ``x = Σ s·x / Σ s``, ``s = Σ s``.
+
+    Implemented as "multiply by size, scatter-add, divide by the summed size", so
+    every merged token is the mean of the original patches it stands for.  The
+    arithmetic runs in float32 and the result is cast back to ``state.x.dtype``.
+    Sources, when traced, are merged with an element-wise maximum.
+
+    Args:
+        state: tokens aligned with the sequence ``match`` was computed on (B×N).
+        match: the matching, or ``None`` for no merge.
+
+    Returns:
+        A state with B×(N−r) tokens.
+    """
+    if match is None:
+        return state
+    size = state.sizes()
+    x = match.merge(state.x.float() * size, mode="sum")
+    size = match.merge(size, mode="sum")
+    x = (x / size).to(state.x.dtype)
+    source = None if state.source is None else match.merge(state.source, mode="amax")
+    return replace(state, x=x, size=size, source=source)

@@ -1,0 +1,42 @@
+"""Score-based token selection shared by the pruning methods."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def keep_topk(scores: Tensor, k: int, *, keep_order: bool = False) -> Tensor:
+    """Positions of the ``k`` highest scores per image.
+
+    Args:
+        scores: B×M scores (higher = keep).
+        k: how many to keep, ``0 <= k <= M``.
+        keep_order: return the kept positions in ascending position order
+            instead of descending score order (the papers' top-k order).
+
+    Returns:
+        B×k int64 positions into the M axis.
+    """
+    idx = scores.topk(k, dim=-1, largest=True, sorted=True).indices
+    if keep_order:
+        idx = idx.sort(dim=-1).values
+    return idx
+
+
+def masked_weighted_sum(x: Tensor, weights: Tensor, drop_index: Tensor) -> Tensor:
+    """Σ_i w_i·x_i over the tokens *not* listed in ``drop_index`` (EViT's fused token).
+
+    Done as one batched matrix product with the kept tokens' weights zeroed, so no
+    complement index has to be built.
+
+    Args:
+        x: B×M×C tokens.
+        weights: B×M weights (EViT: un-normalised CLS attention).
+        drop_index: B×K positions whose weight is set to zero (the kept tokens).
+
+    Returns:
+        B×1×C weighted sum, in ``x.dtype``.
+    """
+    w = weights.scatter(1, drop_index, 0.0)
+    return torch.bmm(w.unsqueeze(1).to(x.dtype), x)

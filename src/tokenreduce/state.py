@@ -1,0 +1,84 @@
+"""The tokens flowing through a reduced model.
+
+A :class:`TokenState` bundles the hidden states with the per-token bookkeeping
+that every method shares:
+
+* ``size``   B×N×1 float: how many original patches each token stands for
+  (``None`` means "all ones", the state before any merge);
+* ``source`` B×N×N0 0/1 map from current tokens to original tokens
+  (``None`` unless source tracing was asked for);
+* ``num_prefix``: the leading class / distillation / register tokens, which no
+  method may prune or merge.
+
+Reductions never mutate a state; they return a new one.  The two generic
+operations are :meth:`TokenState.gather` (keep a subset, in a given order) and
+the merges in :mod:`tokenreduce.ops.merge`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor
+
+from .ops.gather import batched_gather
+
+
+@dataclass(frozen=True)
+class TokenState:
+    """Hidden states plus sizes and (optionally) sources.
+
+    Attributes:
+        x: B×N×C hidden states.
+        size: B×N×1 float sizes, or ``None`` for all ones.
+        source: B×N×N0 source map, or ``None`` when not traced.
+        num_prefix: number of protected leading tokens.
+    """
+
+    x: Tensor
+    size: Tensor | None = None
+    source: Tensor | None = None
+    num_prefix: int = 1
+
+    @property
+    def num_tokens(self) -> int:
+        return self.x.shape[1]
+
+    def sizes(self) -> Tensor:
+        """B×N×1 float32 sizes, materialising ones if no merge happened yet."""
+        if self.size is not None:
+            return self.size
+        return self.x.new_ones(self.x.shape[0], self.x.shape[1], 1, dtype=torch.float32)
+
+    def with_x(self, x: Tensor) -> TokenState:
+        return replace(self, x=x)
+
+    def gather(self, index: Tensor) -> TokenState:
+        """Keep tokens ``index`` (B×K, positions in the current sequence), in that order."""
+        return TokenState(
+            x=batched_gather(self.x, index),
+            size=None if self.size is None else batched_gather(self.size, index),
+            source=None if self.source is None else batched_gather(self.source, index),
+            num_prefix=self.num_prefix,
+        )
+
+    def prefix_and_patches(self, keep_patch_index: Tensor) -> TokenState:
+        """Keep all prefix tokens plus the patch tokens at ``keep_patch_index``.
+
+        Args:
+            keep_patch_index: B×K positions counted from the first non-prefix token.
+        """
+        p = self.num_prefix
+        b = keep_patch_index.shape[0]
+        prefix = torch.arange(p, device=keep_patch_index.device).expand(b, p)
+        return self.gather(torch.cat([prefix, keep_patch_index + p], dim=1))
+
+    def append(self, x: Tensor, size: Tensor, source: Tensor | None) -> TokenState:
+        """Concatenate extra tokens (B×M×C, sizes B×M×1, sources B×M×N0) at the end."""
+        new_size = torch.cat([self.sizes(), size], dim=1)
+        new_source = None
+        if self.source is not None:
+            assert source is not None, "source tracing is on: appended tokens need sources"
+            new_source = torch.cat([self.source, source], dim=1)
+        return TokenState(torch.cat([self.x, x], dim=1), new_size, new_source, self.num_prefix)
