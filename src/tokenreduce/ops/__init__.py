@@ -1,9 +1,9 @@
 """Shared primitives: matching, merging, pruning, attention with size bias."""
 
+from .attention import AttentionNeeds, AttentionSignals, attention_with_signals, size_bias
 from .gather import batched_gather
 from .matching import BipartiteMatch, bipartite_soft_matching, max_merges
 from .merge import merge_wavg
-from .attention import AttentionNeeds, AttentionSignals, attention_with_signals, size_bias
 from .prune import keep_topk, masked_weighted_sum
 
 __all__ = [

@@ -1,0 +1,26 @@
+"""Shared fixtures: small randomly initialised timm ViTs that run fast on 2 CPU cores."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+
+def make_vit(**overrides) -> VisionTransformer:
+    """A 12-block ViT on 64×64 images with 8×8 patches (64 patch tokens + prefix)."""
+    kwargs = dict(img_size=64, patch_size=8, embed_dim=64, depth=12, num_heads=4, num_classes=10)
+    kwargs.update(overrides)
+    torch.manual_seed(0)
+    return VisionTransformer(**kwargs).eval()
+
+
+@pytest.fixture
+def vit() -> VisionTransformer:
+    return make_vit()
+
+
+@pytest.fixture
+def images() -> torch.Tensor:
+    torch.manual_seed(1)
+    return torch.randn(4, 3, 64, 64)

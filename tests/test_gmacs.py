@@ -1,0 +1,75 @@
+"""Analytic GMACs against the spec's table (specs/methods.md §0.3) and torch's FLOP counter."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from conftest import make_vit
+from torch.utils.flop_counter import FlopCounterMode
+
+import tokenreduce as tr
+
+# (model, method, params) -> GMACs printed in the spec's §0.3 table (2 decimals).
+TABLE = [
+    ("deit_tiny_patch16_224", None, {}, 1.25),
+    ("deit_small_patch16_224", None, {}, 4.60),
+    ("deit_base_patch16_224", None, {}, 17.56),
+    ("deit_tiny_patch16_224", "tome", {"r": 8}, 0.92),
+    ("deit_small_patch16_224", "tome", {"r": 8}, 3.42),
+    ("deit_base_patch16_224", "tome", {"r": 8}, 13.10),
+    ("deit_tiny_patch16_224", "tome", {"r": 13}, 0.73),
+    ("deit_small_patch16_224", "tome", {"r": 13}, 2.70),
+    ("deit_base_patch16_224", "tome", {"r": 13}, 10.37),
+    ("deit_small_patch16_224", "tome", {"r": 16}, 2.29),
+    ("deit_base_patch16_224", "tome", {"r": 16}, 8.77),
+    ("deit_tiny_patch16_224", "evit", {"keep_rate": 0.7}, 0.82),
+    ("deit_small_patch16_224", "evit", {"keep_rate": 0.7}, 3.03),
+    ("deit_base_patch16_224", "evit", {"keep_rate": 0.7}, 11.61),
+    ("deit_small_patch16_224", "evit", {"keep_rate": 0.5}, 2.31),
+    ("deit_base_patch16_224", "evit", {"keep_rate": 0.5}, 8.82),
+]
+
+
+@pytest.fixture(scope="module")
+def deits():
+    with torch.device("meta"):  # no memory for weights: the count only needs shapes
+        return {name: timm.create_model(name, pretrained=False) for name in {row[0] for row in TABLE}}
+
+
+@pytest.mark.parametrize("name,method,params,expected", TABLE)
+def test_spec_table(deits, name, method, params, expected):
+    assert round(tr.gmacs(deits[name], method, **params), 2) == pytest.approx(expected)
+
+
+def test_evit_schedule_counts_from_the_spec(deits):
+    model = deits["deit_small_patch16_224"]
+    tr.apply(model, "evit", keep_rate=0.7)
+    schedule = model._tr_ctx.reducer.schedule(197)
+    assert [m for n, m in schedule if n != m] == [140, 100, 72]
+    tr.remove(model)
+
+
+def _counted_macs(model, x):
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(x)
+    return counter.get_total_flops() / 2 / x.shape[0]
+
+
+def test_analytic_count_equals_flop_counter_unreduced():
+    model = make_vit()
+    counted = _counted_macs(model, torch.randn(2, 3, 64, 64))
+    assert counted == pytest.approx(tr.gmacs(model) * 1e9, rel=1e-9)
+
+
+@pytest.mark.parametrize("method,params", [("tome", {"r": 4}), ("evit", {"keep_rate": 0.5}), ("random", {})])
+def test_analytic_count_matches_flop_counter_reduced(method, params):
+    model = make_vit()
+    tr.apply(model, method, **params)
+    counted = _counted_macs(model, torch.randn(2, 3, 64, 64))
+    analytic = tr.stats(model).gmacs * 1e9
+    # The counter also sees the methods' own small matmuls (similarity, class-attention row),
+    # which the papers' GMACs leave out: at most a few percent here.
+    assert analytic <= counted <= analytic * 1.05
+    assert analytic < 0.9 * tr.gmacs(model) * 1e9
