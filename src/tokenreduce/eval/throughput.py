@@ -1,0 +1,182 @@
+"""Throughput and latency of a model, reduced vs unreduced, measured side by side.
+
+Protocol (following ToMe's benchmark and DynamicViT's): ``eval()``, ``no_grad``,
+a fixed random input, warm-up iterations discarded, then ``repeats`` timed
+forwards.  The reduced and the unreduced model are timed alternately, one forward
+each in turn, so drift in machine load hits both equally; results are medians.
+On CUDA the timing uses events and synchronises around every timed call.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..api import apply, gmacs, stats
+
+
+@dataclass(frozen=True)
+class TimingResult:
+    """Seconds per forward of one model at one batch size."""
+
+    batch_size: int
+    seconds: list[float]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.batch_size / self.median
+
+    def percentile(self, q: float) -> float:
+        """Latency percentile ``q`` in [0, 100] (nearest rank), seconds."""
+        ordered = sorted(self.seconds)
+        rank = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+        return ordered[rank]
+
+
+def _autocast(device: torch.device, dtype: str):
+    if dtype == "fp32":
+        return nullcontext()
+    if dtype == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    if dtype == "fp16":
+        return torch.autocast(device_type=device.type, dtype=torch.float16)
+    raise ValueError(f"dtype must be fp32, bf16 or fp16, got {dtype!r}")
+
+
+def _timer(model: nn.Module, x: torch.Tensor, dtype: str) -> Callable[[], float]:
+    device = x.device
+
+    def run_once() -> float:
+        with torch.no_grad(), _autocast(device, dtype):
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                torch.cuda.synchronize(device)
+                start.record()
+                model(x)
+                end.record()
+                torch.cuda.synchronize(device)
+                return start.elapsed_time(end) / 1e3
+            t0 = time.perf_counter()
+            model(x)
+            return time.perf_counter() - t0
+
+    return run_once
+
+
+def time_forward(
+    models: dict[str, nn.Module],
+    batch_size: int,
+    img_size: int | tuple[int, int],
+    *,
+    repeats: int = 10,
+    warmup: int = 2,
+    dtype: str = "fp32",
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    desc: str = "timing",
+) -> dict[str, TimingResult]:
+    """Time several models on the same input, interleaved.
+
+    Args:
+        models: name → model, all already on ``device`` and in eval mode.
+        batch_size: images per forward.
+        img_size: input height/width.
+        repeats: timed forwards per model; warmup: untimed forwards per model first.
+        dtype: ``fp32``, ``bf16`` or ``fp16`` (autocast).
+
+    Returns:
+        name → :class:`TimingResult`.
+    """
+    if repeats < 1 or warmup < 0 or batch_size < 1:
+        raise ValueError("repeats and batch_size must be >= 1 and warmup >= 0")
+    device = torch.device(device)
+    h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(batch_size, 3, h, w, generator=gen).to(device)
+    timers = {name: _timer(m, x, dtype) for name, m in models.items()}
+    for _ in range(warmup):
+        for run in timers.values():
+            run()
+    seconds: dict[str, list[float]] = {name: [] for name in models}
+    for _ in tqdm(range(repeats), desc=desc, disable=not progress, leave=False):
+        for name, run in timers.items():
+            seconds[name].append(run())
+    return {name: TimingResult(batch_size, s) for name, s in seconds.items()}
+
+
+def compare_throughput(
+    model: nn.Module,
+    method: str,
+    params: dict[str, Any] | None = None,
+    *,
+    budget: float | None = None,
+    batch_size: int = 32,
+    img_size: int | None = None,
+    repeats: int = 10,
+    warmup: int = 2,
+    dtype: str = "fp32",
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Images/s of ``model`` with and without ``method``, measured in one process.
+
+    The unreduced model is a deep copy of ``model`` (same weights, same attention
+    kernel).  ``model`` itself is left with the method applied.
+
+    Returns:
+        A JSON-friendly dict with both throughputs, the speed-up, both GMACs and
+        the efficiency (speed-up divided by the GMACs ratio's inverse).
+    """
+    params = dict(params or {})
+    model = model.eval().to(device)
+    base = copy.deepcopy(model)
+    apply(model, method, budget=budget, **params)
+    if img_size is None:
+        img_size = model.patch_embed.img_size
+    timings = time_forward(
+        {"unreduced": base, "reduced": model},
+        batch_size,
+        img_size,
+        repeats=repeats,
+        warmup=warmup,
+        dtype=dtype,
+        device=device,
+        progress=progress,
+        desc=f"{method} bs={batch_size} {dtype}",
+    )
+    red_stats = stats(model)
+    base_ips, red_ips = timings["unreduced"].images_per_second, timings["reduced"].images_per_second
+    speedup = red_ips / base_ips
+    gmacs_ratio = red_stats.gmacs / red_stats.gmacs_unreduced
+    return {
+        "method": method,
+        "params": red_stats.params,
+        "batch_size": batch_size,
+        "dtype": dtype,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "gmacs_unreduced": gmacs(base),
+        "gmacs_reduced": red_stats.gmacs,
+        "gmacs_ratio": gmacs_ratio,
+        "images_per_s_unreduced": base_ips,
+        "images_per_s_reduced": red_ips,
+        "speedup": speedup,
+        "ideal_speedup": 1.0 / gmacs_ratio,
+        "efficiency": speedup * gmacs_ratio,
+        "latency_ms_unreduced": {"p50": timings["unreduced"].median * 1e3, "p90": timings["unreduced"].percentile(90) * 1e3},
+        "latency_ms_reduced": {"p50": timings["reduced"].median * 1e3, "p90": timings["reduced"].percentile(90) * 1e3},
+        "timings": {k: asdict(v) for k, v in timings.items()},
+    }
