@@ -118,3 +118,27 @@ def test_evit_keeps_top_attention_and_fuses_rest_with_unnormalised_weights():
     assert out.x[0, 3].tolist() == pytest.approx(expected_fused)
     assert out.size.flatten().tolist() == [1.0, 1.0, 1.0, 2.0]
     assert math.isclose(float(out.size[0, 1:].sum()), 4.0)
+
+
+def test_hashed_uniform_is_uniform_and_stateless():
+    from tokenreduce.ops.prune import hashed_uniform
+
+    u = hashed_uniform(64, 4096, key=7, device=torch.device("cpu"))
+    assert torch.equal(u, hashed_uniform(64, 4096, key=7, device=torch.device("cpu")))
+    assert not torch.equal(u, hashed_uniform(64, 4096, key=8, device=torch.device("cpu")))
+    assert 0.0 <= float(u.min()) and float(u.max()) < 1.0
+    counts = torch.histc(u, bins=10, min=0.0, max=1.0)
+    expected = u.numel() / 10
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    assert chi2 < 40.0  # 9 degrees of freedom: p < 1e-5 for a uniform source
+    # rows (images) and columns (tokens) are not correlated copies of each other
+    assert abs(float(torch.corrcoef(u[:2])[0, 1])) < 0.1
+
+
+def test_random_keeps_each_patch_equally_often():
+    from tokenreduce.ops.prune import hashed_uniform
+
+    scores = hashed_uniform(4000, 20, key=3, device=torch.device("cpu"))
+    kept = keep_topk(scores, 5)
+    freq = torch.bincount(kept.flatten(), minlength=20).float() / 4000
+    assert torch.allclose(freq, torch.full((20,), 0.25), atol=0.04)

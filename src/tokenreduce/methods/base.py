@@ -96,9 +96,6 @@ class Reducer:
         return out
 
     # -- the forward hooks ----------------------------------------------------------
-    def begin_forward(self) -> None:
-        """Called once at the start of every model forward."""
-
     def needs(self, block: int) -> AttentionNeeds | None:
         return None
 

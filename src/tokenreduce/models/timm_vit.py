@@ -61,7 +61,6 @@ class ReductionContext:
         self.num_tokens_in = n
         self.batch_size = b
         self.records = [None] * self.info.depth
-        self.reducer.begin_forward()
 
     def key_bias(self) -> Tensor | None:
         """``log size`` for proportional attention, recomputed only when sizes change."""

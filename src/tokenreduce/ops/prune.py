@@ -40,3 +40,34 @@ def masked_weighted_sum(x: Tensor, weights: Tensor, drop_index: Tensor) -> Tenso
     """
     w = weights.scatter(1, drop_index, 0.0)
     return torch.bmm(w.unsqueeze(1).to(x.dtype), x)
+
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _lowbias32(x: Tensor) -> Tensor:
+    """A 32-bit integer mixing function (xor-shift-multiply), elementwise on int64 tensors."""
+    x = x & _MASK32
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _MASK32
+    return x ^ (x >> 16)
+
+
+def hashed_uniform(batch: int, num: int, key: int, device: torch.device) -> Tensor:
+    """Counter-based pseudo-random numbers in [0, 1): a pure function of (key, image, position).
+
+    Unlike ``torch.rand`` with a generator this needs no RNG state, so it is
+    reproducible across devices and traceable by ``torch.compile``.
+
+    Args:
+        batch: B; num: M; key: any non-negative int (e.g. derived from a seed and a block index).
+
+    Returns:
+        B×M float32 tensor.
+    """
+    base = _lowbias32(torch.tensor(key, dtype=torch.int64, device=device))
+    rows = _lowbias32(base + torch.arange(batch, dtype=torch.int64, device=device)).unsqueeze(1)
+    values = _lowbias32(rows + torch.arange(num, dtype=torch.int64, device=device))
+    return values.to(torch.float32) / float(2**32)

@@ -1,0 +1,92 @@
+"""Do the saved GMACs turn into time?  Speed-up vs GMACs ratio for every method.
+
+For DeiT-S (random weights, 224², CPU, fp32 by default) and every method at its
+default and at ``--budget`` (0.6), this prints the GMACs ratio, the measured
+speed-up at batch 32 (throughput) and at batch 1 (latency), and the efficiency =
+speed-up × GMACs ratio (1.0 means the time saved equals the GMACs saved).  Each
+row is measured in one process against a copy of the unreduced model with the
+same attention kernel, the two timed alternately, medians of repeats.
+
+    python benchmarks/speed.py                       # all methods, ~10 minutes on 2 cores
+    python benchmarks/speed.py --methods tome evit --repeats 5 --json speed.json
+    python benchmarks/speed.py --compile             # also torch.compile'd models
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+
+import timm
+import torch
+
+import tokenreduce as tr
+from tokenreduce.eval.throughput import compare_throughput
+
+LEARNED = {"ltmp", "cropr", "dynamicvit"}
+
+
+def machine() -> str:
+    return f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="deit_small_patch16_224")
+    parser.add_argument("--methods", nargs="+", default=None, help="default: every training-free method")
+    parser.add_argument("--budget", type=float, default=0.6)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--latency-repeats", type=int, default=25)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--compile", action="store_true", help="torch.compile both models as well")
+    parser.add_argument("--json", help="write all rows here")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    methods = args.methods or [m for m in tr.methods() if m not in LEARNED]
+    print(f"# {args.model}, {args.dtype}, {args.device}, {machine()}")
+    print(f"{'method':<8} {'setting':<24} {'GMACs ratio':>11} {'ideal':>6} {'bs32 speed-up':>13} {'eff.':>5} "
+          f"{'bs1 speed-up':>12} {'eff.':>5}")
+    rows = []
+    for method in methods:
+        for setting in ("default", f"budget={args.budget}"):
+            budget = None if setting == "default" else args.budget
+            result = {}
+            for bs, repeats in ((args.batch_size, args.repeats), (1, args.latency_repeats)):
+                model = timm.create_model(args.model, pretrained=False)
+                try:
+                    result[bs] = compare_throughput(
+                        model, method, budget=budget, batch_size=bs, repeats=repeats, warmup=2,
+                        dtype=args.dtype, device=args.device, progress=False,
+                    )
+                except ValueError as err:
+                    print(f"{method:<8} {setting:<24} skipped: {err}")
+                    break
+            if len(result) < 2:
+                continue
+            big, one = result[args.batch_size], result[1]
+            label = setting if budget is None else f"{setting} ({_knob(big['params'])})"
+            print(f"{method:<8} {label:<24} {big['gmacs_ratio']:>11.3f} {big['ideal_speedup']:>5.2f}x "
+                  f"{big['speedup']:>12.2f}x {big['efficiency']:>5.2f} {one['speedup']:>11.2f}x {one['efficiency']:>5.2f}")
+            sys.stdout.flush()
+            rows.append({"method": method, "setting": setting, "throughput": big, "latency": one})
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine(), "rows": rows}, f, indent=2)
+    return 0
+
+
+def _knob(params: dict) -> str:
+    for key in ("r", "keep_rate", "r_tokens"):
+        if key in params:
+            return f"{key}={params[key]}"
+    return ""
+
+
+if __name__ == "__main__":
+    sys.exit(main())
