@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     result[bs] = compare_throughput(
                         model, method, budget=budget, batch_size=bs, repeats=repeats, warmup=2,
-                        dtype=args.dtype, device=args.device, progress=False,
+                        dtype=args.dtype, device=args.device, progress=False, compile=args.compile,
                     )
                 except ValueError as err:
                     print(f"{method:<8} {setting:<24} skipped: {err}")
@@ -72,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
             big, one = result[args.batch_size], result[1]
             label = setting if budget is None else f"{setting} ({_knob(big['params'])})"
             print(f"{method:<8} {label:<24} {big['gmacs_ratio']:>11.3f} {big['ideal_speedup']:>5.2f}x "
-                  f"{big['speedup']:>12.2f}x {big['efficiency']:>5.2f} {one['speedup']:>11.2f}x {one['efficiency']:>5.2f}")
+                  f"{big['speedup']:>12.2f}x {big['efficiency']:>5.2f} "
+                  f"{one['speedup']:>11.2f}x {one['efficiency']:>5.2f}")
             sys.stdout.flush()
             rows.append({"method": method, "setting": setting, "throughput": big, "latency": one})
     if args.json:

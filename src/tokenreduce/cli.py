@@ -52,7 +52,8 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
         print(
             f"{r['method']:<10} {r['batch_size']:>4} {r['dtype']:>5} "
             f"{r['gmacs_unreduced']:>5.2f}->{r['gmacs_reduced']:<6.2f} {r['images_per_s_unreduced']:>11.1f} "
-            f"{r['images_per_s_reduced']:>11.1f} {r['speedup']:>7.2f}x {r['ideal_speedup']:>5.2f}x {r['efficiency']:>5.2f}"
+            f"{r['images_per_s_reduced']:>11.1f} {r['speedup']:>7.2f}x {r['ideal_speedup']:>5.2f}x "
+            f"{r['efficiency']:>5.2f}"
         )
 
 

@@ -117,6 +117,10 @@ def time_forward(
     return {name: TimingResult(batch_size, s) for name, s in seconds.items()}
 
 
+def _latency_ms(timing: TimingResult) -> dict[str, float]:
+    return {"p50": timing.median * 1e3, "p90": timing.percentile(90) * 1e3}
+
+
 def compare_throughput(
     model: nn.Module,
     method: str,
@@ -130,11 +134,14 @@ def compare_throughput(
     dtype: str = "fp32",
     device: str | torch.device = "cpu",
     progress: bool = True,
+    compile: bool = False,
 ) -> dict[str, Any]:
     """Images/s of ``model`` with and without ``method``, measured in one process.
 
     The unreduced model is a deep copy of ``model`` (same weights, same attention
-    kernel).  ``model`` itself is left with the method applied.
+    kernel).  ``model`` itself is left with the method applied.  With ``compile``
+    both are wrapped in ``torch.compile`` (compilation happens during warm-up,
+    which is then at least one forward).
 
     Returns:
         A JSON-friendly dict with both throughputs, the speed-up, both GMACs and
@@ -146,8 +153,12 @@ def compare_throughput(
     apply(model, method, budget=budget, **params)
     if img_size is None:
         img_size = model.patch_embed.img_size
+    runners: dict[str, nn.Module] = {"unreduced": base, "reduced": model}
+    if compile:
+        runners = {name: torch.compile(m) for name, m in runners.items()}
+        warmup = max(warmup, 1)
     timings = time_forward(
-        {"unreduced": base, "reduced": model},
+        runners,
         batch_size,
         img_size,
         repeats=repeats,
@@ -166,6 +177,7 @@ def compare_throughput(
         "params": red_stats.params,
         "batch_size": batch_size,
         "dtype": dtype,
+        "compiled": compile,
         "device": str(device),
         "threads": torch.get_num_threads(),
         "gmacs_unreduced": gmacs(base),
@@ -176,7 +188,7 @@ def compare_throughput(
         "speedup": speedup,
         "ideal_speedup": 1.0 / gmacs_ratio,
         "efficiency": speedup * gmacs_ratio,
-        "latency_ms_unreduced": {"p50": timings["unreduced"].median * 1e3, "p90": timings["unreduced"].percentile(90) * 1e3},
-        "latency_ms_reduced": {"p50": timings["reduced"].median * 1e3, "p90": timings["reduced"].percentile(90) * 1e3},
+        "latency_ms_unreduced": _latency_ms(timings["unreduced"]),
+        "latency_ms_reduced": _latency_ms(timings["reduced"]),
         "timings": {k: asdict(v) for k, v in timings.items()},
     }
