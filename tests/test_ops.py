@@ -142,3 +142,13 @@ def test_random_keeps_each_patch_equally_often():
     kept = keep_topk(scores, 5)
     freq = torch.bincount(kept.flatten(), minlength=20).float() / 4000
     assert torch.allclose(freq, torch.full((20,), 0.25), atol=0.04)
+
+
+def test_tome_r_schedules():
+    from tokenreduce.methods.tome import parse_r
+
+    assert parse_r(13, 12) == [13] * 12
+    # (r, inflection=-1): linear from int(2r) = 8 down to 0 over 12 blocks, truncated toward zero
+    assert parse_r((4, -1), 12) == [8, 7, 6, 5, 5, 4, 3, 2, 2, 1, 0, 0]
+    assert parse_r((4, 1), 12) == [0, 0, 1, 2, 2, 3, 4, 5, 5, 6, 7, 8]
+    assert parse_r([5, 4], 4) == [5, 4, 0, 0]
