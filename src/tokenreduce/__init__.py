@@ -6,8 +6,9 @@
 """
 
 from .api import apply, gmacs, methods, remove, stats
+from .calibrate import calibrate
 from .state import TokenState
 
 __version__ = "0.1.0"
 
-__all__ = ["TokenState", "apply", "gmacs", "methods", "remove", "stats", "__version__"]
+__all__ = ["TokenState", "apply", "calibrate", "gmacs", "methods", "remove", "stats", "__version__"]
