@@ -8,7 +8,11 @@ that every method shares:
 * ``source`` B×N×N0 0/1 map from current tokens to original tokens
   (``None`` unless source tracing was asked for);
 * ``num_prefix``: the leading class / distillation / register tokens, which no
-  method may prune or merge.
+  method may prune or merge;
+* ``mask`` B×N×1 float: 1 for a live token, 0 for a removed one (``None`` = all
+  live).  Training forms of learned methods (LTMP, DynamicViT) keep the shape fixed
+  and carry a differentiable mask; batched inference with per-image token counts
+  pads with mask 0.  Masked tokens are excluded from attention as keys.
 
 Reductions never mutate a state; they return a new one.  The two generic
 operations are :meth:`TokenState.gather` (keep a subset, in a given order) and
@@ -34,12 +38,14 @@ class TokenState:
         size: B×N×1 float sizes, or ``None`` for all ones.
         source: B×N×N0 source map, or ``None`` when not traced.
         num_prefix: number of protected leading tokens.
+        mask: B×N×1 float live-token mask, or ``None`` when every token is live.
     """
 
     x: Tensor
     size: Tensor | None = None
     source: Tensor | None = None
     num_prefix: int = 1
+    mask: Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -61,6 +67,7 @@ class TokenState:
             size=None if self.size is None else batched_gather(self.size, index),
             source=None if self.source is None else batched_gather(self.source, index),
             num_prefix=self.num_prefix,
+            mask=None if self.mask is None else batched_gather(self.mask, index),
         )
 
     def prefix_and_patches(self, keep_patch_index: Tensor) -> TokenState:
@@ -81,4 +88,7 @@ class TokenState:
         if self.source is not None:
             assert source is not None, "source tracing is on: appended tokens need sources"
             new_source = torch.cat([self.source, source], dim=1)
-        return TokenState(torch.cat([self.x, x], dim=1), new_size, new_source, self.num_prefix)
+        new_mask = None
+        if self.mask is not None:
+            new_mask = torch.cat([self.mask, self.mask.new_ones(x.shape[0], x.shape[1], 1)], dim=1)
+        return TokenState(torch.cat([self.x, x], dim=1), new_size, new_source, self.num_prefix, new_mask)

@@ -7,8 +7,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from torch import Tensor
+
 from ..budget import CostModel, Schedule, resolve_budget
-from ..ops.attention import AttentionNeeds, AttentionSignals
+from ..ops.attention import AttentionNeeds, AttentionSignals, KeyMask
 from ..state import TokenState
 
 
@@ -53,6 +55,7 @@ class Reducer:
     Params: ClassVar[type] = object
     knob: ClassVar[str] = ""
     prop_attn: bool = False
+    training: bool = False  # set by the adapter at every forward (the model's ``training`` flag)
 
     def __init__(self, info: ModelInfo, params: Any) -> None:
         self.info = info
@@ -101,6 +104,10 @@ class Reducer:
 
     def reduce(self, block: int, state: TokenState, signals: AttentionSignals) -> TokenState:
         return state
+
+    def key_mask(self, mask: Tensor) -> KeyMask:
+        """How a carried live-token mask (B×N×1) enters attention; hard (−inf bias) by default."""
+        return KeyMask(mask)
 
     def has_before_block(self, block: int) -> bool:
         return False

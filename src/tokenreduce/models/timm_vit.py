@@ -44,16 +44,18 @@ class ReductionContext:
         self.has_before = [reducer.has_before_block(i) for i in range(depth)]
         self.size: Tensor | None = None
         self.source: Tensor | None = None
+        self.mask: Tensor | None = None
         self.bias: Tensor | None = None
         self._bias_of: Tensor | None = None
         self.num_tokens_in = 0
         self.batch_size = 0
         self.records: list[tuple[Any, Any] | None] = [None] * depth
 
-    def start(self, x: Tensor) -> None:
+    def start(self, x: Tensor, training: bool) -> None:
         """Reset for a new forward whose first block receives ``x`` (B×N×C)."""
         b, n, _ = x.shape
-        self.size = None
+        self.reducer.training = training
+        self.size = self.mask = None
         self.bias = self._bias_of = None
         self.source = None
         if self.trace_source:
@@ -70,6 +72,17 @@ class ReductionContext:
             self.bias, self._bias_of = size_bias(self.size), self.size
         return self.bias
 
+    def state(self, x: Tensor) -> TokenState:
+        return TokenState(x, self.size, self.source, self.info.num_prefix, self.mask)
+
+    def update(self, state: TokenState) -> Tensor:
+        self.size, self.source, self.mask = state.size, state.source, state.mask
+        return state.x
+
+    def count(self, x: Tensor) -> int | Tensor:
+        """Live tokens per image: an int, or a B tensor when a mask is carried."""
+        return x.shape[1] if self.mask is None else self.mask.sum(dim=(1, 2))
+
 
 def _block_forward(self: Block, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
     """timm ``Block.forward`` with the reducer's hooks around the attention."""
@@ -78,19 +91,18 @@ def _block_forward(self: Block, x: Tensor, attn_mask: Tensor | None = None, is_c
     ctx: ReductionContext = self._tr_ctx
     i: int = self._tr_index
     if i == 0:
-        ctx.start(x)
+        ctx.start(x, self.training)
     reducer = ctx.reducer
     if ctx.has_before[i]:
-        state = reducer.before_block(i, TokenState(x, ctx.size, ctx.source, ctx.info.num_prefix))
-        x, ctx.size, ctx.source = state.x, state.size, state.source
-    n_attn = x.shape[1]
+        x = ctx.update(reducer.before_block(i, ctx.state(x)))
+    n_attn = ctx.count(x)
     needs = ctx.needs[i]
-    out, signals = attention_with_signals(self.attn, self.norm1(x), ctx.key_bias(), needs or NO_NEEDS)
+    key_mask = None if ctx.mask is None else reducer.key_mask(ctx.mask)
+    out, signals = attention_with_signals(self.attn, self.norm1(x), ctx.key_bias(), needs or NO_NEEDS, key_mask)
     x = x + self.drop_path1(self.ls1(out))
     if needs is not None:
-        state = reducer.reduce(i, TokenState(x, ctx.size, ctx.source, ctx.info.num_prefix), signals)
-        x, ctx.size, ctx.source = state.x, state.size, state.source
-    ctx.records[i] = (n_attn, x.shape[1])
+        x = ctx.update(reducer.reduce(i, ctx.state(x), signals))
+    ctx.records[i] = (n_attn, ctx.count(x))
     return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
@@ -98,15 +110,20 @@ def _model_pool(self: VisionTransformer, x: Tensor, pool_type: str | None = None
     """timm ``pool`` with average pooling weighted by how many patches each token stands for."""
     base = self._tr_base
     pool_type = self.global_pool if pool_type is None else pool_type
-    size = self._tr_ctx.size
-    if size is None or pool_type not in ("avg", "avgmax") or getattr(self, "attn_pool", None) is not None:
+    ctx: ReductionContext = self._tr_ctx
+    if ctx.size is None and ctx.mask is None or getattr(self, "attn_pool", None) is not None:
+        return base.pool(self, x, pool_type)
+    if pool_type not in ("avg", "avgmax", "max"):
         return base.pool(self, x, pool_type)
     p = 0 if getattr(self, "pool_include_prefix", False) else self.num_prefix_tokens
-    tokens, weights = x[:, p:], size[:, p:].to(x.dtype)
+    state = ctx.state(x)
+    weights = state.sizes()[:, p:] if ctx.mask is None else state.sizes()[:, p:] * ctx.mask[:, p:]
+    tokens, weights = x[:, p:], weights.to(x.dtype)
+    peak = tokens.masked_fill(weights == 0, -torch.inf).amax(dim=1)
+    if pool_type == "max":
+        return peak
     avg = (tokens * weights).sum(dim=1) / weights.sum(dim=1)
-    if pool_type == "avgmax":
-        return 0.5 * (tokens.amax(dim=1) + avg)
-    return avg
+    return 0.5 * (peak + avg) if pool_type == "avgmax" else avg
 
 
 _CLASS_CACHE: dict[tuple[type, str], type] = {}

@@ -11,6 +11,10 @@ request:
   q_cls against all keys (one row, not the N×N matrix), in float32;
 * ``values``: the value vectors, B×H×N×d;
 * ``probs``: the full attention probabilities B×H×N×N (forces the explicit path).
+
+A live-token mask (B×N×1) removes keys: hard masks (padding in batched
+inference) become a ``−inf`` additive bias and keep the fused kernel; soft masks
+of training forms (which carry gradients) use an explicit masked softmax.
 """
 
 from __future__ import annotations
@@ -45,19 +49,61 @@ class AttentionSignals:
 NO_NEEDS = AttentionNeeds()
 
 
+@dataclass(frozen=True)
+class KeyMask:
+    """Keys to leave out of attention.
+
+    Attributes:
+        mask: B×N×1 float, 1 = attend, 0 = removed.
+        soft: multiply the mask into a masked softmax (training forms; gradients flow
+            into the mask) instead of adding ``log mask`` as a bias.
+        keep_diagonal: with ``soft``, every token still attends to itself
+            (DynamicViT/TPS), so no row is empty.
+        eps: the masked softmax's stabiliser.
+    """
+
+    mask: Tensor
+    soft: bool = False
+    keep_diagonal: bool = False
+    eps: float = 1e-6
+
+
+def masked_softmax(logits: Tensor, key_mask: KeyMask) -> Tensor:
+    """Softmax over keys with removed keys zeroed and the rest renormalised, in float32.
+
+    ``p_ij = m_j·exp(l_ij − max_i) / (Σ_k m_k·exp(l_ik − max_i) + eps)``
+
+    Args:
+        logits: B×H×N×N attention logits.
+
+    Returns:
+        B×H×N×N float32 probabilities.
+    """
+    b, _, n, _ = logits.shape
+    m = key_mask.mask.float().reshape(b, 1, 1, n)
+    if key_mask.keep_diagonal:
+        eye = torch.eye(n, device=logits.device, dtype=m.dtype)
+        m = m + (1.0 - m) * eye
+    logits = logits.float()
+    weights = (logits - logits.amax(dim=-1, keepdim=True)).exp() * m
+    return weights / (weights.sum(dim=-1, keepdim=True) + key_mask.eps)
+
+
 def attention_with_signals(
     attn: nn.Module,
     x: Tensor,
     bias: Tensor | None,
     needs: AttentionNeeds = NO_NEEDS,
+    key_mask: KeyMask | None = None,
 ) -> tuple[Tensor, AttentionSignals]:
-    """Run a timm ``Attention`` module with an optional key bias.
+    """Run a timm ``Attention`` module with an optional key bias and key mask.
 
     Args:
         attn: a ``timm.layers.Attention`` module.
         x: B×N×C normalised input tokens.
         bias: additive bias on the logits of each key, B×1×1×N (``log size``), or ``None``.
         needs: which signals to return.
+        key_mask: keys to leave out, or ``None``.
 
     Returns:
         ``(out, signals)`` with ``out`` B×N×C_out, as timm's forward would give it
@@ -71,12 +117,17 @@ def attention_with_signals(
     q, k, v = qkv.reshape(b, n, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
 
+    soft = key_mask is not None and key_mask.soft
+    if key_mask is not None and not soft:
+        hard = key_mask.mask.float().log().transpose(1, 2).unsqueeze(1)  # B×1×1×N: 0 or −inf
+        bias = hard if bias is None else bias + hard
+
     probs = cls_attn = None
-    if needs.probs or not attn.fused_attn:
+    if needs.probs or soft or not attn.fused_attn:
         logits = (q * attn.scale) @ k.transpose(-2, -1)
         if bias is not None:
             logits = logits + bias.to(logits.dtype)
-        probs = logits.softmax(dim=-1)
+        probs = masked_softmax(logits, key_mask).to(v.dtype) if soft else logits.softmax(dim=-1)
         out = attn.attn_drop(probs) @ v
         if needs.cls_attn:
             cls_attn = probs[:, :, 0].float()

@@ -17,7 +17,7 @@ def merge_wavg(state: TokenState, match: BipartiteMatch | None) -> TokenState:
     Implemented as "multiply by size, scatter-add, divide by the summed size", so
     every merged token is the mean of the original patches it stands for.  The
     arithmetic runs in float32 and the result is cast back to ``state.x.dtype``.
-    Sources, when traced, are merged with an element-wise maximum.
+    Sources, when traced, and live-token masks are merged with an element-wise maximum.
 
     Args:
         state: tokens aligned with the sequence ``match`` was computed on (B×N).
@@ -33,4 +33,5 @@ def merge_wavg(state: TokenState, match: BipartiteMatch | None) -> TokenState:
     size = match.merge(size, mode="sum")
     x = (x / size).to(state.x.dtype)
     source = None if state.source is None else match.merge(state.source, mode="amax")
-    return replace(state, x=x, size=size, source=source)
+    mask = None if state.mask is None else match.merge(state.mask, mode="amax")
+    return replace(state, x=x, size=size, source=source, mask=mask)
