@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, TypeVar
 
 from torch import nn
 
+from .checkpoint import check_compatible, load_into, read_reducer
 from .methods import REGISTRY, get_method
 from .models.timm_vit import check_supported, is_patched, model_info, patch, unpatch
 from .stats import ReductionStats, collect_stats
@@ -23,6 +25,7 @@ def apply(
     method: str,
     *,
     budget: float | None = None,
+    checkpoint: str | Path | None = None,
     trace_source: bool = False,
     **params: Any,
 ) -> M:
@@ -34,6 +37,8 @@ def apply(
         method: one of :func:`methods`.
         budget: fraction of the unreduced GMACs to keep; resolves the method's main
             knob (e.g. ToMe's ``r``) to the closest schedule that does not exceed it.
+        checkpoint: a learned method's trained parameters (safetensors written by
+            training); its saved parameters are the defaults, ``params`` override them.
         trace_source: track which original patches every token stands for
             (needed for token maps; costs B×N×N memory).
         **params: the method's parameters under their official names
@@ -50,7 +55,19 @@ def apply(
     if is_patched(model):
         unpatch(model)
     check_supported(model)
-    reducer = cls.create(model_info(model), budget=budget, **params)
+    info = model_info(model)
+    if checkpoint is not None:
+        if not cls.learned:
+            raise ValueError(f"{cls.name} has no learned parameters; checkpoint= is for learned methods")
+        meta, tensors = read_reducer(checkpoint)
+        check_compatible(meta, cls.name, info, checkpoint)
+        saved = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["params"].items()}
+        reducer = cls.create(info, budget=budget, **{**saved, **params})
+        load_into(reducer, meta, tensors, checkpoint)
+    else:
+        reducer = cls.create(info, budget=budget, **params)
+    if reducer.module is not None:
+        reducer.module.to(next(model.parameters()).device)
     patch(model, reducer, cls.name, trace_source=trace_source)
     return model
 

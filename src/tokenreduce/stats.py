@@ -65,7 +65,7 @@ class ReductionStats:
 
 def _mean(value: Any, squared: bool = False) -> float:
     if isinstance(value, torch.Tensor):
-        v = value.double()
+        v = value.detach().double()
         return float((v * v).mean() if squared else v.mean())
     return float(value * value if squared else value)
 

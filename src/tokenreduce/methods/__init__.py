@@ -5,12 +5,13 @@ from __future__ import annotations
 from .base import ModelInfo, Reducer
 from .bat import BAT
 from .evit import EViT
+from .ltmp import LTMP
 from .ppt import PPT
 from .random_prune import RandomPrune
 from .tome import ToMe
 from .tps import TPS
 
-REGISTRY: dict[str, type[Reducer]] = {cls.name: cls for cls in (ToMe, EViT, RandomPrune, PPT, TPS, BAT)}
+REGISTRY: dict[str, type[Reducer]] = {cls.name: cls for cls in (ToMe, EViT, RandomPrune, PPT, TPS, BAT, LTMP)}
 
 
 def get_method(name: str) -> type[Reducer]:
@@ -24,4 +25,4 @@ def get_method(name: str) -> type[Reducer]:
     return REGISTRY[name.lower()]
 
 
-__all__ = ["BAT", "PPT", "REGISTRY", "TPS", "EViT", "ModelInfo", "RandomPrune", "Reducer", "ToMe", "get_method"]
+__all__ = ["BAT", "LTMP", "PPT", "REGISTRY", "TPS", "EViT", "ModelInfo", "RandomPrune", "Reducer", "ToMe", "get_method"]

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..budget import CostModel, Schedule, resolve_budget
 from ..ops.attention import AttentionNeeds, AttentionSignals, KeyMask
@@ -54,8 +54,11 @@ class Reducer:
     name: ClassVar[str] = ""
     Params: ClassVar[type] = object
     knob: ClassVar[str] = ""
+    learned: ClassVar[bool] = False  # has trained parameters (``self.module``), loaded with checkpoint=
     prop_attn: bool = False
     training: bool = False  # set by the adapter at every forward (the model's ``training`` flag)
+
+    module: nn.Module | None = None  # the learned parameters of learned methods
 
     def __init__(self, info: ModelInfo, params: Any) -> None:
         self.info = info

@@ -71,3 +71,29 @@ def hashed_uniform(batch: int, num: int, key: int, device: torch.device) -> Tens
     rows = _lowbias32(base + torch.arange(batch, dtype=torch.int64, device=device)).unsqueeze(1)
     values = _lowbias32(rows + torch.arange(num, dtype=torch.int64, device=device))
     return values.to(torch.float32) / float(2**32)
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward: the hard 0/1 decision; backward: the gradient of the soft sigmoid."""
+
+    @staticmethod
+    def forward(ctx, soft: Tensor) -> Tensor:  # noqa: D102
+        return (soft > 0.5).to(soft.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # noqa: D102
+        return grad
+
+
+def threshold_mask(score: Tensor, threshold: Tensor, tau: float) -> Tensor:
+    """LTMP's threshold-masking module: ``[score > θ]`` forward, ``sigmoid((score − θ)/τ)`` gradient.
+
+    Args:
+        score: any shape; threshold: a scalar tensor (learned); tau: temperature > 0.
+
+    Returns:
+        0/1 float tensor shaped like ``score``, differentiable w.r.t. ``threshold``
+        (and ``score``) through the sigmoid.
+    """
+    soft = torch.sigmoid((score - threshold) / tau)
+    return _StraightThrough.apply(soft)

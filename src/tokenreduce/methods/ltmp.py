@@ -1,0 +1,294 @@
+"""LTMP — Learned Thresholds Merging and Pruning (Bonnaerens & Dambre, TMLR 2023).
+
+In every block, after the attention residual and before the MLP (spec §7):
+
+1. **merge**: ToMe's parity split (A = even, B = odd positions of the current
+   sequence); an A token merges into its most similar B token (cosine of the
+   head-averaged keys) iff that similarity exceeds the block's learned
+   ``merge_threshold``; size-weighted average, sizes tracked, proportional
+   attention on;
+2. **prune**: a token is dropped iff the attention it *receives* (mean over heads
+   and query rows) is below the block's learned ``prune_threshold``; a merge
+   destination takes the maximum importance of its group; prefix tokens never go.
+
+Two forms behind one reducer, chosen by the model's mode:
+
+* **training** (``model.train()``): fixed shape; a live-token mask is carried and
+  applied as a masked softmax (eps 1e-5); decisions are straight-through hard
+  masks with the gradient of ``sigmoid((score − θ)/τ)``; the sequence is laid out
+  as [prefix, A, B] every block, like the inference order.
+* **inference** (``model.eval()``): real removal.  Each image keeps a different
+  number of tokens, so a batch is run *padded*: survivors are compacted to the
+  front, the sequence is cut to the largest count in the batch, and the padding
+  is removed from attention with a −inf key bias (fused SDPA kept).  Every
+  image's result equals running it alone; the cost is the padding's share of the
+  MLP and attention work and one host synchronisation per block (to learn the
+  count).  With batch size 1 there is no padding at all.
+
+Choices where the official code is ambiguous (documented, exposed):
+
+* ``tau`` defaults to **0.5**: the model code and README say 0.1, but the training
+  script's default is 0.5 and the published reproduction command does not
+  override it, so 0.5 is what produced the paper's numbers.
+* Importance averages over **live** query rows only, in both forms (the official
+  training form averages over all rows, masked ones included, which its inference
+  form cannot see); this keeps training and inference consistent (spec §7.5).
+* In the training form, already-removed tokens neither merge nor receive merges.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..budget import Schedule
+from ..ops.attention import AttentionNeeds, AttentionSignals, KeyMask
+from ..ops.prune import threshold_mask
+from ..state import TokenState
+from .base import ModelInfo, Reducer, check_fraction
+
+_EPS = 1e-6
+Thresholds = float | tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class LTMPParams:
+    """Parameters of :class:`LTMP`.
+
+    Attributes:
+        merge_threshold: initial θ_merge per block (a float for all blocks or a tuple);
+            0.9 is the paper's initialisation for merge-and-prune.
+        prune_threshold: initial θ_prune per block; 0.0 (nothing pruned) initially.
+        tau: temperature of the threshold-masking sigmoid (see the module note).
+        target: fraction of the unreduced GMACs the training regulariser aims at
+            (``budget`` sets it); the thresholds, not this, act at inference.
+        prop_attn: proportional attention.
+    """
+
+    merge_threshold: Thresholds = 0.9
+    prune_threshold: Thresholds = 0.0
+    tau: float = 0.5
+    target: float = 0.75
+    prop_attn: bool = True
+
+
+class LTMPThresholds(nn.Module):
+    """The learned parameters: one merge and one prune threshold per block (2·depth scalars)."""
+
+    def __init__(self, merge: list[float], prune: list[float]) -> None:
+        super().__init__()
+        self.merge_threshold = nn.Parameter(torch.tensor(merge, dtype=torch.float32))
+        self.prune_threshold = nn.Parameter(torch.tensor(prune, dtype=torch.float32))
+
+    @torch.no_grad()
+    def clamp_(self) -> None:
+        """Keep thresholds in [0, 1] (applied after every optimiser step)."""
+        self.merge_threshold.clamp_(0.0, 1.0)
+        self.prune_threshold.clamp_(0.0, 1.0)
+
+
+def _per_block(name: str, key: str, value: Thresholds, depth: int) -> list[float]:
+    values = [float(value)] * depth if isinstance(value, (int, float)) else [float(v) for v in value]
+    if len(values) != depth or not all(0.0 <= v <= 1.0 for v in values):
+        raise ValueError(f"{name}: {key} needs one value in [0, 1] or {depth} of them, got {value!r}")
+    return values
+
+
+class LTMP(Reducer):
+    """Learned-threshold merging then pruning in every block."""
+
+    name = "ltmp"
+    Params = LTMPParams
+    knob = "target"
+    learned = True
+
+    def __init__(self, info: ModelInfo, params: LTMPParams) -> None:
+        super().__init__(info, params)
+        merge = _per_block(self.name, "merge_threshold", params.merge_threshold, info.depth)
+        prune = _per_block(self.name, "prune_threshold", params.prune_threshold, info.depth)
+        if not params.tau > 0:
+            raise ValueError(f"ltmp: tau must be > 0, got {params.tau!r}")
+        check_fraction(self.name, "target", params.target)
+        self.module = LTMPThresholds(merge, prune)
+        self.prop_attn = bool(params.prop_attn)
+
+    @classmethod
+    def create(cls, info: ModelInfo, budget: float | None = None, **kwargs: Any) -> Reducer:
+        """``budget`` is LTMP's training target (its counts depend on the images)."""
+        if budget is not None:
+            if "target" in kwargs:
+                raise ValueError("ltmp: pass either budget or 'target', not both")
+            kwargs["target"] = budget
+        return super().create(info, **kwargs)
+
+    def config(self) -> dict[str, Any]:
+        out = super().config()
+        out["merge_threshold"] = [round(v, 6) for v in self.module.merge_threshold.tolist()]
+        out["prune_threshold"] = [round(v, 6) for v in self.module.prune_threshold.tolist()]
+        return out
+
+    def needs(self, block: int) -> AttentionNeeds:
+        return AttentionNeeds(keys=True, probs=True)
+
+    def key_mask(self, mask: Tensor) -> KeyMask:
+        return KeyMask(mask, soft=self.training, eps=1e-5)
+
+    def schedule(self, num_tokens: int) -> Schedule:
+        raise NotImplementedError(
+            "ltmp keeps a different number of tokens for every image: run a forward and read tokenreduce.stats"
+        )
+
+    @classmethod
+    def budget_candidates(cls, info: ModelInfo, base: Any) -> Iterator[dict[str, Any]]:
+        raise NotImplementedError
+
+    # -- the reduction ---------------------------------------------------------------
+    def reduce(self, block: int, state: TokenState, signals: AttentionSignals) -> TokenState:
+        module = self.module
+        if module.merge_threshold.device != state.x.device:
+            module.to(state.x.device)
+        theta_m, theta_p = module.merge_threshold[block], module.prune_threshold[block]
+        if self.training:
+            return self._reduce_soft(state, signals, theta_m, theta_p)
+        with torch.no_grad():
+            return self._reduce_hard(state, signals, theta_m, theta_p)
+
+    def _scores(self, state: TokenState, signals: AttentionSignals, live: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Best A→B cosine (B×NA), partner (B×NA) and received attention (B×N), in float32.
+
+        Prefix A rows and dead rows score −inf; prefix and dead B columns are never partners.
+        """
+        p, n = state.num_prefix, state.num_tokens
+        with torch.no_grad():
+            metric = signals.keys.float()
+            metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(_EPS)
+            sim = metric[:, ::2] @ metric[:, 1::2].transpose(-1, -2)  # B×NA×NB
+            pos = torch.arange(n, device=sim.device)
+            ok_a = (pos[::2] >= p) & live[:, ::2]
+            ok_b = (pos[1::2] >= p) & live[:, 1::2]
+            sim = sim.masked_fill(~ok_b.unsqueeze(1), -torch.inf).masked_fill(~ok_a.unsqueeze(2), -torch.inf)
+            best, partner = sim.max(dim=-1)
+            # attention received by each key, averaged over heads and live query rows
+            rows = live.float()
+            received = torch.einsum("bij,bi->bj", signals.probs.float().mean(dim=1), rows)
+            importance = received / rows.sum(dim=1, keepdim=True)
+            importance[:, :p] = torch.inf
+        return best, partner, importance
+
+    @staticmethod
+    def _layout(n: int, p: int, device: torch.device) -> Tensor:
+        """Positions in output order: prefix, then A (even) and B (odd) non-prefix positions."""
+        pos = torch.arange(n, device=device)
+        a, b = pos[::2], pos[1::2]
+        return torch.cat([pos[:p], a[a >= p], b[b >= p]])
+
+    def _reduce_hard(self, state: TokenState, signals: AttentionSignals, theta_m: Tensor, theta_p: Tensor):
+        x, p = state.x, state.num_prefix
+        bsz, n, _ = x.shape
+        live = torch.ones(bsz, n, dtype=torch.bool, device=x.device) if state.mask is None else state.mask[..., 0] > 0
+        best, partner, importance = self._scores(state, signals, live)
+        merge = best > theta_m  # B×NA; −inf rows never merge
+        size = state.sizes()
+        w = merge.unsqueeze(-1).float() * size[:, ::2]  # B×NA×1 merge weights
+        idx = partner.unsqueeze(-1)
+        src = w * x[:, ::2].float()
+        num = (size[:, 1::2] * x[:, 1::2].float()).scatter_add(1, idx.expand(-1, -1, x.shape[-1]), src)
+        den = size[:, 1::2].scatter_add(1, idx, w)
+        imp_a, imp_b = importance[:, ::2], importance[:, 1::2]
+        imp_b = imp_b.scatter_reduce(1, partner, imp_a.masked_fill(~merge, -torch.inf), reduce="amax")
+
+        x_full, size_full = x.clone(), size.clone()
+        x_full[:, 1::2] = (num / den).to(x.dtype)
+        size_full[:, 1::2] = den
+        alive = live.clone()
+        alive[:, ::2] &= ~merge & (imp_a > theta_p)
+        alive[:, 1::2] &= imp_b > theta_p
+        source = state.source
+        if source is not None:
+            src_b = source[:, 1::2].scatter_reduce(
+                1, idx.expand(-1, -1, source.shape[-1]), source[:, ::2] * merge.unsqueeze(-1), reduce="amax"
+            )
+            source = source.clone()
+            source[:, 1::2] = src_b
+
+        # compact: live tokens first, in layout order; cut to the largest count in the batch
+        layout = self._layout(n, p, x.device)
+        rank = torch.empty_like(layout).scatter_(0, layout, torch.arange(n, device=x.device))
+        order = torch.argsort(rank + (~alive) * n, dim=1)
+        keep = int(alive.sum(dim=1).max())  # host sync: the padded length
+        index = order[:, :keep]
+        out = TokenState(x_full, size_full, source, p, alive.unsqueeze(-1).float()).gather(index)
+        if bool(out.mask.all()):
+            out = dataclasses.replace(out, mask=None)
+        return out
+
+    def _reduce_soft(self, state: TokenState, signals: AttentionSignals, theta_m: Tensor, theta_p: Tensor):
+        x, p = state.x, state.num_prefix
+        bsz, n, c = x.shape
+        mask = state.mask if state.mask is not None else x.new_ones(bsz, n, 1, dtype=torch.float32)
+        live = mask[..., 0] > 0
+        best, partner, importance = self._scores(state, signals, live)
+        can_merge = torch.isfinite(best)
+        merge = threshold_mask(best.masked_fill(~can_merge, -1.0), theta_m, self.params.tau) * can_merge  # B×NA
+        size = state.sizes()
+        w = merge.unsqueeze(-1) * size[:, ::2]
+        idx = partner.unsqueeze(-1)
+        num = (size[:, 1::2] * x[:, 1::2]).scatter_add(1, idx.expand(-1, -1, c), w * x[:, ::2])
+        den = size[:, 1::2].scatter_add(1, idx, w)
+        with torch.no_grad():
+            imp_a, imp_b = importance[:, ::2], importance[:, 1::2]
+            merged = merge.detach() > 0
+            imp_b = imp_b.scatter_reduce(1, partner, imp_a.masked_fill(~merged, -torch.inf), reduce="amax")
+        keep_a = threshold_mask(imp_a.clamp(max=2.0), theta_p, self.params.tau)
+        keep_b = threshold_mask(imp_b.clamp(max=2.0), theta_p, self.params.tau)
+
+        new_a_mask = mask[:, ::2, 0] * (1.0 - merge) * keep_a
+        new_b_mask = mask[:, 1::2, 0] * keep_b
+        layout = self._layout(n, p, x.device)
+        # assemble the full-length sequence in original positions, then re-lay out
+        x_full = torch.empty_like(x)
+        x_full[:, ::2] = x[:, ::2]
+        x_full[:, 1::2] = num / den
+        size_full = torch.empty_like(size)
+        size_full[:, ::2] = size[:, ::2]
+        size_full[:, 1::2] = den
+        mask_full = torch.empty_like(mask)
+        mask_full[:, ::2, 0] = new_a_mask
+        mask_full[:, 1::2, 0] = new_b_mask
+        index = layout.expand(bsz, n)
+        return TokenState(x_full, size_full, None, p, mask_full).gather(index)
+
+
+def ltmp_loss(
+    logits: Tensor, labels: Tensor, records: list[tuple[Any, Any]], info: ModelInfo, num_tokens: int,
+    target: float, reg_scale: float = 10.0,
+) -> tuple[Tensor, Tensor]:
+    """``CE + λ·(FLOPs_ratio − target)²`` (λ = ``reg_scale`` = 10 in the paper); returns ``(loss, ratio)``."""
+    ratio = flops_ratio(records, info, num_tokens).to(logits.device)
+    loss = torch.nn.functional.cross_entropy(logits, labels) + reg_scale * (ratio - target) ** 2
+    return loss, ratio
+
+
+def flops_ratio(records: list[tuple[Any, Any]], info: ModelInfo, num_tokens: int) -> Tensor:
+    """LTMP's differentiable FLOPs ratio from a training forward's live-token counts.
+
+    ``(1/L) Σ_l cost(n_attn_l, n_mlp_l) / cost(N, N)`` with the batch-mean counts
+    (so the quadratic term uses the squared mean count, as in the paper).
+
+    Args:
+        records: per block ``(n_attn, n_mlp)``, each a B tensor of live tokens (or an int).
+        num_tokens: N, tokens entering the first block.
+    """
+    cost = info.cost
+    terms = []
+    for i, (n_a, n_m) in enumerate(records):
+        n_a = n_a.float().mean() if isinstance(n_a, Tensor) else torch.tensor(float(n_a))
+        n_m = n_m.float().mean() if isinstance(n_m, Tensor) else torch.tensor(float(n_m))
+        full = cost.block_macs(i, num_tokens, num_tokens * num_tokens, num_tokens)
+        terms.append(cost.block_macs(i, n_a, n_a * n_a, n_m) / full)
+    return torch.stack(terms).mean()
