@@ -134,7 +134,7 @@ def test_checkpoint_round_trip_and_refusals(tmp_path):
     other = make_vit(depth=6)
     with pytest.raises(ValueError, match="another model"):
         tr.apply(other, "ltmp", checkpoint=path)
-    with pytest.raises(ValueError, match="has no learned parameters"):
+    with pytest.raises(ValueError, match="'ltmp' checkpoint, not 'tome'"):
         tr.apply(model, "tome", checkpoint=path)
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(path.read_bytes()[:40])

@@ -89,7 +89,7 @@ def test_counts_and_gmacs_are_evit_without_the_fused_token():
 @pytest.mark.parametrize(
     "params,match",
     [
-        ({"variant": "dtps"}, "dtps.*not available"),
+        ({"variant": "dtps", "temperature": -1.0}, "temperature"),
         ({"variant": "xtps"}, "variant must be"),
         ({"keep_rate": 0.0}, "keep_rate"),
         ({"keep_rate": 1.2}, "keep_rate"),

@@ -57,12 +57,12 @@ def apply(
     check_supported(model)
     info = model_info(model)
     if checkpoint is not None:
-        if not cls.learned:
-            raise ValueError(f"{cls.name} has no learned parameters; checkpoint= is for learned methods")
         meta, tensors = read_reducer(checkpoint)
         check_compatible(meta, cls.name, info, checkpoint)
         saved = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["params"].items()}
         reducer = cls.create(info, budget=budget, **{**saved, **params})
+        if reducer.module is None:
+            raise ValueError(f"{cls.name} {reducer.config()} has no learned parameters to load from a checkpoint")
         load_into(reducer, meta, tensors, checkpoint)
     else:
         reducer = cls.create(info, budget=budget, **params)

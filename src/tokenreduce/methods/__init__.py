@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .base import ModelInfo, Reducer
 from .bat import BAT
+from .dynamicvit import DynamicViT
 from .evit import EViT
 from .ltmp import LTMP
 from .ppt import PPT
@@ -11,7 +12,8 @@ from .random_prune import RandomPrune
 from .tome import ToMe
 from .tps import TPS
 
-REGISTRY: dict[str, type[Reducer]] = {cls.name: cls for cls in (ToMe, EViT, RandomPrune, PPT, TPS, BAT, LTMP)}
+_ALL = (ToMe, EViT, RandomPrune, PPT, TPS, BAT, LTMP, DynamicViT)
+REGISTRY: dict[str, type[Reducer]] = {cls.name: cls for cls in _ALL}
 
 
 def get_method(name: str) -> type[Reducer]:
@@ -25,4 +27,7 @@ def get_method(name: str) -> type[Reducer]:
     return REGISTRY[name.lower()]
 
 
-__all__ = ["BAT", "LTMP", "PPT", "REGISTRY", "TPS", "EViT", "ModelInfo", "RandomPrune", "Reducer", "ToMe", "get_method"]
+__all__ = [
+    "BAT", "DynamicViT", "EViT", "LTMP", "PPT", "REGISTRY", "TPS", "ModelInfo", "RandomPrune", "Reducer", "ToMe",
+    "get_method",
+]

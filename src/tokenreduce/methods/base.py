@@ -82,7 +82,8 @@ class Reducer:
 
             def cost_of(override: dict[str, Any]) -> float:
                 reducer = cls(info, dataclasses.replace(base, **override))
-                return info.cost.macs(reducer.schedule(info.num_tokens), info.num_patches)
+                n = info.num_tokens
+                return info.cost.macs(reducer.schedule(n), info.num_patches) + reducer.extra_macs(n)
 
             chosen = resolve_budget(
                 budget, cls.budget_candidates(info, base), cost_of, info.unreduced_macs(), cls.knob

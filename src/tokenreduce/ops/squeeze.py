@@ -116,3 +116,32 @@ def squeeze_state(
         guest_source = batched_scatter_add(batched_gather(state.source[:, p:], drop_index), host, k)
         source = torch.cat([source[:, :p], (source[:, p:] + guest_source).clamp(max=1)], dim=1)
     return replace(kept, x=x, size=size, source=source)
+
+
+def squeeze_masked(x: Tensor, keep: Tensor, guests: Tensor, temperature: float = 1.0) -> Tensor:
+    """Training form of the squeeze at fixed shape (dTPS, spec §5.2).
+
+    Every guest (a token pruned at this stage) picks the most similar token among
+    those still kept (never itself); each kept token becomes the weighted mean of
+    itself (weight e) and its guests (weight ``guest·e^{cos/T}``).  Gradients flow
+    through the similarities and through the straight-through masks.
+
+    Args:
+        x: B×M×C patch tokens.
+        keep: B×M×1 mask of the tokens kept after this stage (0/1, may carry gradients).
+        guests: B×M×1 mask of the tokens pruned at this stage.
+        temperature: T.
+
+    Returns:
+        B×M×C: kept tokens squeezed, the others unchanged.
+    """
+    m = x.shape[1]
+    unit = x / x.norm(dim=-1, keepdim=True).clamp_min(_EPS)
+    sim = unit @ unit.transpose(-1, -2) / temperature  # B×M×M
+    blocked = (keep.transpose(1, 2) <= 0) | torch.eye(m, dtype=torch.bool, device=x.device)
+    sim = sim.masked_fill(blocked, -100.0)
+    host = sim.detach().argmax(dim=-1)  # B×M
+    weight = sim.gather(-1, host.unsqueeze(-1)).exp() * guests  # B×M×1
+    num = SELF_WEIGHT * x + batched_scatter_add(weight * x, host, m)
+    den = SELF_WEIGHT + batched_scatter_add(weight, host, m)
+    return num / den
