@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .base import ModelInfo, Reducer
 from .bat import BAT
+from .cropr import Cropr
 from .dynamicvit import DynamicViT
 from .evit import EViT
 from .ltmp import LTMP
@@ -12,7 +13,7 @@ from .random_prune import RandomPrune
 from .tome import ToMe
 from .tps import TPS
 
-_ALL = (ToMe, EViT, RandomPrune, PPT, TPS, BAT, LTMP, DynamicViT)
+_ALL = (ToMe, EViT, RandomPrune, PPT, TPS, BAT, LTMP, Cropr, DynamicViT)
 REGISTRY: dict[str, type[Reducer]] = {cls.name: cls for cls in _ALL}
 
 
@@ -28,6 +29,6 @@ def get_method(name: str) -> type[Reducer]:
 
 
 __all__ = [
-    "BAT", "DynamicViT", "EViT", "LTMP", "PPT", "REGISTRY", "TPS", "ModelInfo", "RandomPrune", "Reducer", "ToMe",
-    "get_method",
+    "BAT", "Cropr", "DynamicViT", "EViT", "LTMP", "PPT", "REGISTRY", "TPS", "ModelInfo", "RandomPrune", "Reducer",
+    "ToMe", "get_method",
 ]

@@ -24,6 +24,7 @@ class ModelInfo:
     num_prefix: int
     num_patches: int
     cost: CostModel
+    num_classes: int = 0
 
     @property
     def num_tokens(self) -> int:

@@ -173,6 +173,7 @@ def model_info(model: VisionTransformer) -> ModelInfo:
         num_prefix=model.num_prefix_tokens,
         num_patches=model.patch_embed.num_patches,
         cost=CostModel.from_model(model),
+        num_classes=getattr(model, "num_classes", 0) or 0,
     )
 
 

@@ -1,0 +1,172 @@
+"""Token Cropr — cross-attention pruning (Bergner, Lippert & Mahendran, CVPR 2025).
+
+A Cropr module sits between blocks (spec §8): after every block except the last
+(or, with last-layer fusion, except the last two).  Its scorer is ``M`` learned
+queries dotted with the raw output tokens (no projections, no norm, one head):
+``score_j = Σ_q q·x_j``.  The ``p`` lowest-scored patch tokens are removed (the
+first module removes ``p + first_extra`` so later counts are round); survivors
+come in score order; prefix tokens always stay.
+
+Training (``model.train()``) prunes the same way (the ranking is not
+differentiable) and additionally runs, on the *detached* tokens each module sees,
+an aggregator — the same queries cross-attending with values (softmax over tokens,
+scaled by 1/√C), a residual MLP (ratio 4, pre-LayerNorm: our choice where the
+paper is silent) and a LayerNorm + Linear head.  Its auxiliary classification
+losses train the queries; the backbone gets no gradient from them.  The aggregators
+are not run at inference.
+
+With ``llf=True`` (last-layer fusion, the paper's default) the tokens each module
+pruned are kept aside, frozen at the representation they had when pruned, and
+concatenated back before the last block, which therefore sees every token.
+
+12-block port (the paper's classification setting is ViT-L, 24 blocks, p = 8):
+``p=8``, modules after blocks 0…9, LLF on; DeiT-S: 197 → 188 → 180 → … → 116, 197
+in block 11.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..budget import Schedule
+from ..ops.prune import keep_topk
+from ..state import TokenState
+from .base import ModelInfo, Reducer
+
+
+@dataclass(frozen=True)
+class CroprParams:
+    """Parameters of :class:`Cropr`.
+
+    Attributes:
+        p: tokens pruned by every module (the official ``pruning_rate``).
+        llf: last-layer fusion (pruned tokens rejoin before the last block).
+        num_queries: M learned queries per module (1 for classification).
+        first_extra: extra tokens removed by the first module (1: 197 → 188 with p=8).
+    """
+
+    p: int = 8
+    llf: bool = True
+    num_queries: int = 1
+    first_extra: int = 1
+
+
+class CroprModule(nn.Module):
+    """Scorer queries plus the training-only aggregator and auxiliary head."""
+
+    def __init__(self, dim: int, num_queries: int, num_classes: int) -> None:
+        super().__init__()
+        self.query = nn.Parameter(torch.randn(num_queries, dim) * dim**-0.5)
+        self.norm = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+        self.head_norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, max(num_classes, 1))
+
+    def score(self, x: Tensor) -> Tensor:
+        """B×N×C tokens → B×N unscaled scores ``Σ_q q·x``, in float32."""
+        return x.float() @ self.query.float().sum(dim=0)
+
+    def aggregate(self, x: Tensor) -> Tensor:
+        """Auxiliary logits (B×classes) from detached tokens B×N×C."""
+        x = x.detach()
+        attn = (self.query @ x.transpose(1, 2) / math.sqrt(x.shape[-1])).softmax(dim=-1)  # B×M×N
+        z = attn @ x  # B×M×C
+        z = z + self.mlp(self.norm(z))
+        return self.head(self.head_norm(z.mean(dim=1)))
+
+
+class Cropr(Reducer):
+    """Learned cross-attention scorer pruning a fixed count after every block."""
+
+    name = "cropr"
+    Params = CroprParams
+    knob = "p"
+    learned = True
+
+    def __init__(self, info: ModelInfo, params: CroprParams) -> None:
+        super().__init__(info, params)
+        for key in ("p", "num_queries", "first_extra"):
+            value = getattr(params, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if key == "num_queries" else 0):
+                raise ValueError(f"cropr: {key} must be a non-negative int (num_queries >= 1), got {value!r}")
+        depth = info.depth
+        last_module = depth - 3 if params.llf else depth - 2  # modules sit after blocks 0..last_module
+        if last_module < 0:
+            raise ValueError(f"cropr needs at least {3 if params.llf else 2} blocks")
+        self.after_blocks = tuple(range(last_module + 1))
+        modules = len(self.after_blocks)
+        removed = params.p * modules + (params.first_extra if params.p else 0)
+        if removed >= info.num_patches:
+            largest = (info.num_patches - 1 - params.first_extra) // modules
+            raise ValueError(
+                f"cropr: p={params.p} over {modules} modules removes {removed} tokens but the model "
+                f"has {info.num_patches} patch tokens; use p <= {largest}"
+            )
+        self.module = nn.ModuleList(
+            CroprModule(info.dim, params.num_queries, info.num_classes) for _ in self.after_blocks
+        )
+        self.aux_logits: list[Tensor] = []
+        self._pruned: list[TokenState] = []
+
+    def has_before_block(self, block: int) -> bool:
+        return block - 1 in self.after_blocks or (self.params.llf and block == self.info.depth - 1)
+
+    def _removed_by(self, module: int) -> int:
+        return self.params.p + (self.params.first_extra if module == 0 and self.params.p else 0)
+
+    def schedule(self, num_tokens: int) -> Schedule:
+        counts, n = [], num_tokens
+        for block in range(self.info.depth):
+            if block - 1 in self.after_blocks:
+                n -= min(self._removed_by(block - 1), n - self.info.num_prefix - 1)
+            if self.params.llf and block == self.info.depth - 1:
+                n = num_tokens
+            counts.append((n, n))
+        return counts
+
+    def extra_macs(self, num_tokens: int) -> float:
+        entering = [n for n, _ in self.schedule(num_tokens)]
+        return float(sum(entering[b] * self.info.dim * self.params.num_queries for b in self.after_blocks))
+
+    @classmethod
+    def budget_candidates(cls, info: ModelInfo, base: CroprParams) -> Iterator[dict[str, Any]]:
+        modules = info.depth - (2 if base.llf else 1)
+        for p in range(0, (info.num_patches - 1 - base.first_extra) // max(modules, 1) + 1):
+            yield {"p": p}
+
+    def before_block(self, block: int, state: TokenState) -> TokenState:
+        if self.params.llf and block == self.info.depth - 1:
+            for pruned in self._pruned:
+                state = state.append(pruned.x, pruned.sizes(), pruned.source)
+            self._pruned = []
+            return state
+        index = block - 1
+        module = self.module[index]
+        if module.query.device != state.x.device:
+            self.module.to(state.x.device)
+        if index == 0:
+            self.aux_logits, self._pruned = [], []
+        if self.training:
+            self.aux_logits.append(module.aggregate(state.x))
+        p = state.num_prefix
+        patches = state.num_tokens - p
+        keep = patches - min(self._removed_by(index), patches - 1)
+        with torch.no_grad():
+            order = keep_topk(module.score(state.x[:, p:]), patches)
+        if self.params.llf:
+            self._pruned.append(_patch_subset(state, order[:, keep:]))
+        return state.prefix_and_patches(order[:, :keep])
+
+
+def _patch_subset(state: TokenState, patch_index: Tensor) -> TokenState:
+    """The patch tokens at ``patch_index`` (B×K, counted after the prefix), without the prefix."""
+    p = state.num_prefix
+    sub = TokenState(state.x[:, p:], None if state.size is None else state.size[:, p:],
+                     None if state.source is None else state.source[:, p:], 0)
+    return sub.gather(patch_index)
