@@ -172,3 +172,16 @@ def test_budget_resolves_to_closest_schedule_not_exceeding(vit, method, knob, bu
 def test_budget_one_means_no_reduction(vit):
     tr.apply(vit, "tome", budget=1.0)
     assert vit._tr_ctx.reducer.config()["r"] == 0
+
+
+def test_unreduced_context_runs_the_stock_forward(vit, images):
+    with torch.no_grad():
+        expected = vit(images)
+        tr.apply(vit, "tome", r=8)
+        reduced = vit(images)
+        with tr.unreduced(vit):
+            stock = vit(images)
+        again = vit(images)
+    assert torch.equal(stock, expected)
+    assert torch.equal(again, reduced)
+    assert tr.stats(vit).blocks[0].tokens_out == 57  # still the reduced forward's record

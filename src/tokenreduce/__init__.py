@@ -5,10 +5,10 @@
 >>> tr.apply(model, "tome", r=13)       # doctest: +SKIP
 """
 
-from .api import apply, gmacs, methods, remove, stats
+from .api import apply, gmacs, methods, remove, stats, unreduced
 from .calibrate import calibrate
 from .state import TokenState
 
 __version__ = "0.1.0"
 
-__all__ = ["TokenState", "apply", "calibrate", "gmacs", "methods", "remove", "stats", "__version__"]
+__all__ = ["TokenState", "apply", "calibrate", "gmacs", "methods", "remove", "stats", "unreduced", "__version__"]

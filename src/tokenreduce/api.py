@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -76,6 +78,23 @@ def remove(model: M) -> M:
     """Give ``model`` back its stock forward (bit-identical outputs).  Idempotent."""
     unpatch(model)
     return model
+
+
+@contextmanager
+def unreduced(model: M) -> Iterator[M]:
+    """Temporarily run a reduced model's stock forward (e.g. as its own distillation teacher).
+
+    ``tr.stats`` keeps describing the last *reduced* forward.
+    """
+    if not is_patched(model):
+        yield model
+        return
+    ctx = model._tr_ctx
+    previous, ctx.enabled = ctx.enabled, False
+    try:
+        yield model
+    finally:
+        ctx.enabled = previous
 
 
 def stats(model: nn.Module) -> ReductionStats:

@@ -47,6 +47,7 @@ class ReductionContext:
         self.mask: Tensor | None = None
         self.bias: Tensor | None = None
         self._bias_of: Tensor | None = None
+        self.enabled = True  # False: the model runs its stock forward (e.g. as its own distillation teacher)
         self.num_tokens_in = 0
         self.batch_size = 0
         self.records: list[tuple[Any, Any] | None] = [None] * depth
@@ -89,6 +90,8 @@ def _block_forward(self: Block, x: Tensor, attn_mask: Tensor | None = None, is_c
     if attn_mask is not None or is_causal:
         raise NotImplementedError("tokenreduce: attention masks / causal attention are not supported on reduced models")
     ctx: ReductionContext = self._tr_ctx
+    if not ctx.enabled:
+        return self._tr_base.forward(self, x)
     i: int = self._tr_index
     if i == 0:
         ctx.start(x, self.training)
@@ -111,7 +114,7 @@ def _model_pool(self: VisionTransformer, x: Tensor, pool_type: str | None = None
     base = self._tr_base
     pool_type = self.global_pool if pool_type is None else pool_type
     ctx: ReductionContext = self._tr_ctx
-    if ctx.size is None and ctx.mask is None or getattr(self, "attn_pool", None) is not None:
+    if not ctx.enabled or ctx.size is None and ctx.mask is None or getattr(self, "attn_pool", None) is not None:
         return base.pool(self, x, pool_type)
     if pool_type not in ("avg", "avgmax", "max"):
         return base.pool(self, x, pool_type)
