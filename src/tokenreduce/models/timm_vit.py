@@ -51,6 +51,7 @@ class ReductionContext:
         self.num_tokens_in = 0
         self.batch_size = 0
         self.records: list[tuple[Any, Any] | None] = [None] * depth
+        self.stages: list[tuple[str, Tensor]] = []
 
     def start(self, x: Tensor, training: bool) -> None:
         """Reset for a new forward whose first block receives ``x`` (B×N×C)."""
@@ -64,6 +65,7 @@ class ReductionContext:
         self.num_tokens_in = n
         self.batch_size = b
         self.records = [None] * self.info.depth
+        self.stages: list[tuple[str, Tensor]] = []  # with trace_source: (label, B×N×N0 sources) per reduction
 
     def key_bias(self) -> Tensor | None:
         """``log size`` for proportional attention, recomputed only when sizes change."""
@@ -72,6 +74,11 @@ class ReductionContext:
         if self._bias_of is not self.size:
             self.bias, self._bias_of = size_bias(self.size), self.size
         return self.bias
+
+    def snapshot(self, label: str) -> None:
+        """Keep the live tokens' sources after a reduction (for token maps)."""
+        source = self.source if self.mask is None else self.source * self.mask.to(self.source.dtype)
+        self.stages.append((label, source))
 
     def state(self, x: Tensor) -> TokenState:
         return TokenState(x, self.size, self.source, self.info.num_prefix, self.mask)
@@ -98,6 +105,8 @@ def _block_forward(self: Block, x: Tensor, attn_mask: Tensor | None = None, is_c
     reducer = ctx.reducer
     if ctx.has_before[i]:
         x = ctx.update(reducer.before_block(i, ctx.state(x)))
+        if ctx.trace_source:
+            ctx.snapshot(f"before block {i}")
     n_attn = ctx.count(x)
     needs = ctx.needs[i]
     key_mask = None if ctx.mask is None else reducer.key_mask(ctx.mask)
@@ -105,6 +114,8 @@ def _block_forward(self: Block, x: Tensor, attn_mask: Tensor | None = None, is_c
     x = x + self.drop_path1(self.ls1(out))
     if needs is not None:
         x = ctx.update(reducer.reduce(i, ctx.state(x), signals))
+        if ctx.trace_source:
+            ctx.snapshot(f"block {i}")
     ctx.records[i] = (n_attn, ctx.count(x))
     return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
