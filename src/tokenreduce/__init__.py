@@ -8,7 +8,8 @@
 from .api import apply, gmacs, methods, remove, stats, unreduced
 from .calibrate import calibrate
 from .state import TokenState
+from .viz import visualize
 
 __version__ = "0.1.0"
 
-__all__ = ["TokenState", "apply", "calibrate", "gmacs", "methods", "remove", "stats", "unreduced", "__version__"]
+__all__ = ["TokenState", "apply", "calibrate", "gmacs", "methods", "remove", "stats", "unreduced", "visualize", "__version__"]
