@@ -6,6 +6,9 @@ import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
+# The tests run tiny tensors: one intra-op thread is fastest and keeps parallel runs from oversubscribing.
+torch.set_num_threads(1)
+
 
 def make_vit(**overrides) -> VisionTransformer:
     """A 12-block ViT on 64×64 images with 8×8 patches (64 patch tokens + prefix)."""
