@@ -1,0 +1,309 @@
+"""A small, generic training loop.
+
+One loop for every training job in the project: the reference model's
+classification training now, learned token-reduction methods later.  What is
+trained and which loss is minimised come from a :class:`~.tasks.Task`; the loop
+owns the rest:
+
+- AdamW with a linear warm-up then cosine decay, optional gradient clipping;
+- deterministic epoch order (a permutation seeded by ``seed + epoch``), sharded
+  across ranks when launched by ``torchrun`` (DDP; ``gloo`` on CPU, ``nccl`` on GPU);
+- a tqdm progress bar with loss and throughput, a JSON-lines metrics log;
+- checkpoints every ``checkpoint_every`` steps and at the end, written atomically
+  and holding model / optimizer / scheduler / step / RNG state, so that
+  ``resume=True`` continues exactly where the run stopped (same parameters, bit
+  for bit, as a run that never stopped).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .tasks import Task
+
+CHECKPOINT_NAME = "checkpoint.pt"
+METRICS_NAME = "metrics.jsonl"
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters and bookkeeping of one training run.
+
+    ``batch_size`` is per process; the global batch is ``batch_size × world_size``.
+    ``stop_at_step`` ends the run early (with a checkpoint) without changing the
+    schedule, which is always laid out for ``epochs`` full epochs.
+    """
+
+    out_dir: str
+    epochs: int = 1
+    batch_size: int = 128
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    weight_decay: float = 0.05
+    warmup_steps: int = 0
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float | None = 1.0
+    seed: int = 0
+    checkpoint_every: int = 500
+    log_every: int = 10
+    resume: bool = False
+    stop_at_step: int | None = None
+    compile: bool = False
+    num_workers: int = 0
+    device: str = "cpu"
+    progress: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainResult:
+    """What a run ended with."""
+
+    step: int
+    total_steps: int
+    wall_time_s: float
+    last_metrics: dict[str, float]
+    evals: list[dict[str, Any]]
+    checkpoint: str
+
+
+def _dist_info() -> tuple[int, int]:
+    """(rank, world size); initialises the process group when launched by torchrun."""
+    if not dist.is_available():
+        return 0, 1
+    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1) -> list[list[int]]:
+    """This rank's batches of sample indices for one epoch (drop-last; every rank gets as many).
+
+    The order is a permutation seeded by ``seed + epoch``, so it can be rebuilt on resume.
+    """
+    gen = torch.Generator().manual_seed(seed + epoch)
+    perm = torch.randperm(n, generator=gen)
+    per_rank = n // world
+    mine = perm[rank::world][:per_rank]
+    steps = per_rank // batch_size
+    return [mine[i * batch_size : (i + 1) * batch_size].tolist() for i in range(steps)]
+
+
+def warmup_cosine(step: int, total: int, warmup: int, base_lr: float, min_lr: float) -> float:
+    """Learning rate at ``step``: linear warm-up from ~0 to ``base_lr``, then cosine to ``min_lr``."""
+    if warmup > 0 and step < warmup:
+        return base_lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return min_lr + 0.5 * (base_lr - min_lr) * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def train(
+    model: nn.Module,
+    task: Task,
+    dataset: Dataset,
+    config: TrainConfig,
+    evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
+) -> TrainResult:
+    """Train ``model`` in place on ``dataset`` with ``task``'s loss.
+
+    Args:
+        model: the bare model (not wrapped); it is moved to ``config.device``.
+        task: trainable parameters and the loss of ``(model, batch)``.
+        dataset: a map-style dataset; batches are collated by the default collate.
+        config: see :class:`TrainConfig`.
+        evaluate: called on rank 0 at the end of every epoch with the model in eval
+            mode under ``no_grad``; its dict is logged (``event: "eval"``).
+
+    Returns:
+        A :class:`TrainResult`; the model holds the trained weights.
+
+    Raises:
+        CheckpointError: ``resume=True`` and the checkpoint is corrupted, or belongs to
+            another configuration (different number of steps or world size).
+    """
+    rank, world = _dist_info()
+    device = torch.device(config.device)
+    out = Path(config.out_dir)
+    ckpt_path = out / CHECKPOINT_NAME
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+
+    n = len(dataset)  # type: ignore[arg-type]
+    steps_per_epoch = (n // world) // config.batch_size
+    if steps_per_epoch < 1:
+        raise ValueError(f"dataset of {n} samples is smaller than one batch ({config.batch_size} × {world} processes)")
+    total_steps = steps_per_epoch * config.epochs
+    stop = total_steps if config.stop_at_step is None else min(total_steps, config.stop_at_step)
+
+    model.to(device)
+    trainable = list(task.trainable_parameters(model))
+    if not trainable:
+        raise ValueError("the task returned no trainable parameters")
+    trainable_ids = {id(p) for p in trainable}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in trainable_ids)
+    decay = [p for p in trainable if p.ndim >= 2]
+    no_decay = [p for p in trainable if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.lr,
+        betas=config.betas,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: warmup_cosine(s, total_steps, config.warmup_steps, config.lr, config.min_lr) / config.lr,
+    )
+
+    step, wall_before, evals = 0, 0.0, []
+    torch.manual_seed(config.seed + rank)
+    if config.resume and ckpt_path.exists():
+        state = load_checkpoint(ckpt_path)
+        if state.get("total_steps") != total_steps or state.get("world_size") != world:
+            raise CheckpointError(
+                f"checkpoint {ckpt_path} is from another run: {state.get('total_steps')} steps on "
+                f"{state.get('world_size')} processes, this run has {total_steps} steps on {world}"
+            )
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step, wall_before, evals = state["step"], state["wall_time_s"], list(state.get("evals", []))
+        _set_rng_state(state["rng"][rank])
+
+    run_model: nn.Module = model
+    if world > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        run_model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    eval_model: nn.Module = model
+    if config.compile:
+        run_model = torch.compile(run_model)
+        eval_model = torch.compile(model)
+
+    metrics_path = out / METRICS_NAME
+    t_start = time.perf_counter()
+
+    def log(record: dict[str, Any]) -> None:
+        if rank == 0:
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def checkpoint() -> None:
+        rng = [_rng_state()]
+        if world > 1:
+            rng = [None] * world
+            dist.all_gather_object(rng, _rng_state())
+        if rank == 0:
+            save_checkpoint(
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "step": step,
+                    "total_steps": total_steps,
+                    "world_size": world,
+                    "rng": rng,
+                    "wall_time_s": wall_before + time.perf_counter() - t_start,
+                    "evals": evals,
+                    "config": {k: v for k, v in asdict(config).items() if k != "extra"} | {"extra": config.extra},
+                },
+                ckpt_path,
+            )
+        if world > 1:
+            dist.barrier()
+
+    if step == 0:
+        log({"event": "start", "total_steps": total_steps, "world_size": world, "config": asdict(config)})
+    else:
+        log({"event": "resume", "step": step})
+
+    bar = tqdm(total=stop, initial=step, desc="train", disable=not config.progress or rank != 0, dynamic_ncols=True)
+    last: dict[str, float] = {}
+    batches: Iterator[Any] | None = None
+    model.train()
+    window_t, window_n = time.perf_counter(), 0
+    while step < stop:
+        epoch, in_epoch = divmod(step, steps_per_epoch)
+        if batches is None or in_epoch == 0:
+            order = epoch_batches(n, config.batch_size, config.seed, epoch, rank, world)[in_epoch:]
+            # an own generator: creating a loader iterator must not draw from the global RNG,
+            # or a resumed run (which creates one mid-epoch) would drift from an uninterrupted one
+            gen = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
+            loader = DataLoader(dataset, batch_sampler=order, num_workers=config.num_workers, generator=gen)
+            batches = iter(loader)
+        batch = _to_device(next(batches), device)
+        loss, extras = task.loss(run_model, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        window_n += config.batch_size * world
+
+        if step % config.log_every == 0 or step == stop:
+            now = time.perf_counter()
+            last = {"loss": loss.item(), **extras, "lr": optimizer.param_groups[0]["lr"]}
+            last["images_per_s"] = window_n / max(now - window_t, 1e-9)
+            window_t, window_n = now, 0
+            log({"event": "step", "step": step, "epoch": epoch, **last})
+            bar.set_postfix(loss=f"{last['loss']:.3f}", img_s=f"{last['images_per_s']:.0f}", refresh=False)
+        bar.update(1)
+
+        if evaluate is not None and step % steps_per_epoch == 0:
+            if rank == 0:
+                model.eval()
+                with torch.no_grad():
+                    result = {"event": "eval", "step": step, "epoch": epoch + 1, **evaluate(eval_model)}
+                model.train()
+                evals.append(result)
+                log(result)
+                bar.write(json.dumps(result))
+            if world > 1:
+                dist.barrier()
+        if step % config.checkpoint_every == 0 or step == stop:
+            checkpoint()
+    bar.close()
+    model.eval()
+    wall = wall_before + time.perf_counter() - t_start
+    log({"event": "end", "step": step, "wall_time_s": wall})
+    return TrainResult(step, total_steps, wall, last, evals, str(ckpt_path))
