@@ -1,0 +1,93 @@
+"""Sweeps: Pareto fronts by hand, resumable results, plots that contain what they should."""
+
+from __future__ import annotations
+
+import json
+
+import matplotlib.pyplot as plt
+import pytest
+import torch
+from conftest import make_vit
+from PIL import Image
+
+from tokenreduce.eval.accuracy import Config, evaluate_configs
+from tokenreduce.eval.sweep import (
+    RESULTS,
+    pareto_front,
+    read_results,
+    run_sweep,
+    sweep_configs,
+    tradeoff_figure,
+)
+
+
+def test_pareto_front_by_hand():
+    # (GMACs, top-1): (1, 50) and (2, 70) and (4, 80) are on the front; (3, 60) is beaten by (2, 70).
+    points = [(4.0, 80.0), (3.0, 60.0), (1.0, 50.0), (2.0, 70.0), (2.5, 70.0)]
+    assert pareto_front(points, lower_x_is_better=True) == [2, 3, 0]
+    # throughput: higher x is better; (10, 60) beats (5, 50)
+    assert pareto_front([(5.0, 50.0), (10.0, 60.0), (2.0, 90.0)], lower_x_is_better=False) == [2, 1]
+
+
+def fake_rows(config: Config) -> dict:
+    b = 1.0 if config.budget is None else config.budget
+    bonus = {"tome": 0.0, "evit": -0.05}.get(config.method or "", 0.0)
+    return {"label": config.label, "method": config.method or "unreduced", "budget": config.budget,
+            "top1": 0.9 * b ** 0.2 + bonus, "gmacs": 4.6 * b, "images_per_s": 100 / b}
+
+
+def test_interrupted_sweep_resumes_without_redoing_cells(tmp_path):
+    configs = sweep_configs(["tome", "evit"], [1.0, 0.6, 0.4])
+    calls = []
+
+    def evaluate(cfgs):
+        calls.append(cfgs[0].label)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # the machine goes down mid-sweep
+        return [fake_rows(c) for c in cfgs]
+
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(evaluate, configs, tmp_path, progress=None)
+    assert [r["label"] for r in read_results(tmp_path)] == [configs[0].label, configs[1].label]
+    with (tmp_path / RESULTS).open("a") as f:
+        f.write('{"label": "torn')  # a half-written line from the crash
+    calls.clear()
+    rows = run_sweep(lambda cfgs: [fake_rows(c) for c in cfgs], configs, tmp_path, progress=None)
+    assert len(rows) == 7 and [r["label"] for r in rows] == [c.label for c in configs]
+    assert json.loads((tmp_path / "sweep.json").read_text())[3]["label"] == "tome@0.4"
+    csv_lines = (tmp_path / "sweep.csv").read_text().splitlines()
+    assert len(csv_lines) == 8 and csv_lines[0].startswith("label,method,budget")
+    assert rows[0]["delta_top1"] == 0.0 and rows[6]["delta_top1"] < 0
+    for name in ("top1_vs_gmacs.png", "top1_vs_throughput.png"):
+        with Image.open(tmp_path / name) as img:
+            assert img.size == (840, 540)
+
+
+def test_plot_contains_each_method_the_front_and_the_reference():
+    configs = sweep_configs(["tome", "evit"], [1.0, 0.6, 0.4])
+    rows = [fake_rows(c) for c in configs]
+    fig = tradeoff_figure(rows, "gmacs", lower_x_is_better=True, xlabel="GMACs")
+    lines = {line.get_gid(): line for line in fig.axes[0].get_lines()}
+    assert set(lines) == {"method:tome", "method:evit", "unreduced", "pareto"}
+    assert list(lines["method:tome"].get_xdata()) == pytest.approx([4.6 * 0.4, 4.6 * 0.6, 4.6])
+    assert list(lines["unreduced"].get_xdata()) == [4.6]
+    # EViT is 5 points worse everywhere, so the front is ToMe's three points (the unreduced ties ToMe at 1.0)
+    assert list(lines["pareto"].get_xdata()) == pytest.approx([4.6 * 0.4, 4.6 * 0.6, 4.6])
+    plt.close(fig)
+
+
+def test_real_sweep_on_a_tiny_model(tmp_path):
+    model = make_vit()
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 3, 64, 64), torch.randint(0, 10, (16,))
+
+    def evaluate(cfgs):
+        return evaluate_configs(model, cfgs, lambda: [(x[:8], y[:8]), (x[8:], y[8:])], timing_batch=x[:8],
+                                repeats=1, progress=False)
+
+    rows = run_sweep(evaluate, sweep_configs(["tome", "evit"], [1.0, 0.6, 0.05]), tmp_path, progress=None)
+    by_label = {r["label"]: r for r in rows}
+    assert by_label["tome@0.6"]["gmacs"] <= 0.6 * by_label["unreduced"]["gmacs"] + 1e-9
+    assert by_label["tome@1"]["gmacs"] == pytest.approx(by_label["unreduced"]["gmacs"])
+    assert "achievable" in by_label["evit@0.05"]["skipped"]  # unreachable cells are recorded, not retried
+    assert all(r["samples"] == 16 for r in rows if "top1" in r)
