@@ -95,6 +95,110 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .eval.accuracy import Config, default_configs, evaluate_reference, format_table, init_distributed_from_env
+    from .eval.imagefolder import REFERENCE_NAME, evaluate_imagefolder
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rank, world = init_distributed_from_env()
+    params = dict(args.param or [])
+    from .methods import get_method
+
+    try:
+        for name in args.method or []:
+            get_method(name)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.method:
+        configs = [Config(None)] + [Config(m, params, args.budget) for m in args.method]
+    elif params:
+        print("error: --param needs --method", file=sys.stderr)
+        return 2
+    else:
+        configs = default_configs(0.6 if args.budget is None else args.budget)
+    try:
+        if args.data is None:
+            if args.model not in (None, REFERENCE_NAME) or args.pretrained:
+                raise ValueError("--model/--pretrained need --data DIR (the bundled test set is the reference model's)")
+            result = {
+                "model": REFERENCE_NAME,
+                "data": "bundled Fashion-MNIST test set",
+                "samples": 10000 if args.limit is None else min(args.limit, 10000),
+                "skipped_images": [],
+                "rows": evaluate_reference(
+                    configs,
+                    limit=args.limit,
+                    batch_size=args.batch_size or 250,
+                    repeats=args.repeats,
+                    checkpoint=args.checkpoint,
+                    progress=not args.no_progress,
+                ),
+            }
+        else:
+            result = evaluate_imagefolder(
+                args.model or REFERENCE_NAME,
+                args.data,
+                configs=configs,
+                pretrained=args.pretrained,
+                checkpoint=args.checkpoint,
+                crop_pct=args.crop_pct,
+                limit=args.limit,
+                batch_size=args.batch_size or 64,
+                workers=args.workers,
+                repeats=args.repeats,
+                device=args.device,
+                progress=not args.no_progress,
+            )
+    except (FileNotFoundError, ValueError, TypeError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    result["world_size"] = world
+    if rank != 0:
+        return 0
+    print(f"{result['model']} on {result['data']}: {result['samples']} images, {world} process(es)")
+    print(format_table(result["rows"]))
+    if result["skipped_images"]:
+        print(f"skipped {len(result['skipped_images'])} unreadable image(s), not counted:")
+        for err in result["skipped_images"]:
+            print(f"  {err}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.json}")
+    if args.method:  # what was asked for explicitly must run
+        failed = [r for r in result["rows"] if "skipped" in r]
+        for r in failed:
+            print(f"error: {r['label']}: {r['skipped']}", file=sys.stderr)
+        return 2 if failed else 0
+    return 0
+
+
+def cmd_train_reference(args: argparse.Namespace) -> int:
+    from .train.checkpoint import CheckpointError
+    from .train.reference import command_line, train_reference
+
+    try:
+        info = train_reference(
+            args.data,
+            args.out,
+            epochs=args.epochs,
+            seed=args.seed,
+            compile=not args.no_compile,
+            resume=args.resume,
+            threads=args.threads,
+            command=command_line(),
+        )
+    except (FileNotFoundError, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"test top-1 {info['test_top1']:.4f}; wrote {args.out}/reference_vit.safetensors and reference_vit.json")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenreduce", description="Token reduction for Vision Transformers.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -120,6 +224,47 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", default="cpu")
     bench.add_argument("--json", help="write the results as JSON here")
     bench.set_defaults(func=cmd_benchmark)
+
+    ev = sub.add_parser(
+        "evaluate",
+        help="top-1/top-5, GMACs and images/s of every method (default: bundled reference model, offline)",
+        description="Accuracy under token reduction.  With no arguments: the bundled Fashion-MNIST reference ViT "
+        "on the bundled 10k test set, unreduced and under every method (its defaults and --budget, default 0.6). "
+        "With --data DIR: an ImageFolder (ImageNet validation layout) through timm's data pipeline with the "
+        "model's own data config.  Runs under torchrun (each sample counted once, counts all-reduced).",
+    )
+    ev.add_argument("--model", help="timm model name, or 'reference' (default: the bundled reference model)")
+    ev.add_argument("--pretrained", action="store_true", help="load timm's pretrained weights (needs internet)")
+    ev.add_argument("--checkpoint", help="safetensors state dict for the model")
+    ev.add_argument("--data", help="ImageFolder root: DIR/<class>/<image> (ImageNet validation layout)")
+    ev.add_argument("--crop-pct", type=float, help="override the model's crop_pct")
+    ev.add_argument("--method", nargs="+", help="method name(s) (default: every method, defaults and --budget)")
+    ev.add_argument("--param", action="append", type=parse_param, metavar="NAME=VALUE", help="method parameter")
+    ev.add_argument("--budget", type=float, help="fraction of the unreduced GMACs to keep (default run: 0.6)")
+    ev.add_argument("--limit", type=int, help="evaluate N images only")
+    ev.add_argument("--batch-size", type=int, help="images per forward (default 250 reference, 64 ImageFolder)")
+    ev.add_argument("--workers", type=int, default=0, help="data-loading worker processes")
+    ev.add_argument("--repeats", type=int, default=5, help="timed forwards per model for images/s")
+    ev.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    ev.add_argument("--device", default="cpu")
+    ev.add_argument("--json", default="results/evaluate.json", help="write the results here ('' to skip)")
+    ev.add_argument("--no-progress", action="store_true", help="no progress bars")
+    ev.set_defaults(func=cmd_evaluate)
+
+    tref = sub.add_parser(
+        "train-reference",
+        help="train the bundled reference ViT on Fashion-MNIST (about an hour on 2 CPU cores)",
+        description="Train the reference model from the original Fashion-MNIST idx files and export "
+        "reference_vit.safetensors + reference_vit.json into --out.",
+    )
+    tref.add_argument("--data", default="/usr/share/datasets/fashion-mnist", help="folder of the gzipped idx files")
+    tref.add_argument("--out", default="runs/reference", help="run folder (checkpoint, metrics.jsonl, export)")
+    tref.add_argument("--epochs", type=int, default=10)
+    tref.add_argument("--seed", type=int, default=0)
+    tref.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    tref.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
+    tref.add_argument("--no-compile", action="store_true", help="do not torch.compile the model (slower)")
+    tref.set_defaults(func=cmd_train_reference)
     return parser
 
 

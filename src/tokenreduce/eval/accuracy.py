@@ -1,0 +1,336 @@
+"""Accuracy under token reduction: top-1 / top-5, GMACs and images/s, reduced vs unreduced.
+
+Two entry points:
+
+- :func:`evaluate_reference` — the bundled Fashion-MNIST ViT on the bundled 10k
+  test set, for the unreduced model and every method (its default where it applies,
+  and a common ``budget``).  Offline, CPU-only, nothing downloaded.
+- :func:`evaluate_imagefolder` — any timm model on an ImageFolder (ImageNet
+  validation layout) read with timm's transforms and the model's own data config.
+
+Both run under ``torchrun``: every rank evaluates a disjoint shard (sample ``i``
+goes to rank ``i mod world``; no padding, so every sample is counted exactly once)
+and the counts are summed with ``all_reduce``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ..api import apply, gmacs, methods, remove, stats
+from ..methods import get_method
+from .throughput import TimingResult, _timer
+
+UNREDUCED = "unreduced"
+
+
+@dataclass
+class Counts:
+    """Correct predictions and samples seen; GMACs summed over images (from each forward's stats)."""
+
+    correct1: int = 0
+    correct5: int = 0
+    total: int = 0
+    gmacs_sum: float = 0.0
+
+    def add(self, logits: Tensor, labels: Tensor, gmacs_per_image: float) -> None:
+        """Count one batch: ``logits`` B×K, ``labels`` B."""
+        k = min(5, logits.shape[-1])
+        top = logits.topk(k, dim=-1).indices  # B×k
+        hit = top == labels[:, None]
+        self.correct1 += int(hit[:, 0].sum())
+        self.correct5 += int(hit.any(-1).sum())
+        self.total += int(labels.numel())
+        self.gmacs_sum += gmacs_per_image * labels.numel()
+
+    def all_reduce(self) -> Counts:
+        """Sum the counts over all ranks (no-op without an initialised process group)."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return self
+        t = torch.tensor([self.correct1, self.correct5, self.total, self.gmacs_sum], dtype=torch.float64)
+        dist.all_reduce(t)
+        return Counts(int(t[0]), int(t[1]), int(t[2]), float(t[3]))
+
+    @property
+    def top1(self) -> float:
+        return self.correct1 / self.total if self.total else float("nan")
+
+    @property
+    def top5(self) -> float:
+        return self.correct5 / self.total if self.total else float("nan")
+
+    @property
+    def gmacs(self) -> float:
+        return self.gmacs_sum / self.total if self.total else float("nan")
+
+
+@dataclass
+class Config:
+    """One row of an evaluation: a method (``None``: unreduced) with parameters and/or a budget."""
+
+    method: str | None
+    params: dict[str, Any] = field(default_factory=dict)
+    budget: float | None = None
+    label: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.label:
+            if self.method is None:
+                self.label = UNREDUCED
+            elif self.budget is not None:
+                self.label = f"{self.method}@{self.budget:g}"
+            else:
+                extra = ",".join(f"{k}={v}" for k, v in self.params.items())
+                self.label = f"{self.method}" + (f"({extra})" if extra else " (default)")
+
+
+def rank_world() -> tuple[int, int]:
+    """(rank, world size) of an initialised process group, else (0, 1)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_distributed_from_env() -> tuple[int, int]:
+    """Initialise torch.distributed when launched by ``torchrun`` (gloo on CPU); returns (rank, world)."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and dist.is_available() and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return rank_world()
+
+
+def shard_indices(n: int, rank: int, world: int) -> list[int]:
+    """This rank's samples: ``rank, rank + world, ...`` — disjoint, covering ``range(n)`` once, no padding."""
+    return list(range(rank, n, world))
+
+
+@torch.no_grad()
+def count_correct(
+    model: nn.Module,
+    batches: Iterable[tuple[Tensor, Tensor]],
+    *,
+    device: torch.device | str = "cpu",
+    reduced: bool = False,
+    progress: bool = True,
+    desc: str = "eval",
+    total: int | None = None,
+) -> Counts:
+    """Top-1/top-5 counts of ``model`` over ``batches`` of (images B×C×H×W, labels B) on this rank.
+
+    With ``reduced`` the GMACs of every forward come from :func:`tokenreduce.stats`,
+    otherwise from the analytic unreduced count.
+    """
+    counts = Counts()
+    base_gmacs = None if reduced else gmacs(model)
+    rank, _ = rank_world()
+    for images, labels in tqdm(batches, desc=desc, total=total, disable=not progress or rank != 0, leave=False):
+        images, labels = images.to(device), labels.to(device)
+        logits = model(images)
+        per_image = stats(model).gmacs if reduced else base_gmacs
+        counts.add(logits.float(), labels, per_image)
+    return counts
+
+
+def time_models(models: dict[str, nn.Module], x: Tensor, *, repeats: int = 5, warmup: int = 1) -> dict[str, float]:
+    """Images/s of several models on the same batch ``x`` (B×C×H×W), timed alternately; medians.
+
+    Uses the timer of :mod:`tokenreduce.eval.throughput` (the same protocol as
+    ``tokenreduce benchmark``) but on a real batch, so data-dependent methods see
+    real images.
+    """
+    timers = {name: _timer(m, x, "fp32") for name, m in models.items()}
+    for _ in range(warmup):
+        for run in timers.values():
+            run()
+    seconds: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(repeats):
+        for name, run in timers.items():
+            seconds[name].append(run())
+    return {name: TimingResult(x.shape[0], s).images_per_second for name, s in seconds.items()}
+
+
+def skip_reason(model: nn.Module, config: Config, checkpoints: dict[str, str] | None = None) -> str | None:
+    """Why ``config`` cannot run on ``model`` (``None``: it can).  Never raises for a bad method config."""
+    if config.method is None:
+        return None
+    try:
+        cls = get_method(config.method)
+    except ValueError as err:
+        return str(err)
+    if getattr(cls, "learned", False) and "checkpoint" not in config.params and not (checkpoints or {}).get(
+        config.method
+    ):
+        return "learned method: needs trained parameters (checkpoint=PATH); none are shipped for this model"
+    try:
+        apply(model, config.method, budget=config.budget, **config.params)
+    except (ValueError, TypeError) as err:
+        return f"does not apply to this model: {err}"
+    finally:
+        remove(model)
+    return None
+
+
+def evaluate_configs(
+    model: nn.Module,
+    configs: list[Config],
+    make_batches: Any,
+    *,
+    timing_batch: Tensor,
+    num_batches: int | None = None,
+    device: torch.device | str = "cpu",
+    repeats: int = 5,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Evaluate ``model`` under every config; one JSON-friendly row per config.
+
+    Args:
+        model: eval-mode timm ViT, already on ``device``; left unreduced at the end.
+        configs: the rows; a config that cannot run becomes a row with ``skipped``.
+        make_batches: zero-argument callable returning a fresh iterable of
+            (images B×C×H×W, labels B) — this rank's shard.
+        timing_batch: the batch (B×C×H×W) on which images/s are measured.
+        repeats: timed forwards per model for images/s (medians).
+
+    Returns:
+        Rows with ``label, method, params, budget, top1, top5, samples, gmacs,
+        gmacs_analytic, images_per_s, speedup, delta_top1`` (``skipped`` instead when
+        the config cannot run).  Counts are summed over ranks.
+    """
+    remove(model)
+    base = copy.deepcopy(model)
+    timing_batch = timing_batch.to(device)
+    rows: list[dict[str, Any]] = []
+    base_top1: float | None = None
+    base_gmacs = gmacs(model)
+    for config in configs:
+        row: dict[str, Any] = {"label": config.label, "method": config.method or UNREDUCED, "budget": config.budget}
+        reason = skip_reason(model, config)
+        if reason is not None:
+            rows.append({**row, "params": config.params, "skipped": reason})
+            continue
+        if config.method is not None:
+            apply(model, config.method, budget=config.budget, **config.params)
+        counts = count_correct(
+            model,
+            make_batches(),
+            device=device,
+            reduced=config.method is not None,
+            progress=progress,
+            desc=config.label,
+            total=num_batches,
+        ).all_reduce()
+        if config.method is None:
+            params, analytic = {}, base_gmacs
+        else:
+            params = stats(model).params
+            analytic = gmacs(model, config.method, **_analytic_params(config.method, params))
+        if config.method is None:  # one model: its speed-up is 1 by definition
+            ips = dict.fromkeys(("unreduced", "reduced"), time_models({"m": base}, timing_batch, repeats=repeats)["m"])
+        else:
+            ips = time_models({"unreduced": base, "reduced": model}, timing_batch, repeats=repeats)
+        remove(model)
+        if config.method is None:
+            base_top1 = counts.top1
+        row.update(
+            params=params,
+            top1=counts.top1,
+            top5=counts.top5,
+            correct1=counts.correct1,
+            correct5=counts.correct5,
+            samples=counts.total,
+            gmacs=counts.gmacs,
+            gmacs_analytic=analytic,
+            gmacs_unreduced=base_gmacs,
+            images_per_s=ips["reduced"],
+            images_per_s_unreduced=ips["unreduced"],
+            speedup=ips["reduced"] / ips["unreduced"],
+        )
+        rows.append(row)
+    for row in rows:
+        if "top1" in row and base_top1 is not None:
+            row["delta_top1"] = row["top1"] - base_top1
+    return rows
+
+
+def _analytic_params(method: str, params: dict[str, Any]) -> dict[str, Any]:
+    """Resolved parameters as :func:`tokenreduce.gmacs` takes them (lists → tuples)."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in params.items()}
+
+
+def default_configs(budget: float | None = 0.6, names: Iterable[str] | None = None) -> list[Config]:
+    """The unreduced model, then every method at its defaults and at ``budget``."""
+    configs = [Config(None)]
+    for name in names if names is not None else methods():
+        configs.append(Config(name))
+        if budget is not None:
+            configs.append(Config(name, budget=budget))
+    return configs
+
+
+def batched(x: Tensor, y: Tensor, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
+    """Consecutive batches of (``x`` N×..., ``y`` N)."""
+    for i in range(0, len(x), batch_size):
+        yield x[i : i + batch_size], y[i : i + batch_size]
+
+
+def evaluate_reference(
+    configs: list[Config] | None = None,
+    *,
+    limit: int | None = None,
+    batch_size: int = 250,
+    repeats: int = 5,
+    checkpoint: str | None = None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Evaluate the bundled reference model on the bundled Fashion-MNIST test set.
+
+    Args:
+        configs: rows to evaluate (default: :func:`default_configs`).
+        limit: evaluate the first ``limit`` test images only.
+        batch_size: images per forward; the first batch is also the timing batch.
+        checkpoint: another safetensors state dict for the reference architecture.
+    """
+    from ..models.reference import load_reference_model, load_reference_testset, preprocess
+
+    rank, world = rank_world()
+    model = load_reference_model(checkpoint)
+    images, labels = load_reference_testset(limit)
+    x = preprocess(images)  # N×1×32×32
+    mine = torch.tensor(shard_indices(len(x), rank, world), dtype=torch.long)
+    xs, ys = x[mine], labels[mine]
+    return evaluate_configs(
+        model,
+        configs if configs is not None else default_configs(),
+        lambda: batched(xs, ys, batch_size),
+        timing_batch=x[:batch_size],
+        num_batches=math.ceil(len(xs) / batch_size),
+        repeats=repeats,
+        progress=progress,
+    )
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """A readable table: method, top-1, change vs unreduced, GMACs, images/s, speed-up."""
+    head = f"{'method':<20} {'top-1':>7} {'Δ top-1':>8} {'top-5':>7} {'GMACs':>9} {'ratio':>6} "
+    head += f"{'img/s':>8} {'speed-up':>8}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        if "skipped" in r:
+            lines.append(f"{r['label']:<20} skipped: {r['skipped']}")
+            continue
+        ratio = r["gmacs"] / r["gmacs_unreduced"]
+        lines.append(
+            f"{r['label']:<20} {100 * r['top1']:>6.2f}% {100 * r.get('delta_top1', 0.0):>+7.2f} "
+            f"{100 * r['top5']:>6.2f}% {r['gmacs']:>9.4f} {ratio:>6.2f} {r['images_per_s']:>8.0f} {r['speedup']:>7.2f}x"
+        )
+    return "\n".join(lines)
