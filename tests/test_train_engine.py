@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -127,3 +131,17 @@ def test_only_the_task_parameters_train(tmp_path):
     train(model, HeadOnly(), toy_data(), config(tmp_path, epochs=1))
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
     assert changed == {"head.weight", "head.bias"}
+
+
+def test_ddp_under_torchrun_keeps_ranks_in_sync(tmp_path):
+    script = Path(__file__).with_name("ddp_train_script.py")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29534"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(script.parent)}
+    proc = subprocess.run([*cmd, str(script), str(tmp_path)], capture_output=True, text=True, env=env, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert r0["steps"] == r1["steps"] == 8  # 64 samples / (2 ranks × 4)
+    for name, value in r0["state"].items():
+        assert torch.equal(value, r1["state"][name]), name
+    assert not torch.equal(r0["state"]["head.weight"], tiny_model().state_dict()["head.weight"])
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["world_size"] == 2
