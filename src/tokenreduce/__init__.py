@@ -12,4 +12,6 @@ from .viz import visualize
 
 __version__ = "0.1.0"
 
-__all__ = ["TokenState", "apply", "calibrate", "gmacs", "methods", "remove", "stats", "unreduced", "visualize", "__version__"]
+__all__ = [
+    "TokenState", "apply", "calibrate", "gmacs", "methods", "remove", "stats", "unreduced", "visualize", "__version__",
+]

@@ -5,7 +5,8 @@ classification training now, learned token-reduction methods later.  What is
 trained and which loss is minimised come from a :class:`~.tasks.Task`; the loop
 owns the rest:
 
-- AdamW with a linear warm-up then cosine decay, optional gradient clipping;
+- AdamW (or SGD, per task; parameter groups with their own learning-rate scale)
+  with a linear warm-up then cosine decay, optional gradient clipping;
 - deterministic epoch order (a permutation seeded by ``seed + epoch``), sharded
   across ranks when launched by ``torchrun`` (DDP; ``gloo`` on CPU, ``nccl`` on GPU);
 - a tqdm progress bar with loss and throughput, a JSON-lines metrics log;
@@ -137,6 +138,35 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def build_optimizer(task: Task, model: nn.Module, trainable: list[nn.Parameter], config: TrainConfig):
+    """AdamW (weight decay on ≥2-D tensors) or SGD, as the task asks.
+
+    A task may define ``param_groups(model)`` (dicts with ``params`` and an ``lr_scale``
+    relative to ``config.lr``) and ``optimizer`` (``"adamw"`` or ``"sgd"``).
+    """
+    groups = task.param_groups(model) if hasattr(task, "param_groups") else [{"params": trainable, "lr_scale": 1.0}]
+    kind = getattr(task, "optimizer", "adamw")
+    param_groups = []
+    for group in groups:
+        lr = config.lr * group.get("lr_scale", 1.0)
+        params = list(group["params"])
+        if kind == "sgd":
+            param_groups.append({"params": params, "lr": lr, "weight_decay": 0.0})
+            continue
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]
+        param_groups += [
+            {"params": decay, "lr": lr, "weight_decay": config.weight_decay},
+            {"params": no_decay, "lr": lr, "weight_decay": 0.0},
+        ]
+    param_groups = [g for g in param_groups if g["params"]]
+    if kind == "sgd":
+        return torch.optim.SGD(param_groups, lr=config.lr, momentum=0.0)
+    if kind != "adamw":
+        raise ValueError(f"unknown optimizer {kind!r}; use 'adamw' or 'sgd'")
+    return torch.optim.AdamW(param_groups, lr=config.lr, betas=config.betas)
+
+
 def train(
     model: nn.Module,
     task: Task,
@@ -182,17 +212,15 @@ def train(
     trainable_ids = {id(p) for p in trainable}
     for p in model.parameters():
         p.requires_grad_(id(p) in trainable_ids)
-    decay = [p for p in trainable if p.ndim >= 2]
-    no_decay = [p for p in trainable if p.ndim < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=config.lr,
-        betas=config.betas,
-    )
+    optimizer = build_optimizer(task, model, trainable, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         lambda s: warmup_cosine(s, total_steps, config.warmup_steps, config.lr, config.min_lr) / config.lr,
     )
+    # parameters the model does not own (a learned reducer's): DDP cannot see them, so their
+    # gradients are averaged over ranks explicitly after every backward
+    model_ids = {id(p) for p in model.parameters()}
+    outside = [p for p in trainable if id(p) not in model_ids]
 
     step, wall_before, evals = 0, 0.0, []
     torch.manual_seed(config.seed + rank)
@@ -204,13 +232,15 @@ def train(
                 f"{state.get('world_size')} processes, this run has {total_steps} steps on {world}"
             )
         model.load_state_dict(state["model"])
+        if hasattr(task, "load_state_dict") and "task" in state:
+            task.load_state_dict(state["task"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step, wall_before, evals = state["step"], state["wall_time_s"], list(state.get("evals", []))
         _set_rng_state(state["rng"][rank])
 
     run_model: nn.Module = model
-    if world > 1:
+    if world > 1 and any(p.requires_grad for p in model.parameters()):
         ids = [device.index] if device.type == "cuda" else None
         run_model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
     eval_model: nn.Module = model
@@ -235,6 +265,7 @@ def train(
             save_checkpoint(
                 {
                     "model": model.state_dict(),
+                    "task": task.state_dict() if hasattr(task, "state_dict") else {},
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
                     "step": step,
@@ -273,9 +304,16 @@ def train(
         loss, extras = task.loss(run_model, batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if world > 1:
+            for p in outside:
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+                    p.grad /= world
         if config.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
         optimizer.step()
+        if hasattr(task, "after_step"):
+            task.after_step(model)
         scheduler.step()
         step += 1
         window_n += config.batch_size * world

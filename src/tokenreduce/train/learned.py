@@ -189,3 +189,69 @@ def task_for(reducer: Reducer, **kwargs: Any) -> ReducerTask:
         raise ValueError(f"{reducer.name} {reducer.config()} has nothing to train; learned methods: "
                          f"ltmp, cropr, dynamicvit, tps (variant='dtps')")
     return TASKS[reducer.name](reducer, **kwargs)
+
+
+def train_reducer(
+    model: nn.Module,
+    method: str,
+    train_data: Any,
+    *,
+    out_dir: str,
+    epochs: int = 1,
+    batch_size: int = 128,
+    lr: float | None = None,
+    finetune: bool = False,
+    resume: bool = False,
+    checkpoint_every: int = 200,
+    max_steps: int | None = None,
+    transform: Transform | None = None,
+    warmup_fraction: float | None = None,
+    device: str = "cpu",
+    progress: bool = True,
+    seed: int = 0,
+    **params: Any,
+) -> dict[str, Any]:
+    """Train a learned method's parameters on ``train_data`` and write them as a reducer checkpoint.
+
+    Args:
+        model: a timm ViT (the method is applied to it with ``params``).
+        method: ``ltmp``, ``cropr``, ``dynamicvit`` or ``tps`` (with ``variant="dtps"``).
+        train_data: a map-style dataset of ``(image, label)``.
+        out_dir: run folder: the resumable engine checkpoint, the metrics log and
+            ``reducer.safetensors`` (load it with ``tr.apply(model, method, checkpoint=...)``).
+        lr: base learning rate (default: the method's, see the module docstring).
+        finetune: train the backbone too (at the method's backbone lr scale).
+        max_steps: stop early (checkpointed; ``resume=True`` continues).
+        transform: applied to every image batch before the forward (augmentation).
+        warmup_fraction: share of the steps used for linear warm-up (default: 0 for
+            LTMP, 1/6 otherwise, as the papers' 5 of 30 epochs).
+
+    Returns:
+        ``{"checkpoint": path, "result": TrainResult}``.
+    """
+    from ..api import apply
+    from ..checkpoint import save_reducer
+    from .engine import TrainConfig, _dist_info, train
+
+    apply(model, method, **params)
+    reducer = model._tr_ctx.reducer
+    task = task_for(reducer, transform=transform, finetune=finetune)
+    n = len(train_data)
+    _, world = _dist_info()
+    total = max(1, (n // world) // batch_size) * epochs
+    if warmup_fraction is None:
+        warmup_fraction = 0.0 if task.optimizer == "sgd" else 1.0 / 6.0
+    base_lr = task.lr if lr is None else lr
+    config = TrainConfig(
+        out_dir=out_dir, epochs=epochs, batch_size=batch_size, lr=base_lr, min_lr=base_lr * 1e-3,
+        weight_decay=0.0 if task.optimizer == "sgd" else 0.05, warmup_steps=int(total * warmup_fraction),
+        grad_clip=None if task.optimizer == "sgd" else 1.0, seed=seed, checkpoint_every=checkpoint_every,
+        resume=resume, stop_at_step=max_steps, device=device, progress=progress,
+        extra={"method": method, "params": reducer.config(), "finetune": finetune},
+    )
+    result = train(model, task, train_data, config)
+    rank, _ = _dist_info()
+    path = f"{out_dir}/reducer.safetensors"
+    if rank == 0:
+        save_reducer(reducer, path, extra={"steps": result.step, "finetune": finetune})
+    return {"checkpoint": path, "result": result}
