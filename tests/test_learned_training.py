@@ -79,3 +79,28 @@ def test_resume_gives_the_same_parameters_as_an_uninterrupted_run(tmp_path):
 def test_methods_without_parameters_refuse_training(tmp_path):
     with pytest.raises(ValueError, match="nothing to train"):
         train_reducer(make_vit(), "tome", _data(), out_dir=str(tmp_path), progress=False)
+
+
+@pytest.mark.parametrize("method", ["cropr", "ltmp"])
+def test_two_process_gloo_training_keeps_reducers_identical(tmp_path, method):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).with_name("ddp_reducer_script.py")
+    port = "29541" if method == "cropr" else "29542"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", port]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(script.parent)}
+    proc = subprocess.run([*cmd, str(script), str(tmp_path), method], capture_output=True, text=True, env=env,
+                          timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert r0["steps"] == r1["steps"] == 4  # 64 samples / (2 ranks × 8)
+    initial = tr.apply(make_vit(), method, **({"p": 4} if method == "cropr" else {}))._tr_ctx.reducer.module
+    changed = False
+    for name, value in r0["state"].items():
+        assert torch.equal(value, r1["state"][name]), name
+        changed |= not torch.equal(value, initial.state_dict()[name])
+    assert changed
+    assert (tmp_path / "reducer.safetensors").exists()
