@@ -44,3 +44,54 @@ def test_benchmark_writes_consistent_json(tmp_path, capsys):
 def test_unknown_model_is_a_clear_error():
     with pytest.raises(SystemExit, match="Unknown model"):
         load_model("no_such_vit", False)
+
+
+def _image_folder(root, classes=2, per_class=3, size=64, split=None):
+    import numpy as np
+    from PIL import Image
+
+    base = root / split if split else root
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        d = base / f"class{c}"
+        d.mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    return root
+
+
+def test_visualize_command_writes_one_panel_per_stage(tmp_path):
+    from PIL import Image
+
+    img_path = tmp_path / "in.png"
+    Image.new("RGB", (300, 200), "orange").save(img_path)
+    out = tmp_path / "tokens.png"
+    assert main(["visualize", str(img_path), "--model", "deit_tiny_patch16_224", "--method", "evit",
+                 "--out", str(out)]) == 0
+    with Image.open(out) as sheet:
+        assert sheet.size == (4 * 224 + 3 * 4, 224 + 14)  # input + blocks 3, 6, 9
+
+
+def test_train_command_on_an_image_folder(tmp_path, capsys):
+    data = _image_folder(tmp_path / "data", split="train", size=32)
+    out = tmp_path / "run"
+    args = ["train", "--method", "cropr", "--param", "p=2", "--model", "deit_tiny_patch16_224", "--data", str(data),
+            "--out", str(out), "--batch-size", "2", "--max-steps", "2", "--no-progress"]
+    assert main(args) == 0
+    assert (out / "reducer.safetensors").exists()
+    assert "2/3 steps" in capsys.readouterr().out
+    assert main(args[:3] + ["--model", "deit_tiny_patch16_224", "--out", str(out)]) == 2  # --model without --data
+
+
+def test_sweep_command_on_an_image_folder(tmp_path, capsys):
+    data = _image_folder(tmp_path / "data", classes=10, per_class=1, size=28)
+    out = tmp_path / "sweep"
+    args = ["sweep", "--methods", "tome", "--budgets", "1.0", "0.6", "--model", "reference",
+            "--data", str(data), "--repeats", "1", "--out", str(out), "--no-progress"]
+    assert main(args) == 0
+    rows = json.loads((out / "sweep.json").read_text())
+    assert [r["label"] for r in rows] == ["unreduced", "tome@1", "tome@0.6"]
+    assert all(r["samples"] == 10 for r in rows)
+    assert (out / "top1_vs_gmacs.png").exists()
+    bad = ["sweep", "--model", "deit_tiny_patch16_224", "--data", str(data), "--out", str(tmp_path / "x")]
+    assert main(bad) == 2 and "class folders" in capsys.readouterr().err

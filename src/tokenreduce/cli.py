@@ -199,6 +199,121 @@ def cmd_train_reference(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reference_or_timm(args: argparse.Namespace):
+    from .eval.imagefolder import REFERENCE_NAME, load_timm_model
+
+    return load_timm_model(args.model or REFERENCE_NAME, args.pretrained, args.checkpoint)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import torch
+    from torch.utils.data import TensorDataset
+
+    from .train.learned import train_reducer
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    params = dict(args.param or [])
+    try:
+        model = _reference_or_timm(args)
+        if args.data is None:
+            if args.model not in (None, "reference"):
+                raise ValueError("--model needs --data DIR (the default data is the reference model's Fashion-MNIST)")
+            from .models.reference import load_fashion_mnist, preprocess
+
+            images, labels = load_fashion_mnist(args.fashion_mnist, "train")
+            dataset, transform = TensorDataset(images, labels), preprocess
+        else:
+            import timm.data
+
+            cfg = timm.data.resolve_data_config({}, model=model)
+            dataset = timm.data.create_dataset("", root=args.data, split="train",
+                                               transform=timm.data.create_transform(**cfg, is_training=True))
+            if len(dataset) == 0:
+                raise ValueError(f"no images found under {args.data}")
+            transform = None
+        out = train_reducer(
+            model, args.method, dataset, out_dir=args.out, epochs=args.epochs, batch_size=args.batch_size,
+            lr=args.lr, finetune=args.finetune, resume=args.resume, checkpoint_every=args.checkpoint_every,
+            max_steps=args.max_steps, transform=transform, device=args.device, progress=not args.no_progress,
+            **params,
+        )
+    except (FileNotFoundError, ValueError, TypeError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    result = out["result"]
+    print(f"{args.method}: {result.step}/{result.total_steps} steps in {result.wall_time_s:.0f} s; "
+          f"last metrics {json.dumps({k: round(v, 4) for k, v in result.last_metrics.items()})}")
+    print(f"wrote {out['checkpoint']} (load with tokenreduce.apply(model, {args.method!r}, checkpoint=...))")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .eval.accuracy import evaluate_reference
+    from .eval.imagefolder import evaluate_imagefolder
+    from .eval.sweep import run_sweep, sweep_configs
+    from .methods import REGISTRY, get_method
+
+    try:
+        for name in args.methods or []:
+            get_method(name)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    methods = args.methods or [m for m, cls in sorted(REGISTRY.items()) if not cls.learned]
+    configs = sweep_configs(methods, args.budgets)
+    if args.data is None:
+        def evaluate(cfgs):
+            return evaluate_reference(cfgs, limit=args.limit, repeats=args.repeats, progress=not args.no_progress)
+    else:
+        def evaluate(cfgs):
+            return evaluate_imagefolder(args.model, args.data, configs=cfgs, pretrained=args.pretrained,
+                                        checkpoint=args.checkpoint, limit=args.limit, repeats=args.repeats,
+                                        progress=not args.no_progress)["rows"]
+    try:
+        rows = run_sweep(evaluate, configs, args.out)
+    except (FileNotFoundError, ValueError, TypeError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    from .eval.accuracy import format_table
+
+    print(format_table(rows))
+    print(f"wrote {args.out}/sweep.csv, sweep.json, top1_vs_gmacs.png, top1_vs_throughput.png")
+    return 0
+
+
+def cmd_visualize(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from .viz import visualize
+
+    params = dict(args.param or [])
+    try:
+        model = _reference_or_timm(args)
+        with Image.open(args.image) as img:
+            if model.patch_embed.proj.in_channels == 1:
+                import numpy as np
+                import torch
+
+                from .models.reference import preprocess
+
+                gray = img.convert("L").resize((28, 28))
+                x = preprocess(torch.from_numpy(np.asarray(gray).copy()).unsqueeze(0))
+            else:
+                import timm.data
+
+                cfg = timm.data.resolve_data_config({}, model=model)
+                x = timm.data.create_transform(**cfg)(img.convert("RGB")).unsqueeze(0)
+        sheet = visualize(model, x, args.method, **params)
+    except (FileNotFoundError, ValueError, TypeError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(args.out)
+    print(f"wrote {args.out} ({sheet.size[0]}x{sheet.size[1]})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenreduce", description="Token reduction for Vision Transformers.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -265,6 +380,66 @@ def build_parser() -> argparse.ArgumentParser:
     tref.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
     tref.add_argument("--no-compile", action="store_true", help="do not torch.compile the model (slower)")
     tref.set_defaults(func=cmd_train_reference)
+
+    tr_ = sub.add_parser(
+        "train",
+        help="train a learned method (ltmp, cropr, dynamicvit, tps variant=dtps)",
+        description="Train a learned method's parameters (backbone frozen unless --finetune) and write "
+        "OUT/reducer.safetensors.  Default: the bundled reference model on the Fashion-MNIST training set "
+        "(Debian package dataset-fashion-mnist).  Resumable (--resume); runs under torchrun.",
+    )
+    tr_.add_argument("--method", required=True)
+    tr_.add_argument("--param", action="append", type=parse_param, metavar="NAME=VALUE", help="method parameter")
+    tr_.add_argument("--model", help="timm model name, or 'reference' (default)")
+    tr_.add_argument("--pretrained", action="store_true")
+    tr_.add_argument("--checkpoint", help="safetensors state dict for the model")
+    tr_.add_argument("--data", help="ImageFolder root with a train/ split (timm's data pipeline, with augmentation)")
+    tr_.add_argument("--fashion-mnist", default="/usr/share/datasets/fashion-mnist", help="idx folder (default data)")
+    tr_.add_argument("--out", required=True, help="run folder")
+    tr_.add_argument("--epochs", type=int, default=1)
+    tr_.add_argument("--batch-size", type=int, default=128)
+    tr_.add_argument("--lr", type=float, help="base learning rate (default: the method's)")
+    tr_.add_argument("--finetune", action="store_true", help="train the backbone too")
+    tr_.add_argument("--resume", action="store_true")
+    tr_.add_argument("--max-steps", type=int, help="stop after this many steps (resumable)")
+    tr_.add_argument("--checkpoint-every", type=int, default=200)
+    tr_.add_argument("--threads", type=int)
+    tr_.add_argument("--device", default="cpu")
+    tr_.add_argument("--no-progress", action="store_true")
+    tr_.set_defaults(func=cmd_train)
+
+    sw = sub.add_parser(
+        "sweep",
+        help="methods x budgets -> CSV/JSON + accuracy-vs-GMACs and accuracy-vs-images/s plots",
+        description="Evaluate every method at every budget (resumable: finished cells are skipped), then write "
+        "sweep.csv, sweep.json and two PNG plots with the Pareto front and the unreduced model.",
+    )
+    sw.add_argument("--methods", nargs="+", help="default: every training-free method")
+    sw.add_argument("--budgets", nargs="+", type=float, default=[1.0, 0.8, 0.7, 0.6, 0.5, 0.4])
+    sw.add_argument("--model", default="reference")
+    sw.add_argument("--pretrained", action="store_true")
+    sw.add_argument("--checkpoint")
+    sw.add_argument("--data", help="ImageFolder root (default: the bundled test set)")
+    sw.add_argument("--limit", type=int)
+    sw.add_argument("--repeats", type=int, default=3)
+    sw.add_argument("--out", default="results/sweep")
+    sw.add_argument("--no-progress", action="store_true")
+    sw.set_defaults(func=cmd_sweep)
+
+    vz = sub.add_parser(
+        "visualize",
+        help="image -> PNG of kept / merged / pruned tokens per reduction stage",
+        description="One panel per reduction stage: kept patches as they are, pruned patches grey, "
+        "merged groups in one colour each.",
+    )
+    vz.add_argument("image")
+    vz.add_argument("--method", default="tome")
+    vz.add_argument("--param", action="append", type=parse_param, metavar="NAME=VALUE")
+    vz.add_argument("--model", help="timm model name, or 'reference' (default)")
+    vz.add_argument("--pretrained", action="store_true")
+    vz.add_argument("--checkpoint")
+    vz.add_argument("--out", default="results/tokens.png")
+    vz.set_defaults(func=cmd_visualize)
     return parser
 
 
