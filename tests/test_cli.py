@@ -26,13 +26,16 @@ def test_benchmark_writes_consistent_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
     args = ["benchmark", "--model", "deit_tiny_patch16_224", "--img-size", "64", "--method", "tome", "evit"]
     args += ["--param", "r=3", "--batch-size", "2", "--repeats", "3", "--warmup", "0", "--json", str(out)]
+    args += ["--dtype", "fp32", "bf16"]
     # r=3 is a ToMe parameter: EViT must refuse it with a clear message
     assert main(args) == 2
     assert "unknown parameter" in capsys.readouterr().err
     assert main(args[:7] + args[8:]) == 0
     rows = json.loads(out.read_text())
-    assert len(rows) == 1
+    assert [(r["dtype"], r["batch_size"]) for r in rows] == [("fp32", 2), ("bf16", 2)]
     row = rows[0]
+    assert row["latency_ms_reduced"]["p50"] <= row["latency_ms_reduced"]["p90"]
+    assert row["threads"] >= 1
     model = load_model("deit_tiny_patch16_224", False, img_size=64)
     assert row["gmacs_reduced"] == pytest.approx(tr.gmacs(model, "tome", r=3))
     assert row["gmacs_unreduced"] == pytest.approx(tr.gmacs(model))

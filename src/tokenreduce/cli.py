@@ -45,15 +45,18 @@ def load_model(name: str, pretrained: bool, checkpoint: str | None = None, img_s
 
 
 def _print_table(rows: list[dict[str, Any]]) -> None:
+    if rows:
+        print(f"# {rows[0]['model']} on {rows[0]['device']}, {rows[0]['threads']} threads")
     header = f"{'method':<10} {'bs':>4} {'dtype':>5} {'GMACs':>13} {'img/s base':>11} {'img/s red.':>11} "
-    header += f"{'speed-up':>8} {'ideal':>6} {'eff.':>5}"
+    header += f"{'speed-up':>8} {'ideal':>6} {'eff.':>5} {'latency p50/p90 ms (base | red.)':>34}"
     print(header)
     for r in rows:
+        lb, lr = r["latency_ms_unreduced"], r["latency_ms_reduced"]
         print(
             f"{r['method']:<10} {r['batch_size']:>4} {r['dtype']:>5} "
             f"{r['gmacs_unreduced']:>5.2f}->{r['gmacs_reduced']:<6.2f} {r['images_per_s_unreduced']:>11.1f} "
             f"{r['images_per_s_reduced']:>11.1f} {r['speedup']:>7.2f}x {r['ideal_speedup']:>5.2f}x "
-            f"{r['efficiency']:>5.2f}"
+            f"{r['efficiency']:>5.2f} {lb['p50']:>9.1f}/{lb['p90']:<7.1f}| {lr['p50']:>7.1f}/{lr['p90']:<7.1f}"
         )
 
 
@@ -331,8 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--method", nargs="+", default=["tome"], help="method name(s)")
     bench.add_argument("--param", action="append", type=parse_param, metavar="NAME=VALUE", help="method parameter")
     bench.add_argument("--budget", type=float, help="fraction of the unreduced GMACs to keep")
-    bench.add_argument("--batch-size", type=int, nargs="+", default=[32])
-    bench.add_argument("--dtype", nargs="+", default=["fp32"], choices=["fp32", "bf16", "fp16"])
+    bench.add_argument("--batch-size", type=int, nargs="+", default=[1, 8, 32])
+    bench.add_argument("--dtype", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16", "fp16"],
+                       help="fp32, and/or autocast to bf16 / fp16")
     bench.add_argument("--repeats", type=int, default=10, help="timed forwards per model (median reported)")
     bench.add_argument("--warmup", type=int, default=2)
     bench.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
