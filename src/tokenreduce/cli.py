@@ -189,6 +189,8 @@ def cmd_train_reference(args: argparse.Namespace) -> int:
             args.data,
             args.out,
             epochs=args.epochs,
+            lr=args.lr,
+            max_shift=args.shift,
             seed=args.seed,
             compile=not args.no_compile,
             resume=args.resume,
@@ -379,6 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     tref.add_argument("--data", default="/usr/share/datasets/fashion-mnist", help="folder of the gzipped idx files")
     tref.add_argument("--out", default="runs/reference", help="run folder (checkpoint, metrics.jsonl, export)")
     tref.add_argument("--epochs", type=int, default=10)
+    tref.add_argument("--lr", type=float, default=5e-4, help="peak AdamW learning rate")
+    tref.add_argument("--shift", type=int, default=0, help="random translation augmentation, max pixels")
     tref.add_argument("--seed", type=int, default=0)
     tref.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     tref.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")

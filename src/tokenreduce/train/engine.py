@@ -139,13 +139,16 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def build_optimizer(task: Task, model: nn.Module, trainable: list[nn.Parameter], config: TrainConfig):
-    """AdamW (weight decay on ≥2-D tensors) or SGD, as the task asks.
+    """AdamW (weight decay on ≥2-D tensors except ``model.no_weight_decay()``) or SGD, as the task asks.
 
     A task may define ``param_groups(model)`` (dicts with ``params`` and an ``lr_scale``
     relative to ``config.lr``) and ``optimizer`` (``"adamw"`` or ``"sgd"``).
     """
     groups = task.param_groups(model) if hasattr(task, "param_groups") else [{"params": trainable, "lr_scale": 1.0}]
     kind = getattr(task, "optimizer", "adamw")
+    # no weight decay on what the model names either (timm: pos_embed, cls_token, ...)
+    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
+    skip_ids = {id(p) for name, p in model.named_parameters() if name in skip}
     param_groups = []
     for group in groups:
         lr = config.lr * group.get("lr_scale", 1.0)
@@ -153,8 +156,8 @@ def build_optimizer(task: Task, model: nn.Module, trainable: list[nn.Parameter],
         if kind == "sgd":
             param_groups.append({"params": params, "lr": lr, "weight_decay": 0.0})
             continue
-        decay = [p for p in params if p.ndim >= 2]
-        no_decay = [p for p in params if p.ndim < 2]
+        decay = [p for p in params if p.ndim >= 2 and id(p) not in skip_ids]
+        no_decay = [p for p in params if p.ndim < 2 or id(p) in skip_ids]
         param_groups += [
             {"params": decay, "lr": lr, "weight_decay": config.weight_decay},
             {"params": no_decay, "lr": lr, "weight_decay": 0.0},
