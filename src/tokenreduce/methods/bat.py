@@ -119,12 +119,12 @@ class BAT(KeepRateReducer):
         return p + keep - self.merges(keep) + self.clusters(patches - keep)
 
     def reduce(self, block: int, state: TokenState, signals: AttentionSignals) -> TokenState:
+        keep = self.kept_patches(state)
+        if keep is None:
+            return state
         p = state.num_prefix
         patches = state.num_tokens - p
-        keep = kept_count(self.keep_rate, patches)
-        if keep >= patches:
-            return state
-        importance = signals.cls_attn.mean(dim=1)[:, p:]  # B×(N−P)
+        importance = self.class_attention(state, signals)  # B×(N−P)
         order = keep_topk(importance, patches)
         attentive_idx, rest_idx = order[:, :keep], order[:, keep:]
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from ..budget import Schedule
 from ..ops.attention import AttentionNeeds, AttentionSignals
@@ -63,6 +64,17 @@ class KeepRateReducer(Reducer):
     def needs(self, block: int) -> AttentionNeeds | None:
         return AttentionNeeds(cls_attn=True) if block in self.layers else None
 
+    def kept_patches(self, state: TokenState) -> int | None:
+        """Patch tokens this reduction keeps, or ``None`` when the keep rate keeps them all."""
+        patches = state.num_tokens - state.num_prefix
+        keep = kept_count(self.keep_rate, patches)
+        return None if keep >= patches else keep
+
+    @staticmethod
+    def class_attention(state: TokenState, signals: AttentionSignals) -> Tensor:
+        """B×(N−P) head-averaged class-token attention over the patch tokens (un-normalised over them)."""
+        return signals.cls_attn.mean(dim=1)[:, state.num_prefix :]
+
     def tokens_after(self, n: int) -> int:
         patches = n - self.info.num_prefix
         keep = kept_count(self.keep_rate, patches)
@@ -96,12 +108,11 @@ class EViT(KeepRateReducer):
         self.extra_tokens = 1 if params.fuse_token else 0
 
     def reduce(self, block: int, state: TokenState, signals: AttentionSignals) -> TokenState:
-        p = state.num_prefix
-        patches = state.num_tokens - p
-        keep = kept_count(self.keep_rate, patches)
-        if keep >= patches:
+        keep = self.kept_patches(state)
+        if keep is None:
             return state
-        cls_attn = signals.cls_attn.mean(dim=1)[:, p:]  # B×(N−P), un-normalised over patches
+        p = state.num_prefix
+        cls_attn = self.class_attention(state, signals)
         keep_idx = keep_topk(cls_attn, keep)
         out = state.prefix_and_patches(keep_idx)
         if not self.extra_tokens:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from ..ops.attention import AttentionNeeds, AttentionSignals
 from ..ops.prune import hashed_uniform, keep_topk
 from ..state import TokenState
-from .evit import KeepRateReducer, kept_count
+from .evit import KeepRateReducer
 
 
 @dataclass(frozen=True)
@@ -44,11 +44,10 @@ class RandomPrune(KeepRateReducer):
         return AttentionNeeds() if block in self.layers else None
 
     def reduce(self, block: int, state: TokenState, signals: AttentionSignals) -> TokenState:
-        p = state.num_prefix
-        patches = state.num_tokens - p
-        keep = kept_count(self.keep_rate, patches)
-        if keep >= patches:
+        keep = self.kept_patches(state)
+        if keep is None:
             return state
+        patches = state.num_tokens - state.num_prefix
         key = int(self.params.seed) * self.info.depth + block
         scores = hashed_uniform(state.x.shape[0], patches, key, state.x.device)
         return state.prefix_and_patches(keep_topk(scores, keep, keep_order=True))

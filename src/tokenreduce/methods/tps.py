@@ -35,7 +35,7 @@ from ..ops.squeeze import squeeze_masked, squeeze_state
 from ..state import TokenState
 from .base import ModelInfo, Reducer
 from .dynamicvit import DynamicViT
-from .evit import KeepRateReducer, kept_count
+from .evit import KeepRateReducer
 
 VARIANTS = ("etps", "dtps")
 
@@ -81,13 +81,11 @@ class TPS(KeepRateReducer):
         self.prop_attn = bool(params.prop_attn)
 
     def reduce(self, block: int, state: TokenState, signals: AttentionSignals) -> TokenState:
-        p = state.num_prefix
-        patches = state.num_tokens - p
-        keep = kept_count(self.keep_rate, patches)
-        if keep >= patches:
+        keep = self.kept_patches(state)
+        if keep is None:
             return state
-        cls_attn = signals.cls_attn.mean(dim=1)[:, p:]  # B×(N−P)
-        order = keep_topk(cls_attn, patches)  # all patch tokens, descending score
+        cls_attn = self.class_attention(state, signals)
+        order = keep_topk(cls_attn, cls_attn.shape[1])  # all patch tokens, descending score
         return squeeze_state(state, order[:, :keep], order[:, keep:], self.temperature)
 
 
