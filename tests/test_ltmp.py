@@ -37,18 +37,31 @@ def test_hard_rule_merges_above_threshold_prunes_below_and_protects_merge_destin
     # Keys: token 2 points where token 3 points (cos 1), token 4 is orthogonal-ish to both B tokens.
     keys = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [2.0, 2.0], [1.0, -1.0]]])
     x = torch.tensor([[[10.0], [1.0], [2.0], [4.0], [8.0]]])
-    # Attention received (mean over the 5 query rows): key j gets column j of every row.
-    received = torch.tensor([0.4, 0.3, 0.2, 0.02, 0.08])
-    probs = received.expand(5, 5).reshape(1, 1, 5, 5)
+    # Attention received by each key (mean over heads and query rows).
+    received = torch.tensor([[0.4, 0.3, 0.2, 0.02, 0.08]])
     ltmp = LTMP(_info(), LTMPParams(merge_threshold=0.95, prune_threshold=0.1))
     ltmp.training = False
-    out = ltmp.reduce(0, TokenState(x, num_prefix=1), AttentionSignals(keys=keys, probs=probs))
+    out = ltmp.reduce(0, TokenState(x, num_prefix=1), AttentionSignals(keys=keys, received=received))
     # token 2 (cos 1 > 0.95) merges into token 3; token 3's own importance 0.02 < 0.1 but a destination takes
     # the maximum of its group (0.2), so it stays; token 4 (0.08 < 0.1) is pruned; token 1 (0.3) stays.
     # Output order: [class] ++ surviving A ++ surviving B = [0, 1, 3'].
     assert out.x.flatten().tolist() == [10.0, 1.0, 3.0]
     assert out.size.flatten().tolist() == [1.0, 1.0, 2.0]
     assert out.mask is None
+
+
+def test_received_attention_is_the_mean_over_heads_and_live_queries():
+    from tokenreduce.ops.attention import received_attention
+
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 3, 5, 4), torch.randn(2, 3, 5, 4)
+    rows = torch.tensor([[1.0, 1, 1, 1, 1], [1, 1, 1, 0, 0]])  # image 1: the last two tokens are padding
+    bias = torch.log(rows).view(2, 1, 1, 5)
+    probs = ((q @ k.transpose(-1, -2)) * 0.5 + bias).softmax(-1)  # B×H×N×N
+    expected = torch.stack([probs[0].mean(dim=(0, 1)), probs[1, :, :3].mean(dim=(0, 1))])
+    torch.testing.assert_close(received_attention(q, k, 0.5, bias, rows), expected)  # head by head
+    torch.testing.assert_close(received_attention(q, k, 0.5, bias, rows, probs), expected)  # from probabilities
+    assert float(expected[1, 3:].abs().max()) == 0.0  # padding receives nothing
 
 
 MODELS = {

@@ -133,7 +133,7 @@ class LTMP(Reducer):
         return out
 
     def needs(self, block: int) -> AttentionNeeds:
-        return AttentionNeeds(keys=True, probs=True)
+        return AttentionNeeds(keys=True, received=True)
 
     def key_mask(self, mask: Tensor) -> KeyMask:
         return KeyMask(mask, soft=self.training, eps=1e-5)
@@ -173,10 +173,7 @@ class LTMP(Reducer):
             ok_b = (pos[1::2] >= p) & live[:, 1::2]
             sim = sim.masked_fill(~ok_b.unsqueeze(1), -torch.inf).masked_fill(~ok_a.unsqueeze(2), -torch.inf)
             best, partner = sim.max(dim=-1)
-            # attention received by each key, averaged over heads and live query rows
-            rows = live.float()
-            received = torch.einsum("bij,bi->bj", signals.probs.float().mean(dim=1), rows)
-            importance = received / rows.sum(dim=1, keepdim=True)
+            importance = signals.received.clone()  # attention received, mean over heads and live query rows
             importance[:, :p] = torch.inf
         return best, partner, importance
 

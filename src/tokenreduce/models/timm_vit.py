@@ -112,10 +112,12 @@ def _block_forward(self: Block, x: Tensor, attn_mask: Tensor | None = None, is_c
     key_mask = None if ctx.mask is None else reducer.key_mask(ctx.mask)
     out, signals = attention_with_signals(self.attn, self.norm1(x), ctx.key_bias(), needs or NO_NEEDS, key_mask)
     x = x + self.drop_path1(self.ls1(out))
+    del out  # free the attention output before the MLP, as the stock block does
     if needs is not None:
         x = ctx.update(reducer.reduce(i, ctx.state(x), signals))
         if ctx.trace_source:
             ctx.snapshot(f"block {i}")
+    del signals  # keys / values / probabilities are not needed by the MLP
     ctx.records[i] = (n_attn, ctx.count(x))
     return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 

@@ -10,7 +10,10 @@ request:
 * ``cls_attn``: the class token's softmax attention row, B×H×N, computed from
   q_cls against all keys (one row, not the N×N matrix), in float32;
 * ``values``: the value vectors, B×H×N×d;
-* ``probs``: the full attention probabilities B×H×N×N (forces the explicit path).
+* ``probs``: the full attention probabilities B×H×N×N (forces the explicit path);
+* ``received``: the attention each key receives, averaged over heads and live
+  query rows, B×N float32 (LTMP's importance).  With the fused kernel it is
+  computed one head at a time, so no B×H×N×N tensor is ever held.
 
 A live-token mask (B×N×1) removes keys: hard masks (padding in batched
 inference) become a ``−inf`` additive bias and keep the fused kernel; soft masks
@@ -34,6 +37,7 @@ class AttentionNeeds:
     cls_attn: bool = False
     values: bool = False
     probs: bool = False
+    received: bool = False
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,7 @@ class AttentionSignals:
     cls_attn: Tensor | None = None
     values: Tensor | None = None
     probs: Tensor | None = None
+    received: Tensor | None = None
 
 
 NO_NEEDS = AttentionNeeds()
@@ -139,6 +144,11 @@ def attention_with_signals(
         if needs.cls_attn:
             cls_attn = class_attention_row(q, k, attn.scale, bias)
 
+    received = None
+    if needs.received:
+        rows = key_mask.mask[..., 0].float() if key_mask is not None else q.new_ones(b, n, dtype=torch.float32)
+        received = received_attention(q, k, attn.scale, bias, rows, probs)
+
     out = out.transpose(1, 2).reshape(b, n, heads * head_dim)
     out = attn.norm(out)
     if gate is not None:
@@ -149,6 +159,7 @@ def attention_with_signals(
         cls_attn=cls_attn,
         values=v if needs.values else None,
         probs=probs if needs.probs else None,
+        received=received,
     )
     return out, signals
 
@@ -167,6 +178,35 @@ def class_attention_row(q: Tensor, k: Tensor, scale: float, bias: Tensor | None)
         if bias is not None:
             logits = logits + bias.float()
         return logits.softmax(dim=-1).squeeze(2)
+
+
+def received_attention(
+    q: Tensor, k: Tensor, scale: float, bias: Tensor | None, rows: Tensor, probs: Tensor | None = None
+) -> Tensor:
+    """Attention received by every key, averaged over heads and the query rows weighted by ``rows``.
+
+    ``r_j = Σ_h Σ_i rows_i · P_h[i, j] / (H · Σ_i rows_i)``, in float32 and without gradient.
+
+    Args:
+        q, k: B×H×N×d; bias: B×1×1×N or ``None``; rows: B×N query weights (live tokens);
+        probs: B×H×N×N probabilities if already computed (then no recomputation).
+
+    Returns:
+        B×N.
+    """
+    heads = q.shape[1]
+    weights = rows.unsqueeze(1)  # B×1×N
+    with torch.no_grad(), torch.autocast(device_type=q.device.type, enabled=False):
+        if probs is not None:
+            total = (weights @ probs.float().sum(dim=1)).squeeze(1)
+        else:
+            total = torch.zeros_like(rows)
+            for h in range(heads):  # one B×N×N head at a time keeps peak memory at the fused kernel's level
+                logits = (q[:, h].float() * scale) @ k[:, h].float().transpose(-2, -1)
+                if bias is not None:
+                    logits = logits + bias[:, 0].float()
+                total = total + (weights @ logits.softmax(dim=-1)).squeeze(1)
+        return total / (heads * rows.sum(dim=1, keepdim=True))
 
 
 def size_bias(size: Tensor | None) -> Tensor | None:
