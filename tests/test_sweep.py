@@ -91,3 +91,15 @@ def test_real_sweep_on_a_tiny_model(tmp_path):
     assert by_label["tome@1"]["gmacs"] == pytest.approx(by_label["unreduced"]["gmacs"])
     assert "achievable" in by_label["evit@0.05"]["skipped"]  # unreachable cells are recorded, not retried
     assert all(r["samples"] == 16 for r in rows if "top1" in r)
+
+
+def test_evaluation_calibrates_ppt_off_its_home_model():
+    model = make_vit()
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 3, 64, 64), torch.randint(0, 10, (16,))
+    rows = evaluate_configs(model, [Config("ppt"), Config("ppt", {"threshold": 1e-3})], lambda: [(x, y)],
+                            timing_batch=x, repeats=1, progress=False)
+    calibrated = rows[0]["calibrated_threshold"]
+    assert len(calibrated) == 3 and all(t > 0 for t in calibrated)  # one per reduction block
+    assert rows[0]["params"]["threshold"] == pytest.approx(calibrated)
+    assert "calibrated_threshold" not in rows[1] and rows[1]["params"]["threshold"] == 1e-3
