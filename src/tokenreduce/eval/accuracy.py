@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..api import apply, gmacs, methods, remove, stats
+from ..calibrate import calibrate
 from ..methods import get_method
 from .throughput import TimingResult, _timer
 
@@ -220,6 +221,11 @@ def evaluate_configs(
             continue
         if config.method is not None:
             apply(model, config.method, budget=config.budget, **config.params)
+            if needs_ppt_calibration(model, config):
+                # PPT's default τ = 7e-5 is DeiT-S at 224's; elsewhere pick it from the timing batch (half pooled)
+                threshold = calibrate(model, "ppt", timing_batch, pool_fraction=0.5, budget=config.budget,
+                                      **config.params)
+                row["calibrated_threshold"] = list(threshold) if isinstance(threshold, tuple) else threshold
         counts = count_correct(
             model,
             make_batches(),
@@ -260,6 +266,14 @@ def evaluate_configs(
         if "top1" in row and base_top1 is not None:
             row["delta_top1"] = row["top1"] - base_top1
     return rows
+
+
+def needs_ppt_calibration(model: nn.Module, config: Config) -> bool:
+    """PPT without an explicit threshold on anything but DeiT-S at 224 (where the paper's τ was tuned)."""
+    if config.method != "ppt" or "threshold" in config.params:
+        return False
+    arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture", "")
+    return not (arch == "deit_small_patch16_224" and tuple(model.patch_embed.img_size) == (224, 224))
 
 
 def _analytic_params(method: str, params: dict[str, Any]) -> dict[str, Any]:
