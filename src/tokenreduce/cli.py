@@ -191,6 +191,8 @@ def cmd_train_reference(args: argparse.Namespace) -> int:
             epochs=args.epochs,
             lr=args.lr,
             max_shift=args.shift,
+            warmup_epochs=args.warmup,
+            init=args.init,
             seed=args.seed,
             compile=not args.no_compile,
             resume=args.resume,
@@ -383,6 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
     tref.add_argument("--epochs", type=int, default=10)
     tref.add_argument("--lr", type=float, default=5e-4, help="peak AdamW learning rate")
     tref.add_argument("--shift", type=int, default=0, help="random translation augmentation, max pixels")
+    tref.add_argument("--warmup", type=float, default=1.0, help="linear warm-up, epochs")
+    tref.add_argument("--init", help="start from these weights (a second phase) instead of random ones")
     tref.add_argument("--seed", type=int, default=0)
     tref.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     tref.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")

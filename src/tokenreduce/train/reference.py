@@ -69,19 +69,32 @@ def train_reference(
     label_smoothing: float = 0.1,
     max_shift: int = 0,
     seed: int = 0,
+    init: str | None = None,
     compile: bool = True,
     resume: bool = False,
     threads: int | None = 2,
     progress: bool = True,
     command: str | None = None,
 ) -> dict[str, Any]:
-    """Train the reference model and export it to ``out_dir`` (weights + JSON).  Returns the JSON."""
+    """Train the reference model and export it to ``out_dir`` (weights + JSON).  Returns the JSON.
+
+    ``init``: start from these weights (safetensors) instead of a random initialisation — a
+    second training phase; the first phase's JSON (``reference_vit.json`` next to it) is
+    recorded under ``training.previous``.
+    """
     if threads:
         torch.set_num_threads(threads)
     train_x, train_y = load_fashion_mnist(data_dir, "train")
     test_x, test_y = load_fashion_mnist(data_dir, "t10k")
     torch.manual_seed(seed)
     model = build_reference_model()
+    previous = None
+    if init is not None:
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(init))
+        info_path = Path(init).with_name(INFO_FILE)
+        previous = json.loads(info_path.read_text())["training"] if info_path.is_file() else {"weights": init}
     steps_per_epoch = len(train_x) // batch_size
     config = TrainConfig(
         out_dir=out_dir,
@@ -129,6 +142,8 @@ def train_reference(
             "augmentation": f"horizontal flip, random translation up to {max_shift} px",
             "seed": seed,
             "wall_time_s": round(result.wall_time_s, 1),
+            "total_wall_time_s": round(result.wall_time_s + _total_wall(previous), 1),
+            "previous": previous,
             "per_epoch_test_top1": [e["test_top1"] for e in result.evals],
             "machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}",
         },
@@ -136,6 +151,13 @@ def train_reference(
     }
     (out / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
     return info
+
+
+def _total_wall(previous: dict[str, Any] | None) -> float:
+    """Wall time of the earlier phases recorded in ``previous`` (0 without one)."""
+    if not previous:
+        return 0.0
+    return float(previous.get("total_wall_time_s", previous.get("wall_time_s", 0.0)))
 
 
 def command_line() -> str:
