@@ -64,6 +64,7 @@ class TrainConfig:
     resume: bool = False
     stop_at_step: int | None = None
     compile: bool = False
+    amp: bool | None = None  # bf16 autocast; None = on when training on a GPU
     num_workers: int = 0
     device: str = "cpu"
     progress: bool = True
@@ -251,6 +252,7 @@ def train(
         run_model = torch.compile(run_model)
         eval_model = torch.compile(model)
 
+    use_amp = config.amp if config.amp is not None else device.type == "cuda"
     metrics_path = out / METRICS_NAME
     t_start = time.perf_counter()
 
@@ -304,7 +306,8 @@ def train(
             loader = DataLoader(dataset, batch_sampler=order, num_workers=config.num_workers, generator=gen)
             batches = iter(loader)
         batch = _to_device(next(batches), device)
-        loss, extras = task.loss(run_model, batch)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
+            loss, extras = task.loss(run_model, batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if world > 1:
@@ -327,7 +330,10 @@ def train(
             last["images_per_s"] = window_n / max(now - window_t, 1e-9)
             window_t, window_n = now, 0
             log({"event": "step", "step": step, "epoch": epoch, **last})
-            bar.set_postfix(loss=f"{last['loss']:.3f}", img_s=f"{last['images_per_s']:.0f}", refresh=False)
+            postfix = {"loss": f"{last['loss']:.3f}", "img_s": f"{last['images_per_s']:.0f}"}
+            if "gmacs_ratio" in last:
+                postfix["gmacs"] = f"{last['gmacs_ratio']:.3f}"
+            bar.set_postfix(postfix, refresh=False)
         bar.update(1)
 
         if evaluate is not None and step % steps_per_epoch == 0:

@@ -124,6 +124,12 @@ class LTMPTask(ReducerTask):
         return loss, {"gmacs_ratio": float(ratio.detach()), "train_acc": _accuracy(logits, labels)}
 
 
+def _gmacs_ratio(model: nn.Module) -> float:
+    from ..stats import collect_stats
+
+    return collect_stats(_unwrap(model)._tr_ctx).ratio
+
+
 class DynamicViTTask(ReducerTask):
     """Predictors of DynamicViT or dTPS with ratio, logit-distillation and token-distillation losses."""
 
@@ -159,7 +165,7 @@ class DynamicViTTask(ReducerTask):
         loss = loss + self.distill_weight * kl + self.distill_weight * token_mse
         keep = float(ctx.records[reducer.layers[-1]][0].detach().float().mean()) if reducer.layers else 0.0
         return loss, {"ratio_loss": float(ratio_loss.detach()), "last_stage_tokens": keep,
-                      "train_acc": _accuracy(logits, labels)}
+                      "gmacs_ratio": _gmacs_ratio(model), "train_acc": _accuracy(logits, labels)}
 
 
 class CroprTask(ReducerTask):
@@ -171,7 +177,8 @@ class CroprTask(ReducerTask):
         aux = self.reducer.aux_logits
         aux_loss = torch.stack([F.cross_entropy(a, labels) for a in aux]).sum()
         loss = aux_loss + F.cross_entropy(logits, labels) if self.finetune else aux_loss
-        return loss, {"aux_loss": float(aux_loss.detach()) / max(len(aux), 1), "train_acc": _accuracy(logits, labels)}
+        return loss, {"aux_loss": float(aux_loss.detach()) / max(len(aux), 1), "gmacs_ratio": _gmacs_ratio(model),
+                      "train_acc": _accuracy(logits, labels)}
 
 
 def _accuracy(logits: Tensor, labels: Tensor) -> float:
@@ -203,6 +210,7 @@ def train_reducer(
     finetune: bool = False,
     resume: bool = False,
     checkpoint_every: int = 200,
+    log_every: int = 10,
     max_steps: int | None = None,
     transform: Transform | None = None,
     warmup_fraction: float | None = None,
@@ -246,6 +254,7 @@ def train_reducer(
         out_dir=out_dir, epochs=epochs, batch_size=batch_size, lr=base_lr, min_lr=base_lr * 1e-3,
         weight_decay=0.0 if task.optimizer == "sgd" else 0.05, warmup_steps=int(total * warmup_fraction),
         grad_clip=None if task.optimizer == "sgd" else 1.0, seed=seed, checkpoint_every=checkpoint_every,
+        log_every=log_every,
         resume=resume, stop_at_step=max_steps, device=device, progress=progress,
         extra={"method": method, "params": reducer.config(), "finetune": finetune},
     )
