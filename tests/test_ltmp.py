@@ -155,3 +155,15 @@ def test_checkpoint_round_trip_and_refusals(tmp_path):
         tr.apply(model, "ltmp", checkpoint=broken)
     with pytest.raises(FileNotFoundError):
         tr.apply(model, "ltmp", checkpoint=tmp_path / "missing.safetensors")
+
+
+def test_budget_overrides_the_knob_saved_in_a_checkpoint(tmp_path):
+    model = make_vit()
+    tr.apply(model, "dynamicvit", keep_rate=0.8)
+    path = tmp_path / "dyvit.safetensors"
+    save_reducer(model._tr_ctx.reducer, path)
+    tr.apply(model, "dynamicvit", checkpoint=path)
+    assert model._tr_ctx.reducer.config()["keep_rate"] == 0.8
+    tr.apply(model, "dynamicvit", checkpoint=path, budget=0.5)
+    assert model._tr_ctx.reducer.config()["keep_rate"] < 0.8
+    assert tr.gmacs(model, "dynamicvit", keep_rate=model._tr_ctx.reducer.config()["keep_rate"]) <= 0.5 * tr.gmacs(model)

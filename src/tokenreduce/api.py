@@ -62,6 +62,8 @@ def apply(
         meta, tensors = read_reducer(checkpoint)
         check_compatible(meta, cls.name, info, checkpoint)
         saved = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["params"].items()}
+        if budget is not None:  # the budget re-resolves the knob the checkpoint was trained with
+            saved.pop(cls.knob, None)
         reducer = cls.create(info, budget=budget, **{**saved, **params})
         if reducer.module is None:
             raise ValueError(f"{cls.name} {reducer.config()} has no learned parameters to load from a checkpoint")
