@@ -9,7 +9,7 @@ import torch.distributed as dist
 from conftest import make_vit
 from test_learned_training import _data
 
-from tokenreduce.train.learned import train_reducer
+from tokenreduce.training.learned import train_reducer
 
 
 def main(out: str, method: str) -> None:

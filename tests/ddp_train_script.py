@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 from test_train_engine import config, tiny_model, toy_data
 
-from tokenreduce.train import ClassificationTask, train
+from tokenreduce.training import ClassificationTask, train
 
 
 def main(out: str) -> None:

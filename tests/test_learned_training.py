@@ -10,7 +10,7 @@ from conftest import make_vit
 from torch.utils.data import TensorDataset
 
 import tokenreduce as tr
-from tokenreduce.train.learned import train_reducer
+from tokenreduce.training.learned import train_reducer
 
 
 def _data(n=64, seed=0):
@@ -51,8 +51,8 @@ def test_training_updates_only_the_reducer_and_writes_a_loadable_checkpoint(tmp_
 
 def test_ltmp_training_moves_the_gmacs_ratio_toward_its_target(tmp_path):
     model, _ = _frozen_vit()
-    out = train_reducer(model, "ltmp", _data(), out_dir=str(tmp_path), batch_size=16, epochs=2, lr=0.05,
-                        progress=False, target=0.5, checkpoint_every=100, log_every=1)
+    out = tr.train(model, "ltmp", _data(), out_dir=str(tmp_path), batch_size=16, epochs=2, lr=0.05,
+                   progress=False, target=0.5, checkpoint_every=100, log_every=1)
     steps = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     steps = [s for s in steps if s["event"] == "step"]
     ratios, losses = [s["gmacs_ratio"] for s in steps], [s["loss"] for s in steps]

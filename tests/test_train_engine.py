@@ -13,8 +13,15 @@ import torch
 from conftest import make_vit
 from torch.utils.data import TensorDataset
 
-from tokenreduce.train import CheckpointError, ClassificationTask, TrainConfig, load_checkpoint, save_checkpoint, train
-from tokenreduce.train.engine import epoch_batches, warmup_cosine
+from tokenreduce.training import (
+    CheckpointError,
+    ClassificationTask,
+    TrainConfig,
+    load_checkpoint,
+    save_checkpoint,
+    train,
+)
+from tokenreduce.training.engine import epoch_batches, warmup_cosine
 
 
 def tiny_model():

@@ -10,8 +10,20 @@ from .calibrate import calibrate
 from .state import TokenState
 from .viz import visualize
 
+
+def train(model, method, train_data, **kwargs):
+    """Train a learned method's parameters; see :func:`tokenreduce.training.learned.train_reducer`.
+
+    >>> out = tr.train(model, "ltmp", dataset, out_dir="runs/ltmp", target=0.6)   # doctest: +SKIP
+    >>> tr.apply(model, "ltmp", checkpoint=out["checkpoint"])                      # doctest: +SKIP
+    """
+    from .training.learned import train_reducer
+
+    return train_reducer(model, method, train_data, **kwargs)
+
 __version__ = "0.1.0"
 
 __all__ = [
-    "TokenState", "apply", "calibrate", "gmacs", "methods", "remove", "stats", "unreduced", "visualize", "__version__",
+    "TokenState", "apply", "calibrate", "gmacs", "methods", "remove", "stats", "train", "unreduced", "visualize",
+    "__version__",
 ]

@@ -181,8 +181,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_train_reference(args: argparse.Namespace) -> int:
-    from .train.checkpoint import CheckpointError
-    from .train.reference import command_line, train_reference
+    from .training.checkpoint import CheckpointError
+    from .training.reference import command_line, train_reference
 
     try:
         info = train_reference(
@@ -216,7 +216,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     import torch
     from torch.utils.data import TensorDataset
 
-    from .train.learned import train_reducer
+    from .training.learned import train_reducer
 
     if args.threads:
         torch.set_num_threads(args.threads)

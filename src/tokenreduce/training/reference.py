@@ -2,7 +2,7 @@
 
 Reads the original Fashion-MNIST idx files (Debian: ``apt-get install
 dataset-fashion-mnist`` → ``/usr/share/datasets/fashion-mnist``), trains the
-reference ViT with :func:`tokenreduce.train.train`, evaluates on the 10k test set
+reference ViT with :func:`tokenreduce.training.train`, evaluates on the 10k test set
 after every epoch, and exports the weights (safetensors) and a JSON with the
 configuration, provenance, licence, command and accuracy.
 """
