@@ -1,4 +1,5 @@
-"""Training: a small generic engine (:mod:`.engine`) and the tasks it runs (:mod:`.tasks`)."""
+"""Training: a small generic engine (:mod:`.engine`), its tasks (:mod:`.tasks`, and :mod:`.learned` for the
+learned token-reduction methods) and the reference model's recipe (:mod:`.reference`)."""
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .engine import TrainConfig, TrainResult, train
