@@ -103,3 +103,17 @@ def test_evaluation_calibrates_ppt_off_its_home_model():
     assert len(calibrated) == 3 and all(t > 0 for t in calibrated)  # one per reduction block
     assert rows[0]["params"]["threshold"] == pytest.approx(calibrated)
     assert "calibrated_threshold" not in rows[1] and rows[1]["params"]["threshold"] == 1e-3
+
+
+def test_reference_configs_use_shipped_reducers(tmp_path, monkeypatch):
+    from tokenreduce.eval import accuracy
+    from tokenreduce.models import reference
+
+    fake = {"ltmp_0.75": tmp_path / "a", "ltmp_0.6": tmp_path / "b", "cropr": tmp_path / "c", "dtps": tmp_path / "d"}
+    monkeypatch.setattr(reference, "shipped_reducers", lambda: fake)
+    configs = {c.label: c for c in accuracy.reference_configs(0.6)}
+    assert configs["ltmp (target 0.6)"].params == {"checkpoint": str(tmp_path / "b")}
+    assert configs["cropr@0.6"].params == {"checkpoint": str(tmp_path / "c")} and configs["cropr@0.6"].budget == 0.6
+    assert configs["tps dtps (default)"].params["variant"] == "dtps"
+    assert configs["dynamicvit (default)"].params == {}  # not shipped: evaluated as skipped
+    assert list(configs)[0] == "unreduced"

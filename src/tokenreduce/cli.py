@@ -101,7 +101,14 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import torch
 
-    from .eval.accuracy import Config, default_configs, evaluate_reference, format_table, init_distributed_from_env
+    from .eval.accuracy import (
+        Config,
+        default_configs,
+        evaluate_reference,
+        format_table,
+        init_distributed_from_env,
+        reference_configs,
+    )
     from .eval.imagefolder import REFERENCE_NAME, evaluate_imagefolder
 
     if args.threads:
@@ -122,7 +129,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print("error: --param needs --method", file=sys.stderr)
         return 2
     else:
-        configs = default_configs(0.6 if args.budget is None else args.budget)
+        budget = 0.6 if args.budget is None else args.budget
+        configs = reference_configs(budget) if args.data is None else default_configs(budget)
     try:
         if args.data is None:
             if args.model not in (None, REFERENCE_NAME) or args.pretrained:

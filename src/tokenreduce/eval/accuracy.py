@@ -291,6 +291,32 @@ def default_configs(budget: float | None = 0.6, names: Iterable[str] | None = No
     return configs
 
 
+def reference_configs(budget: float = 0.6) -> list[Config]:
+    """:func:`default_configs` for the reference model, with its shipped learned reducers.
+
+    Learned methods run from the checkpoints in ``tokenreduce/data/reducers`` (LTMP: the one trained
+    for target 0.75 as its default row and the one for 0.6 as its budget row; dTPS as extra rows);
+    a learned method with no shipped checkpoint stays in the table as skipped.
+    """
+    from ..models.reference import shipped_reducers
+
+    shipped = {name: str(path) for name, path in shipped_reducers().items()}
+    configs = [Config(None)]
+    for name in methods():
+        if name == "ltmp" and {"ltmp_0.75", "ltmp_0.6"} <= set(shipped):
+            configs.append(Config("ltmp", {"checkpoint": shipped["ltmp_0.75"]}, label="ltmp (target 0.75)"))
+            configs.append(Config("ltmp", {"checkpoint": shipped["ltmp_0.6"]}, label="ltmp (target 0.6)"))
+            continue
+        params = {"checkpoint": shipped[name]} if name in shipped else {}
+        configs.append(Config(name, params, label=f"{name} (default)"))
+        configs.append(Config(name, params, budget, label=f"{name}@{budget:g}"))
+        if name == "tps" and "dtps" in shipped:
+            dtps = {"variant": "dtps", "checkpoint": shipped["dtps"]}
+            configs.append(Config("tps", dtps, label="tps dtps (default)"))
+            configs.append(Config("tps", dtps, budget, label=f"tps dtps@{budget:g}"))
+    return configs
+
+
 def batched(x: Tensor, y: Tensor, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
     """Consecutive batches of (``x`` N×..., ``y`` N)."""
     for i in range(0, len(x), batch_size):
@@ -324,7 +350,7 @@ def evaluate_reference(
     xs, ys = x[mine], labels[mine]
     return evaluate_configs(
         model,
-        configs if configs is not None else default_configs(),
+        configs if configs is not None else reference_configs(),
         lambda: batched(xs, ys, batch_size),
         timing_batch=x[:batch_size],
         num_batches=math.ceil(len(xs) / batch_size),

@@ -88,6 +88,16 @@ def load_reference_model(path: str | Path | None = None) -> VisionTransformer:
     return model.eval()
 
 
+REDUCERS = ("ltmp_0.75", "ltmp_0.6", "dynamicvit", "dtps", "cropr")
+"""Learned reducers trained for the reference model (``scripts/train_reference_reducers.sh``)."""
+
+
+def shipped_reducers() -> dict[str, Path]:
+    """Name → checkpoint of the learned reducers shipped for the reference model (those present)."""
+    paths = {name: data_path(f"reducers/{name}.safetensors") for name in REDUCERS}
+    return {name: path for name, path in paths.items() if path.is_file()}
+
+
 def read_idx(path: str | Path) -> np.ndarray:
     """Read an idx file (optionally gzipped): uint8 images N×H×W or labels N."""
     path = Path(path)
