@@ -117,3 +117,12 @@ def test_reference_configs_use_shipped_reducers(tmp_path, monkeypatch):
     assert configs["tps dtps (default)"].params["variant"] == "dtps"
     assert configs["dynamicvit (default)"].params == {}  # not shipped: evaluated as skipped
     assert list(configs)[0] == "unreduced"
+
+
+def test_sweep_configs_with_learned_checkpoints():
+    extra = {"cropr": {"checkpoint": "c"}, "tps:dtps": {"variant": "dtps"}}
+    configs = sweep_configs(["tome", "cropr"], [1.0, 0.5], extra)
+    labels = [c.label for c in configs]
+    assert labels == ["unreduced", "tome@1", "tome@0.5", "cropr@1", "cropr@0.5", "dtps@1", "dtps@0.5"]
+    assert configs[3].params == {"checkpoint": "c"} and configs[5].params == {"variant": "dtps"}
+    assert configs[6].method == "tps" and configs[6].budget == 0.5

@@ -276,7 +276,18 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     methods = args.methods or [m for m, cls in sorted(REGISTRY.items()) if not cls.learned]
-    configs = sweep_configs(methods, args.budgets)
+    extra: dict[str, dict] = {}
+    if args.data is None and not args.methods:  # the reference model: add the learned methods it ships
+        from .models.reference import shipped_reducers
+
+        shipped = {k: str(v) for k, v in shipped_reducers().items()}
+        for name in ("dynamicvit", "cropr"):  # budget-resolvable learned methods (LTMP's counts are data-driven)
+            if name in shipped:
+                methods.append(name)
+                extra[name] = {"checkpoint": shipped[name]}
+        if "dtps" in shipped:
+            extra["tps:tps-dtps"] = {"variant": "dtps", "checkpoint": shipped["dtps"]}
+    configs = sweep_configs(methods, args.budgets, extra)
     if args.data is None:
         def evaluate(cfgs):
             return evaluate_reference(cfgs, limit=args.limit, repeats=args.repeats, progress=not args.no_progress)

@@ -35,9 +35,23 @@ CSV_COLUMNS = (
 )
 
 
-def sweep_configs(methods: Iterable[str], budgets: Iterable[float]) -> list[Config]:
-    """The unreduced model, then every method at every budget."""
-    return [Config(None)] + [Config(m, budget=b) for m in methods for b in budgets]
+def sweep_configs(
+    methods: Iterable[str], budgets: Iterable[float], params: dict[str, dict[str, Any]] | None = None
+) -> list[Config]:
+    """The unreduced model, then every method at every budget.
+
+    Args:
+        params: extra parameters per method name (e.g. a learned method's ``checkpoint``); a key
+            ``"name:label"`` adds a second series of ``name`` labelled ``label`` with those parameters.
+    """
+    configs = [Config(None)]
+    for m in methods:
+        configs += [Config(m, dict((params or {}).get(m, {})), budget=b) for b in budgets]
+    for key, extra in (params or {}).items():
+        if ":" in key:
+            name, label = key.split(":", 1)
+            configs += [Config(name, dict(extra), budget=b, label=f"{label}@{b:g}") for b in budgets]
+    return configs
 
 
 def read_results(out_dir: str | Path) -> list[dict[str, Any]]:
