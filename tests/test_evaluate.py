@@ -1,0 +1,165 @@
+"""``tokenreduce evaluate``: every method on the reference model, the ImageFolder path, torchrun, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import tokenreduce as tr
+from tokenreduce.cli import main
+from tokenreduce.eval.accuracy import Config, shard_indices
+from tokenreduce.eval.imagefolder import evaluate_imagefolder, subset_indices
+from tokenreduce.methods import get_method
+from tokenreduce.models.reference import PAD, load_reference_model, load_reference_testset, preprocess
+
+PER_CLASS = 3
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    """An ImageFolder built at test time: 3 bundled test images per class as 32×32 PNGs (already zero-padded,
+    so timm's pipeline sees exactly the reference framing), one extra image (31: an odd count), one broken file."""
+    root = tmp_path_factory.mktemp("imagefolder")
+    images, labels = load_reference_testset(limit=300)
+    padded = F.pad(images, (PAD, PAD, PAD, PAD))
+    written = {c: 0 for c in range(10)}
+    for i, (img, label) in enumerate(zip(padded, labels.tolist(), strict=True)):
+        extra = label == 3 and written[3] == PER_CLASS  # one class gets a 4th image
+        if written[label] < PER_CLASS or extra:
+            (root / str(label)).mkdir(exist_ok=True)
+            Image.fromarray(img.numpy(), mode="L").save(root / str(label) / f"{i:04d}.png")
+            written[label] += 1
+    (root / "0" / "broken.png").write_bytes(b"this is not a png")
+    return root
+
+
+def folder_tensors(root: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """The readable images of ``root`` (uint8 N×32×32, cropped back to 28×28 for preprocess) and labels."""
+    xs, ys = [], []
+    for path in sorted(root.glob("*/*.png")):
+        if path.name == "broken.png":
+            continue
+        arr = torch.from_numpy(__import__("numpy").array(Image.open(path)))
+        xs.append(arr[PAD:-PAD, PAD:-PAD])
+        ys.append(int(path.parent.name))
+    return torch.stack(xs), torch.tensor(ys)
+
+
+def test_default_run_every_method_with_analytic_gmacs(tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    args = ["evaluate", "--limit", "40", "--batch-size", "20", "--repeats", "1", "--no-progress", "--json", str(out)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    result = json.loads(out.read_text())
+    rows = {r["label"]: r for r in result["rows"]}
+    model = load_reference_model()
+    assert rows["unreduced"]["gmacs"] == pytest.approx(tr.gmacs(model)) and rows["unreduced"]["speedup"] == 1.0
+    for name in tr.methods():
+        for label in (f"{name} (default)", f"{name}@0.6"):
+            row = rows[label]
+            assert label in printed
+            if get_method(name).learned:
+                assert "checkpoint" in row["skipped"], label
+                continue
+            assert "skipped" not in row, (label, row.get("skipped"))
+            params = {k: tuple(v) if isinstance(v, list) else v for k, v in row["params"].items()}
+            analytic = tr.gmacs(model, name, **params)
+            assert row["gmacs"] == pytest.approx(analytic, rel=1e-9), label
+            assert row["gmacs_analytic"] == pytest.approx(analytic, rel=1e-9), label
+            assert row["samples"] == 40 and 0 <= row["top1"] <= row["top5"] <= 1
+            assert row["delta_top1"] == pytest.approx(row["top1"] - rows["unreduced"]["top1"])
+            assert row["images_per_s"] > 0 and row["speedup"] > 0
+            if label.endswith("@0.6"):
+                assert row["gmacs"] <= 0.6 * row["gmacs_unreduced"] + 1e-12
+
+
+def test_imagefolder_through_timm_pipeline_matches_bundled_path(folder):
+    result = evaluate_imagefolder(
+        "reference", folder, configs=[Config(None), Config("evit", {"keep_rate": 0.5})], repeats=1, progress=False
+    )
+    assert result["samples"] == 10 * PER_CLASS + 2  # 31 images + the broken one
+    assert len(result["skipped_images"]) == 1 and "broken.png" in result["skipped_images"][0]
+    assert result["data_config"]["input_size"] == [1, 32, 32]
+    x, y = folder_tensors(folder)
+    model = load_reference_model()
+    with torch.no_grad():
+        logits = model(preprocess(x))
+    base = result["rows"][0]
+    assert base["samples"] == len(y) == 31
+    assert base["correct1"] == int((logits.argmax(-1) == y).sum())
+    assert base["correct5"] == int((logits.topk(5, -1).indices == y[:, None]).any(-1).sum())
+    assert result["rows"][1]["gmacs"] == pytest.approx(tr.gmacs(model, "evit", keep_rate=0.5))
+
+
+def test_limit_and_sharding_count_every_sample_once():
+    chosen = subset_indices(1000, 37)
+    assert len(chosen) == len(set(chosen)) == 37 and chosen == subset_indices(1000, 37)
+    shards = [shard_indices(37, r, 4) for r in range(4)]
+    assert sorted(i for s in shards for i in s) == list(range(37))
+
+
+def test_distributed_run_gives_the_same_counts(folder, tmp_path):
+    args = ["evaluate", "--data", str(folder), "--method", "tome", "--param", "r=4", "--batch-size", "4"]
+    args += ["--repeats", "1", "--no-progress"]
+    single = tmp_path / "single.json"
+    assert main(args + ["--json", str(single)]) == 0
+    dist_json = tmp_path / "dist.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533"]
+    cmd += ["-m", "tokenreduce.cli", *args, "--json", str(dist_json)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = json.loads(single.read_text()), json.loads(dist_json.read_text())
+    assert one["world_size"] == 1 and two["world_size"] == 2
+    assert two["skipped_images"] == one["skipped_images"] and len(one["skipped_images"]) == 1
+    for a, b in zip(one["rows"], two["rows"], strict=True):
+        assert (a["samples"], a["correct1"], a["correct5"]) == (b["samples"], b["correct1"], b["correct5"])
+        assert a["samples"] == 31
+        assert a["gmacs"] == pytest.approx(b["gmacs"])
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda root: root / "missing", "does not exist"),
+        (lambda root: root, "no images found"),
+        (lambda root: _flat(root), "not in class sub-folders"),
+        (lambda root: _classes(root, 3), "has 3 class folders but reference predicts 10"),
+    ],
+)
+def test_bad_folders_fail_clearly(tmp_path, capsys, make, message):
+    data = make(tmp_path)
+    assert main(["evaluate", "--data", str(data), "--no-progress", "--json", ""]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_unknown_model_and_misuse_fail_clearly(folder, capsys):
+    assert main(["evaluate", "--model", "vit_no_such_model", "--data", str(folder), "--json", ""]) == 2
+    assert "unknown model 'vit_no_such_model'" in capsys.readouterr().err
+    assert main(["evaluate", "--model", "deit_tiny_patch16_224", "--json", ""]) == 2
+    assert "need --data" in capsys.readouterr().err
+    assert main(["evaluate", "--method", "nope", "--limit", "5", "--json", "", "--no-progress"]) == 2
+    assert "unknown method 'nope'" in capsys.readouterr().err
+    args = ["evaluate", "--method", "tome", "--param", "nope=1", "--limit", "5", "--json", "", "--no-progress"]
+    assert main(args) == 2
+    assert "tome: unknown parameter(s) nope" in capsys.readouterr().err
+
+
+def _flat(root: Path) -> Path:
+    Image.new("L", (32, 32)).save(root / "a.png")
+    return root
+
+
+def _classes(root: Path, n: int) -> Path:
+    for c in range(n):
+        (root / f"c{c}").mkdir()
+        Image.new("L", (32, 32)).save(root / f"c{c}" / "a.png")
+    return root
