@@ -33,6 +33,9 @@ def atomic_save_file(tensors: dict[str, Any], path: str | Path, metadata: dict[s
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a checkpoint is an ordinary file
     try:
         save_file(tensors, tmp, metadata=metadata)
         os.replace(tmp, path)
