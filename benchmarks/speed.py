@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _knob(params: dict) -> str:
-    for key in ("r", "keep_rate", "r_tokens"):
+    for key in ("r", "keep_rate", "p"):
         if key in params:
             return f"{key}={params[key]}"
     return ""

@@ -126,3 +126,15 @@ def test_sweep_configs_with_learned_checkpoints():
     assert labels == ["unreduced", "tome@1", "tome@0.5", "cropr@1", "cropr@0.5", "dtps@1", "dtps@0.5"]
     assert configs[3].params == {"checkpoint": "c"} and configs[5].params == {"variant": "dtps"}
     assert configs[6].method == "tps" and configs[6].budget == 0.5
+
+
+def test_reference_evaluation_runs_shipped_learned_reducers():
+    from tokenreduce.eval.accuracy import evaluate_reference, reference_configs
+
+    configs = [c for c in reference_configs(0.6) if c.method is None or "ltmp" in c.label or "dtps" in c.label]
+    rows = {r["label"]: r for r in evaluate_reference(configs, limit=100, batch_size=50, repeats=1, progress=False)}
+    assert set(rows) == {"unreduced", "ltmp (target 0.75)", "ltmp (target 0.6)", "tps dtps (default)", "tps dtps@0.6"}
+    assert all("skipped" not in r for r in rows.values()), rows
+    assert rows["ltmp (target 0.75)"]["gmacs_analytic"] is None  # data-dependent: only measured
+    assert rows["ltmp (target 0.6)"]["gmacs"] < rows["ltmp (target 0.75)"]["gmacs"] < rows["unreduced"]["gmacs"]
+    assert rows["tps dtps@0.6"]["gmacs"] <= 0.6 * rows["unreduced"]["gmacs"] + 1e-12
