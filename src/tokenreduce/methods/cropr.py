@@ -148,8 +148,6 @@ class Cropr(Reducer):
             return state
         index = block - 1
         module = self.module[index]
-        if module.query.device != state.x.device:
-            self.module.to(state.x.device)
         if index == 0:
             self.aux_logits, self._pruned = [], []
         if self.training:

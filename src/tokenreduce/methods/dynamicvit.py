@@ -96,8 +96,6 @@ class DynamicViT(Reducer):
     def before_block(self, block: int, state: TokenState) -> TokenState:
         stage = self.layers.index(block)
         predictor = self.module[stage]
-        if next(predictor.parameters()).device != state.x.device:
-            self.module.to(state.x.device)
         p = state.num_prefix
         patches = state.x[:, p:]
         if self.training:

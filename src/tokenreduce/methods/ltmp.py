@@ -150,8 +150,6 @@ class LTMP(Reducer):
     # -- the reduction ---------------------------------------------------------------
     def reduce(self, block: int, state: TokenState, signals: AttentionSignals) -> TokenState:
         module = self.module
-        if module.merge_threshold.device != state.x.device:
-            module.to(state.x.device)
         theta_m, theta_p = module.merge_threshold[block], module.prune_threshold[block]
         if self.training:
             return self._reduce_soft(state, signals, theta_m, theta_p)

@@ -57,6 +57,11 @@ class ReductionContext:
         """Reset for a new forward whose first block receives ``x`` (B×N×C)."""
         b, n, _ = x.shape
         self.reducer.training = training
+        module = self.reducer.module
+        if module is not None:  # learned parameters follow the activations (the model may have moved)
+            first = next(module.parameters(), None)
+            if first is not None and first.device != x.device:
+                module.to(x.device)
         self.size = self.mask = None
         self.bias = self._bias_of = None
         self.source = None
