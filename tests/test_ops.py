@@ -152,3 +152,22 @@ def test_tome_r_schedules():
     assert parse_r((4, -1), 12) == [8, 7, 6, 5, 5, 4, 3, 2, 2, 1, 0, 0]
     assert parse_r((4, 1), 12) == [0, 0, 1, 2, 2, 3, 4, 5, 5, 6, 7, 8]
     assert parse_r([5, 4], 4) == [5, 4, 0, 0]
+
+
+def test_batched_gather_and_scatter_add_match_their_definitions_per_image():
+    from tokenreduce.ops.gather import batched_gather, batched_scatter_add, head_mean
+
+    x = torch.arange(3 * 5 * 2, dtype=torch.float32).view(3, 5, 2)
+    index = torch.tensor([[4, 0], [1, 1], [3, 2]])
+    out = batched_gather(x, index)
+    for b in range(3):
+        for k in range(2):
+            assert torch.equal(out[b, k], x[b, index[b, k]])
+    groups = torch.tensor([[0, 2, 2, 1, 0], [1, 1, 1, 1, 1], [2, 0, 1, 0, 2]])
+    summed = batched_scatter_add(x, groups, 3)
+    for b in range(3):
+        for g in range(3):
+            assert torch.equal(summed[b, g], x[b][groups[b] == g].sum(dim=0))
+    k = torch.randn(2, 6, 4, 3)
+    assert torch.allclose(head_mean(k), k.mean(dim=1), atol=1e-6)
+    assert torch.equal(head_mean(k[:, :1]), k[:, 0])

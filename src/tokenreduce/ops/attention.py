@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .gather import head_mean
+
 
 @dataclass(frozen=True)
 class AttentionNeeds:
@@ -155,7 +157,7 @@ def attention_with_signals(
         out = out * gate
     out = attn.proj_drop(attn.proj(out))
     signals = AttentionSignals(
-        keys=k.mean(dim=1) if needs.keys else None,
+        keys=head_mean(k) if needs.keys else None,
         cls_attn=cls_attn,
         values=v if needs.values else None,
         probs=probs if needs.probs else None,

