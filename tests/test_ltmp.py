@@ -64,6 +64,20 @@ def test_received_attention_is_the_mean_over_heads_and_live_queries():
     assert float(expected[1, 3:].abs().max()) == 0.0  # padding receives nothing
 
 
+
+def test_one_pass_attention_gives_the_fused_output_and_the_received_attention():
+    from tokenreduce.ops.attention import attention_and_received, received_attention
+
+    torch.manual_seed(1)
+    q, k, v = torch.randn(2, 3, 5, 4), torch.randn(2, 3, 5, 4), torch.randn(2, 3, 5, 4)
+    rows = torch.tensor([[1.0, 1, 1, 1, 1], [1, 1, 0, 1, 0]])
+    bias = torch.log(rows).view(2, 1, 1, 5) + 0.1 * torch.arange(5.0).view(1, 1, 1, 5)
+    out, received = attention_and_received(q, k, v, 0.5, bias, rows)
+    expected_out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=0.5)
+    torch.testing.assert_close(out, expected_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(received, received_attention(q, k, 0.5, bias, rows))
+
+
 MODELS = {
     "vit": lambda: make_vit(),
     "registers": lambda: make_vit(reg_tokens=3),

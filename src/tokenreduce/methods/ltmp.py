@@ -48,6 +48,7 @@ from torch import Tensor, nn
 
 from ..budget import Schedule
 from ..ops.attention import AttentionNeeds, AttentionSignals, KeyMask
+from ..ops.gather import batched_scatter_add
 from ..ops.prune import threshold_mask
 from ..state import TokenState
 from .base import ModelInfo, Reducer, check_fraction
@@ -191,14 +192,12 @@ class LTMP(Reducer):
         size = state.sizes()
         w = merge.unsqueeze(-1).float() * size[:, ::2]  # B×NA×1 merge weights
         idx = partner.unsqueeze(-1)
-        src = w * x[:, ::2].float()
-        num = (size[:, 1::2] * x[:, 1::2].float()).scatter_add(1, idx.expand(-1, -1, x.shape[-1]), src)
-        den = size[:, 1::2].scatter_add(1, idx, w)
+        merged_b, den = _merge_into_b(x.float(), size, w, partner)
         imp_a, imp_b = importance[:, ::2], importance[:, 1::2]
         imp_b = imp_b.scatter_reduce(1, partner, imp_a.masked_fill(~merge, -torch.inf), reduce="amax")
 
         x_full, size_full = x.clone(), size.clone()
-        x_full[:, 1::2] = (num / den).to(x.dtype)
+        x_full[:, 1::2] = merged_b.to(x.dtype)
         size_full[:, 1::2] = den
         alive = live.clone()
         alive[:, ::2] &= ~merge & (imp_a > theta_p)
@@ -232,9 +231,7 @@ class LTMP(Reducer):
         merge = threshold_mask(best.masked_fill(~can_merge, -1.0), theta_m, self.params.tau) * can_merge  # B×NA
         size = state.sizes()
         w = merge.unsqueeze(-1) * size[:, ::2]
-        idx = partner.unsqueeze(-1)
-        num = (size[:, 1::2] * x[:, 1::2]).scatter_add(1, idx.expand(-1, -1, c), w * x[:, ::2])
-        den = size[:, 1::2].scatter_add(1, idx, w)
+        merged_b, den = _merge_into_b(x, size, w, partner)
         with torch.no_grad():
             imp_a, imp_b = importance[:, ::2], importance[:, 1::2]
             merged = merge.detach() > 0
@@ -248,7 +245,7 @@ class LTMP(Reducer):
         # assemble the full-length sequence in original positions, then re-lay out
         x_full = torch.empty_like(x)
         x_full[:, ::2] = x[:, ::2]
-        x_full[:, 1::2] = num / den
+        x_full[:, 1::2] = merged_b
         size_full = torch.empty_like(size)
         size_full[:, ::2] = size[:, ::2]
         size_full[:, 1::2] = den
@@ -257,6 +254,23 @@ class LTMP(Reducer):
         mask_full[:, 1::2, 0] = new_b_mask
         index = layout.expand(bsz, n)
         return TokenState(x_full, size_full, None, p, mask_full).gather(index)
+
+
+def _merge_into_b(x: Tensor, size: Tensor, w: Tensor, partner: Tensor) -> tuple[Tensor, Tensor]:
+    """Weighted merge of the A tokens (even positions) into their B partners (odd positions).
+
+    ``x_b' = (s_b·x_b + Σ_{a→b} w_a·x_a) / (s_b + Σ_{a→b} w_a)``; ``w_a`` is the A token's size
+    times its (hard or straight-through) merge decision.
+
+    Args:
+        x: B×N×C tokens; size: B×N×1; w: B×NA×1 merge weights; partner: B×NA positions within B.
+
+    Returns:
+        ``(x_b', s_b')``: B×NB×C and B×NB×1.
+    """
+    acc = batched_scatter_add(torch.cat([w * x[:, ::2], w], dim=-1), partner, x.shape[1] // 2)
+    den = size[:, 1::2] + acc[..., -1:]
+    return (size[:, 1::2] * x[:, 1::2] + acc[..., :-1]) / den, den
 
 
 def ltmp_loss(

@@ -47,6 +47,8 @@ class ReductionContext:
         self.mask: Tensor | None = None
         self.bias: Tensor | None = None
         self._bias_of: Tensor | None = None
+        self.rows: Tensor | None = None
+        self._rows_of: Tensor | None = None
         self.enabled = True  # False: the model runs its stock forward (e.g. as its own distillation teacher)
         self.num_tokens_in = 0
         self.batch_size = 0
@@ -64,6 +66,7 @@ class ReductionContext:
                 module.to(x.device)
         self.size = self.mask = None
         self.bias = self._bias_of = None
+        self.rows = self._rows_of = None
         self.source = None
         if self.trace_source:
             self.source = torch.eye(n, device=x.device, dtype=x.dtype).expand(b, n, n)
@@ -79,6 +82,15 @@ class ReductionContext:
         if self._bias_of is not self.size:
             self.bias, self._bias_of = size_bias(self.size), self.size
         return self.bias
+
+    def live_rows(self) -> Tensor:
+        """Rows of the live tokens in the B·N flattening of the current mask (ΣN), cached per mask.
+
+        Finding them syncs with the host once per new mask (their number is data-dependent).
+        """
+        if self._rows_of is not self.mask:
+            self.rows, self._rows_of = self.mask.reshape(-1).nonzero().squeeze(1), self.mask
+        return self.rows
 
     def snapshot(self, label: str) -> None:
         """Keep the live tokens' sources after a reduction (for token maps)."""
@@ -115,8 +127,16 @@ def _block_forward(self: Block, x: Tensor, attn_mask: Tensor | None = None, is_c
     n_attn = ctx.count(x)
     needs = ctx.needs[i]
     key_mask = None if ctx.mask is None else reducer.key_mask(ctx.mask)
-    out, signals = attention_with_signals(self.attn, self.norm1(x), ctx.key_bias(), needs or NO_NEEDS, key_mask)
-    x = x + self.drop_path1(self.ls1(out))
+    rows = ctx.live_rows() if key_mask is not None and not key_mask.soft and not self.training else None
+    if rows is None:
+        out, signals = attention_with_signals(self.attn, self.norm1(x), ctx.key_bias(), needs or NO_NEEDS, key_mask)
+        x = x + self.drop_path1(self.ls1(out))
+    else:  # padded batched inference: per-token work on the live tokens only
+        flat = x.reshape(-1, x.shape[-1])
+        out, signals = attention_with_signals(
+            self.attn, self.norm1(flat.index_select(0, rows)), ctx.key_bias(), needs or NO_NEEDS, key_mask, rows
+        )
+        x = flat.index_add(0, rows, self.drop_path1(self.ls1(out)).to(flat.dtype)).view_as(x)
     del out  # free the attention output before the MLP, as the stock block does
     if needs is not None:
         x = ctx.update(reducer.reduce(i, ctx.state(x), signals))
@@ -124,6 +144,13 @@ def _block_forward(self: Block, x: Tensor, attn_mask: Tensor | None = None, is_c
             ctx.snapshot(f"block {i}")
     del signals  # keys / values / probabilities are not needed by the MLP
     ctx.records[i] = (n_attn, ctx.count(x))
+    if ctx.mask is not None and not self.training and not reducer.key_mask(ctx.mask).soft:
+        # The MLP is per-token: run it on the live tokens of all images packed into
+        # one ΣN×C matrix, so padding rows cost nothing; they keep their values.
+        rows = ctx.live_rows()
+        flat = x.reshape(-1, x.shape[-1])
+        update = self.drop_path2(self.ls2(self.mlp(self.norm2(flat.index_select(0, rows)))))
+        return flat.index_add(0, rows, update.to(flat.dtype)).view_as(x)
     return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 

@@ -102,24 +102,33 @@ def attention_with_signals(
     bias: Tensor | None,
     needs: AttentionNeeds = NO_NEEDS,
     key_mask: KeyMask | None = None,
+    packed: Tensor | None = None,
 ) -> tuple[Tensor, AttentionSignals]:
     """Run a timm ``Attention`` module with an optional key bias and key mask.
 
     Args:
         attn: a ``timm.layers.Attention`` module.
-        x: B×N×C normalised input tokens.
+        x: B×N×C normalised input tokens, or ΣN×C live tokens when ``packed`` is given.
         bias: additive bias on the logits of each key, B×1×1×N (``log size``), or ``None``.
         needs: which signals to return.
         key_mask: keys to leave out, or ``None``.
+        packed: for padded batched inference, the rows (of the B·N flattening of the
+            hard ``key_mask``) of the live tokens ``x`` holds.  The per-token
+            projections then run on live tokens only; the attention itself runs on
+            the padded B×N layout (padding keys are zero and masked out).
 
     Returns:
-        ``(out, signals)`` with ``out`` B×N×C_out, as timm's forward would give it
-        (plus the bias).
+        ``(out, signals)`` with ``out`` B×N×C_out (ΣN×C_out when packed), as timm's
+        forward would give it (plus the bias); signals are always B×N.
     """
-    b, n, _ = x.shape
     heads = attn.num_heads
     gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
     qkv = attn.qkv(x)
+    if packed is None:
+        b, n, _ = x.shape
+    else:
+        b, n = key_mask.mask.shape[:2]
+        qkv = qkv.new_zeros(b * n, qkv.shape[-1]).index_copy_(0, packed, qkv).view(b, n, -1)
     head_dim = qkv.shape[-1] // (3 * heads)
     q, k, v = qkv.reshape(b, n, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
@@ -129,8 +138,17 @@ def attention_with_signals(
         hard = key_mask.mask.float().log().transpose(1, 2).unsqueeze(1)  # B×1×1×N: 0 or −inf
         bias = hard if bias is None else bias + hard
 
-    probs = cls_attn = None
-    if needs.probs or soft or not attn.fused_attn:
+    probs = cls_attn = received = None
+    rows = None
+    if needs.received:
+        rows = key_mask.mask[..., 0].float() if key_mask is not None else q.new_ones(b, n, dtype=torch.float32)
+    if needs.received and not (needs.probs or soft or attn.training):
+        # The method needs every probability anyway: one explicit pass per head
+        # gives the output and the received attention (no second QKᵀ).
+        out, received = attention_and_received(q, k, v, attn.scale, bias, rows)
+        if needs.cls_attn:
+            cls_attn = class_attention_row(q, k, attn.scale, bias)
+    elif needs.probs or soft or not attn.fused_attn:
         logits = (q * attn.scale) @ k.transpose(-2, -1)
         if bias is not None:
             logits = logits + bias.to(logits.dtype)
@@ -146,12 +164,12 @@ def attention_with_signals(
         if needs.cls_attn:
             cls_attn = class_attention_row(q, k, attn.scale, bias)
 
-    received = None
-    if needs.received:
-        rows = key_mask.mask[..., 0].float() if key_mask is not None else q.new_ones(b, n, dtype=torch.float32)
+    if needs.received and received is None:
         received = received_attention(q, k, attn.scale, bias, rows, probs)
 
     out = out.transpose(1, 2).reshape(b, n, heads * head_dim)
+    if packed is not None:
+        out = out.view(b * n, -1).index_select(0, packed)
     out = attn.norm(out)
     if gate is not None:
         out = out * gate
@@ -180,6 +198,38 @@ def class_attention_row(q: Tensor, k: Tensor, scale: float, bias: Tensor | None)
         if bias is not None:
             logits = logits + bias.float()
         return logits.softmax(dim=-1).squeeze(2)
+
+
+def attention_and_received(
+    q: Tensor, k: Tensor, v: Tensor, scale: float, bias: Tensor | None, rows: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Explicit softmax attention, one head at a time, plus the attention each key receives.
+
+    Used at inference when a method needs all probabilities (LTMP's importance):
+    the logits and softmax are computed once, in float32, and serve both the
+    output and :func:`received_attention`'s average; only one B×N×N head is held
+    at a time.
+
+    Args:
+        q, k, v: B×H×N×d; bias: B×1×1×N or ``None``; rows: B×N query weights (live tokens).
+
+    Returns:
+        ``(out, received)``: B×H×N×d in ``v``'s dtype, and B×N float32.
+    """
+    heads = q.shape[1]
+    weights = rows.unsqueeze(1)  # B×1×N
+    outs, total = [], None
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        for h in range(heads):
+            logits = (q[:, h].float() * scale) @ k[:, h].float().transpose(-2, -1)
+            if bias is not None:
+                logits = logits + bias[:, 0].float()
+            probs = logits.softmax(dim=-1)
+            outs.append(probs.to(v.dtype) @ v[:, h])
+            share = weights @ probs
+            total = share if total is None else total + share
+        received = total.squeeze(1) / (heads * rows.sum(dim=1, keepdim=True))
+    return torch.stack(outs, dim=1), received
 
 
 def received_attention(
