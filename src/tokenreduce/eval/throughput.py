@@ -22,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..api import apply, gmacs, stats
+from .ceiling import schedule_only_model
 
 
 @dataclass(frozen=True)
@@ -135,8 +136,14 @@ def compare_throughput(
     device: str | torch.device = "cpu",
     progress: bool = True,
     compile: bool = False,
+    ceiling: bool = False,
 ) -> dict[str, Any]:
     """Images/s of ``model`` with and without ``method``, measured in one process.
+
+    With ``ceiling`` (fixed-schedule methods), a third copy that reaches the same
+    token counts by slicing (:mod:`tokenreduce.eval.ceiling`) is timed in the same
+    loop; ``ceiling_efficiency`` is what the schedule allows on this hardware
+    before any of the method's own work.
 
     The unreduced model is a deep copy of ``model`` (same weights, same attention
     kernel).  ``model`` itself is left with the method applied.  With ``compile``
@@ -154,6 +161,9 @@ def compare_throughput(
     if img_size is None:
         img_size = model.patch_embed.img_size
     runners: dict[str, nn.Module] = {"unreduced": base, "reduced": model}
+    if ceiling:
+        reducer = model._tr_ctx.reducer
+        runners["schedule"] = schedule_only_model(copy.deepcopy(base), reducer.schedule(reducer.info.num_tokens))
     if compile:
         runners = {name: torch.compile(m) for name, m in runners.items()}
         warmup = max(warmup, 1)
@@ -188,6 +198,8 @@ def compare_throughput(
         "speedup": speedup,
         "ideal_speedup": 1.0 / gmacs_ratio,
         "efficiency": speedup * gmacs_ratio,
+        "ceiling_speedup": timings["schedule"].images_per_second / base_ips if ceiling else None,
+        "ceiling_efficiency": timings["schedule"].images_per_second / base_ips * gmacs_ratio if ceiling else None,
         "latency_ms_unreduced": _latency_ms(timings["unreduced"]),
         "latency_ms_reduced": _latency_ms(timings["reduced"]),
         "timings": {k: asdict(v) for k, v in timings.items()},
