@@ -83,11 +83,14 @@ class ReductionContext:
             self.bias, self._bias_of = size_bias(self.size), self.size
         return self.bias
 
-    def live_rows(self) -> Tensor:
-        """Rows of the live tokens in the B·N flattening of the current mask (ΣN), cached per mask.
+    def packed_rows(self, training: bool) -> Tensor | None:
+        """For padded batched inference (a hard mask, eval mode): the rows of the live tokens
+        in the B·N flattening of the current mask (ΣN), cached per mask; else ``None``.
 
         Finding them syncs with the host once per new mask (their number is data-dependent).
         """
+        if self.mask is None or training or self.reducer.key_mask(self.mask).soft:
+            return None
         if self._rows_of is not self.mask:
             self.rows, self._rows_of = self.mask.reshape(-1).nonzero().squeeze(1), self.mask
         return self.rows
@@ -127,16 +130,16 @@ def _block_forward(self: Block, x: Tensor, attn_mask: Tensor | None = None, is_c
     n_attn = ctx.count(x)
     needs = ctx.needs[i]
     key_mask = None if ctx.mask is None else reducer.key_mask(ctx.mask)
-    rows = ctx.live_rows() if key_mask is not None and not key_mask.soft and not self.training else None
+    rows = ctx.packed_rows(self.training)
     if rows is None:
         out, signals = attention_with_signals(self.attn, self.norm1(x), ctx.key_bias(), needs or NO_NEEDS, key_mask)
         x = x + self.drop_path1(self.ls1(out))
     else:  # padded batched inference: per-token work on the live tokens only
-        flat = x.reshape(-1, x.shape[-1])
+        live = x.reshape(-1, x.shape[-1]).index_select(0, rows)
         out, signals = attention_with_signals(
-            self.attn, self.norm1(flat.index_select(0, rows)), ctx.key_bias(), needs or NO_NEEDS, key_mask, rows
+            self.attn, self.norm1(live), ctx.key_bias(), needs or NO_NEEDS, key_mask, rows
         )
-        x = flat.index_add(0, rows, self.drop_path1(self.ls1(out)).to(flat.dtype)).view_as(x)
+        x = _add_to_rows(x, rows, self.drop_path1(self.ls1(out)))
     del out  # free the attention output before the MLP, as the stock block does
     if needs is not None:
         x = ctx.update(reducer.reduce(i, ctx.state(x), signals))
@@ -144,14 +147,19 @@ def _block_forward(self: Block, x: Tensor, attn_mask: Tensor | None = None, is_c
             ctx.snapshot(f"block {i}")
     del signals  # keys / values / probabilities are not needed by the MLP
     ctx.records[i] = (n_attn, ctx.count(x))
-    if ctx.mask is not None and not self.training and not reducer.key_mask(ctx.mask).soft:
+    rows = ctx.packed_rows(self.training)
+    if rows is not None:
         # The MLP is per-token: run it on the live tokens of all images packed into
         # one ΣN×C matrix, so padding rows cost nothing; they keep their values.
-        rows = ctx.live_rows()
-        flat = x.reshape(-1, x.shape[-1])
-        update = self.drop_path2(self.ls2(self.mlp(self.norm2(flat.index_select(0, rows)))))
-        return flat.index_add(0, rows, update.to(flat.dtype)).view_as(x)
+        live = x.reshape(-1, x.shape[-1]).index_select(0, rows)
+        return _add_to_rows(x, rows, self.drop_path2(self.ls2(self.mlp(self.norm2(live)))))
     return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+
+def _add_to_rows(x: Tensor, rows: Tensor, update: Tensor) -> Tensor:
+    """``x`` (B×N×C) plus ``update`` (ΣN×C) on the flattened ``rows``; other rows unchanged."""
+    flat = x.reshape(-1, x.shape[-1])
+    return flat.index_add(0, rows, update.to(flat.dtype)).view_as(x)
 
 
 def _model_pool(self: VisionTransformer, x: Tensor, pool_type: str | None = None) -> Tensor:
