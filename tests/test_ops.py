@@ -171,3 +171,22 @@ def test_batched_gather_and_scatter_add_match_their_definitions_per_image():
     k = torch.randn(2, 6, 4, 3)
     assert torch.allclose(head_mean(k), k.mean(dim=1), atol=1e-6)
     assert torch.equal(head_mean(k[:, :1]), k[:, 0])
+    big = torch.randn(2, 6, 197, 384)  # above the single-op size: the in-place chain
+    assert torch.allclose(head_mean(big), big.mean(dim=1), atol=1e-5)
+
+
+def test_merge_rows_cache_serves_inference_and_autograd_alike():
+    """The cached position tensors are kept per inference mode: a merge computed under
+    ``inference_mode`` and then the same shapes with autograd both work and agree."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 9, 4)
+    with torch.inference_mode():
+        expected = merge_wavg(TokenState(x.clone()), bipartite_soft_matching(x.clone(), 3, 1)).x
+    leaf = x.clone().requires_grad_(True)
+    merged = merge_wavg(TokenState(leaf), bipartite_soft_matching(leaf, 3, 1)).x
+    merged.sum().backward()
+    assert torch.allclose(merged.detach(), expected)
+    # every output token is a convex combination of input tokens, so the gradient of the sum
+    # totals one per output token (9 − 3 = 6) in every image and channel
+    assert torch.allclose(leaf.grad.sum(dim=1), torch.full((2, 4), 6.0))
+    assert (leaf.grad[:, 0] == 1).all()  # the class token is copied through

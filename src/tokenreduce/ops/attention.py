@@ -157,7 +157,7 @@ def attention_with_signals(
         if needs.cls_attn:
             cls_attn = probs[:, :, 0].float()
     else:
-        mask = None if bias is None else bias.to(q.dtype)
+        mask = bias if bias is None or bias.dtype == q.dtype else bias.to(q.dtype)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=attn.attn_drop.p if attn.training else 0.0
         )
@@ -265,4 +265,4 @@ def size_bias(size: Tensor | None) -> Tensor | None:
     """Proportional-attention bias ``log s`` as B×1×1×N float32, or ``None`` for unit sizes."""
     if size is None:
         return None
-    return size.log().transpose(1, 2).unsqueeze(1)
+    return size.view(size.shape[0], 1, 1, size.shape[1]).log()  # B×N×1 and B×1×1×N share one memory order

@@ -40,17 +40,18 @@ class BipartiteMatch:
     and never enter the matching.
 
     Attributes:
-        order: B×NA′ positions within A′: the ``r`` merged tokens (strongest edge
-            first), then the unmerged ones (in sequence order when the model has
-            prefix tokens, else in edge order, as in ToMe).
-        dst: B×r positions within B′ receiving ``order[:, :r]``.
+        src: B×r positions within A′ of the merged tokens, strongest edge first.
+        unm: B×(NA′−r) positions within A′ of the unmerged ones (in sequence order
+            when the model has prefix tokens, else in edge order, as in ToMe).
+        dst: B×r positions within B′ receiving ``src``.
         r: tokens merged away per image.
         num_tokens: N, the length of the matched sequence.
         num_prefix: protected leading tokens of the original sequence.
         rows: flat row numbers used by :meth:`merge` (see :func:`merge_rows`).
     """
 
-    order: Tensor
+    src: Tensor
+    unm: Tensor
     dst: Tensor
     r: int
     num_tokens: int
@@ -60,12 +61,12 @@ class BipartiteMatch:
     @property
     def src_idx(self) -> Tensor:
         """B×r positions within A (prefix included) of the tokens merged away."""
-        return self.order[:, : self.r] + (self.num_prefix + 1) // 2
+        return self.src + (self.num_prefix + 1) // 2
 
     @property
     def unm_idx(self) -> Tensor:
         """B×(NA′−r) positions within A (prefix included) of the non-prefix tokens that stay."""
-        return self.order[:, self.r :] + (self.num_prefix + 1) // 2
+        return self.unm + (self.num_prefix + 1) // 2
 
     @property
     def dst_idx(self) -> Tensor:
@@ -99,23 +100,53 @@ class BipartiteMatch:
         return out.view(batch, n - self.r, *x.shape[2:])
 
 
-def merge_rows(order: Tensor, dst: Tensor, r: int, n: int, p: int) -> tuple[Tensor, Tensor, Tensor]:
+def merge_rows(src: Tensor, unm: Tensor, dst: Tensor, n: int, p: int) -> tuple[Tensor, Tensor, Tensor]:
     """Flat row numbers for :meth:`BipartiteMatch.merge`, built once per match.
 
     Args:
-        order: B×NA′ ``[src ; unm]`` positions within A′; dst: B×r positions within B′;
-        r: merges; n: sequence length; p: prefix tokens.
+        src: B×r and unm: B×(NA′−r) positions within A′; dst: B×r positions within B′;
+        n: sequence length; p: prefix tokens.
 
     Returns:
         ``keep`` (B·(N−r) input rows, in output order), ``src`` (B·r input rows
         merged away) and ``dst`` (B·r output rows receiving them).
     """
-    batch, num_a = order.shape
-    seq_a = order * 2 + 2 * ((p + 1) // 2)  # sequence positions of [src ; unm]
-    prefix = torch.arange(p, device=order.device).expand(batch, p)
-    seq_b = torch.arange(2 * (p // 2) + 1, n, 2, device=order.device).expand(batch, -1)
-    keep = torch.cat([prefix, seq_a[:, r:], seq_b], dim=1)
-    return flat_rows(keep, n), flat_rows(seq_a[:, :r], n), flat_rows(dst + (p + num_a - r), n - r)
+    batch, num_unm = unm.shape
+    a_positions, prefix, b_positions = _layout(n, p, batch, unm.device)
+    keep = torch.cat([prefix, a_positions.take(unm), b_positions], dim=1)  # sequence positions, output order
+    r = n - keep.shape[1]
+    return flat_rows(keep, n), flat_rows(a_positions.take(src), n), flat_rows(dst + (p + num_unm), n - r)
+
+
+_LAYOUTS: dict[tuple, tuple[Tensor, Tensor, Tensor]] = {}
+
+
+def _layout(n: int, p: int, batch: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """Constant position tensors of an ``n``-token sequence with ``p`` prefix tokens.
+
+    Returns ``(a_positions, prefix, b_positions)``: the sequence positions of A′ (NA′),
+    and ``prefix`` (B×P) and ``b_positions`` (B×NB′) expanded over the batch.  Cached per
+    shape, device and inference mode (inference tensors cannot enter autograd), because at
+    batch 1 every extra small op counts; built fresh while ``torch.compile`` traces.
+    """
+    if torch.compiler.is_compiling():
+        return _build_layout(n, p, batch, device)
+    key = (n, p, batch, device, torch.is_inference_mode_enabled())
+    cached = _LAYOUTS.get(key)
+    if cached is None:
+        if len(_LAYOUTS) > 256:  # many shapes (e.g. varying batch sizes): start over
+            _LAYOUTS.clear()
+        cached = _LAYOUTS[key] = _build_layout(n, p, batch, device)
+    return cached
+
+
+def _build_layout(n: int, p: int, batch: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    positions = torch.arange(n, device=device)
+    return (
+        positions[2 * ((p + 1) // 2) :: 2].contiguous(),
+        positions[:p].expand(batch, p),
+        positions[2 * (p // 2) + 1 :: 2].expand(batch, -1),
+    )
 
 
 def bipartite_soft_matching(metric: Tensor, r: int, num_prefix: int) -> BipartiteMatch | None:
@@ -133,18 +164,28 @@ def bipartite_soft_matching(metric: Tensor, r: int, num_prefix: int) -> Bipartit
     r = min(r, max_merges(n, num_prefix))
     if r <= 0:
         return None
-    with torch.no_grad():
+    if torch.is_grad_enabled():
+        with torch.no_grad():
+            return _match(metric, r, num_prefix)
+    return _match(metric, r, num_prefix)
+
+
+def _match(metric: Tensor, r: int, num_prefix: int) -> BipartiteMatch:
+    """:func:`bipartite_soft_matching` without autograd, in as few ops as possible (each small op
+    costs ~10 µs at batch 1 once the GEMMs around it have evicted the caches)."""
+    n = metric.shape[1]
+    if metric.dtype != torch.float32:
         metric = metric.float()
-        metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(_EPS)
-        # Prefix positions are left out of both sets, which is the same as ToMe's
-        # −inf on their rows (A) and columns (B), with fewer ops.
-        a = metric[:, 2 * ((num_prefix + 1) // 2) :: 2]
-        b = metric[:, 2 * (num_prefix // 2) + 1 :: 2]
-        scores = a @ b.transpose(-1, -2)  # B×NA′×NB′ cosine similarities
-        node_max, node_idx = scores.max(dim=-1)  # B×NA′
-        order = node_max.argsort(dim=-1, descending=True, stable=True)
-        dst = node_idx.gather(1, order[:, :r])
-        if num_prefix > 0:
-            order = torch.cat([order[:, :r], order[:, r:].sort(dim=-1).values], dim=1)
-        rows = merge_rows(order, dst, r, n, num_prefix)
-    return BipartiteMatch(order=order, dst=dst, r=r, num_tokens=n, num_prefix=num_prefix, rows=rows)
+    metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min_(_EPS)
+    # Prefix positions are left out of both sets, which is the same as ToMe's
+    # −inf on their rows (A) and columns (B), with fewer ops.
+    a = metric[:, 2 * ((num_prefix + 1) // 2) :: 2]
+    b = metric[:, 2 * (num_prefix // 2) + 1 :: 2]
+    node_max, node_idx = torch.bmm(a, b.mT).max(dim=-1)  # best cosine similarity of every A′ token, B×NA′
+    order = node_max.argsort(dim=-1, descending=True, stable=True)
+    src, unm = order.split([r, order.shape[1] - r], dim=1)
+    dst = node_idx.gather(1, src)
+    if num_prefix > 0:
+        unm = unm.sort(dim=-1).values
+    rows = merge_rows(src, unm, dst, n, num_prefix)
+    return BipartiteMatch(src=src, unm=unm, dst=dst, r=r, num_tokens=n, num_prefix=num_prefix, rows=rows)

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-from typing import TYPE_CHECKING
-
 import torch
+import torch.nn.functional as F
 
+from ..state import TokenState
 from .matching import BipartiteMatch
-
-if TYPE_CHECKING:
-    from ..state import TokenState
 
 
 def merge_wavg(state: TokenState, match: BipartiteMatch | None) -> TokenState:
@@ -31,17 +27,19 @@ def merge_wavg(state: TokenState, match: BipartiteMatch | None) -> TokenState:
     """
     if match is None:
         return state
-    x = state.x.float()
+    x = state.x if state.x.dtype == torch.float32 else state.x.float()
     size = state.size
     # One pass for the weighted sum and the sizes: the size rides along as an
     # extra channel, B×N×(C+1).
     if size is None:
-        weighted = torch.cat([x, x.new_ones(x.shape[0], x.shape[1], 1)], dim=-1)
+        weighted = F.pad(x, (0, 1), value=1.0)
     else:
         weighted = torch.cat([x * size, size], dim=-1)
-    merged = match.merge(weighted, mode="sum")
-    size = merged[..., -1:].contiguous()  # do not keep the B×N×(C+1) buffer alive
-    x = (merged[..., :-1] / size).to(state.x.dtype)
+    x, size = match.merge(weighted, mode="sum").split([x.shape[-1], 1], dim=-1)
+    size = size.contiguous()  # do not keep the B×N×(C+1) buffer alive
+    x = x / size
+    if x.dtype != state.x.dtype:
+        x = x.to(state.x.dtype)
     source = None if state.source is None else match.merge(state.source, mode="amax")
     mask = None if state.mask is None else match.merge(state.mask, mode="amax")
-    return replace(state, x=x, size=size, source=source, mask=mask)
+    return TokenState(x, size, source, state.num_prefix, mask)
