@@ -12,7 +12,7 @@ allows on this hardware, so ``ceil. − eff.`` is what the method's own ops cost
 
     python benchmarks/speed.py                       # all methods, ~10 minutes on 2 cores
     python benchmarks/speed.py --methods tome evit --repeats 5 --json speed.json
-    python benchmarks/speed.py --compile             # also torch.compile'd models
+    python benchmarks/speed.py --compile --only-latency --methods tome   # torch.compile'd models (compiled in warm-up)
 """
 
 from __future__ import annotations
@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--compile", action="store_true", help="torch.compile both models as well")
+    parser.add_argument("--compile", action="store_true", help="torch.compile every model (compiled in warm-up)")
+    parser.add_argument("--only-latency", action="store_true", help="batch 1 only (skip the --batch-size columns)")
     parser.add_argument("--json", help="write all rows here")
     args = parser.parse_args(argv)
 
@@ -60,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         for setting in ("default", f"budget={args.budget}"):
             budget = None if setting == "default" else args.budget
             result = {}
-            for bs, repeats in ((args.batch_size, args.repeats), (1, args.latency_repeats)):
+            sizes = [(args.batch_size, args.repeats)] * (not args.only_latency) + [(1, args.latency_repeats)]
+            for bs, repeats in sizes:
                 model = timm.create_model(args.model, pretrained=False)
                 try:
                     result[bs] = compare_throughput(
@@ -70,13 +72,16 @@ def main(argv: list[str] | None = None) -> int:
                 except ValueError as err:
                     print(f"{method:<10} {setting:<30} skipped: {err}")
                     break
-            if len(result) < 2:
+            if len(result) < len(sizes):
                 continue
-            big, one = result[args.batch_size], result[1]
-            label = setting if budget is None else f"{setting} ({_knob(big['params'])})"
-            print(f"{method:<10} {label:<30} {big['gmacs_ratio']:>11.3f} {big['ideal_speedup']:>5.2f}x "
-                  f"{big['speedup']:>12.2f}x {big['efficiency']:>5.2f} {big['ceiling_efficiency']:>5.2f} "
-                  f"{one['speedup']:>11.2f}x {one['efficiency']:>5.2f} {one['ceiling_efficiency']:>5.2f}")
+            big, one = result.get(args.batch_size), result[1]
+            label = setting if budget is None else f"{setting} ({_knob(one['params'])})"
+            throughput = (
+                f"{big['speedup']:>12.2f}x {big['efficiency']:>5.2f} {big['ceiling_efficiency']:>5.2f}"
+                if big else f"{'-':>13} {'-':>5} {'-':>5}"
+            )
+            print(f"{method:<10} {label:<30} {one['gmacs_ratio']:>11.3f} {one['ideal_speedup']:>5.2f}x "
+                  f"{throughput} {one['speedup']:>11.2f}x {one['efficiency']:>5.2f} {one['ceiling_efficiency']:>5.2f}")
             sys.stdout.flush()
             rows.append({"method": method, "setting": setting, "throughput": big, "latency": one})
     if args.json:
