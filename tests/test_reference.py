@@ -85,3 +85,35 @@ def test_preprocessing_and_augmentation_frame_images_alike():
     flipped = torch.rand(16, generator=ref) < 0.5
     expected = torch.where(flipped[:, None, None, None], x.flip(-1), x)
     torch.testing.assert_close(a, expected)
+
+
+def _write_idx(folder, split: str, images: torch.Tensor, labels: torch.Tensor) -> None:
+    import gzip
+
+    n, h, w = images.shape
+    header = b"".join(v.to_bytes(4, "big") for v in (2051, n, h, w))
+    (folder / f"{split}-images-idx3-ubyte.gz").write_bytes(gzip.compress(header + images.numpy().tobytes()))
+    header = b"".join(v.to_bytes(4, "big") for v in (2049, n))
+    label_bytes = labels.to(torch.uint8).numpy().tobytes()
+    (folder / f"{split}-labels-idx1-ubyte.gz").write_bytes(gzip.compress(header + label_bytes))
+
+
+def test_train_reference_exports_a_checkpoint_that_loads_with_its_recorded_width(tmp_path):
+    """The training recipe end to end on a few synthetic idx images: weights + JSON written, the
+    JSON records the width actually trained, and ``load_reference_model`` rebuilds that width."""
+    from tokenreduce.training.reference import train_reference
+
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.arange(64) % 10
+    images = (torch.rand(64, 28, 28, generator=gen) * 60 + labels.view(-1, 1, 1) * 19).to(torch.uint8)
+    _write_idx(tmp_path, "train", images, labels)
+    _write_idx(tmp_path, "t10k", images[:20], labels[:20])
+    info = train_reference(
+        str(tmp_path), str(tmp_path / "run"), epochs=1, batch_size=32, embed_dim=32, label_smoothing=0.0,
+        max_shift=1, compile=False, progress=False, threads=None,
+    )
+    assert info["config"]["embed_dim"] == 32 and info["training"]["steps"] == 2
+    assert info["training"]["label_smoothing"] == 0.0 and "up to 1 px" in info["training"]["augmentation"]
+    model = load_reference_model(tmp_path / "run" / WEIGHTS_FILE)
+    assert model.embed_dim == 32 and len(model.blocks) == 12
+    assert accuracy(model, images[:20], labels[:20]) == info["test_top1"]

@@ -197,7 +197,11 @@ def cmd_train_reference(args: argparse.Namespace) -> int:
             args.data,
             args.out,
             epochs=args.epochs,
+            batch_size=args.batch_size,
             lr=args.lr,
+            weight_decay=args.weight_decay,
+            label_smoothing=args.label_smoothing,
+            embed_dim=args.embed_dim,
             max_shift=args.shift,
             warmup_epochs=args.warmup,
             init=args.init,
@@ -403,6 +407,10 @@ def build_parser() -> argparse.ArgumentParser:
     tref.add_argument("--out", default="runs/reference", help="run folder (checkpoint, metrics.jsonl, export)")
     tref.add_argument("--epochs", type=int, default=10)
     tref.add_argument("--lr", type=float, default=5e-4, help="peak AdamW learning rate")
+    tref.add_argument("--batch-size", type=int, default=128)
+    tref.add_argument("--weight-decay", type=float, default=0.05, help="AdamW weight decay (not on norms/biases)")
+    tref.add_argument("--label-smoothing", type=float, default=0.1)
+    tref.add_argument("--embed-dim", type=int, help="model width (default 64; --init keeps the init's)")
     tref.add_argument("--shift", type=int, default=0, help="random translation augmentation, max pixels")
     tref.add_argument("--warmup", type=float, default=1.0, help="linear warm-up, epochs")
     tref.add_argument("--init", help="start from these weights (a second phase) instead of random ones")

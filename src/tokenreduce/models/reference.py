@@ -56,9 +56,13 @@ def data_path(name: str) -> Path:
     return Path(str(resources.files("tokenreduce") / "data" / name))
 
 
-def build_reference_model() -> VisionTransformer:
-    """The reference architecture with freshly initialised weights."""
-    model = VisionTransformer(**REFERENCE_CONFIG)
+def build_reference_model(config: dict[str, Any] | None = None) -> VisionTransformer:
+    """The reference architecture with freshly initialised weights.
+
+    ``config``: ``VisionTransformer`` keyword arguments that override :data:`REFERENCE_CONFIG`
+    (a checkpoint's JSON records the ones it was trained with, e.g. another ``embed_dim``).
+    """
+    model = VisionTransformer(**{**REFERENCE_CONFIG, **(config or {})})
     model.pretrained_cfg = {
         "input_size": (1, 32, 32),
         "mean": (MEAN,),
@@ -83,7 +87,9 @@ def load_reference_model(path: str | Path | None = None) -> VisionTransformer:
     path = data_path(WEIGHTS_FILE) if path is None else Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"reference checkpoint {path} not found (is the package installed with its data?)")
-    model = build_reference_model()
+    info_path = path.with_name(INFO_FILE)
+    config = json.loads(info_path.read_text()).get("config") if info_path.is_file() else None
+    model = build_reference_model(config)
     model.load_state_dict(load_file(str(path)))
     return model.eval()
 

@@ -68,6 +68,7 @@ def train_reference(
     warmup_epochs: float = 1.0,
     label_smoothing: float = 0.1,
     max_shift: int = 0,
+    embed_dim: int | None = None,
     seed: int = 0,
     init: str | None = None,
     compile: bool = True,
@@ -80,23 +81,33 @@ def train_reference(
 
     ``init``: start from these weights (safetensors) instead of a random initialisation — a
     second training phase; the first phase's JSON (``reference_vit.json`` next to it) is
-    recorded under ``training.previous``.
+    recorded under ``training.previous`` and its architecture is kept.  ``embed_dim``: width
+    (default :data:`REFERENCE_CONFIG`'s; heads stay at 4).
     """
     if threads:
         torch.set_num_threads(threads)
     train_x, train_y = load_fashion_mnist(data_dir, "train")
     test_x, test_y = load_fashion_mnist(data_dir, "t10k")
     torch.manual_seed(seed)
-    model = build_reference_model()
+    config = dict(REFERENCE_CONFIG)
+    if embed_dim is not None:
+        config["embed_dim"] = embed_dim
     previous = None
+    if init is not None:
+        info_path = Path(init).with_name(INFO_FILE)
+        if info_path.is_file():
+            init_info = json.loads(info_path.read_text())
+            previous = init_info["training"]
+            config.update(init_info.get("config", {}))
+        else:
+            previous = {"weights": init}
+    model = build_reference_model(config)
     if init is not None:
         from safetensors.torch import load_file
 
         model.load_state_dict(load_file(init))
-        info_path = Path(init).with_name(INFO_FILE)
-        previous = json.loads(info_path.read_text())["training"] if info_path.is_file() else {"weights": init}
     steps_per_epoch = len(train_x) // batch_size
-    config = TrainConfig(
+    train_config = TrainConfig(
         out_dir=out_dir,
         epochs=epochs,
         batch_size=batch_size,
@@ -117,7 +128,7 @@ def train_reference(
         model,
         task,
         TensorDataset(train_x, train_y),
-        config,
+        train_config,
         evaluate=lambda m: {"test_top1": accuracy(m, test_x, test_y)},
     )
     top1 = accuracy(model.eval(), test_x, test_y)
@@ -127,7 +138,7 @@ def train_reference(
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / WEIGHTS_FILE))
     info = {
         "model": "timm.models.vision_transformer.VisionTransformer",
-        "config": REFERENCE_CONFIG,
+        "config": config,
         "preprocessing": {"pad": "28x28 zero-padded by 2 to 32x32", "mean": MEAN, "std": STD},
         "test_top1": top1,
         "test_samples": len(test_x),
