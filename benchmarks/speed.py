@@ -61,7 +61,9 @@ def main(argv: list[str] | None = None) -> int:
         for setting in ("default", f"budget={args.budget}"):
             budget = None if setting == "default" else args.budget
             result = {}
-            sizes = [(args.batch_size, args.repeats)] * (not args.only_latency) + [(1, args.latency_repeats)]
+            sizes = [(1, args.latency_repeats)]
+            if not args.only_latency:
+                sizes.insert(0, (args.batch_size, args.repeats))
             for bs, repeats in sizes:
                 model = timm.create_model(args.model, pretrained=False)
                 try:

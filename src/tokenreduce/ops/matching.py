@@ -114,8 +114,7 @@ def merge_rows(src: Tensor, unm: Tensor, dst: Tensor, n: int, p: int) -> tuple[T
     batch, num_unm = unm.shape
     a_positions, prefix, b_positions = _layout(n, p, batch, unm.device)
     keep = torch.cat([prefix, a_positions.take(unm), b_positions], dim=1)  # sequence positions, output order
-    r = n - keep.shape[1]
-    return flat_rows(keep, n), flat_rows(a_positions.take(src), n), flat_rows(dst + (p + num_unm), n - r)
+    return flat_rows(keep, n), flat_rows(a_positions.take(src), n), flat_rows(dst + (p + num_unm), keep.shape[1])
 
 
 _LAYOUTS: dict[tuple, tuple[Tensor, Tensor, Tensor]] = {}
