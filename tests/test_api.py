@@ -14,6 +14,16 @@ FOUNDATION_METHODS = {"tome": {}, "evit": {}, "random": {}}
 
 def test_methods_lists_registered_names():
     assert {"tome", "evit", "random"} <= set(tr.methods())
+    assert tr.methods() == sorted(tr.methods())
+
+
+def test_method_modules_import_by_dotted_path():
+    # tr.methods() is callable, yet tokenreduce.methods must stay the importable subpackage.
+    import tokenreduce.methods.tome as tome_module
+    from tokenreduce.methods.evit import EViT
+
+    assert tome_module.ToMe is tr.methods.REGISTRY["tome"]
+    assert EViT is tr.methods.REGISTRY["evit"]
 
 
 NO_REDUCTION = [("tome", {"r": 0}), ("evit", {"keep_rate": 1.0}), ("random", {"keep_rate": 1.0})]

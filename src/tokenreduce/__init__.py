@@ -5,7 +5,8 @@
 >>> tr.apply(model, "tome", r=13)       # doctest: +SKIP
 """
 
-from .api import apply, gmacs, methods, remove, stats, unreduced
+from . import methods
+from .api import apply, gmacs, remove, stats, unreduced
 from .calibrate import calibrate
 from .state import TokenState
 from .viz import visualize

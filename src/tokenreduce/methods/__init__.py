@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+import types
+
 from .base import ModelInfo, Reducer
 from .bat import BAT
 from .cropr import Cropr
@@ -27,6 +30,20 @@ def get_method(name: str) -> type[Reducer]:
         raise ValueError(f"unknown method {name!r}; available: {', '.join(sorted(REGISTRY))}")
     return REGISTRY[name.lower()]
 
+
+class _CallablePackage(types.ModuleType):
+    """``tokenreduce.methods`` is this package and also lists the names when called.
+
+    ``tr.methods()`` is the documented way to list methods, and ``import tokenreduce.methods.tome`` must keep
+    working; a plain function named ``methods`` on the top-level package would shadow the subpackage.
+    """
+
+    def __call__(self) -> list[str]:
+        """Names of the available methods, sorted."""
+        return sorted(REGISTRY)
+
+
+sys.modules[__name__].__class__ = _CallablePackage
 
 __all__ = [
     "BAT", "Cropr", "DynamicViT", "EViT", "LTMP", "PPT", "REGISTRY", "TPS", "ModelInfo", "RandomPrune", "Reducer",
