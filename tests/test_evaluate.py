@@ -15,7 +15,7 @@ from PIL import Image
 
 import tokenreduce as tr
 from tokenreduce.cli import main
-from tokenreduce.eval.accuracy import Config, shard_indices
+from tokenreduce.eval.accuracy import Config, reference_checkpoint, shard_indices
 from tokenreduce.eval.imagefolder import evaluate_imagefolder, subset_indices
 from tokenreduce.models.reference import PAD, load_reference_model, load_reference_testset, preprocess
 
@@ -79,6 +79,25 @@ def test_default_run_every_method_with_analytic_gmacs(tmp_path, capsys):
             assert row["gmacs_analytic"] == pytest.approx(analytic, rel=1e-9), label
             if label.endswith("@0.6"):
                 assert row["gmacs"] <= 0.6 * row["gmacs_unreduced"] + 1e-12
+
+
+def test_method_flag_runs_learned_methods_from_the_shipped_reducers(tmp_path):
+    out = tmp_path / "eval.json"
+    args = ["evaluate", "--method", "ltmp", "dynamicvit", "--budget", "0.6", "--limit", "20", "--repeats", "1",
+            "--no-progress", "--json", str(out)]
+    assert main(args) == 0
+    rows = {r["method"]: r for r in json.loads(out.read_text())["rows"]}
+    assert "skipped" not in rows["ltmp"] and "skipped" not in rows["dynamicvit"]
+    assert rows["ltmp"]["label"] == "ltmp@0.6 [ltmp_0.6]"  # the checkpoint trained for the closest target
+    assert rows["dynamicvit"]["label"] == "dynamicvit@0.6 [dynamicvit]"
+
+
+def test_reference_checkpoint_choice():
+    assert reference_checkpoint("ltmp", {}).endswith("ltmp_0.75.safetensors")
+    assert reference_checkpoint("ltmp", {}, budget=0.55).endswith("ltmp_0.6.safetensors")
+    assert reference_checkpoint("ltmp", {"target": 0.7}, budget=0.55).endswith("ltmp_0.75.safetensors")
+    assert reference_checkpoint("tps", {"variant": "dtps"}).endswith("dtps.safetensors")
+    assert reference_checkpoint("tps", {}) is None and reference_checkpoint("tome", {}) is None
 
 
 def test_imagefolder_through_timm_pipeline_matches_bundled_path(folder):

@@ -107,6 +107,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         evaluate_reference,
         format_table,
         init_distributed_from_env,
+        reference_checkpoint,
         reference_configs,
     )
     from .eval.imagefolder import REFERENCE_NAME, evaluate_imagefolder
@@ -124,7 +125,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.method:
-        configs = [Config(None)] + [Config(m, params, args.budget) for m in args.method]
+        configs = [Config(None)]
+        for name in args.method:
+            # on the reference model a learned method runs from its shipped reducer unless given one
+            shipped = reference_checkpoint(name, params, args.budget) if args.data is None else None
+            if shipped and "checkpoint" not in params:
+                label = f"{Config(name, params, args.budget).label} [{Path(shipped).stem}]"
+                configs.append(Config(name, {**params, "checkpoint": shipped}, args.budget, label=label))
+            else:
+                configs.append(Config(name, params, args.budget))
     elif params:
         print("error: --param needs --method", file=sys.stderr)
         return 2

@@ -320,6 +320,26 @@ def reference_configs(budget: float = 0.6) -> list[Config]:
     return configs
 
 
+def reference_checkpoint(method: str, params: dict[str, Any], budget: float | None = None) -> str | None:
+    """The reducer checkpoint shipped for ``method`` on the reference model, or ``None`` (none needed / none shipped).
+
+    LTMP has two (trained for targets 0.75 and 0.6): the one closest to ``params["target"]``, else to
+    ``budget``, else 0.75.  TPS has one for ``variant="dtps"`` only.
+    """
+    from ..models.reference import shipped_reducers
+
+    shipped = shipped_reducers()
+    if method == "ltmp":
+        trained = {0.75: "ltmp_0.75", 0.6: "ltmp_0.6"}
+        target = float(params.get("target", budget if budget is not None else 0.75))
+        key = trained[min(trained, key=lambda t: abs(t - target))]
+    elif method == "tps":
+        key = "dtps" if params.get("variant") == "dtps" else None
+    else:
+        key = method
+    return str(shipped[key]) if key in shipped else None
+
+
 def batched(x: Tensor, y: Tensor, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
     """Consecutive batches of (``x`` N×..., ``y`` N)."""
     for i in range(0, len(x), batch_size):
