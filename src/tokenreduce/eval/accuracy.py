@@ -301,22 +301,23 @@ def reference_configs(budget: float = 0.6) -> list[Config]:
     for target 0.75 as its default row and the one for 0.6 as its budget row; dTPS as extra rows);
     a learned method with no shipped checkpoint stays in the table as skipped.
     """
-    from ..models.reference import shipped_reducers
-
-    shipped = {name: str(path) for name, path in shipped_reducers().items()}
     configs = [Config(None)]
     for name in methods():
-        if name == "ltmp" and {"ltmp_0.75", "ltmp_0.6"} <= set(shipped):
-            configs.append(Config("ltmp", {"checkpoint": shipped["ltmp_0.75"]}, label="ltmp (target 0.75)"))
-            configs.append(Config("ltmp", {"checkpoint": shipped["ltmp_0.6"]}, label="ltmp (target 0.6)"))
-            continue
-        params = {"checkpoint": shipped[name]} if name in shipped else {}
+        if name == "ltmp":
+            ltmp = {target: reference_checkpoint("ltmp", {"target": target}) for target in (0.75, 0.6)}
+            if all(ltmp.values()):
+                for target, path in ltmp.items():
+                    configs.append(Config("ltmp", {"checkpoint": path}, label=f"ltmp (target {target:g})"))
+                continue
+        shipped = reference_checkpoint(name, {}) if name != "ltmp" else None  # LTMP: both targets or none
+        params = {"checkpoint": shipped} if shipped else {}
         configs.append(Config(name, params, label=f"{name} (default)"))
         configs.append(Config(name, params, budget, label=f"{name}@{budget:g}"))
-        if name == "tps" and "dtps" in shipped:
-            dtps = {"variant": "dtps", "checkpoint": shipped["dtps"]}
-            configs.append(Config("tps", dtps, label="tps dtps (default)"))
-            configs.append(Config("tps", dtps, budget, label=f"tps dtps@{budget:g}"))
+        dtps = reference_checkpoint("tps", {"variant": "dtps"}) if name == "tps" else None
+        if dtps:
+            params = {"variant": "dtps", "checkpoint": dtps}
+            configs.append(Config("tps", params, label="tps dtps (default)"))
+            configs.append(Config("tps", params, budget, label=f"tps dtps@{budget:g}"))
     return configs
 
 

@@ -39,8 +39,10 @@ class _CallablePackage(types.ModuleType):
     """
 
     def __call__(self) -> list[str]:
-        """Names of the available methods, sorted."""
-        return sorted(REGISTRY)
+        """Names of the available methods, sorted (:func:`tokenreduce.api.methods`)."""
+        from ..api import methods
+
+        return methods()
 
 
 sys.modules[__name__].__class__ = _CallablePackage
