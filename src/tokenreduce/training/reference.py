@@ -61,7 +61,7 @@ def train_reference(
     data_dir: str = DEFAULT_DATA,
     out_dir: str = "runs/reference",
     *,
-    epochs: int = 14,
+    epochs: int = 32,
     batch_size: int = 128,
     lr: float = 2e-3,
     weight_decay: float = 0.05,
@@ -72,6 +72,7 @@ def train_reference(
     seed: int = 0,
     init: str | None = None,
     compile: bool = True,
+    amp: bool = True,
     resume: bool = False,
     threads: int | None = 2,
     progress: bool = True,
@@ -82,7 +83,13 @@ def train_reference(
     ``init``: start from these weights (safetensors) instead of a random initialisation — a
     second training phase; the first phase's JSON (``reference_vit.json`` next to it) is
     recorded under ``training.previous`` and its architecture is kept.  ``embed_dim``: width
-    (default :data:`REFERENCE_CONFIG`'s; heads stay at 4).
+    (default :data:`REFERENCE_CONFIG`'s; heads stay at 4).  ``amp``: bf16 autocast for the
+    training forward/backward (weights and optimizer state stay fp32; the per-epoch test
+    accuracy is measured in fp32).
+
+    The attention of the blocks runs unfused (explicit ``q @ k.T``, softmax, ``@ v``) while
+    training: for 16-wide heads on 65 tokens it trains faster on CPU than fused SDPA (measured
+    here: 1.15× in fp32, 2.7× under bf16 autocast); the exported model uses fused attention.
     """
     if threads:
         torch.set_num_threads(threads)
@@ -119,18 +126,23 @@ def train_reference(
         log_every=20,
         resume=resume,
         compile=compile,
+        amp=amp,
         progress=progress,
     )
     task = ClassificationTask(
         transform=functools.partial(augment, max_shift=max_shift), label_smoothing=label_smoothing
     )
-    result = train(
-        model,
-        task,
-        TensorDataset(train_x, train_y),
-        train_config,
-        evaluate=lambda m: {"test_top1": accuracy(m, test_x, test_y)},
-    )
+    _set_fused_attention(model, False)
+    try:
+        result = train(
+            model,
+            task,
+            TensorDataset(train_x, train_y),
+            train_config,
+            evaluate=lambda m: {"test_top1": accuracy(m, test_x, test_y)},
+        )
+    finally:
+        _set_fused_attention(model, True)
     top1 = accuracy(model.eval(), test_x, test_y)
     out = Path(out_dir)
     from safetensors.torch import save_file
@@ -150,6 +162,7 @@ def train_reference(
             "optimizer": f"AdamW lr={lr} wd={weight_decay} (not on pos_embed, cls_token, biases, norms), "
             f"{warmup_epochs} epoch warm-up, cosine to 1e-5, grad clip 1.0",
             "label_smoothing": label_smoothing,
+            "precision": "bf16 autocast (fp32 weights)" if amp else "fp32",
             "augmentation": f"horizontal flip, random translation up to {max_shift} px",
             "seed": seed,
             "wall_time_s": round(result.wall_time_s, 1),
@@ -162,6 +175,13 @@ def train_reference(
     }
     (out / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
     return info
+
+
+def _set_fused_attention(model: nn.Module, fused: bool) -> None:
+    """Switch timm's fused SDPA on or off in every attention layer of ``model``."""
+    for module in model.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = fused
 
 
 def _total_wall(previous: dict[str, Any] | None) -> float:
