@@ -409,7 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     tref = sub.add_parser(
         "train-reference",
-        help="train the bundled reference ViT on Fashion-MNIST (the shipped recipe: ~50 min on 2 CPU cores)",
+        help="train the bundled reference ViT on Fashion-MNIST (the shipped recipe: ~1 hour on 2 CPU cores)",
         description="Train the reference model from the original Fashion-MNIST idx files and export "
         "reference_vit.safetensors + reference_vit.json into --out. The defaults are the shipped recipe "
         "(32 epochs, bf16 autocast). --init starts a second phase from earlier weights.",

@@ -9,11 +9,13 @@ configuration, provenance, licence, command and accuracy.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import platform
 import shlex
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -88,8 +90,8 @@ def train_reference(
     accuracy is measured in fp32).
 
     The attention of the blocks runs unfused (explicit ``q @ k.T``, softmax, ``@ v``) while
-    training: for 16-wide heads on 65 tokens it trains faster on CPU than fused SDPA (measured
-    here: 1.15× in fp32, 2.7× under bf16 autocast); the exported model uses fused attention.
+    training: for 16-wide heads on 65 tokens it trains faster on CPU than fused SDPA (see
+    ``benchmarks/train_speed.py``); the exported model uses fused attention.
     """
     if threads:
         torch.set_num_threads(threads)
@@ -132,8 +134,7 @@ def train_reference(
     task = ClassificationTask(
         transform=functools.partial(augment, max_shift=max_shift), label_smoothing=label_smoothing
     )
-    _set_fused_attention(model, False)
-    try:
+    with unfused_attention(model):
         result = train(
             model,
             task,
@@ -141,8 +142,6 @@ def train_reference(
             train_config,
             evaluate=lambda m: {"test_top1": accuracy(m, test_x, test_y)},
         )
-    finally:
-        _set_fused_attention(model, True)
     top1 = accuracy(model.eval(), test_x, test_y)
     out = Path(out_dir)
     from safetensors.torch import save_file
@@ -177,11 +176,18 @@ def train_reference(
     return info
 
 
-def _set_fused_attention(model: nn.Module, fused: bool) -> None:
-    """Switch timm's fused SDPA on or off in every attention layer of ``model``."""
-    for module in model.modules():
-        if hasattr(module, "fused_attn"):
-            module.fused_attn = fused
+@contextlib.contextmanager
+def unfused_attention(model: nn.Module) -> Iterator[None]:
+    """Run every timm attention layer of ``model`` unfused inside the block; each layer's own setting after it."""
+    layers = [m for m in model.modules() if hasattr(m, "fused_attn")]
+    before = [m.fused_attn for m in layers]
+    for m in layers:
+        m.fused_attn = False
+    try:
+        yield
+    finally:
+        for m, fused in zip(layers, before, strict=True):
+            m.fused_attn = fused
 
 
 def _total_wall(previous: dict[str, Any] | None) -> float:
