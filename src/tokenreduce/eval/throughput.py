@@ -137,6 +137,7 @@ def compare_throughput(
     progress: bool = True,
     compile: bool = False,
     ceiling: bool = False,
+    baseline: nn.Module | None = None,
 ) -> dict[str, Any]:
     """Images/s of ``model`` with and without ``method``, measured in one process.
 
@@ -149,6 +150,12 @@ def compare_throughput(
     kernel).  ``model`` itself is left with the method applied.  With ``compile``
     both are wrapped in ``torch.compile`` (compilation happens during warm-up,
     which is then at least one forward).
+
+    ``baseline``, when given, is timed as the unreduced model as it is (not copied,
+    not compiled again): pass one prepared runner, e.g. ``torch.compile(copy)`` of
+    an unreduced model with the same architecture, to share it across many calls
+    (compiling is the slow part of a compiled benchmark on a CPU).  It must be on
+    ``device`` and in eval mode.
 
     Returns:
         A JSON-friendly dict with both throughputs, the speed-up, both GMACs and
@@ -165,8 +172,13 @@ def compare_throughput(
         reducer = model._tr_ctx.reducer
         runners["schedule"] = schedule_only_model(copy.deepcopy(base), reducer.schedule(reducer.info.num_tokens))
     if compile:
-        runners = {name: torch.compile(m) for name, m in runners.items()}
+        runners = {name: m if name == "unreduced" and baseline is not None else torch.compile(m)
+                   for name, m in runners.items()}
         warmup = max(warmup, 1)
+    if baseline is not None:
+        if baseline.training:
+            raise ValueError("compare_throughput: baseline must be in eval mode")
+        runners["unreduced"] = baseline
     timings = time_forward(
         runners,
         batch_size,
@@ -190,6 +202,7 @@ def compare_throughput(
         "compiled": compile,
         "device": str(device),
         "threads": torch.get_num_threads(),
+        "shared_baseline": baseline is not None,
         "gmacs_unreduced": gmacs(base),
         "gmacs_reduced": red_stats.gmacs,
         "gmacs_ratio": gmacs_ratio,
