@@ -25,6 +25,7 @@ class ModelInfo:
     num_patches: int
     cost: CostModel
     num_classes: int = 0
+    has_class_token: bool = True  # False: the signal ``cls_attn`` is the mean attention each key receives
 
     @property
     def num_tokens(self) -> int:

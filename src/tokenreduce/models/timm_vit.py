@@ -132,12 +132,15 @@ def _block_forward(self: Block, x: Tensor, attn_mask: Tensor | None = None, is_c
     key_mask = None if ctx.mask is None else reducer.key_mask(ctx.mask)
     rows = ctx.packed_rows(self.training)
     if rows is None:
-        out, signals = attention_with_signals(self.attn, self.norm1(x), ctx.key_bias(), needs or NO_NEEDS, key_mask)
+        out, signals = attention_with_signals(
+            self.attn, self.norm1(x), ctx.key_bias(), needs or NO_NEEDS, key_mask, class_token=ctx.info.has_class_token
+        )
         x = x + self.drop_path1(self.ls1(out))
     else:  # padded batched inference: per-token work on the live tokens only
         live = x.reshape(-1, x.shape[-1]).index_select(0, rows)
         out, signals = attention_with_signals(
-            self.attn, self.norm1(live), ctx.key_bias(), needs or NO_NEEDS, key_mask, rows
+            self.attn, self.norm1(live), ctx.key_bias(), needs or NO_NEEDS, key_mask, rows,
+            class_token=ctx.info.has_class_token,
         )
         x = _add_to_rows(x, rows, self.drop_path1(self.ls1(out)))
     del out  # free the attention output before the MLP, as the stock block does
@@ -230,6 +233,7 @@ def model_info(model: VisionTransformer) -> ModelInfo:
         num_patches=model.patch_embed.num_patches,
         cost=CostModel.from_model(model),
         num_classes=getattr(model, "num_classes", 0) or 0,
+        has_class_token=getattr(model, "cls_token", None) is not None,
     )
 
 

@@ -8,7 +8,11 @@ request:
 
 * ``keys``: head-averaged keys, B×N×d (ToMe's similarity metric);
 * ``cls_attn``: the class token's softmax attention row, B×H×N, computed from
-  q_cls against all keys (one row, not the N×N matrix), in float32;
+  q_cls against all keys (one row, not the N×N matrix), in float32.  A model
+  without a class token (``class_token=False``, e.g. ``global_pool='avg'`` ViTs)
+  gets a substitute of the same shape instead: the attention each key receives per
+  head, averaged over the (live) query rows (:func:`mean_query_attention`; all
+  N×N probabilities, computed one head at a time next to the fused kernel);
 * ``values``: the value vectors, B×H×N×d;
 * ``probs``: the full attention probabilities B×H×N×N (forces the explicit path);
 * ``received``: the attention each key receives, averaged over heads and live
@@ -103,6 +107,7 @@ def attention_with_signals(
     needs: AttentionNeeds = NO_NEEDS,
     key_mask: KeyMask | None = None,
     packed: Tensor | None = None,
+    class_token: bool = True,
 ) -> tuple[Tensor, AttentionSignals]:
     """Run a timm ``Attention`` module with an optional key bias and key mask.
 
@@ -116,6 +121,8 @@ def attention_with_signals(
             hard ``key_mask``) of the live tokens ``x`` holds.  The per-token
             projections then run on live tokens only; the attention itself runs on
             the padded B×N layout (padding keys are zero and masked out).
+        class_token: whether token 0 is a class token.  Without one, ``cls_attn`` is
+            the per-head attention each key receives, averaged over the live queries.
 
     Returns:
         ``(out, signals)`` with ``out`` B×N×C_out (ΣN×C_out when packed), as timm's
@@ -140,28 +147,29 @@ def attention_with_signals(
 
     probs = cls_attn = received = None
     rows = None
-    if needs.received:
+    if needs.received or (needs.cls_attn and not class_token):
         rows = key_mask.mask[..., 0].float() if key_mask is not None else q.new_ones(b, n, dtype=torch.float32)
     if needs.received and not (needs.probs or soft or attn.training):
         # The method needs every probability anyway: one explicit pass per head
         # gives the output and the received attention (no second QKᵀ).
         out, received = attention_and_received(q, k, v, attn.scale, bias, rows)
-        if needs.cls_attn:
-            cls_attn = class_attention_row(q, k, attn.scale, bias)
     elif needs.probs or soft or not attn.fused_attn:
         logits = (q * attn.scale) @ k.transpose(-2, -1)
         if bias is not None:
             logits = logits + bias.to(logits.dtype)
         probs = masked_softmax(logits, key_mask).to(v.dtype) if soft else logits.softmax(dim=-1)
         out = attn.attn_drop(probs) @ v
-        if needs.cls_attn:
-            cls_attn = probs[:, :, 0].float()
     else:
         mask = bias if bias is None or bias.dtype == q.dtype else bias.to(q.dtype)
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=attn.attn_drop.p if attn.training else 0.0
         )
-        if needs.cls_attn:
+    if needs.cls_attn:
+        if not class_token:
+            cls_attn = mean_query_attention(q, k, attn.scale, bias, rows, probs)
+        elif probs is not None:
+            cls_attn = probs[:, :, 0].float()
+        else:
             cls_attn = class_attention_row(q, k, attn.scale, bias)
 
     if needs.received and received is None:
@@ -232,12 +240,44 @@ def attention_and_received(
     return torch.stack(outs, dim=1), received
 
 
+def mean_query_attention(
+    q: Tensor, k: Tensor, scale: float, bias: Tensor | None, rows: Tensor, probs: Tensor | None = None
+) -> Tensor:
+    """Attention every key receives in each head, averaged over the query rows weighted by ``rows``.
+
+    ``m_h[j] = Σ_i rows_i · P_h[i, j] / Σ_i rows_i``, in float32.  Stands in for the
+    class token's attention row in models without a class token; gradients flow
+    when autograd is on.
+
+    Args:
+        q, k: B×H×N×d; bias: B×1×1×N or ``None``; rows: B×N query weights (live tokens);
+        probs: B×H×N×N probabilities if already computed (then no recomputation).
+
+    Returns:
+        B×H×N.
+    """
+    weights = rows.float().unsqueeze(1)  # B×1×N
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        if probs is not None:
+            per_head = (weights.unsqueeze(1) @ probs.float()).squeeze(2)
+        else:
+            shares = []
+            for h in range(q.shape[1]):  # one B×N×N head at a time keeps peak memory at the fused kernel's level
+                logits = (q[:, h].float() * scale) @ k[:, h].float().transpose(-2, -1)
+                if bias is not None:
+                    logits = logits + bias[:, 0].float()
+                shares.append((weights @ logits.softmax(dim=-1)).squeeze(1))
+            per_head = torch.stack(shares, dim=1)
+        return per_head / weights.sum(dim=-1, keepdim=True)
+
+
 def received_attention(
     q: Tensor, k: Tensor, scale: float, bias: Tensor | None, rows: Tensor, probs: Tensor | None = None
 ) -> Tensor:
     """Attention received by every key, averaged over heads and the query rows weighted by ``rows``.
 
-    ``r_j = Σ_h Σ_i rows_i · P_h[i, j] / (H · Σ_i rows_i)``, in float32 and without gradient.
+    ``r_j = Σ_h Σ_i rows_i · P_h[i, j] / (H · Σ_i rows_i)``, in float32 and without gradient:
+    the head average of :func:`mean_query_attention`.
 
     Args:
         q, k: B×H×N×d; bias: B×1×1×N or ``None``; rows: B×N query weights (live tokens);
@@ -246,19 +286,8 @@ def received_attention(
     Returns:
         B×N.
     """
-    heads = q.shape[1]
-    weights = rows.unsqueeze(1)  # B×1×N
-    with torch.no_grad(), torch.autocast(device_type=q.device.type, enabled=False):
-        if probs is not None:
-            total = (weights @ probs.float().sum(dim=1)).squeeze(1)
-        else:
-            total = torch.zeros_like(rows)
-            for h in range(heads):  # one B×N×N head at a time keeps peak memory at the fused kernel's level
-                logits = (q[:, h].float() * scale) @ k[:, h].float().transpose(-2, -1)
-                if bias is not None:
-                    logits = logits + bias[:, 0].float()
-                total = total + (weights @ logits.softmax(dim=-1)).squeeze(1)
-        return total / (heads * rows.sum(dim=1, keepdim=True))
+    with torch.no_grad():
+        return mean_query_attention(q, k, scale, bias, rows, probs).mean(dim=1)
 
 
 def size_bias(size: Tensor | None) -> Tensor | None:
