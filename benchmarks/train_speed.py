@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
+from _rounds import median_rates
 
 from tokenreduce.models.reference import build_reference_model
 from tokenreduce.training.reference import unfused_attention
@@ -69,15 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             step()
         runners.append(step)
 
-    rates: list[list[float]] = [[] for _ in SETTINGS]
-    for _ in range(args.rounds):
-        for i, step in enumerate(runners):
-            start = time.perf_counter()
-            for _ in range(args.steps):
-                step()
-            rates[i].append(args.steps * args.batch_size / (time.perf_counter() - start))
-
-    medians = [statistics.median(r) for r in rates]
+    medians = median_rates(runners, args.rounds, args.steps, args.batch_size)
     print(f"# reference ViT training step, batch {args.batch_size}, {torch.get_num_threads()} threads, "
           f"{'eager' if args.no_compile else 'torch.compile'}, torch {torch.__version__}")
     print(f"{'setting':<32} {'images/s':>9} {'vs fp32 fused':>13}")

@@ -8,6 +8,7 @@ import json
 import pytest
 
 import tokenreduce as tr
+from tokenreduce.checkpoint import read_reducer
 from tokenreduce.cli import load_model, main, parse_param
 
 
@@ -84,6 +85,11 @@ def test_train_command_on_an_image_folder(tmp_path, capsys):
     assert (out / "reducer.safetensors").exists()
     assert "2/3 steps" in capsys.readouterr().out
     assert main(args[:3] + ["--model", "deit_tiny_patch16_224", "--out", str(out)]) == 2  # --model without --data
+    bf16_out = tmp_path / "run_bf16"
+    assert main(args[:-6] + [str(bf16_out), "--batch-size", "2", "--max-steps", "1", "--no-progress",
+                             "--precision", "bf16"]) == 0
+    assert read_reducer(bf16_out / "reducer.safetensors")[0]["extra"]["precision"] == "bf16 autocast (fp32 weights)"
+    assert read_reducer(out / "reducer.safetensors")[0]["extra"]["precision"] == "fp32"  # auto on a CPU
 
 
 def test_sweep_command_on_an_image_folder(tmp_path, capsys):

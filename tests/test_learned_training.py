@@ -106,3 +106,21 @@ def test_two_process_gloo_training_keeps_reducers_identical(tmp_path, method):
         changed |= not torch.equal(value, initial.state_dict()[name])
     assert changed
     assert (tmp_path / "reducer.safetensors").exists()
+
+
+@pytest.mark.parametrize("amp", [False, True])
+def test_precision_is_applied_and_recorded(tmp_path, amp):
+    from tokenreduce.checkpoint import read_reducer
+
+    model = make_vit()
+    dtypes = []
+    model.head.register_forward_hook(lambda mod, inp, out: dtypes.append(out.dtype))
+    out = train_reducer(model, "cropr", _data(32), out_dir=str(tmp_path), batch_size=16, epochs=1, p=2,
+                        progress=False, amp=amp)
+    assert dtypes and set(dtypes) == {torch.bfloat16 if amp else torch.float32}  # autocast really on (or off)
+    precision = "bf16 autocast (fp32 weights)" if amp else "fp32"
+    meta, _ = read_reducer(out["checkpoint"])
+    assert meta["extra"]["precision"] == precision
+    assert all(p.dtype == torch.float32 for p in model._tr_ctx.reducer.module.parameters())
+    start = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    assert start["config"]["amp"] is amp and start["config"]["extra"]["precision"] == precision
