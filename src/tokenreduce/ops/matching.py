@@ -16,6 +16,7 @@ class token exists); otherwise they stay in edge-score order, as in ToMe.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +25,10 @@ from torch import Tensor
 from .gather import flat_rows
 
 _EPS = 1e-6
+
+# ``index_reduce_`` (the max-merge of source maps and live masks) is stable in use but
+# flagged beta by PyTorch, which warns on first call; that warning is not the user's concern.
+warnings.filterwarnings("ignore", message=r"index_reduce\(\) is in beta", category=UserWarning)
 
 
 def max_merges(num_tokens: int, num_prefix: int) -> int:
