@@ -33,7 +33,7 @@ import timm
 import torch
 
 import tokenreduce as tr
-from tokenreduce.eval.throughput import compare_throughput
+from tokenreduce.eval.throughput import allow_many_compiled_models, compare_throughput
 
 DATA_DEPENDENT = {"ltmp"}  # its counts depend on trained thresholds and the images: timed on real data instead
 
@@ -61,8 +61,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     if args.compile:
-        torch._dynamo.config.automatic_dynamic_shapes = False  # a static graph per model, as deployed
-        torch._dynamo.config.recompile_limit = 1024  # dozens of models share timm's forward code
+        allow_many_compiled_models()
     ceiling = not args.no_ceiling
     network = timm.create_model(args.model, pretrained=False).eval()
     baselines: dict[int, torch.nn.Module] = {}  # compiled unreduced model per batch size, shared by all rows

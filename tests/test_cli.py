@@ -45,6 +45,30 @@ def test_benchmark_writes_consistent_json(tmp_path, capsys):
     assert "speed-up" in capsys.readouterr().out
 
 
+def test_benchmark_compile_flag_reaches_the_timing_and_lifts_dynamo_limits(monkeypatch, capsys):
+    import torch
+
+    import tokenreduce.eval.throughput as throughput
+
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)  # restored after the test
+    monkeypatch.setattr(torch._dynamo.config, "automatic_dynamic_shapes", True)
+    seen = []
+
+    def fake_compare(model, method, params, **kwargs):
+        seen.append(kwargs["compile"])
+        raise ValueError("stop here")  # the command reports it and exits 2
+
+    monkeypatch.setattr(throughput, "compare_throughput", fake_compare)
+    base = ["benchmark", "--model", "deit_tiny_patch16_224", "--img-size", "64", "--batch-size", "1", "--dtype", "fp32"]
+    assert main(base) == 2
+    assert torch._dynamo.config.recompile_limit == 8  # untouched without --compile
+    assert main(base + ["--compile"]) == 2
+    assert seen == [False, True]
+    assert torch._dynamo.config.recompile_limit >= 1024
+    assert torch._dynamo.config.automatic_dynamic_shapes is False
+    assert "stop here" in capsys.readouterr().err
+
+
 def test_unknown_model_is_a_clear_error():
     with pytest.raises(SystemExit, match="Unknown model"):
         load_model("no_such_vit", False)

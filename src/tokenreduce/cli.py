@@ -63,10 +63,12 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
 def cmd_benchmark(args: argparse.Namespace) -> int:
     import torch
 
-    from .eval.throughput import compare_throughput
+    from .eval.throughput import allow_many_compiled_models, compare_throughput
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.compile:
+        allow_many_compiled_models()
     params = dict(args.param or [])
     rows = []
     for method in args.method:
@@ -84,6 +86,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
                         warmup=args.warmup,
                         dtype=dtype,
                         device=args.device,
+                        compile=args.compile,
                     )
                 except (ValueError, TypeError) as err:
                     print(f"error: {err}", file=sys.stderr)
@@ -378,6 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--warmup", type=int, default=2)
     bench.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     bench.add_argument("--device", default="cpu")
+    bench.add_argument("--compile", action="store_true",
+                       help="torch.compile both models (compiled during warm-up, untimed; minutes per model on a CPU)")
     bench.add_argument("--json", help="write the results as JSON here")
     bench.set_defaults(func=cmd_benchmark)
 

@@ -118,6 +118,18 @@ def time_forward(
     return {name: TimingResult(batch_size, s) for name, s in seconds.items()}
 
 
+def allow_many_compiled_models() -> None:
+    """Let one process ``torch.compile`` dozens of models, each with its own static-shape graph.
+
+    Every timm ViT shares the same ``forward`` code, and dynamo's recompile limit (8 per code
+    object) would otherwise send every model after the 8th back to eager, silently.
+    Automatic dynamic shapes are turned off as well, so a model whose shapes differ from
+    the previous one's gets a static graph, as it would deployed alone.  Process-wide.
+    """
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 1024)
+    torch._dynamo.config.automatic_dynamic_shapes = False
+
+
 def _latency_ms(timing: TimingResult) -> dict[str, float]:
     return {"p50": timing.median * 1e3, "p90": timing.percentile(90) * 1e3}
 
