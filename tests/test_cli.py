@@ -50,8 +50,6 @@ def test_benchmark_compile_flag_reaches_the_timing_and_lifts_dynamo_limits(monke
 
     import tokenreduce.eval.throughput as throughput
 
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)  # restored after the test
-    monkeypatch.setattr(torch._dynamo.config, "automatic_dynamic_shapes", True)
     seen = []
 
     def fake_compare(model, method, params, **kwargs):
@@ -60,12 +58,15 @@ def test_benchmark_compile_flag_reaches_the_timing_and_lifts_dynamo_limits(monke
 
     monkeypatch.setattr(throughput, "compare_throughput", fake_compare)
     base = ["benchmark", "--model", "deit_tiny_patch16_224", "--img-size", "64", "--batch-size", "1", "--dtype", "fp32"]
-    assert main(base) == 2
-    assert torch._dynamo.config.recompile_limit == 8  # untouched without --compile
-    assert main(base + ["--compile"]) == 2
-    assert seen == [False, True]
-    assert torch._dynamo.config.recompile_limit >= 1024
-    assert torch._dynamo.config.automatic_dynamic_shapes is False
+    # config.patch puts dynamo's process-wide settings back afterwards, whatever the command set
+    with torch._dynamo.config.patch(recompile_limit=8, automatic_dynamic_shapes=True):
+        assert main(base) == 2
+        assert torch._dynamo.config.recompile_limit == 8  # untouched without --compile
+        assert main(base + ["--compile"]) == 2
+        assert seen == [False, True]
+        assert torch._dynamo.config.recompile_limit >= 1024
+        assert torch._dynamo.config.automatic_dynamic_shapes is False
+    assert torch._dynamo.config.recompile_limit == 8 and torch._dynamo.config.automatic_dynamic_shapes is True
     assert "stop here" in capsys.readouterr().err
 
 
