@@ -50,6 +50,8 @@ def test_benchmark_compile_flag_reaches_the_timing_and_lifts_dynamo_limits(monke
 
     import tokenreduce.eval.throughput as throughput
 
+    limit = throughput.RECOMPILE_LIMIT
+    name = limit if hasattr(torch._dynamo.config, limit) else "cache_size_limit"  # torch < 2.6 name
     seen = []
 
     def fake_compare(model, method, params, **kwargs):
@@ -59,14 +61,14 @@ def test_benchmark_compile_flag_reaches_the_timing_and_lifts_dynamo_limits(monke
     monkeypatch.setattr(throughput, "compare_throughput", fake_compare)
     base = ["benchmark", "--model", "deit_tiny_patch16_224", "--img-size", "64", "--batch-size", "1", "--dtype", "fp32"]
     # config.patch puts dynamo's process-wide settings back afterwards, whatever the command set
-    with torch._dynamo.config.patch(recompile_limit=8, automatic_dynamic_shapes=True):
+    with torch._dynamo.config.patch({name: 8, "automatic_dynamic_shapes": True}):
         assert main(base) == 2
-        assert torch._dynamo.config.recompile_limit == 8  # untouched without --compile
+        assert getattr(torch._dynamo.config, name) == 8  # untouched without --compile
         assert main(base + ["--compile"]) == 2
         assert seen == [False, True]
-        assert torch._dynamo.config.recompile_limit >= 1024
+        assert getattr(torch._dynamo.config, name) >= 1024
         assert torch._dynamo.config.automatic_dynamic_shapes is False
-    assert torch._dynamo.config.recompile_limit == 8 and torch._dynamo.config.automatic_dynamic_shapes is True
+    assert getattr(torch._dynamo.config, name) == 8 and torch._dynamo.config.automatic_dynamic_shapes is True
     assert "stop here" in capsys.readouterr().err
 
 

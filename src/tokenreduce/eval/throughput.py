@@ -126,8 +126,13 @@ def allow_many_compiled_models() -> None:
     Automatic dynamic shapes are turned off as well, so a model whose shapes differ from
     the previous one's gets a static graph, as it would deployed alone.  Process-wide.
     """
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 1024)
-    torch._dynamo.config.automatic_dynamic_shapes = False
+    config = torch._dynamo.config
+    limit = RECOMPILE_LIMIT if hasattr(config, RECOMPILE_LIMIT) else "cache_size_limit"  # torch < 2.6 name
+    setattr(config, limit, max(getattr(config, limit), 1024))
+    config.automatic_dynamic_shapes = False
+
+
+RECOMPILE_LIMIT = "recompile_limit"
 
 
 def _latency_ms(timing: TimingResult) -> dict[str, float]:
