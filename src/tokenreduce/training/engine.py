@@ -40,6 +40,11 @@ CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_NAME = "metrics.jsonl"
 
 
+def precision_label(amp: bool) -> str:
+    """How a run's arithmetic is described in its records (``TrainConfig.amp`` resolved)."""
+    return "bf16 autocast (fp32 weights)" if amp else "fp32"
+
+
 @dataclass
 class TrainConfig:
     """Hyper-parameters and bookkeeping of one training run.

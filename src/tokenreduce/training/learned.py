@@ -244,7 +244,7 @@ def train_reducer(
     """
     from ..api import apply
     from ..checkpoint import save_reducer
-    from .engine import TrainConfig, _dist_info, train
+    from .engine import TrainConfig, _dist_info, precision_label, train
 
     apply(model, method, **params)
     reducer = model._tr_ctx.reducer
@@ -256,7 +256,7 @@ def train_reducer(
         warmup_fraction = 0.0 if task.optimizer == "sgd" else 1.0 / 6.0
     base_lr = task.lr if lr is None else lr
     use_amp = amp if amp is not None else torch.device(device).type == "cuda"
-    precision = "bf16 autocast (fp32 weights)" if use_amp else "fp32"
+    precision = precision_label(use_amp)
     config = TrainConfig(
         out_dir=out_dir, epochs=epochs, batch_size=batch_size, lr=base_lr, min_lr=base_lr * 1e-3,
         weight_decay=0.0 if task.optimizer == "sgd" else 0.05, warmup_steps=int(total * warmup_fraction),

@@ -34,7 +34,7 @@ from ..models.reference import (
     load_fashion_mnist,
     preprocess,
 )
-from .engine import TrainConfig, train
+from .engine import TrainConfig, precision_label, train
 from .tasks import ClassificationTask
 
 DEFAULT_DATA = "/usr/share/datasets/fashion-mnist"
@@ -161,7 +161,7 @@ def train_reference(
             "optimizer": f"AdamW lr={lr} wd={weight_decay} (not on pos_embed, cls_token, biases, norms), "
             f"{warmup_epochs} epoch warm-up, cosine to 1e-5, grad clip 1.0",
             "label_smoothing": label_smoothing,
-            "precision": "bf16 autocast (fp32 weights)" if amp else "fp32",
+            "precision": precision_label(amp),
             "augmentation": f"horizontal flip, random translation up to {max_shift} px",
             "seed": seed,
             "wall_time_s": round(result.wall_time_s, 1),
