@@ -118,6 +118,9 @@ def time_forward(
     return {name: TimingResult(batch_size, s) for name, s in seconds.items()}
 
 
+RECOMPILE_LIMIT = "recompile_limit"  # dynamo's name since torch 2.6 (before: ``cache_size_limit``)
+
+
 def allow_many_compiled_models() -> None:
     """Let one process ``torch.compile`` dozens of models, each with its own static-shape graph.
 
@@ -130,9 +133,6 @@ def allow_many_compiled_models() -> None:
     limit = RECOMPILE_LIMIT if hasattr(config, RECOMPILE_LIMIT) else "cache_size_limit"  # torch < 2.6 name
     setattr(config, limit, max(getattr(config, limit), 1024))
     config.automatic_dynamic_shapes = False
-
-
-RECOMPILE_LIMIT = "recompile_limit"
 
 
 def _latency_ms(timing: TimingResult) -> dict[str, float]:
@@ -178,24 +178,21 @@ def compare_throughput(
         A JSON-friendly dict with both throughputs, the speed-up, both GMACs and
         the efficiency (speed-up divided by the GMACs ratio's inverse).
     """
+    if baseline is not None and baseline.training:
+        raise ValueError("compare_throughput: baseline must be in eval mode")
     params = dict(params or {})
     model = model.eval().to(device)
     base = copy.deepcopy(model)
     apply(model, method, budget=budget, **params)
     if img_size is None:
         img_size = model.patch_embed.img_size
-    runners: dict[str, nn.Module] = {"unreduced": base, "reduced": model}
+    runners: dict[str, nn.Module] = {"unreduced": base if baseline is None else baseline, "reduced": model}
     if ceiling:
         reducer = model._tr_ctx.reducer
         runners["schedule"] = schedule_only_model(copy.deepcopy(base), reducer.schedule(reducer.info.num_tokens))
-    if compile:
-        runners = {name: m if name == "unreduced" and baseline is not None else torch.compile(m)
-                   for name, m in runners.items()}
+    if compile:  # a shared baseline is already prepared: timed as it is
+        runners = {name: m if m is baseline else torch.compile(m) for name, m in runners.items()}
         warmup = max(warmup, 1)
-    if baseline is not None:
-        if baseline.training:
-            raise ValueError("compare_throughput: baseline must be in eval mode")
-        runners["unreduced"] = baseline
     timings = time_forward(
         runners,
         batch_size,
