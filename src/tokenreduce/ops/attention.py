@@ -208,6 +208,14 @@ def class_attention_row(q: Tensor, k: Tensor, scale: float, bias: Tensor | None)
         return logits.softmax(dim=-1).squeeze(2)
 
 
+def _head_probs(q: Tensor, k: Tensor, scale: float, bias: Tensor | None, head: int) -> Tensor:
+    """Softmax attention of one head in float32, B×N×N (call with autocast off)."""
+    logits = (q[:, head].float() * scale) @ k[:, head].float().transpose(-2, -1)
+    if bias is not None:
+        logits = logits + bias[:, 0].float()
+    return logits.softmax(dim=-1)
+
+
 def attention_and_received(
     q: Tensor, k: Tensor, v: Tensor, scale: float, bias: Tensor | None, rows: Tensor
 ) -> tuple[Tensor, Tensor]:
@@ -229,10 +237,7 @@ def attention_and_received(
     outs, total = [], None
     with torch.autocast(device_type=q.device.type, enabled=False):
         for h in range(heads):
-            logits = (q[:, h].float() * scale) @ k[:, h].float().transpose(-2, -1)
-            if bias is not None:
-                logits = logits + bias[:, 0].float()
-            probs = logits.softmax(dim=-1)
+            probs = _head_probs(q, k, scale, bias, h)
             outs.append(probs.to(v.dtype) @ v[:, h])
             share = weights @ probs
             total = share if total is None else total + share
@@ -261,12 +266,8 @@ def mean_query_attention(
         if probs is not None:
             per_head = (weights.unsqueeze(1) @ probs.float()).squeeze(2)
         else:
-            shares = []
-            for h in range(q.shape[1]):  # one B×N×N head at a time keeps peak memory at the fused kernel's level
-                logits = (q[:, h].float() * scale) @ k[:, h].float().transpose(-2, -1)
-                if bias is not None:
-                    logits = logits + bias[:, 0].float()
-                shares.append((weights @ logits.softmax(dim=-1)).squeeze(1))
+            # one B×N×N head at a time keeps peak memory at the fused kernel's level
+            shares = [(weights @ _head_probs(q, k, scale, bias, h)).squeeze(1) for h in range(q.shape[1])]
             per_head = torch.stack(shares, dim=1)
         return per_head / weights.sum(dim=-1, keepdim=True)
 
