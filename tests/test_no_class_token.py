@@ -18,6 +18,13 @@ import tokenreduce as tr
 from tokenreduce.ops.attention import AttentionNeeds, attention_with_signals, mean_query_attention
 
 
+def explicit_probs(attn, x):
+    """The rule written out: the full softmax of every head, B×H×N×N, from the module's own weights."""
+    b, n, c = x.shape
+    q, k, _ = attn.qkv(x).reshape(b, n, 3, attn.num_heads, c // attn.num_heads).permute(2, 0, 3, 1, 4)
+    return ((q @ k.transpose(-2, -1)) / math.sqrt(c // attn.num_heads)).softmax(dim=-1)
+
+
 def test_mean_query_attention_by_hand():
     # Head 0: zero queries, so every row is softmax(log s) = s / Σs = [1/4, 1/2, 1/4].
     # Head 1: q_i = 20·e_i, k_j = e_j: each query attends (up to e^-20) only to itself,
@@ -41,10 +48,7 @@ def test_attention_signal_without_class_token_is_the_mean_over_queries(fused):
         out_plain = attn(x)
         out, signals = attention_with_signals(attn, x, None, AttentionNeeds(cls_attn=True), class_token=False)
         out_cls, signals_cls = attention_with_signals(attn, x, None, AttentionNeeds(cls_attn=True))
-        # The rule written out: full softmax per head, then the average over the query rows.
-        b, n, c = x.shape
-        q, k, _ = attn.qkv(x).reshape(b, n, 3, attn.num_heads, c // attn.num_heads).permute(2, 0, 3, 1, 4)
-        probs = ((q @ k.transpose(-2, -1)) / math.sqrt(c // attn.num_heads)).softmax(dim=-1)
+        probs = explicit_probs(attn, x)
     torch.testing.assert_close(out, out_plain)
     torch.testing.assert_close(signals.cls_attn, probs.mean(dim=2))
     torch.testing.assert_close(signals_cls.cls_attn, probs[:, :, 0])  # with a class token: row 0
@@ -59,11 +63,8 @@ def test_evit_without_class_token_keeps_the_most_attended_tokens():
     images = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         model(images)
-        attn = model.blocks[3].attn
-        x = captured["x"]  # block 3's attention input: all 64 patch tokens, no reduction before it
-        b, n, c = x.shape
-        q, k, _ = attn.qkv(x).reshape(b, n, 3, attn.num_heads, c // attn.num_heads).permute(2, 0, 3, 1, 4)
-        probs = ((q @ k.transpose(-2, -1)) / math.sqrt(c // attn.num_heads)).softmax(dim=-1)
+        # block 3's attention input: all 64 patch tokens, no reduction before it
+        probs = explicit_probs(model.blocks[3].attn, captured["x"])
     importance = probs.mean(dim=(1, 2))  # B×N: heads and queries averaged
     expected = importance.topk(32, dim=1).indices.sort(dim=1).values
     stages = dict(model._tr_ctx.stages)
