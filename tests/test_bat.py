@@ -8,9 +8,11 @@ import torch
 from conftest import make_vit
 
 import tokenreduce as tr
+from tokenreduce.methods import bat as bat_module
 from tokenreduce.methods.bat import BAT, default_num_clusters
 from tokenreduce.models.timm_vit import model_info
 from tokenreduce.ops.attention import AttentionSignals
+from tokenreduce.ops.cluster import dpc_knn
 from tokenreduce.state import TokenState
 
 # 8 patches behind a CLS token.  Attentive (top 4 by class attention): positions 4, 2, 8, 6.
@@ -67,12 +69,36 @@ def test_attentive_pairs_are_merged(info):
     assert out.num_tokens == reducer.tokens_after(9)
 
 
+def test_dpc_knn_form_is_threaded_to_the_clustering(info, monkeypatch):
+    seen = []
+
+    def spy(x, num_clusters, k, include_self, distance_scale):
+        seen.append((num_clusters, k, include_self, distance_scale))
+        return dpc_knn(x, num_clusters, k, include_self, distance_scale)
+
+    monkeypatch.setattr(bat_module, "dpc_knn", spy)
+    state = TokenState(X, None, torch.eye(9).unsqueeze(0), 1)
+    BAT.create(info, keep_rate=0.5, num_clusters=2, k=1).reduce(3, state, _signals())
+    options = {"knn_include_self": True, "distance_scale": "none"}
+    BAT.create(info, keep_rate=0.5, num_clusters=2, k=1, **options).reduce(3, state, _signals())
+    # defaults: the shipped form (self excluded, distances ÷√C)
+    assert seen == [(2, 1, False, "sqrt_dim"), (2, 1, True, "none")]
+    assert BAT.create(info, **options).config()["distance_scale"] == "none"
+
+
 def _forward(model, images):
     with torch.no_grad():
         return model(images)
 
 
-@pytest.mark.parametrize("params", [{}, {"num_attentive_merges": 3, "num_clusters": 4, "k": 3}])
+@pytest.mark.parametrize(
+    "params",
+    [
+        {},
+        {"num_attentive_merges": 3, "num_clusters": 4, "k": 3},
+        {"knn_include_self": True, "distance_scale": "none"},  # TCFormer's density, raw distances
+    ],
+)
 @pytest.mark.parametrize("family", ["plain", "distilled", "registers"])
 def test_bookkeeping_on_models(family, params):
     if family == "distilled":
@@ -109,6 +135,13 @@ def test_counts_and_gmacs():
     merged = [m for n, m in BAT.create(info, num_attentive_merges=10).schedule(197) if n != m]
     # 1+138-10+7 = 136; 135 patches: 1+95-10+(1+round(4.0)) = 91; 90 patches: 1+63-10+(1+round(2.7)) = 58
     assert merged == [136, 91, 58]
+    # the comparison with BAT's logged GMACs in the module docstring and README
+    rates = (0.7, 0.6, 0.5, 0.4, 0.3, 0.2)
+    assert [round(tr.gmacs(model, "bat", keep_rate=r), 3) for r in rates] == [3.151, 2.783, 2.461, 2.206, 1.973, 1.790]
+    one = [round(tr.gmacs(model, "bat", keep_rate=r, num_clusters=1), 3) for r in rates]
+    assert one == [3.029, 2.635, 2.309, 2.043, 1.817, 1.644]
+    logged = (3.005, 2.583, 2.344, 2.083, 1.823, 1.645)
+    assert max(abs(a - b) for a, b in zip(one, logged, strict=True)) == pytest.approx(0.052)
     tr.apply(model, "bat", budget=0.6)
     keep_rate = model._tr_ctx.reducer.params.keep_rate
     assert tr.gmacs(model, "bat", keep_rate=keep_rate) <= 0.6 * tr.gmacs(model)
@@ -122,6 +155,10 @@ def test_counts_and_gmacs():
         ({"num_clusters": 2.5}, "num_clusters"),
         ({"num_attentive_merges": -1}, "num_attentive_merges"),
         ({"k": 0}, "k must be"),
+        ({"knn_include_self": 1}, "knn_include_self must be a bool"),
+        ({"knn_include_self": "yes"}, "knn_include_self must be a bool"),
+        ({"distance_scale": "sqrt"}, "bat: distance_scale must be one of 'sqrt_dim', 'none'"),
+        ({"distance_scale": None}, "bat: distance_scale must be one of"),
         ({"keep_rate": 1.5}, "keep_rate"),
         ({"layers": (3, 3)}, "repeat"),
     ],

@@ -20,15 +20,32 @@ descending score order, or in ToMe's output order when pairs were merged.
 No proportional attention (BAT builds on EViT, which has none).
 
 Defaults, and why.  The official code is not public (the repository holds a
-README and training logs only), so C, the attentive merge count and ``k`` are
-not known.  The logged GMACs are within ±0.06 G of EViT at the same keep rate,
-so the reduction is set by ``keep_rate`` as in EViT.  Following the spec's
-suggestion (§6.2) the defaults are a small ``C = 1 + round(0.1·M)`` (rounding
-half up; 7 clusters for the first DeiT-S stage, against EViT's single fused
-token) and no attentive merges, and ``k = 5`` (the usual DPC-kNN choice).
-All three are parameters.  Cost consequence: on DeiT-S at ρ = 0.7 the defaults
-give 197 → 146 → 108 → 80 tokens, 3.15 GMACs, against 3.005 in BAT's logs and
-3.03 for EViT; ``num_clusters=1`` reproduces EViT's counts exactly, and
+README and training logs only), so C, the attentive merge count, ``k`` and the
+DPC-kNN form are not known (spec §6: **[unverified]**; all are parameters).
+The logged GMACs are within ±0.06 G of EViT at the same keep rate, so the
+reduction is set by ``keep_rate`` as in EViT.  Following the spec's suggestion
+(§6.2) the defaults are a small ``C = 1 + round(0.1·M)`` (rounding half up;
+7 clusters for the first DeiT-S stage, against EViT's single fused token), no
+attentive merges and ``k = 5`` (the usual DPC-kNN choice).  DPC-kNN's density
+leaves each token out of its own k neighbours (``knn_include_self=False``;
+TCFormer's code counts it, at distance 0: ``knn_include_self=True``) and
+divides distances by √C (``distance_scale="sqrt_dim"``, as TCFormer; ``"none"``
+is the spec's raw formula); see :mod:`tokenreduce.ops.cluster`.
+
+Cost consequence: the default C makes every keep rate cost more than BAT's
+logs; ``num_clusters=1`` (EViT's counts exactly: 197 → 140 → 100 → 72 at
+ρ = 0.7, against 146 → 108 → 80 by default) tracks them within 0.052 G, above
+at ρ = 0.7 and 0.6, below at 0.5 … 0.2.  DeiT-S GMACs
+(``tokenreduce.gmacs(deit_small, "bat", keep_rate=ρ, ...)``):
+
+====================  =====  =====  =====  =====  =====  =====
+ρ                      0.7    0.6    0.5    0.4    0.3    0.2
+====================  =====  =====  =====  =====  =====  =====
+BAT's logs            3.005  2.583  2.344  2.083  1.823  1.645
+ours, default C       3.151  2.783  2.461  2.206  1.973  1.790
+ours, num_clusters=1  3.029  2.635  2.309  2.043  1.817  1.644
+====================  =====  =====  =====  =====  =====  =====
+
 ``num_attentive_merges`` lowers the cost further.
 """
 
@@ -40,7 +57,7 @@ from dataclasses import dataclass
 import torch
 
 from ..ops.attention import AttentionNeeds, AttentionSignals
-from ..ops.cluster import cluster_mean, dpc_knn
+from ..ops.cluster import check_distance_scale, cluster_mean, dpc_knn
 from ..ops.gather import batched_gather, batched_scatter_add
 from ..ops.matching import bipartite_soft_matching, max_merges
 from ..ops.merge import merge_wavg
@@ -62,6 +79,10 @@ class BATParams:
         num_attentive_merges: most-similar attentive pairs merged per reduction block
             (capped at half the attentive tokens).
         k: neighbours in DPC-kNN's density estimate.
+        knn_include_self: count each token among its own ``k`` neighbours, at distance
+            0 (TCFormer's DPC-kNN), or not (default).  [unverified]
+        distance_scale: DPC-kNN distances divided by √C (``"sqrt_dim"``, default, as
+            TCFormer) or raw (``"none"``, spec §6.1's formula).  [unverified]
     """
 
     keep_rate: float = 0.7
@@ -69,6 +90,8 @@ class BATParams:
     num_clusters: int | None = None
     num_attentive_merges: int = 0
     k: int = 5
+    knn_include_self: bool = False
+    distance_scale: str = "sqrt_dim"
 
 
 def default_num_clusters(num_inattentive: int) -> int:
@@ -94,6 +117,12 @@ class BAT(KeepRateReducer):
             _check_int("num_clusters", params.num_clusters, 1)
         self.attentive_merges = _check_int("num_attentive_merges", params.num_attentive_merges, 0)
         self.k = _check_int("k", params.k, 1)
+        if not isinstance(params.knn_include_self, bool):
+            raise ValueError(f"bat: knn_include_self must be a bool, got {params.knn_include_self!r}")
+        try:
+            check_distance_scale(params.distance_scale)
+        except ValueError as err:
+            raise ValueError(f"bat: {err}") from None
 
     def needs(self, block: int) -> AttentionNeeds | None:
         if block not in self.layers:
@@ -136,7 +165,7 @@ class BAT(KeepRateReducer):
 
         c = self.clusters(patches - keep)
         rest_x = batched_gather(state.x[:, p:], rest_idx)  # B×M×C
-        assign, _ = dpc_knn(rest_x, c, self.k)
+        assign, _ = dpc_knn(rest_x, c, self.k, self.params.knn_include_self, self.params.distance_scale)
         cluster_x = cluster_mean(rest_x, assign, importance.gather(1, rest_idx), c)
         rest_size = batched_gather(state.sizes()[:, p:], rest_idx)
         cluster_size = batched_scatter_add(rest_size, assign, c)

@@ -1,25 +1,38 @@
 """Density-peak clustering (DPC-kNN) of tokens, batched, and cluster merging.
 
-DPC-kNN (Du et al. 2016; the form used for tokens by TCFormer and BAT):
+DPC-kNN (Du et al. 2016) as BAT uses it for tokens.  BAT's code is not public,
+so the two choices below on which DPC-kNN forms differ are **[unverified]** and
+are parameters (spec §6.1); the defaults are the ones the shipped BAT results
+were made with.  TCFormer's ``cluster_dpc_knn`` (tcformer_module/
+tcformer_utils.py), the public token implementation, is the reference point:
 
-* distances ``d_ij = ‖x_i − x_j‖₂ / √C`` between the M tokens of an image
-  (B×M×M; the ``1/√C`` makes the density comparable across model widths, as in
-  TCFormer);
-* local density ``ρ_i = exp(−mean_{j ∈ kNN(i)} d_ij²)`` over the ``k`` nearest
-  *other* tokens (``k`` is capped at M − 1);
+* distances ``d_ij = ‖x_i − x_j‖₂ / s`` between the M tokens of an image
+  (B×M×M): ``distance_scale="sqrt_dim"`` divides by ``s = √C`` (our default, and
+  TCFormer's), ``"none"`` uses the raw distance (``s = 1``, spec §6.1's formula);
+* local density ``ρ_i = exp(−mean_{j ∈ kNN(i)} d_ij²)``: with
+  ``include_self=False`` (our default) kNN(i) is the ``k`` nearest *other*
+  tokens (``k`` capped at M − 1); with ``include_self=True`` it is the ``k``
+  nearest tokens counting i itself at distance 0, as TCFormer's ``topk`` over the
+  full distance row does (``k`` capped at M);
 * distance indicator ``δ_i = min_{j ranked above i} d_ij``, and for the
-  top-ranked (densest) token ``δ = max_j d_ij``;
+  top-ranked (densest) token ``δ = max_j d_ij`` over its own row (TCFormer takes
+  the largest distance in the whole image instead; both give the same centres,
+  because that token already has the largest ρ and the largest δ, so it is the
+  first centre either way);
 * the ``C`` tokens with the largest ``ρ_i·δ_i`` are the centres; every token
   joins its nearest centre and a centre always joins itself.
 
+TCFormer's form is therefore ``include_self=True, distance_scale="sqrt_dim"``;
+ours by default is ``include_self=False, distance_scale="sqrt_dim"``.
+
 Ranking is a strict total order without randomness: ``j`` ranks above ``i``
 when ``ρ_j > ρ_i``, or ``ρ_j = ρ_i`` and ``j < i`` (a lower position wins a
-density tie).  This replaces the random noise some implementations add to the
-density; it changes nothing when densities differ.  Densities are compared in
-the log domain (``log ρ = −mean d²``) and centres picked by ``log ρ + log δ``:
-the same ranking as ``ρ·δ``, without ``exp`` underflowing to 0 for far-apart
-hidden states.  Centre-score ties and nearest-centre ties go to the lower
-position / earlier centre (stable sort, ``argmin``).
+density tie).  This replaces the random noise some implementations (TCFormer)
+add to the density; it changes nothing when densities differ.  Densities are
+compared in the log domain (``log ρ = −mean d²``) and centres picked by
+``log ρ + log δ``: the same ranking as ``ρ·δ``, without ``exp`` underflowing to 0
+for far-apart hidden states.  Centre-score ties and nearest-centre ties go to the
+lower position / earlier centre (stable sort, ``argmin``).
 """
 
 from __future__ import annotations
@@ -31,26 +44,45 @@ from torch import Tensor
 
 from .gather import batched_scatter_add
 
+DISTANCE_SCALES = ("sqrt_dim", "none")
 
-def pairwise_distance(x: Tensor) -> Tensor:
-    """B×M×M Euclidean distances of the rows of ``x`` (B×M×C), divided by √C, in float32.
 
-    Computed directly (not via the ``‖a‖² + ‖b‖² − 2ab`` expansion), so it is exactly
-    symmetric with a zero diagonal.
+def check_distance_scale(distance_scale: object) -> str:
+    """``distance_scale`` if it is one of :data:`DISTANCE_SCALES`, else ``ValueError``."""
+    if not isinstance(distance_scale, str) or distance_scale not in DISTANCE_SCALES:
+        choices = ", ".join(map(repr, DISTANCE_SCALES))
+        raise ValueError(f"distance_scale must be one of {choices}, got {distance_scale!r}")
+    return distance_scale
+
+
+def pairwise_distance(x: Tensor, distance_scale: str = "sqrt_dim") -> Tensor:
+    """B×M×M Euclidean distances of the rows of ``x`` (B×M×C), in float32.
+
+    ``distance_scale="sqrt_dim"`` divides them by √C (TCFormer's and our default),
+    ``"none"`` leaves them raw (spec §6.1's formula).  Computed directly (not via the
+    ``‖a‖² + ‖b‖² − 2ab`` expansion), so it is exactly symmetric with a zero diagonal.
     """
+    check_distance_scale(distance_scale)
     x = x.float()
     dist = torch.cdist(x, x, compute_mode="donot_use_mm_for_euclid_dist")
-    return dist / math.sqrt(x.shape[-1])
+    return dist / math.sqrt(x.shape[-1]) if distance_scale == "sqrt_dim" else dist
 
 
-def knn_log_density(dist: Tensor, k: int) -> Tensor:
-    """``log ρ_i = −mean of d_ij² over the k nearest other tokens`` (B×M) from B×M×M distances."""
+def knn_log_density(dist: Tensor, k: int, include_self: bool = False) -> Tensor:
+    """``log ρ_i = −mean of d_ij² over the k nearest tokens j`` (B×M) from B×M×M distances.
+
+    ``include_self=False`` (our default): the k nearest *other* tokens, ``k`` capped
+    at M − 1 (a lone token gets ``log ρ = 0``).  ``include_self=True`` (TCFormer's
+    form): token i itself counts as one of its k neighbours, at distance 0, ``k``
+    capped at M.
+    """
     m = dist.shape[-1]
-    k = min(k, m - 1)
+    k = min(k, m if include_self else m - 1)
     if k <= 0:
         return dist.new_zeros(dist.shape[:2])
-    eye = torch.eye(m, dtype=torch.bool, device=dist.device)
-    nearest = dist.masked_fill(eye, torch.inf).topk(k, dim=-1, largest=False).values  # B×M×k
+    if not include_self:
+        dist = dist.masked_fill(torch.eye(m, dtype=torch.bool, device=dist.device), torch.inf)
+    nearest = dist.topk(k, dim=-1, largest=False).values  # B×M×k
     return -(nearest**2).mean(dim=-1)
 
 
@@ -62,13 +94,17 @@ def ranks_above(log_density: Tensor) -> Tensor:
     return (dj > di) | ((dj == di) & (pos.view(1, m) < pos.view(m, 1)))
 
 
-def dpc_knn(x: Tensor, num_clusters: int, k: int = 5) -> tuple[Tensor, Tensor]:
-    """Cluster the tokens of every image with DPC-kNN.
+def dpc_knn(
+    x: Tensor, num_clusters: int, k: int = 5, include_self: bool = False, distance_scale: str = "sqrt_dim"
+) -> tuple[Tensor, Tensor]:
+    """Cluster the tokens of every image with DPC-kNN (module docstring).
 
     Args:
         x: B×M×C token features (M ≥ 1).
         num_clusters: C, clamped to ``[1, M]``.
         k: neighbours in the density estimate.
+        include_self: count each token among its own k neighbours (TCFormer) or not (default).
+        distance_scale: ``"sqrt_dim"`` (÷√C, default, TCFormer's) or ``"none"`` (raw distances).
 
     Returns:
         ``(assign, centres)``: B×M int64 cluster of every token in ``[0, C)`` and
@@ -78,8 +114,8 @@ def dpc_knn(x: Tensor, num_clusters: int, k: int = 5) -> tuple[Tensor, Tensor]:
     b, m, _ = x.shape
     c = max(1, min(num_clusters, m))
     with torch.no_grad():
-        dist = pairwise_distance(x)
-        log_density = knn_log_density(dist, k)
+        dist = pairwise_distance(x, distance_scale)
+        log_density = knn_log_density(dist, k, include_self)
         above = ranks_above(log_density)
         delta = dist.masked_fill(~above, torch.inf).amin(dim=-1)  # B×M
         peak = ~above.any(dim=-1)
@@ -109,4 +145,12 @@ def cluster_mean(x: Tensor, assign: Tensor, weight: Tensor, num_clusters: int) -
     return (num / den.clamp_min(torch.finfo(torch.float32).tiny)).to(x.dtype)
 
 
-__all__ = ["cluster_mean", "dpc_knn", "knn_log_density", "pairwise_distance", "ranks_above"]
+__all__ = [
+    "DISTANCE_SCALES",
+    "check_distance_scale",
+    "cluster_mean",
+    "dpc_knn",
+    "knn_log_density",
+    "pairwise_distance",
+    "ranks_above",
+]
