@@ -80,3 +80,42 @@ def test_batch_independence_and_bad_schedules():
         tr.apply(model, "cropr", p=7)
     with pytest.raises(ValueError, match="num_queries"):
         tr.apply(model, "cropr", num_queries=0)
+
+
+def test_initialisation_follows_the_official_code():
+    from tokenreduce.methods.cropr import CroprModule
+
+    torch.manual_seed(0)
+    dim = 384
+    module = CroprModule(dim, num_queries=64, num_classes=1000)
+    # Linear weights: truncated normal, std 0.02 (cut at ±2, so effectively untruncated); biases zero
+    for layer in (module.mlp[0], module.mlp[2], module.head):
+        assert abs(layer.weight.std().item() - 0.02) < 0.001
+        assert abs(layer.weight.mean().item()) < 0.001
+        assert torch.equal(layer.bias, torch.zeros_like(layer.bias))
+    # queries: N(0, 1/C) cut at ±2 std (timm's trunc_normal_tf_): std 0.88/√C, nothing beyond 2/√C
+    q = module.query.detach()
+    assert q.abs().max() <= 2 * dim**-0.5
+    assert abs(q.std().item() * dim**0.5 - 0.8796) < 0.03
+    # the aggregator MLP's pre-LayerNorm uses the official eps 1e-6; the head's keeps PyTorch's 1e-5
+    assert module.norm.eps == 1e-6 and module.head_norm.eps == 1e-5
+    for norm in (module.norm, module.head_norm):
+        assert torch.equal(norm.weight, torch.ones(dim)) and torch.equal(norm.bias, torch.zeros(dim))
+
+
+def test_shipped_reference_checkpoint_still_loads():
+    from tokenreduce.checkpoint import read_reducer
+    from tokenreduce.models.reference import load_reference_model, preprocess, shipped_reducers
+
+    path = shipped_reducers()["cropr"]
+    model = load_reference_model()
+    tr.apply(model, "cropr", checkpoint=path)
+    reducer = model._tr_ctx.reducer
+    _, tensors = read_reducer(path)
+    assert torch.equal(reducer.module[0].query.detach(), tensors["0.query"])
+    x = preprocess(torch.randint(0, 256, (4, 28, 28), dtype=torch.uint8))
+    with torch.no_grad():
+        assert model(x).shape == (4, 10)
+        model.train()
+        model(x)
+    assert len(reducer.aux_logits) == len(reducer.after_blocks) and torch.isfinite(reducer.aux_logits[-1]).all()

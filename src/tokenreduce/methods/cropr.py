@@ -10,10 +10,17 @@ come in score order; prefix tokens always stay.
 Training (``model.train()``) prunes the same way (the ranking is not
 differentiable) and additionally runs, on the *detached* tokens each module sees,
 an aggregator — the same queries cross-attending with values (softmax over tokens,
-scaled by 1/√C), a residual MLP (ratio 4, pre-LayerNorm: our choice where the
-paper is silent) and a LayerNorm + Linear head.  Its auxiliary classification
-losses train the queries; the backbone gets no gradient from them.  The aggregators
-are not run at inference.
+scaled by 1/√C), a residual MLP (ratio 4) behind a LayerNorm with eps 1e-6 (the
+official cls/cropr.py's ``mlp_norm``) and a LayerNorm (PyTorch's default eps
+1e-5, as the official ``ClassificationHead``) + Linear head.  Its auxiliary
+classification losses train the queries; the backbone gets no gradient from them.
+The aggregators are not run at inference.
+
+Initialisation follows the official code, where the ViT's ``init_weights`` (timm's
+``init_weights_vit_timm``) reaches the Cropr modules: the queries are truncated
+normal with std ``C^-½`` cut at ±2 std (``trunc_normal_tf_``), every Linear weight
+truncated normal with std 0.02 (cut at ±2, i.e. effectively untruncated) and every
+Linear bias zero; LayerNorms start at weight 1, bias 0.
 
 With ``llf=True`` (last-layer fusion, the paper's default) the tokens each module
 pruned are kept aside, frozen at the representation they had when pruned, and
@@ -62,11 +69,24 @@ class CroprModule(nn.Module):
 
     def __init__(self, dim: int, num_queries: int, num_classes: int) -> None:
         super().__init__()
-        self.query = nn.Parameter(torch.randn(num_queries, dim) * dim**-0.5)
-        self.norm = nn.LayerNorm(dim)
+        self.query = nn.Parameter(torch.empty(num_queries, dim))
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
         self.head_norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, max(num_classes, 1))
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """The official initialisation (module docstring).
+
+        Queries ~ N(0, 1/C) cut at ±2 std; Linear weights ~ N(0, 0.02²) cut at ±2; Linear biases 0.
+        """
+        with torch.no_grad():
+            nn.init.trunc_normal_(self.query, std=1.0, a=-2.0, b=2.0).mul_(self.query.shape[-1] ** -0.5)
+        for layer in (*self.mlp, self.head):
+            if isinstance(layer, nn.Linear):
+                nn.init.trunc_normal_(layer.weight, std=0.02, a=-2.0, b=2.0)
+                nn.init.zeros_(layer.bias)
 
     def score(self, x: Tensor) -> Tensor:
         """B×N×C tokens → B×N unscaled scores ``Σ_q q·x``, in float32."""

@@ -22,8 +22,18 @@ takes one of them with ``torch.where`` — hidden states, sizes and sources alik
 so source tracing is right for mixed batches (the official code's sub-batch
 write-back is not).
 
-Deviation from the official code, by design: all ``P`` prefix tokens are
-protected on both paths (the official prune path protects the class token only).
+Deviations from the official code (ppt_deit.py's ``pp_block_adaptive`` and
+``PPTAttention``), by design:
+
+* all ``P`` prefix tokens are protected on both paths (the official prune path
+  protects the class token only);
+* with ``prop_attn=False`` the official code resets the sizes to ones at every
+  reduction block, so pooling merges with unit weights and pruning carries unit
+  sizes; ours keeps the true running sizes (spec §0.1) for the merge weights and
+  bookkeeping and only drops the ``log size`` attention bias;
+* the official importance score is taken from the attention *after* attention
+  dropout, ours before it; the two are identical when ``attn_drop = 0`` (as in
+  DeiT) and at inference.
 
 The threshold depends on the model, the token count and the layer (normalised
 scores have mean ``1/(N−P)``); :func:`tokenreduce.calibrate` picks one from data.
