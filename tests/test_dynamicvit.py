@@ -88,3 +88,27 @@ def test_masked_squeeze_by_hand():
     expected0 = (SELF_WEIGHT * x[0, 0] + w * x[0, 2]) / (SELF_WEIGHT + w)
     torch.testing.assert_close(out[0, 0], expected0)
     torch.testing.assert_close(out[0, 1], x[0, 1])
+
+
+def test_masked_squeeze_gradient_into_the_decision_is_tps():
+    # TPS weighs a guest by exp(g·cos)·g, so d(out)/dg also has the exponent's term.
+    # Written out for one host (token 0) and one guest (token 2), with g the guest's decision.
+    x = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 0.5]]])
+    keep = torch.tensor([[[1.0], [1.0], [0.0]]])
+    g = torch.tensor(1.0, requires_grad=True)
+    guests = torch.stack([torch.tensor(0.0), torch.tensor(0.0), g]).view(1, 3, 1)
+    squeeze_masked(x, keep, guests)[0, 0].sum().backward()
+    cos = float(torch.nn.functional.cosine_similarity(x[0, 2], x[0, 0], dim=0))
+    h = torch.tensor(1.0, requires_grad=True)
+    w = (h * cos).exp() * h
+    ((SELF_WEIGHT * x[0, 0] + w * x[0, 2]) / (SELF_WEIGHT + w)).sum().backward()
+    torch.testing.assert_close(g.grad, h.grad)
+    assert abs(float(g.grad)) > 0
+
+
+def test_dtps_training_refuses_prop_attn():
+    model = tr.apply(make_vit().train(), "tps", variant="dtps", prop_attn=True)
+    with pytest.raises(ValueError, match="prop_attn"):
+        model(torch.randn(2, 3, 64, 64))
+    model.eval()
+    assert model(torch.randn(2, 3, 64, 64)).shape == (2, 10)  # inference keeps the option

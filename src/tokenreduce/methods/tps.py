@@ -50,7 +50,8 @@ class TPSParams:
         keep_rate: fraction of the current patch tokens kept at each reduction block (ρ).
         layers: 0-based reduction blocks (the paper's ``prune_loc``).
         temperature: T of the squeeze similarity ``cos / T`` (host self-weight stays e¹).
-        prop_attn: proportional attention with the squeezed sizes (not in the paper).
+        prop_attn: proportional attention with the squeezed sizes (not in the paper;
+            inference only: dTPS's fixed-shape training form tracks no sizes and refuses it).
     """
 
     variant: str = "etps"
@@ -118,6 +119,11 @@ class DTPS(DynamicViT):
         return squeeze_state(state, keep_index, drop_index, self.temperature)
 
     def drop_soft(self, state: TokenState, keep: Tensor) -> TokenState:
+        if self.prop_attn:
+            raise ValueError(
+                "tps: dTPS's training form keeps the shape fixed and tracks no sizes, so prop_attn=True "
+                "(an inference-only option here) cannot be trained; train with prop_attn=False"
+            )
         p = state.num_prefix
         live = state.mask[:, p:] if state.mask is not None else torch.ones_like(keep)
         patches = squeeze_masked(state.x[:, p:], keep, live * (1.0 - keep), self.temperature)

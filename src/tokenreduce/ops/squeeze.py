@@ -123,8 +123,10 @@ def squeeze_masked(x: Tensor, keep: Tensor, guests: Tensor, temperature: float =
 
     Every guest (a token pruned at this stage) picks the most similar token among
     those still kept (never itself); each kept token becomes the weighted mean of
-    itself (weight e) and its guests (weight ``guest·e^{cos/T}``).  Gradients flow
-    through the similarities and through the straight-through masks.
+    itself (weight e) and its guests (weight ``guest·e^{guest·cos/T}``, which is
+    ``e^{cos/T}`` for a guest, written as TPS writes it so that the gradient into the
+    decision is TPS's).  Gradients flow through the similarities and through the
+    straight-through masks.
 
     Args:
         x: B×M×C patch tokens.
@@ -141,7 +143,9 @@ def squeeze_masked(x: Tensor, keep: Tensor, guests: Tensor, temperature: float =
     blocked = (keep.transpose(1, 2) <= 0) | torch.eye(m, dtype=torch.bool, device=x.device)
     sim = sim.masked_fill(blocked, -100.0)
     host = sim.detach().argmax(dim=-1)  # B×M
-    weight = sim.gather(-1, host.unsqueeze(-1)).exp() * guests  # B×M×1
+    # TPS's form exp(guest·cos/T)·guest: the same values as exp(cos/T)·guest, but the
+    # straight-through decision also enters the exponent, and so the gradient.
+    weight = (guests * sim.gather(-1, host.unsqueeze(-1))).exp() * guests  # B×M×1
     num = SELF_WEIGHT * x + batched_scatter_add(weight * x, host, m)
     den = SELF_WEIGHT + batched_scatter_add(weight, host, m)
     return num / den
