@@ -117,6 +117,11 @@ def test_train_command_on_an_image_folder(tmp_path, capsys):
                              "--precision", "bf16"]) == 0
     assert read_reducer(bf16_out / "reducer.safetensors")[0]["extra"]["precision"] == "bf16 autocast (fp32 weights)"
     assert read_reducer(out / "reducer.safetensors")[0]["extra"]["precision"] == "fp32"  # auto on a CPU
+    dtps_out = tmp_path / "run_dtps"
+    assert main(["train", "--method", "tps", "--param", "variant=dtps", "--model", "deit_tiny_patch16_224", "--data",
+                 str(data), "--out", str(dtps_out), "--batch-size", "2", "--max-steps", "1", "--no-progress",
+                 "--distill-weight", "0"]) == 0
+    assert read_reducer(dtps_out / "reducer.safetensors")[0]["extra"]["distill_weight"] == 0.0
 
 
 def test_sweep_command_on_an_image_folder(tmp_path, capsys):

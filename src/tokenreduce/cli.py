@@ -268,7 +268,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             model, args.method, dataset, out_dir=args.out, epochs=args.epochs, batch_size=args.batch_size,
             lr=args.lr, finetune=args.finetune, resume=args.resume, checkpoint_every=args.checkpoint_every,
             max_steps=args.max_steps, transform=transform, device=args.device, progress=not args.no_progress,
-            amp={"auto": None, "fp32": False, "bf16": True}[args.precision], **params,
+            amp={"auto": None, "fp32": False, "bf16": True}[args.precision], distill_weight=args.distill_weight,
+            **params,
         )
     except (FileNotFoundError, ValueError, TypeError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -277,6 +278,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"{args.method}: {result.step}/{result.total_steps} steps in {result.wall_time_s:.0f} s; "
           f"last metrics {json.dumps({k: round(v, 4) for k, v in result.last_metrics.items()})}")
     print(f"wrote {out['checkpoint']} (load with tokenreduce.apply(model, {args.method!r}, checkpoint=...))")
+    if "model" in out:
+        print(f"wrote {out['model']} (the fine-tuned backbone: pass it as --checkpoint with the reducer)")
     return 0
 
 
@@ -466,6 +469,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr_.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                      help="bf16: autocast (fp32 weights), 1.2-1.4x faster on CPUs with AVX512-BF16; "
                      "auto: bf16 on a GPU, fp32 on a CPU")
+    tr_.add_argument("--distill-weight", type=float,
+                     help="dynamicvit / tps dtps: weight of the logit and token distillation (default 0.5; 0: off)")
     tr_.add_argument("--no-progress", action="store_true")
     tr_.set_defaults(func=cmd_train)
 

@@ -11,12 +11,21 @@ In every block, after the attention residual and before the MLP (spec §7):
    and query rows) is below the block's learned ``prune_threshold``; a merge
    destination takes the maximum importance of its group; prefix tokens never go.
 
+With no B token left (only one token, e.g. the class token alone) nothing merges and
+only the prune rule applies.
+
 Two forms behind one reducer, chosen by the model's mode:
 
 * **training** (``model.train()``): fixed shape; a live-token mask is carried and
   applied as a masked softmax (eps 1e-5); decisions are straight-through hard
   masks with the gradient of ``sigmoid((score − θ)/τ)``; the sequence is laid out
-  as [prefix, A, B] every block, like the inference order.
+  as [prefix, A, B] every block, like the inference order.  Gradients follow the
+  official ``LTMPBlock``: the similarity and importance scores are not detached;
+  the merge weights are (merged values carry no gradient to ``θ_merge``); a live
+  token that merges away gets mask ``1 − merge``, any other live token this
+  block's prune decision ``keep`` (so its earlier decisions' gradients end there),
+  and a dead token keeps the mask, and gradient path, it died with; prefix tokens
+  get ``keep = 1`` exactly, with zero gradient (the official +∞ importance).
 * **inference** (``model.eval()``): real removal.  Each image keeps a different
   number of tokens, so a batch is run *padded*: survivors are compacted to the
   front, the sequence is cut to the largest count in the batch, and the padding
@@ -33,6 +42,7 @@ Choices where the official code is ambiguous (documented, exposed):
 * Importance averages over **live** query rows only, in both forms (the official
   training form averages over all rows, masked ones included, which its inference
   form cannot see); this keeps training and inference consistent (spec §7.5).
+  Which rows count carries no gradient (the official average has no such path).
 * In the training form, already-removed tokens neither merge nor receive merges.
 """
 
@@ -161,19 +171,24 @@ class LTMP(Reducer):
         """Best A→B cosine (B×NA), partner (B×NA) and received attention (B×N), in float32.
 
         Prefix A rows and dead rows score −inf; prefix and dead B columns are never partners.
+        With no B tokens at all (a single token left, e.g. only the class token) every row
+        scores −inf and the partners are 0 (unused).  Nothing is detached: in the training
+        form the similarities and the importances carry gradients, as in the official code.
         """
         p, n = state.num_prefix, state.num_tokens
-        with torch.no_grad():
-            metric = signals.keys.float()
-            metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(_EPS)
-            sim = metric[:, ::2] @ metric[:, 1::2].transpose(-1, -2)  # B×NA×NB
-            pos = torch.arange(n, device=sim.device)
-            ok_a = (pos[::2] >= p) & live[:, ::2]
-            ok_b = (pos[1::2] >= p) & live[:, 1::2]
-            sim = sim.masked_fill(~ok_b.unsqueeze(1), -torch.inf).masked_fill(~ok_a.unsqueeze(2), -torch.inf)
+        metric = signals.keys.float()
+        metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(_EPS)
+        sim = metric[:, ::2] @ metric[:, 1::2].transpose(-1, -2)  # B×NA×NB
+        pos = torch.arange(n, device=sim.device)
+        ok_a = (pos[::2] >= p) & live[:, ::2]
+        ok_b = (pos[1::2] >= p) & live[:, 1::2]
+        sim = sim.masked_fill(~ok_b.unsqueeze(1), -torch.inf).masked_fill(~ok_a.unsqueeze(2), -torch.inf)
+        if sim.shape[-1] == 0:  # no B token to merge into
+            best = sim.new_full(sim.shape[:2], -torch.inf)
+            partner = torch.zeros(sim.shape[:2], dtype=torch.long, device=sim.device)
+        else:
             best, partner = sim.max(dim=-1)
-            importance = signals.received.clone()  # attention received, mean over heads and live query rows
-            importance[:, :p] = torch.inf
+        importance = signals.received.float()  # attention received, mean over heads and live query rows
         return best, partner, importance
 
     @staticmethod
@@ -183,7 +198,10 @@ class LTMP(Reducer):
         a, b = pos[::2], pos[1::2]
         return torch.cat([pos[:p], a[a >= p], b[b >= p]])
 
-    def _reduce_hard(self, state: TokenState, signals: AttentionSignals, theta_m: Tensor, theta_p: Tensor):
+    def _reduce_hard(
+        self, state: TokenState, signals: AttentionSignals, theta_m: Tensor, theta_p: Tensor
+    ) -> TokenState:
+        """Inference form: hard comparisons, merged and pruned tokens really removed (batch padded)."""
         x, p = state.x, state.num_prefix
         bsz, n, _ = x.shape
         live = torch.ones(bsz, n, dtype=torch.bool, device=x.device) if state.mask is None else state.mask[..., 0] > 0
@@ -191,24 +209,21 @@ class LTMP(Reducer):
         merge = best > theta_m  # B×NA; −inf rows never merge
         size = state.sizes()
         w = merge.unsqueeze(-1).float() * size[:, ::2]  # B×NA×1 merge weights
-        idx = partner.unsqueeze(-1)
         merged_b, den = _merge_into_b(x.float(), size, w, partner)
-        imp_a, imp_b = importance[:, ::2], importance[:, 1::2]
-        imp_b = imp_b.scatter_reduce(1, partner, imp_a.masked_fill(~merge, -torch.inf), reduce="amax")
+        imp_a = importance[:, ::2]
+        imp_b = _group_max(importance[:, 1::2], partner, imp_a, merge)
+        prefix = torch.arange(n, device=x.device) < p  # prefix tokens are never pruned
 
         x_full, size_full = x.clone(), size.clone()
         x_full[:, 1::2] = merged_b.to(x.dtype)
         size_full[:, 1::2] = den
         alive = live.clone()
-        alive[:, ::2] &= ~merge & (imp_a > theta_p)
-        alive[:, 1::2] &= imp_b > theta_p
+        alive[:, ::2] &= ~merge & ((imp_a > theta_p) | prefix[::2])
+        alive[:, 1::2] &= (imp_b > theta_p) | prefix[1::2]
         source = state.source
         if source is not None:
-            src_b = source[:, 1::2].scatter_reduce(
-                1, idx.expand(-1, -1, source.shape[-1]), source[:, ::2] * merge.unsqueeze(-1), reduce="amax"
-            )
             source = source.clone()
-            source[:, 1::2] = src_b
+            source[:, 1::2] = _group_max(source[:, 1::2], partner, source[:, ::2], merge)
 
         # compact: live tokens first, in layout order; cut to the largest count in the batch
         layout = self._layout(n, p, x.device)
@@ -221,26 +236,40 @@ class LTMP(Reducer):
             out = dataclasses.replace(out, mask=None)
         return out
 
-    def _reduce_soft(self, state: TokenState, signals: AttentionSignals, theta_m: Tensor, theta_p: Tensor):
+    def _reduce_soft(
+        self, state: TokenState, signals: AttentionSignals, theta_m: Tensor, theta_p: Tensor
+    ) -> TokenState:
+        """Training form: fixed shape, straight-through decisions, a carried B×N×1 live-token mask.
+
+        Forward values are those of the inference form.  Gradients follow the official
+        ``LTMPBlock`` (ltmp/timm/lt_mergeprune.py):
+
+        * merge weights use the *detached* merge decision, so the merged values (and
+          sizes) carry no gradient to ``θ_merge``;
+        * a live A token that merges gets mask ``1 − merge``; any other live token gets
+          this block's ``keep`` (prune decision, of its group's maximum importance for a
+          destination); a dead token keeps the mask, and the gradient path, it had when it
+          died.  "Live" is the forward value ``mask > 0`` (exactly 0 or 1);
+        * prefix tokens get ``keep = 1``, a constant (the official +∞ importance).
+        """
         x, p = state.x, state.num_prefix
-        bsz, n, c = x.shape
+        bsz, n, _ = x.shape
         mask = state.mask if state.mask is not None else x.new_ones(bsz, n, 1, dtype=torch.float32)
         live = mask[..., 0] > 0
         best, partner, importance = self._scores(state, signals, live)
         can_merge = torch.isfinite(best)
         merge = threshold_mask(best.masked_fill(~can_merge, -1.0), theta_m, self.params.tau) * can_merge  # B×NA
+        merged = merge.detach() > 0
         size = state.sizes()
-        w = merge.unsqueeze(-1) * size[:, ::2]
-        merged_b, den = _merge_into_b(x, size, w, partner)
-        with torch.no_grad():
-            imp_a, imp_b = importance[:, ::2], importance[:, 1::2]
-            merged = merge.detach() > 0
-            imp_b = imp_b.scatter_reduce(1, partner, imp_a.masked_fill(~merged, -torch.inf), reduce="amax")
-        keep_a = threshold_mask(imp_a.clamp(max=2.0), theta_p, self.params.tau)
-        keep_b = threshold_mask(imp_b.clamp(max=2.0), theta_p, self.params.tau)
+        merged_b, den = _merge_into_b(x, size, merged.unsqueeze(-1).to(size.dtype) * size[:, ::2], partner)
+        imp_a = importance[:, ::2]
+        imp_b = _group_max(importance[:, 1::2], partner, imp_a, merged)
+        prefix = torch.arange(n, device=x.device) < p
+        keep_a = self._keep_soft(imp_a, prefix[::2], theta_p)
+        keep_b = self._keep_soft(imp_b, prefix[1::2], theta_p)
 
-        new_a_mask = mask[:, ::2, 0] * (1.0 - merge) * keep_a
-        new_b_mask = mask[:, 1::2, 0] * keep_b
+        new_a_mask = torch.where(live[:, ::2], torch.where(merged, 1.0 - merge, keep_a), mask[:, ::2, 0])
+        new_b_mask = torch.where(live[:, 1::2], keep_b, mask[:, 1::2, 0])
         layout = self._layout(n, p, x.device)
         # assemble the full-length sequence in original positions, then re-lay out
         x_full = torch.empty_like(x)
@@ -255,32 +284,67 @@ class LTMP(Reducer):
         index = layout.expand(bsz, n)
         return TokenState(x_full, size_full, None, p, mask_full).gather(index)
 
+    def _keep_soft(self, importance: Tensor, prefix: Tensor, theta_p: Tensor) -> Tensor:
+        """Straight-through prune decision ``[imp > θ_prune]`` (B×M); exactly 1, gradient 0, for prefix tokens."""
+        return torch.where(prefix, 1.0, threshold_mask(importance, theta_p, self.params.tau))
+
 
 def _merge_into_b(x: Tensor, size: Tensor, w: Tensor, partner: Tensor) -> tuple[Tensor, Tensor]:
     """Weighted merge of the A tokens (even positions) into their B partners (odd positions).
 
     ``x_b' = (s_b·x_b + Σ_{a→b} w_a·x_a) / (s_b + Σ_{a→b} w_a)``; ``w_a`` is the A token's size
-    times its (hard or straight-through) merge decision.
+    times its hard merge decision (detached in training, as in the official code).
 
     Args:
         x: B×N×C tokens; size: B×N×1; w: B×NA×1 merge weights; partner: B×NA positions within B.
 
     Returns:
-        ``(x_b', s_b')``: B×NB×C and B×NB×1.
+        ``(x_b', s_b')``: B×NB×C and B×NB×1 (NB = 0: empty, nothing to merge into).
     """
-    acc = batched_scatter_add(torch.cat([w * x[:, ::2], w], dim=-1), partner, x.shape[1] // 2)
+    num_b = x.shape[1] // 2
+    if num_b == 0:
+        return x[:, 1::2], size[:, 1::2]
+    acc = batched_scatter_add(torch.cat([w * x[:, ::2], w], dim=-1), partner, num_b)
     den = size[:, 1::2] + acc[..., -1:]
     return (size[:, 1::2] * x[:, 1::2] + acc[..., :-1]) / den, den
 
 
+def _group_max(dst: Tensor, partner: Tensor, src: Tensor, merged: Tensor) -> Tensor:
+    """Each B token's value raised to the maximum over the A tokens merged into it.
+
+    A merge destination takes the largest importance of its group (spec §7.1) and the
+    union of its sources.  Gradients reach the maximum (``scatter_reduce`` amax).
+
+    Args:
+        dst: B×NB(×…) values of the B tokens; partner: B×NA positions within B;
+        src: B×NA(×…) values of the A tokens; merged: B×NA bool merge decisions.
+
+    Returns:
+        B×NB(×…) tensor (unchanged when NB = 0).
+    """
+    if dst.shape[1] == 0:
+        return dst
+    extra = (1,) * (src.dim() - 2)
+    index = partner.view(*partner.shape, *extra).expand_as(src)
+    values = src.masked_fill(~merged.view(*merged.shape, *extra), -torch.inf)
+    return dst.scatter_reduce(1, index, values, reduce="amax")
+
+
 def ltmp_loss(
     logits: Tensor, labels: Tensor, records: list[tuple[Any, Any]], info: ModelInfo, num_tokens: int,
-    target: float, reg_scale: float = 10.0,
+    target: float, reg_scale: float = 10.0, label_smoothing: float = 0.1,
 ) -> tuple[Tensor, Tensor]:
-    """``CE + λ·(FLOPs_ratio − target)²`` (λ = ``reg_scale`` = 10 in the paper); returns ``(loss, ratio)``."""
+    """``CE + λ·(FLOPs_ratio − target)²``; returns ``(loss, ratio)``.
+
+    λ = ``reg_scale`` = 10 in the paper; the cross-entropy uses ``label_smoothing`` 0.1 by
+    default, timm's ``--smoothing`` default that the official ``tools/train.py`` trains with.
+
+    Args:
+        logits: B×classes; labels: B class indices; records, info, num_tokens: see :func:`flops_ratio`.
+    """
     ratio = flops_ratio(records, info, num_tokens).to(logits.device)
-    loss = torch.nn.functional.cross_entropy(logits, labels) + reg_scale * (ratio - target) ** 2
-    return loss, ratio
+    ce = torch.nn.functional.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+    return ce + reg_scale * (ratio - target) ** 2, ratio
 
 
 def flops_ratio(records: list[tuple[Any, Any]], info: ModelInfo, num_tokens: int) -> Tensor:

@@ -16,8 +16,9 @@ request:
 * ``values``: the value vectors, B×H×N×d;
 * ``probs``: the full attention probabilities B×H×N×N (forces the explicit path);
 * ``received``: the attention each key receives, averaged over heads and live
-  query rows, B×N float32 (LTMP's importance).  With the fused kernel it is
-  computed one head at a time, so no B×H×N×N tensor is ever held.
+  query rows, B×N float32 (LTMP's importance; differentiable in training).  With
+  the fused kernel it is computed one head at a time, so no B×H×N×N tensor is ever
+  held.
 
 A live-token mask (B×N×1) removes keys: hard masks (padding in batched
 inference) become a ``−inf`` additive bias and keep the fused kernel; soft masks
@@ -277,8 +278,9 @@ def received_attention(
 ) -> Tensor:
     """Attention received by every key, averaged over heads and the query rows weighted by ``rows``.
 
-    ``r_j = Σ_h Σ_i rows_i · P_h[i, j] / (H · Σ_i rows_i)``, in float32 and without gradient:
-    the head average of :func:`mean_query_attention`.
+    ``r_j = Σ_h Σ_i rows_i · P_h[i, j] / (H · Σ_i rows_i)``, in float32 (LTMP's importance).
+    Gradients flow through the probabilities when autograd is on (LTMP's training form, as in
+    the official code); the row weights are detached, so none flows through which rows count.
 
     Args:
         q, k: B×H×N×d; bias: B×1×1×N or ``None``; rows: B×N query weights (live tokens);
@@ -287,8 +289,14 @@ def received_attention(
     Returns:
         B×N.
     """
-    with torch.no_grad():
-        return mean_query_attention(q, k, scale, bias, rows, probs).mean(dim=1)
+    rows = rows.detach()
+    if probs is None:
+        return mean_query_attention(q, k, scale, bias, rows).mean(dim=1)
+    weights = rows.float().unsqueeze(1)  # B×1×N
+    with torch.autocast(device_type=probs.device.type, enabled=False):
+        # head mean first: backward then holds one B×N×N float32 tensor, not B×H×N×N
+        received = (weights @ probs.float().mean(dim=1)).squeeze(1)
+        return received / weights.sum(dim=-1)
 
 
 def size_bias(size: Tensor | None) -> Tensor | None:

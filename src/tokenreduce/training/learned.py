@@ -4,13 +4,21 @@ Each task trains only the reducer's parameters unless ``finetune=True`` (then th
 backbone too, at the method's backbone learning-rate scale).  Losses, optimisers
 and learning rates follow specs/methods.md:
 
-* LTMP (§7.2): ``CE + λ·(FLOPs_ratio − target)²``, λ = 10; SGD without momentum or
-  weight decay; learning rates 5e-3 (merge thresholds) and 5e-6 (prune
-  thresholds); thresholds clamped to [0, 1] after every step.
+* LTMP (§7.2): ``CE_ls + λ·(FLOPs_ratio − target)²``, λ = 10, CE with label
+  smoothing 0.1 (timm's default in the official tools/train.py); SGD without momentum
+  or weight decay; learning rates 5e-3 (merge thresholds) and 5e-6 (prune
+  thresholds), constant (the official run is 1 epoch of timm's per-epoch cosine, so
+  the rate never moves); thresholds clamped to [0, 1] after every step.  With
+  ``finetune=True`` parameters whose name contains ``norm`` stay frozen, as there.
 * DynamicViT / dTPS (§3, §5.3): ``CE + 2·Σ_k mean_b (keep_k − ρ^k)² / K
-  + 0.5·KL(student ‖ teacher) + 0.5·MSE(kept tokens, teacher tokens)``; the teacher is
-  the same model with reduction switched off; AdamW lr 1e-3 for the predictors,
-  backbone ×0.01.
+  + 0.5·KL(student ‖ teacher) + 0.5·token distillation``, the token term over the
+  final patch tokens still live (selected by the detached mask): MSE for DynamicViT,
+  KL of the channel softmaxes for dTPS (TPS's DeiT-S script); ``distill_weight=0``
+  drops both distillation terms (TPS's DeiT-T script).  The teacher is the unreduced
+  model in eval mode: the same model with reduction switched off, or, when the
+  backbone is fine-tuned, a frozen copy taken before training.  AdamW lr 1e-3 for
+  the predictors, backbone ×0.01.  Not reproduced: the papers' label smoothing and
+  mixup (pass ``transform=`` for augmentation).
 * Cropr (§8): the auxiliary heads' cross-entropies (plus the main one when the
   backbone is fine-tuned); AdamW lr 1e-3.
 """
@@ -18,6 +26,7 @@ and learning rates follow specs/methods.md:
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from copy import deepcopy
 from typing import Any
 
 import torch
@@ -45,6 +54,7 @@ class ReducerTask:
 
     optimizer = "adamw"
     lr = 1e-3
+    min_lr_scale = 1e-3  # the cosine schedule ends at lr × this (1.0: constant learning rate)
     backbone_lr_scale = 0.01
 
     def __init__(self, reducer: Reducer, transform: Transform | None = None, finetune: bool = False) -> None:
@@ -74,6 +84,9 @@ class ReducerTask:
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         self.reducer.module.load_state_dict(state)
 
+    def prepare(self, model: nn.Module) -> None:
+        """Called once with the model before training starts (and before a resume loads weights)."""
+
     def after_step(self, model: nn.Module) -> None:
         """Called after every optimiser step."""
 
@@ -88,17 +101,42 @@ class ReducerTask:
 
 
 class LTMPTask(ReducerTask):
-    """LTMP thresholds against the FLOPs-ratio target."""
+    """LTMP thresholds against the FLOPs-ratio target (official ``tools/train.py`` recipe).
+
+    The learning rate is constant (``min_lr_scale = 1``): the official run is one epoch
+    of timm's cosine schedule stepped per epoch, which keeps the base rate throughout.
+    With ``finetune=True`` the backbone trains too, except the parameters whose name
+    contains ``norm`` (all LayerNorms, q/k-norms), which the official script always freezes.
+
+    Args:
+        reg_scale: λ, the weight of ``(FLOPs_ratio − target)²`` (10 in the paper).
+        label_smoothing: of the cross-entropy (0.1: timm's ``--smoothing`` default, which
+            the official script uses).
+    """
 
     optimizer = "sgd"
     lr = 5e-3
+    min_lr_scale = 1.0
     prune_lr_scale = 1e-3  # 5e-6 / 5e-3
     backbone_lr_scale = 1e-3
 
     def __init__(self, reducer: Reducer, transform: Transform | None = None, finetune: bool = False,
-                 reg_scale: float = 10.0) -> None:
+                 reg_scale: float = 10.0, label_smoothing: float = 0.1) -> None:
         super().__init__(reducer, transform, finetune)
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
         self.reg_scale = reg_scale
+        self.label_smoothing = label_smoothing
+
+    def backbone_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        """The model's parameters fine-tuned with ``finetune=True``: all but the norms'."""
+        return [p for name, p in model.named_parameters() if "norm" not in name]
+
+    def trainable_parameters(self, model: nn.Module) -> Iterable[nn.Parameter]:
+        params = list(self.reducer.module.parameters())
+        if self.finetune:
+            params += self.backbone_parameters(model)
+        return params
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
         module = self.reducer.module
@@ -107,7 +145,7 @@ class LTMPTask(ReducerTask):
             {"params": [module.prune_threshold], "lr_scale": self.prune_lr_scale},
         ]
         if self.finetune:
-            groups.append({"params": list(model.parameters()), "lr_scale": self.backbone_lr_scale})
+            groups.append({"params": self.backbone_parameters(model), "lr_scale": self.backbone_lr_scale})
         return groups
 
     def after_step(self, model: nn.Module) -> None:
@@ -119,7 +157,7 @@ class LTMPTask(ReducerTask):
         ctx = _unwrap(model)._tr_ctx
         loss, ratio = ltmp_loss(
             logits, labels, ctx.records, self.reducer.info, ctx.num_tokens_in, self.reducer.params.target,
-            self.reg_scale,
+            self.reg_scale, self.label_smoothing,
         )
         return loss, {"gmacs_ratio": float(ratio.detach()), "train_acc": _accuracy(logits, labels)}
 
@@ -131,14 +169,59 @@ def _gmacs_ratio(model: nn.Module) -> float:
 
 
 class DynamicViTTask(ReducerTask):
-    """Predictors of DynamicViT or dTPS with ratio, logit-distillation and token-distillation losses."""
+    """Predictors of DynamicViT with ratio, logit-distillation and token-distillation losses.
+
+    The teacher is the unreduced model in eval mode (no dropout or drop-path), as the
+    papers' separate pretrained teacher: with the backbone frozen it is the same model
+    with reduction switched off; with ``finetune=True`` it is a frozen copy taken before
+    the first step, so it does not drift with the student.
+
+    Args:
+        distill_weight: weight of each distillation term (logits and tokens); 0 turns
+            distillation off (TPS's DeiT-T recipe).
+    """
 
     ratio_weight = 2.0
     distill_weight = 0.5
+    token_loss = "mse"  # DynamicViT's losses.py; dTPS uses "kl"
+
+    def __init__(self, reducer: Reducer, transform: Transform | None = None, finetune: bool = False,
+                 distill_weight: float | None = None) -> None:
+        super().__init__(reducer, transform, finetune)
+        if distill_weight is not None:
+            if isinstance(distill_weight, bool) or not isinstance(distill_weight, (int, float)) or distill_weight < 0:
+                raise ValueError(f"distill_weight must be a number >= 0, got {distill_weight!r}")
+            self.distill_weight = float(distill_weight)
+        self._frozen_teacher: nn.Module | None = None
+
+    def prepare(self, model: nn.Module) -> None:
+        if self.finetune and self.distill_weight > 0:
+            self._frozen_teacher = _frozen_copy(_unwrap(model))
+
+    def teacher_outputs(self, bare: nn.Module, images: Tensor) -> tuple[Tensor, Tensor]:
+        """``(B×N×C final tokens, B×classes logits)`` of the unreduced teacher, in eval mode, without gradients."""
+        with torch.no_grad():
+            if self.finetune:
+                if self._frozen_teacher is None:
+                    self._frozen_teacher = _frozen_copy(bare)
+                teacher = self._frozen_teacher
+                feats = teacher.forward_features(images)
+                return feats, teacher.forward_head(feats)
+            modes = {m: m.training for m in bare.modules()}
+            bare.eval()
+            try:
+                with unreduced(bare):
+                    feats = bare.forward_features(images)
+                    return feats, bare.forward_head(feats)
+            finally:
+                for m, mode in modes.items():
+                    m.training = mode
 
     def loss(self, model: nn.Module, batch: Any) -> tuple[Tensor, dict[str, float]]:
         images, labels = self._images(batch)
         bare = _unwrap(model)
+        if self.finetune and self._frozen_teacher is None and self.distill_weight > 0:
+            self.prepare(bare)  # not prepared by train_reducer: before this step changes the weights
         captured: dict[str, Tensor] = {}
         hook = bare.norm.register_forward_hook(lambda mod, args, out: captured.__setitem__("feats", out))
         try:
@@ -148,24 +231,41 @@ class DynamicViTTask(ReducerTask):
         feats = captured["feats"]  # B×N×C final tokens (before pooling)
         ctx = bare._tr_ctx
         reducer, p = self.reducer, self.reducer.info.num_prefix
-        with torch.no_grad(), unreduced(bare):
-            teacher_feats = bare.forward_features(images)
-            teacher_logits = bare.forward_head(teacher_feats)
         n_patches = ctx.num_tokens_in - p
         ratio_terms = []
         for stage, block in enumerate(reducer.layers):
             kept = (ctx.records[block][0] - p) / n_patches  # B: live patch fraction entering the stage's block
             ratio_terms.append(((kept - reducer.keep_rate ** (stage + 1)) ** 2).mean())
         ratio_loss = torch.stack(ratio_terms).mean()
-        kl = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(teacher_logits, -1), reduction="batchmean",
-                      log_target=True)
-        mask = ctx.mask[:, p:] if ctx.mask is not None else torch.ones_like(feats[:, p:, :1])
-        token_mse = (((feats[:, p:] - teacher_feats[:, p:]) ** 2) * mask).sum() / (mask.sum() * feats.shape[-1])
         loss = F.cross_entropy(logits, labels) + self.ratio_weight * ratio_loss
-        loss = loss + self.distill_weight * kl + self.distill_weight * token_mse
+        metrics = {"ratio_loss": float(ratio_loss.detach())}
+        if self.distill_weight > 0:
+            teacher_feats, teacher_logits = self.teacher_outputs(bare, images)
+            kl = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(teacher_logits, -1), reduction="batchmean",
+                          log_target=True)
+            mask = ctx.mask[:, p:] if ctx.mask is not None else torch.ones_like(feats[:, p:, :1])
+            tokens = token_distillation(feats[:, p:], teacher_feats[:, p:], mask, self.token_loss)
+            loss = loss + self.distill_weight * (kl + tokens)
+            metrics.update(logit_kl=float(kl.detach()), token_loss=float(tokens.detach()))
         keep = float(ctx.records[reducer.layers[-1]][0].detach().float().mean()) if reducer.layers else 0.0
-        return loss, {"ratio_loss": float(ratio_loss.detach()), "last_stage_tokens": keep,
-                      "gmacs_ratio": _gmacs_ratio(model), "train_acc": _accuracy(logits, labels)}
+        metrics.update(last_stage_tokens=keep, gmacs_ratio=_gmacs_ratio(model), train_acc=_accuracy(logits, labels))
+        return loss, metrics
+
+
+class DTPSTask(DynamicViTTask):
+    """dTPS: DynamicViT's losses with TPS's token distillation (KL of the channel softmaxes)."""
+
+    token_loss = "kl"
+
+
+def _frozen_copy(model: nn.Module) -> nn.Module:
+    """An unreduced, eval-mode, gradient-free copy of a (reduced) model: a fixed teacher."""
+    from ..api import remove
+
+    copy = remove(deepcopy(model))
+    copy.eval()
+    copy.requires_grad_(False)
+    return copy
 
 
 class CroprTask(ReducerTask):
@@ -181,12 +281,42 @@ class CroprTask(ReducerTask):
                       "train_acc": _accuracy(logits, labels)}
 
 
+def token_distillation(student: Tensor, teacher: Tensor, mask: Tensor, kind: str = "mse") -> Tensor:
+    """Distillation of the final patch tokens that are still live, against the teacher's.
+
+    The mask only selects tokens: it is detached, so no gradient reaches the predictors
+    through it (as in DynamicViT's and TPS's losses, which index with the decision).
+
+    * ``"mse"`` (DynamicViT): mean squared error over the live tokens and channels.
+    * ``"kl"`` (TPS): KL divergence between the channel softmaxes of each live token,
+      ``Σ_c p_t log(p_t / p_s)``, averaged over the live tokens.
+
+    Args:
+        student, teacher: B×M×C patch tokens (after the final norm).
+        mask: B×M×1 live-token mask (0/1).
+        kind: ``"mse"`` or ``"kl"``.
+
+    Returns:
+        A scalar; 0 when no token is live.
+    """
+    mask = mask.detach().to(student.dtype)
+    live = mask.sum()
+    if kind == "mse":
+        per_token = ((student - teacher) ** 2).mean(dim=-1, keepdim=True)
+    elif kind == "kl":
+        log_t = F.log_softmax(teacher.float(), dim=-1)
+        per_token = (log_t.exp() * (log_t - F.log_softmax(student.float(), dim=-1))).sum(dim=-1, keepdim=True)
+    else:
+        raise ValueError(f"token distillation must be 'mse' or 'kl', got {kind!r}")
+    return (per_token * mask).sum() / live.clamp_min(1.0)
+
+
 def _accuracy(logits: Tensor, labels: Tensor) -> float:
     with torch.no_grad():
         return float((logits.argmax(-1) == labels).float().mean())
 
 
-TASKS: dict[str, type[ReducerTask]] = {"ltmp": LTMPTask, "dynamicvit": DynamicViTTask, "tps": DynamicViTTask,
+TASKS: dict[str, type[ReducerTask]] = {"ltmp": LTMPTask, "dynamicvit": DynamicViTTask, "tps": DTPSTask,
                                         "cropr": CroprTask}
 
 
@@ -216,6 +346,7 @@ def train_reducer(
     warmup_fraction: float | None = None,
     device: str = "cpu",
     amp: bool | None = None,
+    distill_weight: float | None = None,
     progress: bool = True,
     seed: int = 0,
     **params: Any,
@@ -238,17 +369,26 @@ def train_reducer(
             state stay fp32); ``None``: on for a GPU, off for a CPU.  On a CPU with
             native bf16 a training step of the shipped learned methods is 1.2–1.4× faster
             (``benchmarks/reducer_train_speed.py``).  Recorded in the checkpoint.
+        distill_weight: DynamicViT / dTPS only: weight of the logit and token
+            distillation terms (default 0.5, the DeiT-S recipes; TPS trains DeiT-T with 0).
 
     Returns:
-        ``{"checkpoint": path, "result": TrainResult}``.
+        ``{"checkpoint": path, "result": TrainResult}``, plus ``"model"``: the path of the
+        fine-tuned backbone's state dict (``OUT/model.safetensors``) when ``finetune=True``.
     """
     from ..api import apply
-    from ..checkpoint import save_reducer
+    from ..checkpoint import atomic_save_file, save_reducer
     from .engine import TrainConfig, _dist_info, precision_label, train
 
     apply(model, method, **params)
     reducer = model._tr_ctx.reducer
-    task = task_for(reducer, transform=transform, finetune=finetune)
+    options: dict[str, Any] = {}
+    if distill_weight is not None:
+        if not isinstance(TASKS.get(reducer.name), type) or not issubclass(TASKS[reducer.name], DynamicViTTask):
+            raise ValueError(f"distill_weight applies to dynamicvit and tps (variant='dtps'), not {method}")
+        options["distill_weight"] = distill_weight
+    task = task_for(reducer, transform=transform, finetune=finetune, **options)
+    task.prepare(model)
     n = len(train_data)
     _, world = _dist_info()
     total = max(1, (n // world) // batch_size) * epochs
@@ -258,16 +398,24 @@ def train_reducer(
     use_amp = amp if amp is not None else torch.device(device).type == "cuda"
     precision = precision_label(use_amp)
     config = TrainConfig(
-        out_dir=out_dir, epochs=epochs, batch_size=batch_size, lr=base_lr, min_lr=base_lr * 1e-3,
+        out_dir=out_dir, epochs=epochs, batch_size=batch_size, lr=base_lr, min_lr=base_lr * task.min_lr_scale,
         weight_decay=0.0 if task.optimizer == "sgd" else 0.05, warmup_steps=int(total * warmup_fraction),
         grad_clip=None if task.optimizer == "sgd" else 1.0, seed=seed, checkpoint_every=checkpoint_every,
         log_every=log_every,
         resume=resume, stop_at_step=max_steps, device=device, progress=progress, amp=use_amp,
-        extra={"method": method, "params": reducer.config(), "finetune": finetune, "precision": precision},
+        extra={"method": method, "params": reducer.config(), "finetune": finetune, "precision": precision,
+               "distill_weight": getattr(task, "distill_weight", None)},
     )
     result = train(model, task, train_data, config)
     rank, _ = _dist_info()
     path = f"{out_dir}/reducer.safetensors"
+    out: dict[str, Any] = {"checkpoint": path, "result": result}
+    if finetune:  # the reducer is only meaningful with the backbone it was trained with
+        out["model"] = f"{out_dir}/model.safetensors"
     if rank == 0:
-        save_reducer(reducer, path, extra={"steps": result.step, "finetune": finetune, "precision": precision})
-    return {"checkpoint": path, "result": result}
+        save_reducer(reducer, path, extra={"steps": result.step, "finetune": finetune, "precision": precision}
+                     | {k: v for k, v in config.extra.items() if k == "distill_weight" and v is not None})
+        if finetune:
+            state = _unwrap(model).state_dict()
+            atomic_save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, out["model"])
+    return out
