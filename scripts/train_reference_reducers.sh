@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Train the learned reducers shipped for the bundled reference model (backbone frozen, 1 epoch of the
 # Fashion-MNIST training set each, the methods' own optimisers and learning rates) and copy them into
-# the package.  Needs the Debian package dataset-fashion-mnist.  About 25 minutes on 2 CPU cores.
+# the package.  Needs the Debian package dataset-fashion-mnist.  About 18 minutes on 2 CPU cores.
 #
 #   bash scripts/train_reference_reducers.sh [RUNS_DIR]
 set -euo pipefail

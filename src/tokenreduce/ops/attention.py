@@ -85,6 +85,10 @@ def masked_softmax(logits: Tensor, key_mask: KeyMask) -> Tensor:
 
     ``p_ij = m_j·exp(l_ij − max_i) / (Σ_k m_k·exp(l_ik − max_i) + eps)``
 
+    DynamicViT's and TPS's ``softmax_with_policy`` also add ``eps/N`` to the numerator,
+    so a removed key keeps a probability of about ``eps/N`` there; here it gets exactly
+    0 (the live keys' probabilities differ by less than ``eps``).
+
     Args:
         logits: B×H×N×N attention logits.
 
