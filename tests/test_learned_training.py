@@ -11,6 +11,7 @@ from conftest import make_vit
 from torch.utils.data import TensorDataset
 
 import tokenreduce as tr
+from tokenreduce.checkpoint import read_reducer
 from tokenreduce.training.learned import task_for, token_distillation, train_reducer
 
 
@@ -185,8 +186,13 @@ def test_distill_weight_zero_skips_the_teacher(tmp_path):
     assert torch.isfinite(loss) and "logit_kl" not in metrics
     with pytest.raises(ValueError, match="distill_weight"):
         task_for(model._tr_ctx.reducer, distill_weight=-1.0)
-    with pytest.raises(ValueError, match="distill_weight applies"):
+    with pytest.raises(ValueError, match="distill_weight applies to dynamicvit, tps only"):
         train_reducer(make_vit(), "ltmp", _data(), out_dir=str(tmp_path), distill_weight=0.0, progress=False)
+    with pytest.raises(ValueError, match="label_smoothing applies to ltmp only"):
+        train_reducer(make_vit(), "cropr", _data(), out_dir=str(tmp_path), label_smoothing=0.1, progress=False)
+    out = train_reducer(make_vit(), "ltmp", _data(16), out_dir=str(tmp_path / "ls"), batch_size=8, max_steps=1,
+                        label_smoothing=0.0, progress=False)
+    assert read_reducer(out["checkpoint"])[0]["extra"]["label_smoothing"] == 0.0
 
 
 def test_finetuning_writes_the_backbone_it_trained(tmp_path):

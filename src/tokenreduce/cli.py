@@ -269,7 +269,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             lr=args.lr, finetune=args.finetune, resume=args.resume, checkpoint_every=args.checkpoint_every,
             max_steps=args.max_steps, transform=transform, device=args.device, progress=not args.no_progress,
             amp={"auto": None, "fp32": False, "bf16": True}[args.precision], distill_weight=args.distill_weight,
-            **params,
+            label_smoothing=args.label_smoothing, **params,
         )
     except (FileNotFoundError, ValueError, TypeError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -471,6 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "auto: bf16 on a GPU, fp32 on a CPU")
     tr_.add_argument("--distill-weight", type=float,
                      help="dynamicvit / tps dtps: weight of the logit and token distillation (default 0.5; 0: off)")
+    tr_.add_argument("--label-smoothing", type=float, help="ltmp: label smoothing of the cross-entropy (default 0.1)")
     tr_.add_argument("--no-progress", action="store_true")
     tr_.set_defaults(func=cmd_train)
 

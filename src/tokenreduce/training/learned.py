@@ -202,7 +202,7 @@ class DynamicViTTask(ReducerTask):
         """``(B×N×C final tokens, B×classes logits)`` of the unreduced teacher, in eval mode, without gradients."""
         with torch.no_grad():
             if self.finetune:
-                if self._frozen_teacher is None:
+                if self._frozen_teacher is None:  # not prepared by train_reducer: copy before the first step
                     self._frozen_teacher = _frozen_copy(bare)
                 teacher = self._frozen_teacher
                 feats = teacher.forward_features(images)
@@ -220,8 +220,6 @@ class DynamicViTTask(ReducerTask):
     def loss(self, model: nn.Module, batch: Any) -> tuple[Tensor, dict[str, float]]:
         images, labels = self._images(batch)
         bare = _unwrap(model)
-        if self.finetune and self._frozen_teacher is None and self.distill_weight > 0:
-            self.prepare(bare)  # not prepared by train_reducer: before this step changes the weights
         captured: dict[str, Tensor] = {}
         hook = bare.norm.register_forward_hook(lambda mod, args, out: captured.__setitem__("feats", out))
         try:
@@ -320,6 +318,12 @@ TASKS: dict[str, type[ReducerTask]] = {"ltmp": LTMPTask, "dynamicvit": DynamicVi
                                         "cropr": CroprTask}
 
 
+_TASK_OPTIONS: dict[str, tuple[str, ...]] = {"ltmp": ("label_smoothing",), "dynamicvit": ("distill_weight",),
+                                             "tps": ("distill_weight",)}
+"""The task options :func:`train_reducer` passes through, per method."""
+_OPTION_NAMES = {name for names in _TASK_OPTIONS.values() for name in names}
+
+
 def task_for(reducer: Reducer, **kwargs: Any) -> ReducerTask:
     """The training task of a learned reducer."""
     if reducer.module is None or reducer.name not in TASKS:
@@ -347,6 +351,7 @@ def train_reducer(
     device: str = "cpu",
     amp: bool | None = None,
     distill_weight: float | None = None,
+    label_smoothing: float | None = None,
     progress: bool = True,
     seed: int = 0,
     **params: Any,
@@ -371,6 +376,8 @@ def train_reducer(
             (``benchmarks/reducer_train_speed.py``).  Recorded in the checkpoint.
         distill_weight: DynamicViT / dTPS only: weight of the logit and token
             distillation terms (default 0.5, the DeiT-S recipes; TPS trains DeiT-T with 0).
+        label_smoothing: LTMP only: label smoothing of its cross-entropy (default 0.1, the
+            official training script's).
 
     Returns:
         ``{"checkpoint": path, "result": TrainResult}``, plus ``"model"``: the path of the
@@ -380,13 +387,14 @@ def train_reducer(
     from ..checkpoint import atomic_save_file, save_reducer
     from .engine import TrainConfig, _dist_info, precision_label, train
 
+    options = {name: value for name, value in (("distill_weight", distill_weight),
+                                               ("label_smoothing", label_smoothing)) if value is not None}
+    for name in options:  # checked before the model is touched
+        if name not in _TASK_OPTIONS.get(method, ()):
+            users = [m for m, names in _TASK_OPTIONS.items() if name in names]
+            raise ValueError(f"{name} applies to {', '.join(users)} only, not {method}")
     apply(model, method, **params)
     reducer = model._tr_ctx.reducer
-    options: dict[str, Any] = {}
-    if distill_weight is not None:
-        if not isinstance(TASKS.get(reducer.name), type) or not issubclass(TASKS[reducer.name], DynamicViTTask):
-            raise ValueError(f"distill_weight applies to dynamicvit and tps (variant='dtps'), not {method}")
-        options["distill_weight"] = distill_weight
     task = task_for(reducer, transform=transform, finetune=finetune, **options)
     task.prepare(model)
     n = len(train_data)
@@ -404,7 +412,8 @@ def train_reducer(
         log_every=log_every,
         resume=resume, stop_at_step=max_steps, device=device, progress=progress, amp=use_amp,
         extra={"method": method, "params": reducer.config(), "finetune": finetune, "precision": precision,
-               "distill_weight": getattr(task, "distill_weight", None)},
+               "distill_weight": getattr(task, "distill_weight", None),
+               "label_smoothing": getattr(task, "label_smoothing", None)},
     )
     result = train(model, task, train_data, config)
     rank, _ = _dist_info()
@@ -413,8 +422,9 @@ def train_reducer(
     if finetune:  # the reducer is only meaningful with the backbone it was trained with
         out["model"] = f"{out_dir}/model.safetensors"
     if rank == 0:
+        options_used = {k: v for k, v in config.extra.items() if k in _OPTION_NAMES and v is not None}
         save_reducer(reducer, path, extra={"steps": result.step, "finetune": finetune, "precision": precision}
-                     | {k: v for k, v in config.extra.items() if k == "distill_weight" and v is not None})
+                     | options_used)
         if finetune:
             state = _unwrap(model).state_dict()
             atomic_save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, out["model"])
