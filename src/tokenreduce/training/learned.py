@@ -65,17 +65,21 @@ class ReducerTask:
         self.finetune = finetune
 
     # -- what the engine asks -----------------------------------------------------------
+    def backbone_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        """The model's parameters trained with ``finetune=True`` (all of them here)."""
+        return list(model.parameters())
+
     def trainable_parameters(self, model: nn.Module) -> Iterable[nn.Parameter]:
         params = list(self.reducer.module.parameters())
         if self.finetune:
-            params += list(model.parameters())
+            params += self.backbone_parameters(model)
         return params
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
         """Optimiser groups with an ``lr_scale`` relative to the run's base learning rate."""
         groups: list[dict[str, Any]] = [{"params": list(self.reducer.module.parameters()), "lr_scale": 1.0}]
         if self.finetune:
-            groups.append({"params": list(model.parameters()), "lr_scale": self.backbone_lr_scale})
+            groups.append({"params": self.backbone_parameters(model), "lr_scale": self.backbone_lr_scale})
         return groups
 
     def state_dict(self) -> dict[str, Tensor]:
@@ -131,12 +135,6 @@ class LTMPTask(ReducerTask):
     def backbone_parameters(self, model: nn.Module) -> list[nn.Parameter]:
         """The model's parameters fine-tuned with ``finetune=True``: all but the norms'."""
         return [p for name, p in model.named_parameters() if "norm" not in name]
-
-    def trainable_parameters(self, model: nn.Module) -> Iterable[nn.Parameter]:
-        params = list(self.reducer.module.parameters())
-        if self.finetune:
-            params += self.backbone_parameters(model)
-        return params
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
         module = self.reducer.module
@@ -203,7 +201,7 @@ class DynamicViTTask(ReducerTask):
         with torch.no_grad():
             if self.finetune:
                 if self._frozen_teacher is None:  # not prepared by train_reducer: copy before the first step
-                    self._frozen_teacher = _frozen_copy(bare)
+                    self.prepare(bare)
                 teacher = self._frozen_teacher
                 feats = teacher.forward_features(images)
                 return feats, teacher.forward_head(feats)
@@ -321,7 +319,6 @@ TASKS: dict[str, type[ReducerTask]] = {"ltmp": LTMPTask, "dynamicvit": DynamicVi
 _TASK_OPTIONS: dict[str, tuple[str, ...]] = {"ltmp": ("label_smoothing",), "dynamicvit": ("distill_weight",),
                                              "tps": ("distill_weight",)}
 """The task options :func:`train_reducer` passes through, per method."""
-_OPTION_NAMES = {name for names in _TASK_OPTIONS.values() for name in names}
 
 
 def task_for(reducer: Reducer, **kwargs: Any) -> ReducerTask:
@@ -397,6 +394,7 @@ def train_reducer(
     reducer = model._tr_ctx.reducer
     task = task_for(reducer, transform=transform, finetune=finetune, **options)
     task.prepare(model)
+    task_options = {name: getattr(task, name) for name in _TASK_OPTIONS.get(method, ())}  # as used, defaults included
     n = len(train_data)
     _, world = _dist_info()
     total = max(1, (n // world) // batch_size) * epochs
@@ -411,9 +409,8 @@ def train_reducer(
         grad_clip=None if task.optimizer == "sgd" else 1.0, seed=seed, checkpoint_every=checkpoint_every,
         log_every=log_every,
         resume=resume, stop_at_step=max_steps, device=device, progress=progress, amp=use_amp,
-        extra={"method": method, "params": reducer.config(), "finetune": finetune, "precision": precision,
-               "distill_weight": getattr(task, "distill_weight", None),
-               "label_smoothing": getattr(task, "label_smoothing", None)},
+        extra={"method": method, "params": reducer.config(), "finetune": finetune, "precision": precision}
+        | task_options,
     )
     result = train(model, task, train_data, config)
     rank, _ = _dist_info()
@@ -422,9 +419,8 @@ def train_reducer(
     if finetune:  # the reducer is only meaningful with the backbone it was trained with
         out["model"] = f"{out_dir}/model.safetensors"
     if rank == 0:
-        options_used = {k: v for k, v in config.extra.items() if k in _OPTION_NAMES and v is not None}
         save_reducer(reducer, path, extra={"steps": result.step, "finetune": finetune, "precision": precision}
-                     | options_used)
+                     | task_options)
         if finetune:
             state = _unwrap(model).state_dict()
             atomic_save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, out["model"])
