@@ -34,6 +34,7 @@ import torch
 
 import tokenreduce as tr
 from tokenreduce.eval.throughput import allow_many_compiled_models, compare_throughput
+from tokenreduce.ops import cpu_kernels
 
 DATA_DEPENDENT = {"ltmp"}  # its counts depend on trained thresholds and the images: timed on real data instead
 
@@ -57,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only-latency", action="store_true", help="batch 1 only (skip the --batch-size columns)")
     parser.add_argument("--no-ceiling", action="store_true", help="skip the schedule-only copy")
     parser.add_argument("--json", help="write all rows here")
+    parser.add_argument("--cpu-kernels", choices=["auto", "on", "off"], default="auto",
+                        help="the fused CPU merge kernel (tokenreduce.ops.cpu_kernels); default: the library's")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -66,7 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     network = timm.create_model(args.model, pretrained=False).eval()
     baselines: dict[int, torch.nn.Module] = {}  # compiled unreduced model per batch size, shared by all rows
     methods = args.methods or [m for m in tr.methods() if m not in DATA_DEPENDENT]
-    print(f"# {args.model}, {args.dtype}, {args.device}, {machine()}")
+    cpu_kernels.set_cpu_kernels(args.cpu_kernels)  # "on" / "auto" build it here, outside the timed loops
+    merge_path = "fused CPU merge kernel" if cpu_kernels.load_cpu_kernels() else "PyTorch merge ops"
+    print(f"# {args.model}, {args.dtype}, {args.device}, {machine()}, {merge_path}")
     print(f"{'method':<10} {'setting':<30} {'GMACs ratio':>11} {'ideal':>6} {'bs32 speed-up':>13} {'eff.':>5} "
           f"{'ceil.':>5} {'bs1 speed-up':>12} {'eff.':>5} {'ceil.':>5}")
     rows = []

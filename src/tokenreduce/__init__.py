@@ -8,6 +8,7 @@
 from . import methods
 from .api import apply, gmacs, remove, stats, unreduced
 from .calibrate import calibrate
+from .ops.cpu_kernels import set_cpu_kernels
 from .state import TokenState
 from .viz import visualize
 
@@ -25,6 +26,7 @@ def train(model, method, train_data, **kwargs):
 __version__ = "0.1.0"
 
 __all__ = [
-    "TokenState", "apply", "calibrate", "gmacs", "methods", "remove", "stats", "train", "unreduced", "visualize",
+    "TokenState", "apply", "calibrate", "gmacs", "methods", "remove", "set_cpu_kernels", "stats", "train", "unreduced",
+    "visualize",
     "__version__",
 ]

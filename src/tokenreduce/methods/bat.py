@@ -59,8 +59,8 @@ import torch
 from ..ops.attention import AttentionNeeds, AttentionSignals
 from ..ops.cluster import check_distance_scale, cluster_mean, dpc_knn
 from ..ops.gather import batched_gather, batched_scatter_add
-from ..ops.matching import bipartite_soft_matching, max_merges
-from ..ops.merge import merge_wavg
+from ..ops.matching import max_merges
+from ..ops.merge import bipartite_merge
 from ..ops.prune import keep_topk
 from ..state import TokenState
 from .base import ModelInfo
@@ -161,7 +161,7 @@ class BAT(KeepRateReducer):
         r = self.merges(keep)
         if r > 0:
             keys = torch.cat([signals.keys[:, :p], batched_gather(signals.keys[:, p:], attentive_idx)], dim=1)
-            attentive = merge_wavg(attentive, bipartite_soft_matching(keys, r, p))
+            attentive = bipartite_merge(attentive, keys, r)
 
         c = self.clusters(patches - keep)
         rest_x = batched_gather(state.x[:, p:], rest_idx)  # B×M×C

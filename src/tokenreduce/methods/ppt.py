@@ -50,8 +50,8 @@ from torch import Tensor
 
 from ..budget import Schedule
 from ..ops.attention import AttentionNeeds, AttentionSignals
-from ..ops.matching import bipartite_soft_matching, max_merges
-from ..ops.merge import merge_wavg
+from ..ops.matching import max_merges
+from ..ops.merge import bipartite_merge
 from ..ops.prune import keep_topk
 from ..state import TokenState
 from .base import ModelInfo, Reducer, check_layers
@@ -158,7 +158,7 @@ class PPT(Reducer):
         if self.recorded is not None:
             self.recorded[block].append(variance.detach())
         pool = variance < self.thresholds[block]
-        pooled = merge_wavg(state, bipartite_soft_matching(signals.keys, r, p))
+        pooled = bipartite_merge(state, signals.keys, r)
         pruned = state.prefix_and_patches(keep_topk(scores, n - p - r))
         return select_state(pool, pooled, pruned)
 

@@ -14,8 +14,8 @@ from typing import Any
 
 from ..budget import Schedule
 from ..ops.attention import AttentionNeeds, AttentionSignals
-from ..ops.matching import bipartite_soft_matching, max_merges
-from ..ops.merge import merge_wavg
+from ..ops.matching import max_merges
+from ..ops.merge import bipartite_merge
 from ..state import TokenState
 from .base import ModelInfo, Reducer
 
@@ -84,8 +84,7 @@ class ToMe(Reducer):
         return AttentionNeeds(keys=True) if self.r_per_block[block] > 0 else None
 
     def reduce(self, block: int, state: TokenState, signals: AttentionSignals) -> TokenState:
-        match = bipartite_soft_matching(signals.keys, self.r_per_block[block], state.num_prefix)
-        return merge_wavg(state, match)
+        return bipartite_merge(state, signals.keys, self.r_per_block[block])
 
     def schedule(self, num_tokens: int) -> Schedule:
         counts, n = [], num_tokens

@@ -4,9 +4,37 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from ..state import TokenState
-from .matching import BipartiteMatch
+from .cpu_kernels import fused_bipartite_merge
+from .matching import BipartiteMatch, bipartite_soft_matching, max_merges
+
+
+def bipartite_merge(state: TokenState, metric: Tensor, r: int) -> TokenState:
+    """ToMe's merge step: :func:`bipartite_soft_matching` on ``metric``, then :func:`merge_wavg`.
+
+    On the CPU in inference this runs as one fused kernel
+    (:mod:`tokenreduce.ops.cpu_kernels`) with the same result; elsewhere, and whenever
+    sources or a live-token mask are carried, it is the two functions above.
+
+    Args:
+        state: B×N tokens.
+        metric: B×N×D features to match on (ToMe: head-averaged keys).
+        r: tokens to remove per image; clamped to ``(N − P) // 2``.
+
+    Returns:
+        A state with B×(N−r) tokens (``state`` itself when r ≤ 0).
+    """
+    p = state.num_prefix
+    r = min(r, max_merges(state.num_tokens, p))
+    if r <= 0:
+        return state
+    if state.source is None and state.mask is None:
+        fused = fused_bipartite_merge(state.x, state.size, metric, r, p)
+        if fused is not None:
+            return TokenState(fused[0], fused[1], None, p, None)
+    return merge_wavg(state, bipartite_soft_matching(metric, r, p))
 
 
 def merge_wavg(state: TokenState, match: BipartiteMatch | None) -> TokenState:

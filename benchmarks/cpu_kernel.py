@@ -1,0 +1,82 @@
+"""The fused CPU merge kernel against the PyTorch merge ops, side by side in one process.
+
+For every method that merges with bipartite matching (ToMe, PPT, BAT), at its default
+and at ``--budget``, this times the unreduced DeiT-S and the reduced model with the
+kernel on and off (``tokenreduce.ops.cpu_kernels.set_cpu_kernels``), the three taking
+turns forward after forward, and prints medians, the kernel's speed-up over the
+PyTorch ops, and both efficiencies (speed-up over the unreduced model × GMACs ratio).
+
+    python benchmarks/cpu_kernel.py                          # batch 1 and 32, ~6 minutes on 2 cores
+    python benchmarks/cpu_kernel.py --batch-sizes 1 --repeats 101 --methods tome
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+
+import timm
+import torch
+
+import tokenreduce as tr
+from tokenreduce.ops import cpu_kernels
+
+MERGING_METHODS = ("tome", "ppt", "bat")
+
+
+def time_alternating(model_base, model_reduced, images: torch.Tensor, repeats: int) -> dict[str, float]:
+    """Median seconds per forward of the unreduced model and the reduced one, kernel on and off."""
+    runs = [("base", model_base, "on"), ("on", model_reduced, "on"), ("off", model_reduced, "off")]
+    times: dict[str, list[float]] = {name: [] for name, _, _ in runs}
+    with torch.inference_mode():
+        for _, model, mode in runs:  # warm-up
+            cpu_kernels.set_cpu_kernels(mode)
+            model(images)
+        for i in range(repeats):
+            for name, model, mode in runs if i % 2 else runs[::-1]:
+                cpu_kernels.set_cpu_kernels(mode)
+                start = time.perf_counter()
+                model(images)
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="deit_small_patch16_224")
+    parser.add_argument("--methods", nargs="+", default=list(MERGING_METHODS), choices=MERGING_METHODS)
+    parser.add_argument("--budget", type=float, default=0.6)
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 32])
+    parser.add_argument("--repeats", type=int, default=None, help="default: 51 at batch 1, 7 above")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    cpu_kernels.set_cpu_kernels("on")  # build now (or fail loudly), not inside a timed forward
+    network = timm.create_model(args.model, pretrained=False).eval()
+    full_gmacs = tr.gmacs(network)
+    print(f"# {args.model}, fp32, cpu, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    print(f"{'method':<6} {'setting':<14} {'bs':>3} {'GMACs ratio':>11} {'unreduced':>10} {'kernel':>9} "
+          f"{'torch ops':>9} {'kernel gain':>11} {'eff. kernel':>11} {'eff. ops':>8}")
+    for method in args.methods:
+        for budget in (None, args.budget):
+            reduced = tr.apply(copy.deepcopy(network), method, **({} if budget is None else {"budget": budget}))
+            ratio = tr.gmacs(network, method, **({} if budget is None else {"budget": budget})) / full_gmacs
+            for batch_size in args.batch_sizes:
+                repeats = args.repeats or (51 if batch_size == 1 else 7)
+                images = torch.randn(batch_size, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+                t = time_alternating(network, reduced, images, repeats)
+                setting = "default" if budget is None else f"budget={budget}"
+                print(f"{method:<6} {setting:<14} {batch_size:>3} {ratio:>11.3f} {t['base'] * 1e3:>8.1f}ms "
+                      f"{t['on'] * 1e3:>7.1f}ms {t['off'] * 1e3:>7.1f}ms {t['off'] / t['on']:>10.3f}x "
+                      f"{t['base'] / t['on'] * ratio:>11.2f} {t['base'] / t['off'] * ratio:>8.2f}")
+                sys.stdout.flush()
+    cpu_kernels.set_cpu_kernels("auto")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

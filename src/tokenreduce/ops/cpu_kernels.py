@@ -1,0 +1,182 @@
+"""Optional fused CPU kernels, compiled on first use.
+
+At batch 1 on a CPU, a ToMe merge is ~30 small ATen ops whose fixed costs, not their
+arithmetic, make up most of its time (each costs 10–25 µs once the block's GEMMs have
+run, against 2–4 µs in a tight loop). ``csrc/bipartite_merge.cpp`` does the matching
+and the size-weighted merge in one call and gives the same numbers as the Python
+path (:func:`~tokenreduce.ops.matching.bipartite_soft_matching` +
+:func:`~tokenreduce.ops.merge.merge_wavg`).
+
+The extension is compiled with :func:`torch.utils.cpp_extension.load` the first time a
+merge runs on the CPU in inference (about 30 s; cached in torch's extensions folder,
+``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``). It needs a C++ compiler;
+``ninja`` comes with the package. The mode, from ``$TOKENREDUCE_CPU_KERNELS`` or
+:func:`set_cpu_kernels`:
+
+* ``"auto"`` (default): build and use the kernel; if the build fails, warn once and use
+  the Python path.
+* ``"on"``: as auto, but a failed build raises.
+* ``"off"``: always the Python path.
+
+The kernel is used only where it gives the same result as the Python path: CPU,
+float32, no autograd through the hidden states, no source tracing or live-token mask,
+and not while ``torch.compile``, ``torch.jit.trace`` or ``torch.jit.script`` trace the
+model (they get the Python path, which they can see through).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+__all__ = ["cpu_kernels_mode", "load_cpu_kernels", "set_cpu_kernels", "fused_bipartite_merge"]
+
+ENV_VAR = "TOKENREDUCE_CPU_KERNELS"
+MODES = ("auto", "on", "off")
+EXTENSION_NAME = "tokenreduce_cpu_kernels"
+SOURCE = Path(__file__).parent / "csrc" / "bipartite_merge.cpp"
+
+logger = logging.getLogger(__name__)
+_lock = threading.Lock()
+_mode: str | None = None  # None: read the environment variable on first use
+_module: ModuleType | None = None
+_failure: str | None = None
+
+
+def _check_mode(mode: str, origin: str) -> str:
+    value = mode.strip().lower()
+    if value not in MODES:
+        raise ValueError(f"{origin} must be one of {', '.join(MODES)}; got {mode!r}")
+    return value
+
+
+def cpu_kernels_mode() -> str:
+    """The current mode: ``"auto"``, ``"on"`` or ``"off"``."""
+    global _mode
+    if _mode is None:
+        _mode = _check_mode(os.environ.get(ENV_VAR, "auto"), f"${ENV_VAR}")
+    return _mode
+
+
+def set_cpu_kernels(mode: str) -> None:
+    """Choose whether merges on the CPU use the fused kernel: ``"auto"``, ``"on"`` or ``"off"``.
+
+    Overrides ``$TOKENREDUCE_CPU_KERNELS`` for this process. ``"on"`` builds the kernel
+    now (raising if that fails), so the cost of a first build is not paid in a timed
+    forward.
+    """
+    global _mode, _failure
+    _mode = _check_mode(mode, "cpu kernels mode")
+    if _mode == "on":
+        _failure = None  # a forced mode retries a build that failed under "auto"
+        load_cpu_kernels()
+
+
+def load_cpu_kernels() -> ModuleType | None:
+    """The compiled extension, building it if needed; ``None`` when off or unavailable.
+
+    Raises:
+        RuntimeError: in mode ``"on"``, when the extension cannot be built.
+    """
+    global _module, _failure
+    mode = cpu_kernels_mode()
+    if mode == "off":
+        return None
+    if _module is None and _failure is None:
+        with _lock:
+            if _module is None and _failure is None:
+                try:
+                    _module = _build()
+                except Exception as error:  # a compiler, header or ninja problem: fall back
+                    _failure = f"{type(error).__name__}: {error}"
+                    if mode == "auto":
+                        warnings.warn(
+                            "tokenreduce: could not build the fused CPU merge kernel, so merges use the "
+                            f"(slower at small batches) PyTorch path. Set {ENV_VAR}=off to silence this. "
+                            f"Cause: {_failure}",
+                            RuntimeWarning,
+                            stacklevel=2,
+                        )
+    if _module is None and mode == "on":
+        raise RuntimeError(f"tokenreduce: the fused CPU merge kernel could not be built ({_failure})")
+    return _module
+
+
+def _build() -> ModuleType:
+    """Compile (or load the cached build of) ``csrc/bipartite_merge.cpp``."""
+    # torch.utils.cpp_extension logs a CUDA warning at import on CPU-only machines; it does not apply.
+    cpp_logger = logging.getLogger("torch.utils.cpp_extension")
+    level = cpp_logger.level
+    cpp_logger.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        cpp_logger.setLevel(level)
+
+    path = os.environ.get("PATH", "")
+    try:  # the ninja wheel's binary, for an environment that is not activated
+        import ninja
+
+        os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, path])
+    except ImportError:
+        pass
+    try:
+        _announce_first_build(cpp_extension)
+        return cpp_extension.load(name=EXTENSION_NAME, sources=[str(SOURCE)], extra_cflags=["-O3"])
+    finally:
+        os.environ["PATH"] = path
+
+
+def _announce_first_build(cpp_extension: ModuleType) -> None:
+    """Say so when no build is cached, since the first one takes about 30 s."""
+    try:  # a private helper of torch's; the message is only a courtesy
+        build_dir = Path(cpp_extension._get_build_directory(EXTENSION_NAME, verbose=False))
+    except Exception:
+        return
+    if not any(build_dir.glob(f"{EXTENSION_NAME}*.so")):
+        logger.warning("tokenreduce: compiling the fused CPU merge kernel (once, about 30 s) in %s", build_dir)
+
+
+def kernel_eligible(x: Tensor, size: Tensor | None) -> bool:
+    """Whether the fused kernel may replace the Python path for hidden states ``x`` (B×N×C)."""
+    if torch.compiler.is_compiling() or torch.jit.is_scripting() or torch.jit.is_tracing():
+        return False
+    if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 3:
+        return False
+    if size is not None and (size.dtype != torch.float32 or size.device.type != "cpu"):
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or (size is not None and size.requires_grad)):
+        return False
+    return cpu_kernels_mode() != "off"
+
+
+def fused_bipartite_merge(
+    x: Tensor, size: Tensor | None, metric: Tensor, r: int, num_prefix: int
+) -> tuple[Tensor, Tensor] | None:
+    """Bipartite soft matching + size-weighted merge in one kernel call.
+
+    Args:
+        x: B×N×C float32 hidden states; size: B×N×1 float32 sizes or ``None`` (all ones);
+        metric: B×N×D matching features (cast to float32); r: merges per image, in
+        ``[1, (N − num_prefix) // 2]``; num_prefix: protected leading tokens.
+
+    Returns:
+        ``(x, size)``, B×(N−r)×C and B×(N−r)×1, or ``None`` when the kernel is not
+        eligible or not available (the caller then takes the Python path).
+    """
+    if not kernel_eligible(x, size):
+        return None
+    module = load_cpu_kernels()
+    if module is None:
+        return None
+    if metric.dtype != torch.float32:
+        metric = metric.float()
+    out_x, out_size = module.bipartite_merge_wavg(x, size, metric.detach(), r, num_prefix)
+    return out_x, out_size

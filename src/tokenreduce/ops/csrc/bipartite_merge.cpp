@@ -1,0 +1,166 @@
+// Fused CPU kernel: ToMe's bipartite soft matching followed by the size-weighted merge.
+//
+// The same rule as tokenreduce/ops/matching.py (`bipartite_soft_matching`) and
+// tokenreduce/ops/merge.py (`merge_wavg`), in one call instead of ~30 small ATen ops.
+// At batch 1 on CPU those small ops, not the arithmetic, are most of a merge's cost.
+// Operation order follows the Python path (x·s, sequential adds in edge order, one
+// division by the summed size), so the two give the same numbers.
+//
+// Built on first use by tokenreduce/ops/cpu_kernels.py (torch.utils.cpp_extension.load).
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <vector>
+
+namespace {
+
+constexpr float kEps = 1e-6f;
+
+// `a` ranks before `b` in a descending sort that, like torch.sort, puts NaN first.
+inline bool ranks_before(float a, float b) {
+  if (std::isnan(a)) return !std::isnan(b);
+  return a > b;
+}
+
+// Writes metric[pos] / max(|metric[pos]|, eps) (D floats) to `out`.
+inline void normalise(const float* row, int64_t dim, float* out) {
+  float sum_sq = 0.f;
+  for (int64_t d = 0; d < dim; ++d) sum_sq += row[d] * row[d];
+  const float denom = std::max(std::sqrt(sum_sq), kEps);
+  for (int64_t d = 0; d < dim; ++d) out[d] = row[d] / denom;
+}
+
+}  // namespace
+
+// x: B×N×C float32; size: B×N×1 float32 or None (all ones); metric: B×N×D float32.
+// Prefix tokens (the first p) are left out of both sets. A′ = positions a0, a0+2, ...,
+// B′ = positions b0, b0+2, ... after the prefix. Merges the r A′ tokens with the
+// strongest best-cosine edges into their B′ partners.
+// Returns (B×(N−r)×C merged x, B×(N−r)×1 summed sizes) in the order
+// [prefix] ++ [unmerged A′ (sequence order if p > 0, else edge order)] ++ [B′].
+std::vector<at::Tensor> bipartite_merge_wavg(const at::Tensor& x_in, const c10::optional<at::Tensor>& size_in,
+                                             const at::Tensor& metric_in, int64_t r, int64_t p) {
+  TORCH_CHECK(x_in.dim() == 3 && metric_in.dim() == 3, "bipartite_merge_wavg: x and metric must be 3-D");
+  TORCH_CHECK(x_in.device().is_cpu() && metric_in.device().is_cpu(), "bipartite_merge_wavg: CPU tensors only");
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat && metric_in.scalar_type() == at::kFloat,
+              "bipartite_merge_wavg: float32 tensors only");
+  TORCH_CHECK(x_in.size(0) == metric_in.size(0) && x_in.size(1) == metric_in.size(1),
+              "bipartite_merge_wavg: x and metric must share B and N");
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor metric = metric_in.contiguous();
+  const int64_t batch = x.size(0), n = x.size(1), channels = x.size(2), dim = metric.size(2);
+  TORCH_CHECK(p >= 0 && p <= n, "bipartite_merge_wavg: bad prefix count");
+  const int64_t a0 = 2 * ((p + 1) / 2), b0 = 2 * (p / 2) + 1;
+  const int64_t na = n > a0 ? (n - a0 + 1) / 2 : 0;
+  const int64_t nb = n > b0 ? (n - b0 + 1) / 2 : 0;
+  TORCH_CHECK(r > 0 && r <= std::min(na, nb), "bipartite_merge_wavg: r must be in [1, (N - p) // 2]");
+
+  at::Tensor size;
+  const bool has_size = size_in.has_value() && size_in->defined();
+  if (has_size) {
+    size = size_in->contiguous();
+    TORCH_CHECK(size.scalar_type() == at::kFloat && size.numel() == batch * n,
+                "bipartite_merge_wavg: size must be a B×N×1 float32 tensor");
+  }
+  const float* x_data = x.data_ptr<float>();
+  const float* size_data = has_size ? size.data_ptr<float>() : nullptr;
+  const float* metric_data = metric.data_ptr<float>();
+
+  // Normalised metric of A′ and B′, each in its own contiguous buffer, then one BMM.
+  at::Tensor a = at::empty({batch, na, dim}, metric.options());
+  at::Tensor b = at::empty({batch, nb, dim}, metric.options());
+  float* a_data = a.data_ptr<float>();
+  float* b_data = b.data_ptr<float>();
+  for (int64_t img = 0; img < batch; ++img) {
+    const float* m = metric_data + img * n * dim;
+    for (int64_t i = 0; i < na; ++i) normalise(m + (a0 + 2 * i) * dim, dim, a_data + (img * na + i) * dim);
+    for (int64_t j = 0; j < nb; ++j) normalise(m + (b0 + 2 * j) * dim, dim, b_data + (img * nb + j) * dim);
+  }
+  // B×NA′×NB′ cosine similarities. Under autocast the BMM runs in low precision, as the
+  // Python path's does; the scores are read as float32 either way.
+  const at::Tensor scores = at::bmm(a, b.transpose(1, 2)).to(at::kFloat).contiguous();
+  const float* score_data = scores.data_ptr<float>();
+
+  const int64_t m_out = n - r, num_unm = na - r;
+  at::Tensor out = at::empty({batch, m_out, channels}, x.options());
+  at::Tensor out_size = at::empty({batch, m_out, 1}, x.options());
+  float* out_data = out.data_ptr<float>();
+  float* out_size_data = out_size.data_ptr<float>();
+
+  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> node_max(na);
+    std::vector<int64_t> node_idx(na), order(na);
+    for (int64_t img = begin; img < end; ++img) {
+      // Best partner of every A′ token (first maximum; NaN wins, as in torch.max).
+      const float* img_scores = score_data + img * na * nb;
+      for (int64_t i = 0; i < na; ++i) {
+        const float* row = img_scores + i * nb;
+        int64_t best = 0;
+        float best_value = row[0];
+        for (int64_t j = 1; j < nb && !std::isnan(best_value); ++j) {
+          if (std::isnan(row[j]) || row[j] > best_value) {
+            best_value = row[j];
+            best = j;
+          }
+        }
+        node_max[i] = best_value;
+        node_idx[i] = best;
+      }
+      // Edges strongest first; ties by position (a stable descending argsort).
+      std::iota(order.begin(), order.end(), int64_t{0});
+      std::stable_sort(order.begin(), order.end(),
+                       [&](int64_t u, int64_t v) { return ranks_before(node_max[u], node_max[v]); });
+      if (p > 0) std::sort(order.begin() + r, order.end());
+
+      const float* img_x = x_data + img * n * channels;
+      const float* img_size = has_size ? size_data + img * n : nullptr;
+      float* img_out = out_data + img * m_out * channels;
+      float* img_out_size = out_size_data + img * m_out;
+      auto put = [&](int64_t out_row, int64_t pos) {
+        const float* src = img_x + pos * channels;
+        float* dst = img_out + out_row * channels;
+        if (img_size != nullptr) {
+          const float s = img_size[pos];
+          for (int64_t c = 0; c < channels; ++c) dst[c] = src[c] * s;
+          img_out_size[out_row] = s;
+        } else {
+          std::copy(src, src + channels, dst);
+          img_out_size[out_row] = 1.f;
+        }
+      };
+      auto add = [&](int64_t out_row, int64_t pos) {
+        const float* src = img_x + pos * channels;
+        float* dst = img_out + out_row * channels;
+        if (img_size != nullptr) {
+          const float s = img_size[pos];
+          for (int64_t c = 0; c < channels; ++c) dst[c] += src[c] * s;
+          img_out_size[out_row] += s;
+        } else {
+          for (int64_t c = 0; c < channels; ++c) dst[c] += src[c];
+          img_out_size[out_row] += 1.f;
+        }
+      };
+      for (int64_t t = 0; t < p; ++t) put(t, t);
+      for (int64_t k = 0; k < num_unm; ++k) put(p + k, a0 + 2 * order[r + k]);
+      for (int64_t j = 0; j < nb; ++j) put(p + num_unm + j, b0 + 2 * j);
+      for (int64_t k = 0; k < r; ++k) add(p + num_unm + node_idx[order[k]], a0 + 2 * order[k]);
+      for (int64_t row = 0; row < m_out; ++row) {
+        const float s = img_out_size[row];
+        float* dst = img_out + row * channels;
+        for (int64_t c = 0; c < channels; ++c) dst[c] /= s;
+      }
+    }
+  });
+  return {out, out_size};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("bipartite_merge_wavg", &bipartite_merge_wavg, "Bipartite soft matching + size-weighted merge (ToMe)",
+        pybind11::arg("x"), pybind11::arg("size"), pybind11::arg("metric"), pybind11::arg("r"), pybind11::arg("p"),
+        pybind11::call_guard<pybind11::gil_scoped_release>());
+}

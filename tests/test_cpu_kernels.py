@@ -1,0 +1,226 @@
+"""The fused CPU merge kernel (ops/csrc/bipartite_merge.cpp): hand-worked cases, equality
+with the PyTorch path, and when it is (not) used."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from conftest import make_vit
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import tokenreduce as tr
+from tokenreduce.ops import cpu_kernels
+from tokenreduce.ops.matching import bipartite_soft_matching, max_merges
+from tokenreduce.ops.merge import bipartite_merge, merge_wavg
+from tokenreduce.state import TokenState
+
+# Five tokens in 2-D, position 0 the class token: A′ = {2, 4}, B′ = {1, 3}.
+# Token 2 points exactly where token 3 points (cosine 1); token 4 is closer to token 1 than to 3.
+METRIC = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [2.0, 2.0], [0.2, 1.0]]])
+X = torch.tensor([[[10.0], [1.0], [2.0], [4.0], [8.0]]])
+
+
+@pytest.fixture
+def kernel_state():
+    """Restore the module's mode / build state after a test changes it."""
+    saved = (cpu_kernels._mode, cpu_kernels._module, cpu_kernels._failure)
+    yield
+    cpu_kernels._mode, cpu_kernels._module, cpu_kernels._failure = saved
+
+
+@pytest.fixture
+def fused(kernel_state):
+    """Mode "on": the kernel is built (or the test fails) and used wherever eligible."""
+    cpu_kernels.set_cpu_kernels("on")
+    return cpu_kernels.load_cpu_kernels()
+
+
+def python_path(state: TokenState, metric: torch.Tensor, r: int) -> TokenState:
+    return merge_wavg(state, bipartite_soft_matching(metric, r, state.num_prefix))
+
+
+def fused_call(state: TokenState, metric: torch.Tensor, r: int) -> TokenState:
+    out = cpu_kernels.fused_bipartite_merge(state.x, state.size, metric, r, state.num_prefix)
+    assert out is not None, "the kernel should have been eligible"
+    return TokenState(out[0], out[1], None, state.num_prefix)
+
+
+def test_kernel_merges_most_similar_pair_in_tome_order(fused):
+    state = fused_call(TokenState(X, num_prefix=1), METRIC, 1)
+    # [class] ++ unmerged A′ (token 4) ++ B′ (token 1, token 3 absorbing token 2).
+    assert state.x.flatten().tolist() == [10.0, 8.0, 1.0, 3.0]
+    assert state.size.flatten().tolist() == [1.0, 1.0, 1.0, 2.0]
+
+
+def test_kernel_weights_by_size(fused):
+    sizes = torch.tensor([[[1.0], [1.0], [3.0], [1.0], [1.0]]])
+    state = fused_call(TokenState(X, size=sizes, num_prefix=1), METRIC, 2)
+    # token 4 -> token 1: (8 + 1) / 2; token 2 (size 3) -> token 3: (3·2 + 4) / 4.
+    assert state.x.flatten().tolist() == pytest.approx([10.0, 4.5, 2.5])
+    assert state.size.flatten().tolist() == [1.0, 2.0, 4.0]
+
+
+def test_kernel_protects_a_distillation_token(fused):
+    # Position 1 is a distillation token; token 2 is identical to it but must merge elsewhere.
+    metric = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [1.0, 0.2], [5.0, 5.0], [1.0, 1.0]]])
+    x = torch.arange(6.0).view(1, 6, 1)
+    state = fused_call(TokenState(x, num_prefix=2), metric, 1)
+    # A′ = {2, 4}, B′ = {3, 5}: token 4 (cos 1 with 5) merges into 5; token 2 stays.
+    assert state.x.flatten().tolist() == [0.0, 1.0, 2.0, 3.0, 4.5]
+    assert state.size.flatten().tolist() == [1.0, 1.0, 1.0, 1.0, 2.0]
+
+
+def test_kernel_breaks_ties_by_position(fused):
+    # All cosines are 1: every A′ token picks the first B′ token, and the first r A′ tokens go.
+    x = torch.arange(7.0).view(1, 7, 1)
+    state = fused_call(TokenState(x, num_prefix=1), torch.ones(1, 7, 3), 2)
+    # A′ = {2, 4, 6}, B′ = {1, 3, 5}: tokens 2 and 4 merge into 1.
+    assert state.x.flatten().tolist() == pytest.approx([0.0, 6.0, 7.0 / 3.0, 3.0, 5.0])
+    assert state.size.flatten().tolist() == [1.0, 1.0, 3.0, 1.0, 1.0]
+
+
+def test_kernel_without_prefix_keeps_unmerged_tokens_in_edge_order(fused):
+    # No prefix: A′ = {0, 2, 4}, B′ = {1, 3}. Edges: 0→1 (cos 0.894), 2→3 (cos 1), 4→1 (cos 0.995).
+    metric = torch.tensor([[[1.0, 0.5], [1.0, 0.0], [0.0, 1.0], [0.0, 2.0], [1.0, 0.1]]])
+    x = torch.tensor([[[1.0], [2.0], [3.0], [4.0], [5.0]]])
+    state = fused_call(TokenState(x, num_prefix=0), metric, 1)
+    # Token 2 merges into 3; the unmerged A′ tokens follow edge strength (4 before 0), as in ToMe.
+    assert state.x.flatten().tolist() == [5.0, 1.0, 2.0, 3.5]
+
+
+def test_kernel_matches_python_path_with_nan(fused):
+    g = torch.Generator().manual_seed(0)
+    metric = torch.randn(2, 11, 4, generator=g)
+    metric[0, 4] = float("nan")  # an A′ row
+    metric[1, 3] = float("nan")  # a B′ column
+    state = TokenState(torch.randn(2, 11, 5, generator=g), num_prefix=1)
+    expected, got = python_path(state, metric, 3), fused_call(state, metric, 3)
+    assert torch.allclose(got.x, expected.x, equal_nan=True)
+    assert torch.equal(got.size, expected.size)
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(
+    batch=st.integers(1, 3),
+    n=st.integers(2, 40),
+    channels=st.integers(1, 9),
+    dim=st.sampled_from([1, 4, 16]),
+    prefix=st.integers(0, 3),
+    r_frac=st.floats(0.0, 1.0),
+    with_size=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_kernel_equals_python_path(batch, n, channels, dim, prefix, r_frac, with_size, seed):
+    saved = cpu_kernels._mode
+    cpu_kernels.set_cpu_kernels("on")  # builds or fails (hypothesis takes no function-scoped fixture)
+    try:
+        _compare_paths(batch, n, channels, dim, prefix, r_frac, with_size, seed)
+    finally:
+        cpu_kernels._mode = saved
+
+
+def _compare_paths(batch, n, channels, dim, prefix, r_frac, with_size, seed):
+    prefix = min(prefix, n)
+    limit = max_merges(n, prefix)
+    if limit == 0:
+        return
+    r = max(1, round(r_frac * limit))
+    g = torch.Generator().manual_seed(seed)
+    metric = torch.randn(batch, n, dim, generator=g)
+    size = torch.randint(1, 5, (batch, n, 1), generator=g).float() if with_size else None
+    state = TokenState(torch.randn(batch, n, channels, generator=g), size=size, num_prefix=prefix)
+    expected, got = python_path(state, metric, r), fused_call(state, metric, r)
+    assert got.x.shape == (batch, n - r, channels)
+    assert torch.allclose(got.x, expected.x, atol=1e-6, rtol=1e-6)
+    assert torch.equal(got.size, expected.size)
+
+
+def test_kernel_matches_python_path_under_bf16_autocast(fused):
+    # Autocast runs the similarity BMM in bfloat16 on both paths (many exact ties).
+    g = torch.Generator().manual_seed(4)
+    state = TokenState(torch.randn(2, 30, 8, generator=g), num_prefix=1)
+    metric = torch.randn(2, 30, 16, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, got = python_path(state, metric, 9), fused_call(state, metric, 9)
+    torch.testing.assert_close(got.x, expected.x, atol=1e-6, rtol=1e-6)
+    assert torch.equal(got.size, expected.size)
+
+
+def test_reduced_model_gives_the_same_logits_with_and_without_the_kernel(fused):
+    images = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    outputs = {}
+    for method, kwargs in (("tome", {"r": 4}), ("ppt", {}), ("bat", {})):
+        model = tr.apply(make_vit(), method, **kwargs)
+        for mode in ("on", "off"):
+            cpu_kernels.set_cpu_kernels(mode)
+            with torch.inference_mode():
+                outputs[method, mode] = model(images)
+        torch.testing.assert_close(outputs[method, "on"], outputs[method, "off"], atol=1e-5, rtol=1e-5)
+
+
+def test_kernel_is_used_only_where_it_gives_the_python_result(fused, monkeypatch):
+    calls = []
+    real = fused.bipartite_merge_wavg
+    monkeypatch.setattr(cpu_kernels, "_module", type("Spy", (), {"bipartite_merge_wavg": staticmethod(
+        lambda *args: calls.append(1) or real(*args))}))
+    x = torch.randn(1, 9, 4)
+    metric = torch.randn(1, 9, 3)
+
+    bipartite_merge(TokenState(x), metric, 2)
+    assert len(calls) == 1  # eligible: CPU, float32, no autograd
+
+    leaf = x.clone().requires_grad_()
+    merged = bipartite_merge(TokenState(leaf), metric, 2)
+    merged.x.sum().backward()  # autograd needs the Python path
+    assert leaf.grad is not None and len(calls) == 1
+
+    bipartite_merge(TokenState(x.bfloat16()), metric, 2)
+    bipartite_merge(TokenState(x, source=torch.eye(9).unsqueeze(0)), metric, 2)
+    bipartite_merge(TokenState(x, mask=torch.ones(1, 9, 1)), metric, 2)
+    assert len(calls) == 1
+
+    cpu_kernels.set_cpu_kernels("off")
+    bipartite_merge(TokenState(x), metric, 2)
+    assert len(calls) == 1
+
+
+def test_failed_build_falls_back_with_one_warning_in_auto_and_raises_when_on(kernel_state, monkeypatch):
+    def broken_build():
+        raise OSError("no compiler")
+
+    monkeypatch.setattr(cpu_kernels, "_build", broken_build)
+    cpu_kernels._mode, cpu_kernels._module, cpu_kernels._failure = "auto", None, None
+    state, metric = TokenState(X, num_prefix=1), METRIC
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = bipartite_merge(state, metric, 1)
+        again = bipartite_merge(state, metric, 1)
+    assert [str(w.message).count("no compiler") for w in caught] == [1]  # one warning, not one per merge
+    assert out.x.flatten().tolist() == again.x.flatten().tolist() == [10.0, 8.0, 1.0, 3.0]  # the Python path
+    with pytest.raises(RuntimeError, match="could not be built"):
+        cpu_kernels.set_cpu_kernels("on")
+
+
+def test_mode_comes_from_the_environment_and_bad_values_are_refused(kernel_state, monkeypatch):
+    monkeypatch.setenv(cpu_kernels.ENV_VAR, "OFF")
+    cpu_kernels._mode = None
+    assert cpu_kernels.cpu_kernels_mode() == "off"
+    assert cpu_kernels.load_cpu_kernels() is None
+    monkeypatch.setenv(cpu_kernels.ENV_VAR, "fast")
+    cpu_kernels._mode = None
+    with pytest.raises(ValueError, match="TOKENREDUCE_CPU_KERNELS"):
+        cpu_kernels.cpu_kernels_mode()
+    with pytest.raises(ValueError, match="auto, on, off"):
+        cpu_kernels.set_cpu_kernels("yes")
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore:.*trace_method:FutureWarning")
+def test_jit_trace_sees_the_python_path(fused):
+    model = tr.apply(make_vit(), "tome", r=4)
+    first, second = torch.randn(2, 2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        traced = torch.jit.trace(model, first, check_trace=False)
+        torch.testing.assert_close(traced(second), model(second), atol=1e-5, rtol=1e-5)
