@@ -8,6 +8,7 @@ PyTorch ops, and both efficiencies (speed-up over the unreduced model × GMACs r
 
     python benchmarks/cpu_kernel.py                          # batch 1 and 32, ~6 minutes on 2 cores
     python benchmarks/cpu_kernel.py --batch-sizes 1 --repeats 101 --methods tome
+    python benchmarks/cpu_kernel.py --op-only                # the merge step alone, in a tight loop
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import torch
 
 import tokenreduce as tr
 from tokenreduce.ops import cpu_kernels
+from tokenreduce.ops.merge import bipartite_merge
+from tokenreduce.state import TokenState
 
 MERGING_METHODS = ("tome", "ppt", "bat")
 
@@ -44,6 +47,33 @@ def time_alternating(model_base, model_reduced, images: torch.Tensor, repeats: i
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+def time_merge_step(batch_size: int, num_tokens: int, r: int, repeats: int) -> dict[str, float]:
+    """Median seconds of one ToMe merge step (DeiT-S widths: C = 384, head dim 64), kernel on and off."""
+    g = torch.Generator().manual_seed(0)
+    state = TokenState(
+        torch.randn(batch_size, num_tokens, 384, generator=g), torch.rand(batch_size, num_tokens, 1, generator=g) + 1
+    )
+    keys = torch.randn(batch_size, num_tokens, 64, generator=g)
+    times: dict[str, list[float]] = {"on": [], "off": []}
+    with torch.inference_mode():
+        for i in range(repeats):
+            for mode in ("on", "off") if i % 2 else ("off", "on"):
+                cpu_kernels.set_cpu_kernels(mode)
+                start = time.perf_counter()
+                bipartite_merge(state, keys, r)
+                times[mode].append(time.perf_counter() - start)
+    return {mode: statistics.median(values) for mode, values in times.items()}
+
+
+def op_only(threads: int) -> None:
+    print(f"# one merge step (C = 384, keys 64-d, sizes carried), fp32, cpu, {threads} threads, tight loop")
+    print(f"{'bs':>3} {'tokens':>6} {'r':>3} {'kernel':>9} {'torch ops':>9} {'kernel gain':>11}")
+    for batch_size, num_tokens, r in ((1, 197, 13), (1, 197, 59), (32, 197, 13), (32, 100, 40), (32, 53, 13)):
+        t = time_merge_step(batch_size, num_tokens, r, 301 if batch_size == 1 else 61)
+        print(f"{batch_size:>3} {num_tokens:>6} {r:>3} {t['on'] * 1e6:>7.0f}µs {t['off'] * 1e6:>7.0f}µs "
+              f"{t['off'] / t['on']:>10.2f}x")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="deit_small_patch16_224")
@@ -52,10 +82,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 32])
     parser.add_argument("--repeats", type=int, default=None, help="default: 51 at batch 1, 7 above")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--op-only", action="store_true", help="time the merge step alone for a few shapes")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
     cpu_kernels.set_cpu_kernels("on")  # build now (or fail loudly), not inside a timed forward
+    if args.op_only:
+        op_only(args.threads)
+        cpu_kernels.set_cpu_kernels("auto")
+        return 0
     network = timm.create_model(args.model, pretrained=False).eval()
     full_gmacs = tr.gmacs(network)
     print(f"# {args.model}, fp32, cpu, {torch.get_num_threads()} threads, torch {torch.__version__}")

@@ -4,7 +4,8 @@
 // tokenreduce/ops/merge.py (`merge_wavg`), in one call instead of ~30 small ATen ops.
 // At batch 1 on CPU those small ops, not the arithmetic, are most of a merge's cost.
 // Operation order follows the Python path (x·s, sequential adds in edge order, one
-// division by the summed size), so the two give the same numbers.
+// division by the summed size; built without FMA contraction), so the two give the
+// same numbers.
 //
 // Built on first use by tokenreduce/ops/cpu_kernels.py (torch.utils.cpp_extension.load).
 
@@ -95,6 +96,7 @@ std::vector<at::Tensor> bipartite_merge_wavg(const at::Tensor& x_in, const c10::
   at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> node_max(na);
     std::vector<int64_t> node_idx(na), order(na);
+    std::vector<int64_t> first_source(nb), last_source(nb), next_source(r);
     for (int64_t img = begin; img < end; ++img) {
       // Best partner of every A′ token (first maximum; NaN wins, as in torch.max).
       const float* img_scores = score_data + img * na * nb;
@@ -121,39 +123,49 @@ std::vector<at::Tensor> bipartite_merge_wavg(const at::Tensor& x_in, const c10::
       const float* img_size = has_size ? size_data + img * n : nullptr;
       float* img_out = out_data + img * m_out * channels;
       float* img_out_size = out_size_data + img * m_out;
-      auto put = [&](int64_t out_row, int64_t pos) {
+      // The A′ tokens merging into each B′ token, as linked lists in edge order.
+      std::fill(first_source.begin(), first_source.end(), int64_t{-1});
+      for (int64_t k = 0; k < r; ++k) {
+        const int64_t j = node_idx[order[k]];
+        next_source[k] = -1;
+        if (first_source[j] < 0) {
+          first_source[j] = k;
+        } else {
+          next_source[last_source[j]] = k;
+        }
+        last_source[j] = k;
+      }
+      // One pass over the output: x·s, plus the sources' x·s in edge order, over Σ s.
+      auto emit = [&](int64_t out_row, int64_t pos, int64_t first_k) {
         const float* src = img_x + pos * channels;
         float* dst = img_out + out_row * channels;
+        const float s = img_size != nullptr ? img_size[pos] : 1.f;
         if (img_size != nullptr) {
-          const float s = img_size[pos];
           for (int64_t c = 0; c < channels; ++c) dst[c] = src[c] * s;
-          img_out_size[out_row] = s;
         } else {
           std::copy(src, src + channels, dst);
-          img_out_size[out_row] = 1.f;
         }
-      };
-      auto add = [&](int64_t out_row, int64_t pos) {
-        const float* src = img_x + pos * channels;
-        float* dst = img_out + out_row * channels;
-        if (img_size != nullptr) {
-          const float s = img_size[pos];
-          for (int64_t c = 0; c < channels; ++c) dst[c] += src[c] * s;
-          img_out_size[out_row] += s;
-        } else {
-          for (int64_t c = 0; c < channels; ++c) dst[c] += src[c];
-          img_out_size[out_row] += 1.f;
+        float total = s;
+        for (int64_t k = first_k; k >= 0; k = next_source[k]) {
+          const int64_t merged_pos = a0 + 2 * order[k];
+          const float* merged = img_x + merged_pos * channels;
+          if (img_size != nullptr) {
+            const float merged_size = img_size[merged_pos];
+            for (int64_t c = 0; c < channels; ++c) dst[c] += merged[c] * merged_size;
+            total += merged_size;
+          } else {
+            for (int64_t c = 0; c < channels; ++c) dst[c] += merged[c];
+            total += 1.f;
+          }
         }
+        if (img_size != nullptr || first_k >= 0) {
+          for (int64_t c = 0; c < channels; ++c) dst[c] /= total;
+        }
+        img_out_size[out_row] = total;
       };
-      for (int64_t t = 0; t < p; ++t) put(t, t);
-      for (int64_t k = 0; k < num_unm; ++k) put(p + k, a0 + 2 * order[r + k]);
-      for (int64_t j = 0; j < nb; ++j) put(p + num_unm + j, b0 + 2 * j);
-      for (int64_t k = 0; k < r; ++k) add(p + num_unm + node_idx[order[k]], a0 + 2 * order[k]);
-      for (int64_t row = 0; row < m_out; ++row) {
-        const float s = img_out_size[row];
-        float* dst = img_out + row * channels;
-        for (int64_t c = 0; c < channels; ++c) dst[c] /= s;
-      }
+      for (int64_t t = 0; t < p; ++t) emit(t, t, -1);
+      for (int64_t k = 0; k < num_unm; ++k) emit(p + k, a0 + 2 * order[r + k], -1);
+      for (int64_t j = 0; j < nb; ++j) emit(p + num_unm + j, b0 + 2 * j, first_source[j]);
     }
   });
   return {out, out_size};
