@@ -217,7 +217,7 @@ def test_mode_comes_from_the_environment_and_bad_values_are_refused(kernel_state
         cpu_kernels.set_cpu_kernels("yes")
 
 
-@pytest.mark.filterwarnings("ignore:.*torch.jit.trace.*:FutureWarning")
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore:.*torch.jit.trace.*:FutureWarning")
 def test_jit_trace_sees_the_python_path(fused):
     model = tr.apply(make_vit(), "tome", r=4)
     first, second = torch.randn(2, 2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
