@@ -213,8 +213,9 @@ def test_mode_comes_from_the_environment_and_bad_values_are_refused(kernel_state
     cpu_kernels._mode = None
     with pytest.raises(ValueError, match="TOKENREDUCE_CPU_KERNELS"):
         cpu_kernels.cpu_kernels_mode()
-    with pytest.raises(ValueError, match="auto, on, off"):
-        cpu_kernels.set_cpu_kernels("yes")
+    for bad in ("yes", True, None):
+        with pytest.raises(ValueError, match="auto, on, off"):
+            cpu_kernels.set_cpu_kernels(bad)
 
 
 @pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore:.*torch.jit.trace.*:FutureWarning")

@@ -54,7 +54,7 @@ _failure: str | None = None
 
 
 def _check_mode(mode: str, origin: str) -> str:
-    value = mode.strip().lower()
+    value = mode.strip().lower() if isinstance(mode, str) else mode
     if value not in MODES:
         raise ValueError(f"{origin} must be one of {', '.join(MODES)}; got {mode!r}")
     return value
