@@ -225,3 +225,13 @@ def test_jit_trace_sees_the_python_path(fused):
     with torch.no_grad():
         traced = torch.jit.trace(model, first, check_trace=False)
         torch.testing.assert_close(traced(second), model(second), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_torch_export_sees_the_python_path(fused, strict):
+    # Frozen weights: nothing needs autograd, so only the export guard keeps the kernel out.
+    model = tr.apply(make_vit(), "tome", r=4).requires_grad_(False)
+    first, second = torch.randn(2, 2, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    exported = torch.export.export(model, (first,), strict=strict)
+    with torch.no_grad():
+        torch.testing.assert_close(exported.module()(second), model(second), atol=1e-5, rtol=1e-5)

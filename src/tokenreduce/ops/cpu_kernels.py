@@ -20,8 +20,9 @@ merge runs on the CPU in inference (about 30 s; cached in torch's extensions fol
 
 The kernel is used only where it gives the same result as the Python path: CPU,
 float32, no autograd through the hidden states, no source tracing or live-token mask,
-and not while ``torch.compile``, ``torch.jit.trace`` or ``torch.jit.script`` trace the
-model (they get the Python path, which they can see through).
+and not while ``torch.compile``, ``torch.export``, ``torch.jit.trace`` or
+``torch.jit.script`` trace the model (they get the Python path, which they can see
+through).
 """
 
 from __future__ import annotations
