@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     baselines: dict[int, torch.nn.Module] = {}  # compiled unreduced model per batch size, shared by all rows
     methods = args.methods or [m for m in tr.methods() if m not in DATA_DEPENDENT]
     cpu_kernels.set_cpu_kernels(args.cpu_kernels)  # "on" / "auto" build it here, outside the timed loops
-    merge_path = "fused CPU merge kernel" if cpu_kernels.load_cpu_kernels() else "PyTorch merge ops"
+    on_cpu = torch.device(args.device).type == "cpu"
+    merge_path = "fused CPU merge kernel" if on_cpu and cpu_kernels.load_cpu_kernels() else "PyTorch merge ops"
     print(f"# {args.model}, {args.dtype}, {args.device}, {machine()}, {merge_path}")
     print(f"{'method':<10} {'setting':<30} {'GMACs ratio':>11} {'ideal':>6} {'bs32 speed-up':>13} {'eff.':>5} "
           f"{'ceil.':>5} {'bs1 speed-up':>12} {'eff.':>5} {'ceil.':>5}")
