@@ -18,6 +18,7 @@ import copy
 import statistics
 import sys
 import time
+from collections.abc import Callable
 
 import timm
 import torch
@@ -30,21 +31,29 @@ from tokenreduce.state import TokenState
 MERGING_METHODS = ("tome", "ppt", "bat")
 
 
-def time_alternating(model_base, model_reduced, images: torch.Tensor, repeats: int) -> dict[str, float]:
-    """Median seconds per forward of the unreduced model and the reduced one, kernel on and off."""
-    runs = [("base", model_base, "on"), ("on", model_reduced, "on"), ("off", model_reduced, "off")]
+def median_seconds(runs: list[tuple[str, Callable[[], object], str]], repeats: int) -> dict[str, float]:
+    """Median seconds of each ``(name, call, kernel mode)``, the calls taking turns (order flipped every round)."""
     times: dict[str, list[float]] = {name: [] for name, _, _ in runs}
     with torch.inference_mode():
-        for _, model, mode in runs:  # warm-up
+        for _, call, mode in runs:  # warm-up
             cpu_kernels.set_cpu_kernels(mode)
-            model(images)
+            call()
         for i in range(repeats):
-            for name, model, mode in runs if i % 2 else runs[::-1]:
+            for name, call, mode in runs if i % 2 else runs[::-1]:
                 cpu_kernels.set_cpu_kernels(mode)
                 start = time.perf_counter()
-                model(images)
+                call()
                 times[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in times.items()}
+
+
+def time_alternating(model_base, model_reduced, images: torch.Tensor, repeats: int) -> dict[str, float]:
+    """Median seconds per forward of the unreduced model and the reduced one, kernel on and off."""
+    return median_seconds(
+        [("base", lambda: model_base(images), "on"), ("on", lambda: model_reduced(images), "on"),
+         ("off", lambda: model_reduced(images), "off")],
+        repeats,
+    )
 
 
 def time_merge_step(batch_size: int, num_tokens: int, r: int, repeats: int) -> dict[str, float]:
@@ -54,15 +63,7 @@ def time_merge_step(batch_size: int, num_tokens: int, r: int, repeats: int) -> d
         torch.randn(batch_size, num_tokens, 384, generator=g), torch.rand(batch_size, num_tokens, 1, generator=g) + 1
     )
     keys = torch.randn(batch_size, num_tokens, 64, generator=g)
-    times: dict[str, list[float]] = {"on": [], "off": []}
-    with torch.inference_mode():
-        for i in range(repeats):
-            for mode in ("on", "off") if i % 2 else ("off", "on"):
-                cpu_kernels.set_cpu_kernels(mode)
-                start = time.perf_counter()
-                bipartite_merge(state, keys, r)
-                times[mode].append(time.perf_counter() - start)
-    return {mode: statistics.median(values) for mode, values in times.items()}
+    return median_seconds([(mode, lambda: bipartite_merge(state, keys, r), mode) for mode in ("on", "off")], repeats)
 
 
 def op_only(threads: int) -> None:

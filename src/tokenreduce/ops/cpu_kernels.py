@@ -191,9 +191,7 @@ def kernel_eligible(x: Tensor, size: Tensor | None) -> bool:
         return False
     if size is not None and (size.dtype != torch.float32 or size.device.type != "cpu"):
         return False
-    if torch.is_grad_enabled() and (x.requires_grad or (size is not None and size.requires_grad)):
-        return False
-    return cpu_kernels_mode() != "off"
+    return not (torch.is_grad_enabled() and (x.requires_grad or (size is not None and size.requires_grad)))
 
 
 def fused_bipartite_merge(
