@@ -99,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{'torch ops':>9} {'kernel gain':>11} {'eff. kernel':>11} {'eff. ops':>8}")
     for method in args.methods:
         for budget in (None, args.budget):
-            reduced = tr.apply(copy.deepcopy(network), method, **({} if budget is None else {"budget": budget}))
+            budget_kw = {} if budget is None else {"budget": budget}
+            reduced = tr.apply(copy.deepcopy(network), method, untrained=True, **budget_kw)
             ratio = tr.gmacs(network, method, **({} if budget is None else {"budget": budget})) / full_gmacs
             for batch_size in args.batch_sizes:
                 repeats = args.repeats or (51 if batch_size == 1 else 7)

@@ -54,7 +54,7 @@ def blurred_noise(batch: int, size: int, max_sigma: float, seed: int = 0) -> tor
 
 def reduced_ratio(model: torch.nn.Module, images: torch.Tensor, threshold: float) -> tuple[float, list[float]]:
     """Mean GMACs ratio over ``images`` and the per-image final token counts at one merge threshold."""
-    tr.apply(model, "ltmp", merge_threshold=threshold, prune_threshold=0.0)
+    tr.apply(model, "ltmp", untrained=True, merge_threshold=threshold, prune_threshold=0.0)
     ratios, finals = [], []
     with torch.no_grad():
         for image in images.split(1):  # one at a time: per-image counts, no padding

@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'unreduced':<12} {base:8.1f} MiB")
     worst = 0.0
     for method in args.methods:
-        tr.apply(model, method, **({} if args.budget is None else {"budget": args.budget}))
+        tr.apply(model, method, untrained=True, **({} if args.budget is None else {"budget": args.budget}))
         peak = forward_peak_mib(model, x)
         worst = max(worst, peak / base)
         print(f"{method:<12} {peak:8.1f} MiB  ({peak / base:.3f}x unreduced)")

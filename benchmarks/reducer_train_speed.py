@@ -36,8 +36,8 @@ METHODS = {  # label → (method, params), the shipped reducers' settings
 
 def _stepper(model: torch.nn.Module, label: str, amp: bool, batch: tuple[torch.Tensor, torch.Tensor]):
     method, params = METHODS[label]
-    tr.apply(model, method, **params)
-    task = task_for(model._tr_ctx.reducer)
+    tr.apply(model, method, untrained=True, **params)
+    task = task_for(tr.reducer(model))
     groups = [{"params": g["params"], "lr": 1e-3 * g["lr_scale"]} for g in task.param_groups(model)]
     optimizer = torch.optim.SGD(groups) if task.optimizer == "sgd" else torch.optim.AdamW(groups)
 

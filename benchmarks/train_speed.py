@@ -1,6 +1,6 @@
 """Training throughput of the reference model: fused vs unfused attention, fp32 vs bf16 autocast.
 
-``tokenreduce train-reference`` trains with timm's attention unfused and under bf16 autocast.
+``scripts/train_reference.py`` trains with timm's attention unfused and under bf16 autocast.
 This script backs that choice: it builds one reference model per setting (same initial
 weights, compiled like the real run), times full training steps (forward, backward,
 gradient clipping, AdamW) on random batches, the settings taking turns round after
@@ -27,7 +27,7 @@ SETTINGS = [  # (label, bf16 autocast, fused attention)
     ("fp32, fused SDPA", False, True),
     ("fp32, unfused", False, False),
     ("bf16, fused SDPA", True, True),
-    ("bf16, unfused (train-reference)", True, False),
+    ("bf16, unfused (train_reference.py)", True, False),
 ]
 
 
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=10, help="training steps per timed round")
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds per setting (median reported)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--no-compile", action="store_true", help="eager models (train-reference compiles)")
+    parser.add_argument("--no-compile", action="store_true", help="eager models (train_reference.py compiles)")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)

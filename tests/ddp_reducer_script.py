@@ -9,6 +9,7 @@ import torch.distributed as dist
 from conftest import make_vit
 from test_learned_training import _data
 
+import tokenreduce as tr
 from tokenreduce.training.learned import train_reducer
 
 
@@ -17,7 +18,7 @@ def main(out: str, method: str) -> None:
     params = {"p": 4} if method == "cropr" else {}
     result = train_reducer(model, method, _data(), out_dir=out, batch_size=8, epochs=1, lr=0.05, progress=False,
                            **params)
-    state = model._tr_ctx.reducer.module.state_dict()
+    state = tr.reducer(model).module.state_dict()
     torch.save({"state": state, "steps": result["result"].step}, f"{out}/rank{dist.get_rank()}.pt")
     dist.destroy_process_group()
 

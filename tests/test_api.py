@@ -1,4 +1,4 @@
-"""The API contract: apply / remove / stats / methods and its errors (DESIGN.md)."""
+"""The API contract: apply / remove / stats / methods and its errors (README.md#quick-start)."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ NO_REDUCTION = [("tome", {"r": 0}), ("evit", {"keep_rate": 1.0}), ("random", {"k
 def test_no_reduction_matches_stock_model(vit, images, method, params):
     with torch.no_grad():
         expected = vit(images)
-        tr.apply(vit, method, **params)
+        tr.apply(vit, method, untrained=True, **params)
         got = vit(images)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
@@ -42,7 +42,7 @@ def test_no_reduction_matches_stock_model(vit, images, method, params):
 def test_remove_is_bit_identical(vit, images, method):
     with torch.no_grad():
         expected = vit(images)
-        tr.apply(vit, method)
+        tr.apply(vit, method, untrained=True)
         reduced = vit(images)
         tr.remove(vit)
         got = vit(images)
@@ -134,8 +134,8 @@ def test_unknown_parameter_lists_accepted(vit):
 )
 def test_out_of_range_parameters_raise(vit, method, params, match):
     with pytest.raises(ValueError, match=match):
-        tr.apply(vit, method, **params)
-    assert not hasattr(vit, "_tr_ctx")  # a failed apply leaves the model stock
+        tr.apply(vit, method, untrained=True, **params)
+    assert not tr.is_reduced(vit)  # a failed apply leaves the model stock
 
 
 def test_impossible_budget_gives_achievable_range(vit):
@@ -170,8 +170,8 @@ def test_attention_masks_are_refused(vit):
 @pytest.mark.parametrize("method,knob", [("tome", "r"), ("evit", "keep_rate"), ("random", "keep_rate")])
 @pytest.mark.parametrize("budget", [0.9, 0.75, 0.6])
 def test_budget_resolves_to_closest_schedule_not_exceeding(vit, method, knob, budget):
-    tr.apply(vit, method, budget=budget)
-    resolved = vit._tr_ctx.reducer.config()[knob]
+    tr.apply(vit, method, untrained=True, budget=budget)
+    resolved = tr.reducer(vit).config()[knob]
     g = tr.gmacs(vit, method, **{knob: resolved})
     assert g <= budget * tr.gmacs(vit) * (1 + 1e-9)
     # one step less reduction would exceed the budget
@@ -181,7 +181,7 @@ def test_budget_resolves_to_closest_schedule_not_exceeding(vit, method, knob, bu
 
 def test_budget_one_means_no_reduction(vit):
     tr.apply(vit, "tome", budget=1.0)
-    assert vit._tr_ctx.reducer.config()["r"] == 0
+    assert tr.reducer(vit).config()["r"] == 0
 
 
 def test_unreduced_context_runs_the_stock_forward(vit, images):

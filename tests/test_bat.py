@@ -110,8 +110,8 @@ def test_bookkeeping_on_models(family, params):
     tr.apply(model, "bat", trace_source=True, **params)
     images = torch.randn(3, 3, 64, 64)
     out = _forward(model, images)
-    ctx = model._tr_ctx
-    assert [tuple(r) for r in ctx.records] == ctx.reducer.schedule(p + patches)
+    ctx = tr.last_forward(model)
+    assert [tuple(r) for r in ctx.block_tokens] == tr.reducer(model).schedule(p + patches)
     assert torch.equal(ctx.source[:, :p], torch.eye(p + patches)[:p].expand(3, -1, -1))
     # merge-type method: every patch lives in exactly one token, sizes sum to the patch count
     assert torch.equal(ctx.size[:, p:].sum(1), torch.full((3, 1), float(patches)))
@@ -135,7 +135,7 @@ def test_counts_and_gmacs():
     merged = [m for n, m in BAT.create(info, num_attentive_merges=10).schedule(197) if n != m]
     # 1+138-10+7 = 136; 135 patches: 1+95-10+(1+round(4.0)) = 91; 90 patches: 1+63-10+(1+round(2.7)) = 58
     assert merged == [136, 91, 58]
-    # the comparison with BAT's logged GMACs in the module docstring and README
+    # the comparison with BAT's logged GMACs in the module docstring and docs/methods.md#bat
     rates = (0.7, 0.6, 0.5, 0.4, 0.3, 0.2)
     assert [round(tr.gmacs(model, "bat", keep_rate=r), 3) for r in rates] == [3.151, 2.783, 2.461, 2.206, 1.973, 1.790]
     one = [round(tr.gmacs(model, "bat", keep_rate=r, num_clusters=1), 3) for r in rates]
@@ -143,7 +143,7 @@ def test_counts_and_gmacs():
     logged = (3.005, 2.583, 2.344, 2.083, 1.823, 1.645)
     assert max(abs(a - b) for a, b in zip(one, logged, strict=True)) == pytest.approx(0.052)
     tr.apply(model, "bat", budget=0.6)
-    keep_rate = model._tr_ctx.reducer.params.keep_rate
+    keep_rate = tr.reducer(model).params.keep_rate
     assert tr.gmacs(model, "bat", keep_rate=keep_rate) <= 0.6 * tr.gmacs(model)
     assert tr.gmacs(model, "bat", keep_rate=round(keep_rate + 0.001, 3)) > 0.6 * tr.gmacs(model)
 

@@ -16,12 +16,12 @@ from tokenreduce.eval.ceiling import schedule_only_model
 def test_schedule_only_reaches_the_same_token_counts(method, params):
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64).eval()
     base = copy.deepcopy(model)
-    tr.apply(model, method, **params)
+    tr.apply(model, method, untrained=True, **params)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         model(x)
     expected = [(b.tokens_in, b.tokens_out) for b in tr.stats(model).blocks]
-    reducer = model._tr_ctx.reducer
+    reducer = tr.reducer(model)
     sliced = schedule_only_model(base, reducer.schedule(reducer.info.num_tokens))
     with torch.no_grad():
         out = sliced(x)

@@ -9,7 +9,7 @@ import pytest
 
 import tokenreduce as tr
 from tokenreduce.checkpoint import read_reducer
-from tokenreduce.cli import load_model, main, parse_param
+from tokenreduce.cli import build_parser, load_model, main, parse_param
 
 
 def test_parse_param_literals():
@@ -27,17 +27,19 @@ def test_benchmark_writes_consistent_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
     args = ["benchmark", "--model", "deit_tiny_patch16_224", "--img-size", "64", "--method", "tome", "evit"]
     args += ["--param", "r=3", "--batch-size", "2", "--repeats", "3", "--warmup", "0", "--json", str(out)]
-    args += ["--dtype", "fp32", "bf16"]
-    # r=3 is a ToMe parameter: EViT must refuse it with a clear message
+    args += ["--dtype", "fp32", "bf16"]  # the deprecated spelling of --amp: both precisions in one run
+    # r=3 is a ToMe parameter: EViT must refuse it with a clear message, before any timing
     assert main(args) == 2
-    assert "unknown parameter" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "evit: unknown parameter(s) r" in err and "--dtype is deprecated" in err
+    assert not out.exists()
     assert main(args[:7] + args[8:]) == 0
     rows = json.loads(out.read_text())
     assert [(r["dtype"], r["batch_size"]) for r in rows] == [("fp32", 2), ("bf16", 2)]
     row = rows[0]
     assert row["latency_ms_reduced"]["p50"] <= row["latency_ms_reduced"]["p90"]
     assert row["threads"] >= 1
-    model = load_model("deit_tiny_patch16_224", False, img_size=64)
+    model = load_model("deit_tiny_patch16_224", img_size=64)
     assert row["gmacs_reduced"] == pytest.approx(tr.gmacs(model, "tome", r=3))
     assert row["gmacs_unreduced"] == pytest.approx(tr.gmacs(model))
     assert row["speedup"] == pytest.approx(row["images_per_s_reduced"] / row["images_per_s_unreduced"])
@@ -72,9 +74,61 @@ def test_benchmark_compile_flag_reaches_the_timing_and_lifts_dynamo_limits(monke
     assert "stop here" in capsys.readouterr().err
 
 
-def test_unknown_model_is_a_clear_error():
-    with pytest.raises(SystemExit, match="Unknown model"):
-        load_model("no_such_vit", False)
+def test_unknown_model_is_a_clear_error(capsys):
+    with pytest.raises(ValueError, match="unknown model 'no_such_vit'"):
+        load_model("no_such_vit")
+    assert main(["benchmark", "--model", "no_such_vit", "--batch-size", "1"]) == 2
+    assert "unknown model 'no_such_vit'" in capsys.readouterr().err
+
+
+def test_version_and_help(capsys):
+    from importlib.metadata import version
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"tokenreduce {version('tokenreduce')}"
+    assert main(["evaluate", "--help"]) == 0
+    text = capsys.readouterr().out
+    assert "results/evaluate.json" in text and "--data-dir" in text and "-j N, --workers N" in text
+    assert main(["train-reference", "--help"]) == 2  # a maintainer's script now: scripts/train_reference.py
+
+
+def test_timm_flag_names_reach_the_commands(monkeypatch, tmp_path):
+    """--data-dir / DATA_DIR, -b, -j, --amp, --device, --model-kwargs, --torchcompile and the old spellings."""
+    import tokenreduce.cli.commands as commands
+    import tokenreduce.eval.throughput as throughput
+
+    seen: dict[str, dict] = {}
+
+    def fake(name):
+        def record(*args, **kwargs):
+            seen[name] = kwargs
+            raise ValueError("stop here")
+        return record
+
+    monkeypatch.setattr(throughput, "compare_throughput", fake("bench"))
+    monkeypatch.setattr("tokenreduce.training.learned.train_reducer", fake("train"))
+    monkeypatch.setattr(commands, "training_data", lambda *a: (None, None))
+    bench = ["benchmark", "-m", "deit_tiny_patch16_224", "--img-size", "64", "-b", "3", "--device", "cpu"]
+    assert main(bench + ["--amp", "--torchcompile"]) == 2
+    assert seen["bench"]["dtype"] == "bf16" and seen["bench"]["compile"] is True
+    assert seen["bench"]["batch_size"] == 3 and seen["bench"]["device"] == "cpu"
+    assert main(bench + ["--amp", "--amp-dtype", "float16"]) == 2 and seen["bench"]["dtype"] == "fp16"
+    assert main(bench) == 2 and seen["bench"]["dtype"] == "fp32" and seen["bench"]["compile"] is False
+    assert main(bench + ["--dtype", "bf16"]) == 2 and seen["bench"]["dtype"] == "bf16"  # deprecated spelling
+
+    train = ["train", "--method", "cropr", "--out", "unused", "-m", "deit_tiny_patch16_224", "--data-dir", "d"]
+    monkeypatch.chdir(tmp_path)
+    assert main(train + ["-j", "3", "-b", "4", "--amp"]) == 2
+    assert (seen["train"]["workers"], seen["train"]["batch_size"], seen["train"]["amp"]) == (3, 4, True)
+    assert main(train + ["--no-amp"]) == 2 and seen["train"]["amp"] is False
+    assert main(train) == 2 and seen["train"]["amp"] is None  # auto: bf16 on a GPU, fp32 on a CPU
+    assert main(train + ["--precision", "bf16"]) == 2 and seen["train"]["amp"] is True  # deprecated spelling
+    assert main(train + ["--amp", "--amp-dtype", "float16"]) == 2  # bf16 only (no loss scaling)
+
+    model = load_model("deit_tiny_patch16_224", img_size=64, model_kwargs={"drop_path_rate": 0.1})
+    assert model.blocks[-1].drop_path1.drop_prob == pytest.approx(0.1) and model.pretrained_cfg["input_size"][1] == 64
+    args = build_parser().parse_args(["evaluate", "/some/dir", "--model-kwargs", "drop_rate=0.2", "class_token=True"])
+    assert args.data == "/some/dir" and args.model_kwargs == [("drop_rate", 0.2), ("class_token", True)]
 
 
 def _image_folder(root, classes=2, per_class=3, size=64, split=None):
@@ -114,7 +168,7 @@ def test_train_command_on_an_image_folder(tmp_path, capsys):
     assert main(args[:3] + ["--model", "deit_tiny_patch16_224", "--out", str(out)]) == 2  # --model without --data
     bf16_out = tmp_path / "run_bf16"
     assert main(args[:-6] + [str(bf16_out), "--batch-size", "2", "--max-steps", "1", "--no-progress",
-                             "--precision", "bf16"]) == 0
+                             "--amp"]) == 0
     assert read_reducer(bf16_out / "reducer.safetensors")[0]["extra"]["precision"] == "bf16 autocast (fp32 weights)"
     assert read_reducer(out / "reducer.safetensors")[0]["extra"]["precision"] == "fp32"  # auto on a CPU
     dtps_out = tmp_path / "run_dtps"
@@ -127,8 +181,8 @@ def test_train_command_on_an_image_folder(tmp_path, capsys):
 def test_sweep_command_on_an_image_folder(tmp_path, capsys):
     data = _image_folder(tmp_path / "data", classes=10, per_class=1, size=28)
     out = tmp_path / "sweep"
-    args = ["sweep", "--methods", "tome", "--budgets", "1.0", "0.6", "--model", "reference",
-            "--data", str(data), "--repeats", "1", "--out", str(out), "--no-progress"]
+    args = ["sweep", str(data), "--methods", "tome", "--budgets", "1.0", "0.6", "--model", "reference",
+            "--repeats", "1", "--out", str(out), "--no-progress", "-j", "1", "-b", "4"]
     assert main(args) == 0
     rows = json.loads((out / "sweep.json").read_text())
     assert [r["label"] for r in rows] == ["unreduced", "tome@1", "tome@0.6"]

@@ -18,7 +18,7 @@ FIXED = [
 @pytest.mark.parametrize("method,params", FIXED)
 def test_reduced_model_traces_without_graph_breaks(method, params):
     model = make_vit()
-    tr.apply(model, method, **params)
+    tr.apply(model, method, untrained=True, **params)
     torch._dynamo.reset()
     with torch.no_grad():
         explanation = torch._dynamo.explain(model)(torch.randn(2, 3, 64, 64))

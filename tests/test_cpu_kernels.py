@@ -153,7 +153,7 @@ def test_reduced_model_gives_the_same_logits_with_and_without_the_kernel(fused):
     images = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(2))
     outputs = {}
     for method, kwargs in (("tome", {"r": 4}), ("ppt", {}), ("bat", {})):
-        model = tr.apply(make_vit(), method, **kwargs)
+        model = tr.apply(make_vit(), method, untrained=True, **kwargs)
         for mode in ("on", "off"):
             cpu_kernels.set_cpu_kernels(mode)
             with torch.inference_mode():

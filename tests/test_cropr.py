@@ -13,13 +13,13 @@ import tokenreduce as tr
 def test_deit_schedule_with_llf():
     with torch.device("meta"):
         deit = timm.create_model("deit_small_patch16_224")
-    tr.apply(deit, "cropr")
-    counts = [n for n, _ in deit._tr_ctx.reducer.schedule(197)]
+    tr.apply(deit, "cropr", untrained=True)
+    counts = [n for n, _ in tr.reducer(deit).schedule(197)]
     assert counts == [197, 188, 180, 172, 164, 156, 148, 140, 132, 124, 116, 197]
-    tr.apply(deit, "cropr", llf=False)
-    counts = [n for n, _ in deit._tr_ctx.reducer.schedule(197)]
+    tr.apply(deit, "cropr", untrained=True, llf=False)
+    counts = [n for n, _ in tr.reducer(deit).schedule(197)]
     assert counts == [197, 188, 180, 172, 164, 156, 148, 140, 132, 124, 116, 108]
-    # the spec's estimate for DeiT-S with LLF: about 3.7 / 3.5 / 3.3 GMACs at p = 8 / 10 / 12
+    # docs/methods.md#token-cropr: DeiT-S with LLF is about 3.7 / 3.5 / 3.3 GMACs at p = 8 / 10 / 12
     assert [round(tr.gmacs(deit, "cropr", p=p), 1) for p in (8, 10, 12)] == [3.7, 3.5, 3.3]
 
 
@@ -42,10 +42,10 @@ def test_scorer_keeps_the_highest_query_dot_products_in_score_order():
 
 def test_llf_restores_every_token_before_the_last_block():
     model = make_vit()
-    tr.apply(model, "cropr", p=4, trace_source=True)
+    tr.apply(model, "cropr", untrained=True, p=4, trace_source=True)
     with torch.no_grad():
         model(torch.randn(3, 3, 64, 64))
-    ctx = model._tr_ctx
+    ctx = tr.last_forward(model)
     assert [b.tokens_in for b in tr.stats(model).blocks][-1] == 65
     assert torch.equal(ctx.source.sum(dim=1), torch.ones(3, 65))  # every original token exactly once
     assert torch.equal(ctx.source[:, 0], torch.eye(65)[0].expand(3, 65))  # class token first
@@ -53,8 +53,8 @@ def test_llf_restores_every_token_before_the_last_block():
 
 def test_auxiliary_heads_train_the_queries_only_in_training():
     model = make_vit().train()
-    tr.apply(model, "cropr", p=4)
-    reducer = model._tr_ctx.reducer
+    tr.apply(model, "cropr", untrained=True, p=4)
+    reducer = tr.reducer(model)
     out = model(torch.randn(2, 3, 64, 64))
     assert len(reducer.aux_logits) == 10 and reducer.aux_logits[0].shape == (2, 10)
     aux = sum(torch.nn.functional.cross_entropy(a, torch.tensor([1, 2])) for a in reducer.aux_logits)
@@ -70,16 +70,16 @@ def test_auxiliary_heads_train_the_queries_only_in_training():
 
 def test_batch_independence_and_bad_schedules():
     model = make_vit()
-    tr.apply(model, "cropr", p=5)
+    tr.apply(model, "cropr", untrained=True, p=5)
     x = torch.randn(3, 3, 64, 64)
     with torch.no_grad():
         together = model(x)
         alone = torch.cat([model(x[i : i + 1]) for i in range(3)])
     torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="use p <= 6"):
-        tr.apply(model, "cropr", p=7)
+        tr.apply(model, "cropr", untrained=True, p=7)
     with pytest.raises(ValueError, match="num_queries"):
-        tr.apply(model, "cropr", num_queries=0)
+        tr.apply(model, "cropr", untrained=True, num_queries=0)
 
 
 def test_initialisation_follows_the_official_code():
@@ -110,7 +110,7 @@ def test_shipped_reference_checkpoint_still_loads():
     path = shipped_reducers()["cropr"]
     model = load_reference_model()
     tr.apply(model, "cropr", checkpoint=path)
-    reducer = model._tr_ctx.reducer
+    reducer = tr.reducer(model)
     _, tensors = read_reducer(path)
     assert torch.equal(reducer.module[0].query.detach(), tensors["0.query"])
     x = preprocess(torch.randint(0, 256, (4, 28, 28), dtype=torch.uint8))

@@ -16,11 +16,11 @@ def test_stage_counts_are_the_papers():
     assert [stage_keep(196, 0.7, k) for k in (1, 2, 3)] == [137, 96, 67]
     with torch.device("meta"):
         deit = timm.create_model("deit_small_patch16_224")
-    tr.apply(deit, "dynamicvit")
-    sched = deit._tr_ctx.reducer.schedule(197)
+    tr.apply(deit, "dynamicvit", untrained=True)
+    sched = tr.reducer(deit).schedule(197)
     assert [n for n, _ in sched] == [197] * 3 + [138] * 3 + [97] * 3 + [68] * 3
-    # blocks alone: the spec's 2.88 GMACs; the predictors add their own MACs on top
-    blocks_only = deit._tr_ctx.info.cost.macs(sched, 196) / 1e9
+    # blocks alone: 2.88 GMACs (docs/methods.md#gmacs-counting); the predictors add their own MACs on top
+    blocks_only = tr.reducer(deit).info.cost.macs(sched, 196) / 1e9
     assert round(blocks_only, 2) == 2.88
     assert 2.95 < tr.gmacs(deit, "dynamicvit") < 3.0
 
@@ -28,8 +28,8 @@ def test_stage_counts_are_the_papers():
 @pytest.mark.parametrize("method,params", [("dynamicvit", {}), ("tps", {"variant": "dtps"})])
 def test_inference_keeps_the_best_scored_tokens(method, params):
     model = make_vit()
-    tr.apply(model, method, trace_source=True, **params)
-    reducer = model._tr_ctx.reducer
+    tr.apply(model, method, untrained=True, trace_source=True, **params)
+    reducer = tr.reducer(model)
     # Replace the first predictor by a known score: keep-logit = the first channel of the token.
     reducer.module[0].forward = lambda x, live=None: torch.stack([x[..., 0], -x[..., 0]], dim=-1)
     captured = {}
@@ -37,7 +37,7 @@ def test_inference_keeps_the_best_scored_tokens(method, params):
     with torch.no_grad():
         model(torch.randn(2, 3, 64, 64))
     hook.remove()
-    src = model._tr_ctx.source  # B×N×65 after the last stage
+    src = tr.last_forward(model).source  # B×N×65 after the last stage
     expected = captured["x"][:, 1:, 0].topk(44).indices.sort(dim=-1).values + 1  # patch positions kept at stage 1
     stats = tr.stats(model)
     assert [b.tokens_in for b in stats.blocks][3:] == [45.0] * 3 + [32.0] * 3 + [22.0] * 3
@@ -47,21 +47,21 @@ def test_inference_keeps_the_best_scored_tokens(method, params):
             got = kept_patches[kept_patches[:, 0] == b, 1]
             assert set(got.tolist()) <= set(expected[b].tolist())
     else:  # squeezing: the 21 survivors still account for all 64 patches
-        assert torch.equal(model._tr_ctx.size[:, 1:].sum(dim=1), torch.full((2, 1), 64.0))
+        assert torch.equal(tr.last_forward(model).size[:, 1:].sum(dim=1), torch.full((2, 1), 64.0))
 
 
 @pytest.mark.parametrize("method,params", [("dynamicvit", {}), ("tps", {"variant": "dtps"})])
 def test_training_form_is_fixed_shape_monotone_and_differentiable(method, params):
     model = make_vit().train()
-    tr.apply(model, method, **params)
+    tr.apply(model, method, untrained=True, **params)
     out = model(torch.randn(3, 3, 64, 64))
-    records = model._tr_ctx.records
+    records = tr.last_forward(model).block_tokens
     assert all(isinstance(n, torch.Tensor) for n, _ in records[3:])
     live = [float(n.detach().mean()) for n, _ in records[3:]]
     assert all(a >= b for a, b in zip(live, live[1:], strict=False))  # once dropped, always dropped
-    assert model._tr_ctx.mask.shape == (3, 65, 1)
+    assert tr.last_forward(model).mask.shape == (3, 65, 1)
     out.sum().backward()
-    grads = [p.grad for p in model._tr_ctx.reducer.module.parameters()]
+    grads = [p.grad for p in tr.reducer(model).module.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert sum(float(g.abs().sum()) for g in grads) > 0
 
@@ -69,7 +69,7 @@ def test_training_form_is_fixed_shape_monotone_and_differentiable(method, params
 @pytest.mark.parametrize("method,params", [("dynamicvit", {}), ("tps", {"variant": "dtps"})])
 def test_inference_is_batch_independent(method, params):
     model = make_vit()
-    tr.apply(model, method, **params)
+    tr.apply(model, method, untrained=True, **params)
     x = torch.randn(3, 3, 64, 64)
     with torch.no_grad():
         together = model(x)
@@ -107,7 +107,7 @@ def test_masked_squeeze_gradient_into_the_decision_is_tps():
 
 
 def test_dtps_training_refuses_prop_attn():
-    model = tr.apply(make_vit().train(), "tps", variant="dtps", prop_attn=True)
+    model = tr.apply(make_vit().train(), "tps", untrained=True, variant="dtps", prop_attn=True)
     with pytest.raises(ValueError, match="prop_attn"):
         model(torch.randn(2, 3, 64, 64))
     model.eval()

@@ -30,22 +30,23 @@ def _frozen_vit():
 
 @pytest.mark.parametrize(
     "method,params",
-    [("ltmp", {"target": 0.5}), ("dynamicvit", {}), ("tps", {"variant": "dtps"}), ("cropr", {"p": 4})],
+    [("ltmp", {"target": 0.5}), ("dynamicvit", {}), ("dtps", {}), ("cropr", {"p": 4})],
 )
 def test_training_updates_only_the_reducer_and_writes_a_loadable_checkpoint(tmp_path, method, params):
     model, before = _frozen_vit()
-    reference = tr.apply(make_vit(), method, **params)._tr_ctx.reducer.module  # same seed: the initial values
+    # same seed: the initial values
+    reference = tr.reducer(tr.apply(make_vit(), method, untrained=True, **params)).module
     initial = {k: v.clone() for k, v in reference.state_dict().items()}
     lr = 0.05 if method == "ltmp" else 3e-3
     out = train_reducer(model, method, _data(), out_dir=str(tmp_path), batch_size=16, epochs=2, lr=lr,
                         progress=False, checkpoint_every=2, **params)
     after = model.state_dict()
     assert all(torch.equal(after[k], before[k]) for k in before)  # backbone frozen
-    trained = {k: v.clone() for k, v in model._tr_ctx.reducer.module.state_dict().items()}
+    trained = {k: v.clone() for k, v in tr.reducer(model).module.state_dict().items()}
     assert any(not torch.equal(trained[k], initial[k]) for k in trained)  # the reducer did learn
     fresh = make_vit()
     tr.apply(fresh, method, checkpoint=out["checkpoint"])
-    loaded = fresh._tr_ctx.reducer.module.state_dict()
+    loaded = tr.reducer(fresh).module.state_dict()
     assert all(torch.equal(loaded[k], trained[k]) for k in trained)
     assert out["result"].step == 8
     assert '"event": "end"' in (tmp_path / "metrics.jsonl").read_text()
@@ -75,11 +76,11 @@ def test_resume_gives_the_same_parameters_as_an_uninterrupted_run(tmp_path):
     train_reducer(part, "cropr", data, out_dir=str(tmp_path / "part"), max_steps=3, checkpoint_every=3, **kw)
     resumed, _ = _frozen_vit()
     train_reducer(resumed, "cropr", data, out_dir=str(tmp_path / "part"), resume=True, **kw)
-    a = full._tr_ctx.reducer.module.state_dict()
-    b = resumed._tr_ctx.reducer.module.state_dict()
+    a = tr.reducer(full).module.state_dict()
+    b = tr.reducer(resumed).module.state_dict()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
-    assert not torch.equal(a["0.query"], part._tr_ctx.reducer.module.state_dict()["0.query"])
+    assert not torch.equal(a["0.query"], tr.reducer(part).module.state_dict()["0.query"])
 
 
 def test_methods_without_parameters_refuse_training(tmp_path):
@@ -103,7 +104,7 @@ def test_two_process_gloo_training_keeps_reducers_identical(tmp_path, method):
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     assert r0["steps"] == r1["steps"] == 4  # 64 samples / (2 ranks × 8)
-    initial = tr.apply(make_vit(), method, **({"p": 4} if method == "cropr" else {}))._tr_ctx.reducer.module
+    initial = tr.reducer(tr.apply(make_vit(), method, untrained=True, **({"p": 4} if method == "cropr" else {}))).module
     changed = False
     for name, value in r0["state"].items():
         assert torch.equal(value, r1["state"][name]), name
@@ -125,7 +126,7 @@ def test_precision_is_applied_and_recorded(tmp_path, amp):
     precision = "bf16 autocast (fp32 weights)" if amp else "fp32"
     meta, _ = read_reducer(out["checkpoint"])
     assert meta["extra"]["precision"] == precision
-    assert all(p.dtype == torch.float32 for p in model._tr_ctx.reducer.module.parameters())
+    assert all(p.dtype == torch.float32 for p in tr.reducer(model).module.parameters())
     start = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
     assert start["config"]["amp"] is amp and start["config"]["extra"]["precision"] == precision
 
@@ -153,30 +154,30 @@ def test_token_distillation_by_hand():
 
 def test_teacher_is_unreduced_deterministic_and_fixed():
     model = make_vit(drop_path_rate=0.5)
-    tr.apply(model, "dynamicvit")
+    tr.apply(model, "dynamicvit", untrained=True)
     model.train()
     images = torch.randn(2, 3, 64, 64)
     with torch.no_grad(), tr.unreduced(model):
         model.eval()
         reference = model(images)
         model.train()
-    task = task_for(model._tr_ctx.reducer)
+    task = task_for(tr.reducer(model))
     first = task.teacher_outputs(model, images)[1]
     torch.testing.assert_close(first, reference)  # eval mode: no drop-path, no reduction
     torch.testing.assert_close(task.teacher_outputs(model, images)[1], reference)
     assert all(m.training for m in model.modules())  # the student's modes are restored
     # Fine-tuning: a frozen copy taken before training, so the teacher does not follow the student.
-    tuned = task_for(model._tr_ctx.reducer, finetune=True)
+    tuned = task_for(tr.reducer(model), finetune=True)
     tuned.prepare(model)
     with torch.no_grad():
         model.head.weight.add_(1.0)
     torch.testing.assert_close(tuned.teacher_outputs(model, images)[1], reference)
-    assert type(task_for(tr.apply(make_vit(), "tps", variant="dtps")._tr_ctx.reducer)).token_loss == "kl"
+    assert type(task_for(tr.reducer(tr.apply(make_vit(), "tps", untrained=True, variant="dtps")))).token_loss == "kl"
 
 
 def test_distill_weight_zero_skips_the_teacher(tmp_path):
-    model = tr.apply(make_vit().train(), "tps", variant="dtps")
-    task = task_for(model._tr_ctx.reducer, distill_weight=0.0)
+    model = tr.apply(make_vit().train(), "tps", untrained=True, variant="dtps")
+    task = task_for(tr.reducer(model), distill_weight=0.0)
 
     def no_teacher(*args):
         raise AssertionError("the teacher ran")
@@ -185,8 +186,8 @@ def test_distill_weight_zero_skips_the_teacher(tmp_path):
     loss, metrics = task.loss(model, (torch.randn(4, 3, 64, 64), torch.randint(0, 10, (4,))))
     assert torch.isfinite(loss) and "logit_kl" not in metrics
     with pytest.raises(ValueError, match="distill_weight"):
-        task_for(model._tr_ctx.reducer, distill_weight=-1.0)
-    with pytest.raises(ValueError, match="distill_weight applies to dynamicvit, tps only"):
+        task_for(tr.reducer(model), distill_weight=-1.0)
+    with pytest.raises(ValueError, match="distill_weight applies to dtps, dynamicvit only"):
         train_reducer(make_vit(), "ltmp", _data(), out_dir=str(tmp_path), distill_weight=0.0, progress=False)
     with pytest.raises(ValueError, match="label_smoothing applies to ltmp only"):
         train_reducer(make_vit(), "cropr", _data(), out_dir=str(tmp_path), label_smoothing=0.1, progress=False)
@@ -224,15 +225,15 @@ def test_ltmp_task_uses_label_smoothing():
     from tokenreduce.methods.ltmp import flops_ratio
     from tokenreduce.training.learned import LTMPTask
 
-    model = tr.apply(make_vit(depth=2).train(), "ltmp", target=0.5)
-    reducer = model._tr_ctx.reducer
+    model = tr.apply(make_vit(depth=2).train(), "ltmp", untrained=True, target=0.5)
+    reducer = tr.reducer(model)
     task = LTMPTask(reducer)
     assert task.label_smoothing == 0.1
     images, labels = _data(4)[:]
     loss, _ = task.loss(model, (images, labels))
     with torch.no_grad():
         logits = model(images)  # deterministic: no dropout in this model
-        ratio = flops_ratio(model._tr_ctx.records, reducer.info, model._tr_ctx.num_tokens_in)
+        ratio = flops_ratio(tr.last_forward(model).block_tokens, reducer.info, tr.last_forward(model).num_tokens_in)
     expected = F.cross_entropy(logits, labels, label_smoothing=0.1) + 10.0 * (ratio - 0.5) ** 2
     assert float(loss.detach()) == pytest.approx(float(expected), rel=1e-5)
     plain, _ = LTMPTask(reducer, label_smoothing=0.0).loss(model, (images, labels))
@@ -252,7 +253,7 @@ def test_ltmp_finetune_freezes_the_norms(tmp_path):
     norms = [name for name in names if "norm" in name]
     assert norms and all(torch.equal(after[n], before[n]) for n in norms)  # official: "norm" params frozen
     assert all(not torch.equal(after[n], before[n]) for n in ("blocks.0.attn.qkv.weight", "head.weight"))
-    task = LTMPTask(model._tr_ctx.reducer, finetune=True)
+    task = LTMPTask(tr.reducer(model), finetune=True)
     trainable = {id(p) for p in task.trainable_parameters(model)}
     grouped = {id(p) for g in task.param_groups(model) for p in g["params"]}
     named = dict(model.named_parameters())

@@ -173,7 +173,7 @@ def test_nothing_to_merge_when_only_the_class_token_is_left():
     out.mask.sum().backward()  # nothing to differentiate but no error either
     # a whole model at batch size 1 where every patch goes in the first block
     model = make_vit()
-    tr.apply(model, "ltmp", merge_threshold=1.0, prune_threshold=0.5)
+    tr.apply(model, "ltmp", untrained=True, merge_threshold=1.0, prune_threshold=0.5)
     torch.manual_seed(3)
     with torch.no_grad():
         logits = model(torch.randn(1, 3, 64, 64))
@@ -207,7 +207,7 @@ MODELS = {
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_batched_inference_equals_each_image_alone(name):
     model = MODELS[name]()
-    tr.apply(model, "ltmp", merge_threshold=0.3, prune_threshold=0.012, trace_source=True)
+    tr.apply(model, "ltmp", untrained=True, merge_threshold=0.3, prune_threshold=0.012, trace_source=True)
     torch.manual_seed(0)
     x = torch.randn(5, 3, 64, 64)
     with torch.no_grad():
@@ -225,15 +225,15 @@ def test_batched_inference_equals_each_image_alone(name):
 
 def test_initial_thresholds_are_the_papers_and_budget_sets_the_target():
     model = make_vit()
-    tr.apply(model, "ltmp", budget=0.6)
-    reducer = model._tr_ctx.reducer
+    tr.apply(model, "ltmp", untrained=True, budget=0.6)
+    reducer = tr.reducer(model)
     assert reducer.config()["target"] == 0.6
     assert reducer.module.merge_threshold.tolist() == [pytest.approx(0.9)] * 12
     assert reducer.module.prune_threshold.tolist() == [0.0] * 12
     with pytest.raises(NotImplementedError, match="different number of tokens"):
         tr.gmacs(model, "ltmp")
     with pytest.raises(ValueError, match="merge_threshold"):
-        tr.apply(model, "ltmp", merge_threshold=1.5)
+        tr.apply(model, "ltmp", untrained=True, merge_threshold=1.5)
 
 
 def test_training_moves_the_gmacs_ratio_toward_the_target():
@@ -242,8 +242,8 @@ def test_training_moves_the_gmacs_ratio_toward_the_target():
         p.requires_grad_(False)
     # θ_merge only gets a gradient from tokens that do merge (official rule); no key similarity of this
     # random-weight model reaches the paper's 0.9 (a pretrained model's do), so start where some merge.
-    tr.apply(model, "ltmp", target=0.5, merge_threshold=0.8)
-    reducer = model._tr_ctx.reducer
+    tr.apply(model, "ltmp", untrained=True, target=0.5, merge_threshold=0.8)
+    reducer = tr.reducer(model)
     module = reducer.module
     groups = [{"params": [module.merge_threshold], "lr": 0.5}, {"params": [module.prune_threshold], "lr": 2e-3}]
     opt = torch.optim.SGD(groups)
@@ -252,7 +252,7 @@ def test_training_moves_the_gmacs_ratio_toward_the_target():
     ratios = []
     for _ in range(6):
         logits = model(x)
-        loss, ratio = ltmp_loss(logits, y, model._tr_ctx.records, reducer.info, 65, target=0.5)
+        loss, ratio = ltmp_loss(logits, y, tr.last_forward(model).block_tokens, reducer.info, 65, target=0.5)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -270,13 +270,13 @@ def test_training_moves_the_gmacs_ratio_toward_the_target():
 
 def test_checkpoint_round_trip_and_refusals(tmp_path):
     model = make_vit()
-    tr.apply(model, "ltmp", merge_threshold=0.4, prune_threshold=0.01, tau=0.1)
+    tr.apply(model, "ltmp", untrained=True, merge_threshold=0.4, prune_threshold=0.01, tau=0.1)
     path = tmp_path / "ltmp.safetensors"
-    save_reducer(model._tr_ctx.reducer, path)
+    save_reducer(tr.reducer(model), path)
     tr.remove(model)
 
     tr.apply(model, "ltmp", checkpoint=path)
-    cfg = model._tr_ctx.reducer.config()
+    cfg = tr.reducer(model).config()
     assert cfg["tau"] == 0.1 and cfg["merge_threshold"] == [0.4] * 12
 
     other = make_vit(depth=6)
@@ -294,11 +294,11 @@ def test_checkpoint_round_trip_and_refusals(tmp_path):
 
 def test_budget_overrides_the_knob_saved_in_a_checkpoint(tmp_path):
     model = make_vit()
-    tr.apply(model, "dynamicvit", keep_rate=0.8)
+    tr.apply(model, "dynamicvit", untrained=True, keep_rate=0.8)
     path = tmp_path / "dyvit.safetensors"
-    save_reducer(model._tr_ctx.reducer, path)
+    save_reducer(tr.reducer(model), path)
     tr.apply(model, "dynamicvit", checkpoint=path)
-    assert model._tr_ctx.reducer.config()["keep_rate"] == 0.8
+    assert tr.reducer(model).config()["keep_rate"] == 0.8
     tr.apply(model, "dynamicvit", checkpoint=path, budget=0.5)
-    assert model._tr_ctx.reducer.config()["keep_rate"] < 0.8
-    assert tr.gmacs(model, "dynamicvit", keep_rate=model._tr_ctx.reducer.config()["keep_rate"]) <= 0.5 * tr.gmacs(model)
+    assert tr.reducer(model).config()["keep_rate"] < 0.8
+    assert tr.gmacs(model, "dynamicvit", keep_rate=tr.reducer(model).config()["keep_rate"]) <= 0.5 * tr.gmacs(model)

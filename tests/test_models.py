@@ -1,4 +1,4 @@
-"""The timm adapter on the model families DESIGN.md promises."""
+"""The timm adapter on the model families docs/methods.md#supported-models lists."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ METHODS = [("tome", {"r": 4}), ("evit", {"keep_rate": 0.5}), ("random", {"keep_r
 
 
 def _run(model, images, method, params, trace_source=True):
-    tr.apply(model, method, trace_source=trace_source, **params)
+    tr.apply(model, method, untrained=True, trace_source=trace_source, **params)
     with torch.no_grad():
         out = model(images)
-    return out, model._tr_ctx
+    return out, tr.last_forward(model)
 
 
 def _assert_prefix_intact(ctx, num_prefix):
@@ -82,7 +82,7 @@ def test_average_pooling_weights_tokens_by_patch_count():
         pooled = model.forward_head(feats, pre_logits=True)
         # Independent check: give every original patch the feature of the token that absorbed it,
         # then take a plain mean over the 64 patches.
-        source = model._tr_ctx.source  # B×N×N0
+        source = tr.last_forward(model).source  # B×N×N0
         per_patch = source.transpose(1, 2) @ feats  # B×N0×C
         expected = model.fc_norm(per_patch[:, 2:].mean(dim=1))
     torch.testing.assert_close(pooled, expected, atol=1e-5, rtol=1e-5)
@@ -96,7 +96,7 @@ def test_other_image_sizes(img_size):
         model(torch.randn(2, 3, img_size, img_size))
     s = tr.stats(model)
     n = (img_size // 8) ** 2 + 1
-    expected = model._tr_ctx.reducer.schedule(n)
+    expected = tr.reducer(model).schedule(n)
     assert [(b.tokens_in, b.tokens_out) for b in s.blocks] == expected
     assert s.gmacs_unreduced == pytest.approx(tr.gmacs(model, num_tokens=n))
 
@@ -105,14 +105,14 @@ def test_other_image_sizes(img_size):
 def test_bf16_autocast_runs_on_cpu(method, params):
     model = make_vit()
     x = torch.randn(2, 3, 64, 64)
-    tr.apply(model, method, **params)
+    tr.apply(model, method, untrained=True, **params)
     with torch.no_grad():
         ref = model(x)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = model(x)
     assert out.shape == ref.shape and torch.isfinite(out).all()
     assert (out.float() - ref).abs().max() < 0.25 * ref.abs().max()
-    assert [b.tokens_out for b in tr.stats(model).blocks] == [m for _, m in model._tr_ctx.reducer.schedule(65)]
+    assert [b.tokens_out for b in tr.stats(model).blocks] == [m for _, m in tr.reducer(model).schedule(65)]
 
 
 def test_training_mode_forward_and_backward_run():

@@ -67,7 +67,7 @@ def test_evit_without_class_token_keeps_the_most_attended_tokens():
         probs = explicit_probs(model.blocks[3].attn, captured["x"])
     importance = probs.mean(dim=(1, 2))  # B×N: heads and queries averaged
     expected = importance.topk(32, dim=1).indices.sort(dim=1).values
-    stages = dict(model._tr_ctx.stages)
+    stages = dict(tr.last_forward(model).stages)
     source = stages["block 3"]  # B×32×64: one original token per kept token
     assert source.shape == (2, 32, 64)
     kept = source.argmax(dim=-1).sort(dim=1).values
@@ -77,9 +77,9 @@ def test_evit_without_class_token_keeps_the_most_attended_tokens():
 @pytest.mark.parametrize("method", ["evit", "ppt", "bat", "tps"])
 def test_class_attention_methods_run_on_a_model_without_class_token(method):
     model = make_vit(class_token=False, global_pool="avg", reg_tokens=2)
-    tr.apply(model, method)
+    tr.apply(model, method, untrained=True)
     with torch.no_grad():
         out = model(torch.randn(2, 3, 64, 64))
     assert out.shape == (2, 10) and torch.isfinite(out).all()
-    assert model._tr_ctx.info.has_class_token is False
+    assert tr.reducer(model).info.has_class_token is False
     assert tr.stats(model).gmacs < tr.stats(model).gmacs_unreduced

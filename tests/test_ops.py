@@ -1,4 +1,4 @@
-"""Hand-worked checks of the shared primitives against the spec's rules (specs/methods.md §0–2)."""
+"""Hand-worked checks of the shared primitives against the documented rules (docs/methods.md#common-conventions)."""
 
 from __future__ import annotations
 

@@ -128,13 +128,13 @@ def test_mixed_batch_on_a_model_equals_each_image_alone():
     torch.manual_seed(3)
     images = torch.randn(6, 3, 64, 64)
     thresholds = tr.calibrate(model, "ppt", images, pool_fraction=0.5, r=8, trace_source=True)
-    reducer = model._tr_ctx.reducer
+    reducer = tr.reducer(model)
     reducer.start_recording()
     out = _forward(model, images)
     variances = reducer.stop_recording()
     for block, tau in zip(reducer.layers, thresholds, strict=True):
         assert int((variances[block] < tau).sum()) == 3  # half pooled, half pruned at every block
-    ctx = model._tr_ctx
+    ctx = tr.last_forward(model)
     torch.testing.assert_close(ctx.source.sum(-1, keepdim=True), ctx.size)
     assert ctx.source[:, 1:, 1:].sum(1).max() <= 1
     for i in range(6):
@@ -146,7 +146,7 @@ def test_always_pooling_is_tome_at_the_reduction_layers():
     model = make_vit()
     tr.apply(model, "ppt", threshold=float("inf"), r=10, trace_source=True)
     out = _forward(model, images)
-    size = model._tr_ctx.size
+    size = tr.last_forward(model).size
     assert torch.equal(size[:, 1:].sum(1), torch.full((2, 1), 64.0))  # merge only: every patch kept
     tr.apply(model, "tome", r=[0, 0, 0, 10, 0, 0, 10, 0, 0, 10])
     torch.testing.assert_close(_forward(model, images), out)
@@ -156,7 +156,7 @@ def test_always_pruning_keeps_unit_sizes():
     model = make_vit()
     tr.apply(model, "ppt", threshold=0.0, r=10, trace_source=True)
     _forward(model, torch.randn(2, 3, 64, 64))
-    ctx = model._tr_ctx
+    ctx = tr.last_forward(model)
     assert torch.equal(ctx.size, torch.ones_like(ctx.size))
     assert ctx.size.shape[1] == 65 - 30
 
@@ -175,7 +175,7 @@ def test_prefix_tokens_are_protected(family, threshold):
     else:
         tr.apply(model, "ppt", threshold=threshold, trace_source=True)
     _forward(model, images)
-    ctx = model._tr_ctx
+    ctx = tr.last_forward(model)
     eye = torch.eye(16 + p if family == "distilled" else 64 + p)[:p]
     assert torch.equal(ctx.source[:, :p], eye.expand(4, -1, -1))
     torch.testing.assert_close(ctx.source.sum(-1, keepdim=True), ctx.size)
@@ -210,7 +210,7 @@ def test_stats_after_a_forward():
 def test_budget_resolves_r(deits):
     model = deits["small"]
     tr.apply(model, "ppt", budget=0.7)
-    r = model._tr_ctx.reducer.params.r
+    r = tr.reducer(model).params.r
     unreduced = tr.gmacs(model)
     assert tr.gmacs(model, "ppt", r=r) <= 0.7 * unreduced
     assert tr.gmacs(model, "ppt", r=r - 1) > 0.7 * unreduced
@@ -241,8 +241,8 @@ def test_calibrate_single_threshold_is_the_first_layer_quantile():
     images = torch.randn(5, 3, 64, 64)
     tau = tr.calibrate(model, "ppt", images, pool_fraction=0.4, per_layer=False, batch_size=2)
     assert isinstance(tau, float)
-    assert model._tr_ctx.reducer.config()["threshold"] == tau
-    reducer = model._tr_ctx.reducer
+    assert tr.reducer(model).config()["threshold"] == tau
+    reducer = tr.reducer(model)
     reducer.start_recording()
     _forward(model, images)
     first = reducer.stop_recording()[3]
@@ -256,7 +256,7 @@ def test_calibrate_reuses_the_applied_parameters_and_accepts_a_loader():
     images = torch.randn(4, 3, 64, 64)
     loader = [(images[:2], torch.zeros(2)), (images[2:], torch.zeros(2))]
     taus = tr.calibrate(model, "ppt", loader, pool_fraction=0.25)
-    config = model._tr_ctx.reducer.config()
+    config = tr.reducer(model).config()
     assert config["r"] == 5 and config["layers"] == [2, 5]
     assert list(config["threshold"]) == list(taus) and len(taus) == 2
     assert tr.calibrate(model, "ppt", images, pool_fraction=0.0) == (0.0, 0.0)

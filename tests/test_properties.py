@@ -34,17 +34,17 @@ method_and_params = st.one_of(
 def test_bookkeeping(choice, model_id, batch):
     method, params = choice
     model, p = MODELS[model_id], PREFIX[model_id]
-    tr.apply(model, method, trace_source=True, **params)
+    tr.apply(model, method, untrained=True, trace_source=True, **params)
     torch.manual_seed(batch)
     with torch.no_grad():
         out = model(torch.randn(batch, 3, 64, 64))
-    ctx = model._tr_ctx
+    ctx = tr.last_forward(model)
     assert torch.isfinite(out).all()
     # token counts follow the schedule
-    assert [tuple(r) for r in ctx.records] == ctx.reducer.schedule(64 + p)
+    assert [tuple(r) for r in ctx.block_tokens] == tr.reducer(model).schedule(64 + p)
     # prefix tokens survive untouched
     assert torch.equal(ctx.source[:, :p], torch.eye(64 + p)[:p].expand(batch, p, 64 + p))
-    size = ctx.size if ctx.size is not None else torch.ones(batch, ctx.records[-1][1], 1)
+    size = ctx.size if ctx.size is not None else torch.ones(batch, ctx.block_tokens[-1][1], 1)
     # every token's size is the number of original patches it stands for
     torch.testing.assert_close(ctx.source.sum(-1, keepdim=True), size)
     # no patch is counted twice; merge-only methods keep them all
@@ -60,7 +60,7 @@ def test_bookkeeping(choice, model_id, batch):
 @given(seed=st.integers(0, 2**16))
 def test_an_image_does_not_depend_on_its_batch(method, params, seed):
     model = MODELS[0]
-    tr.apply(model, method, **params)
+    tr.apply(model, method, untrained=True, **params)
     torch.manual_seed(seed)
     batch = torch.randn(3, 3, 64, 64)
     with torch.no_grad():

@@ -99,10 +99,10 @@ def test_evaluation_calibrates_ppt_off_its_home_model():
     x, y = torch.randn(16, 3, 64, 64), torch.randint(0, 10, (16,))
     rows = evaluate_configs(model, [Config("ppt"), Config("ppt", {"threshold": 1e-3})], lambda: [(x, y)],
                             timing_batch=x, repeats=1, progress=False)
-    calibrated = rows[0]["calibrated_threshold"]
+    calibrated = rows[0]["calibrated"]
     assert len(calibrated) == 3 and all(t > 0 for t in calibrated)  # one per reduction block
     assert rows[0]["params"]["threshold"] == pytest.approx(calibrated)
-    assert "calibrated_threshold" not in rows[1] and rows[1]["params"]["threshold"] == 1e-3
+    assert "calibrated" not in rows[1] and rows[1]["params"]["threshold"] == 1e-3
 
 
 def test_reference_configs_use_shipped_reducers(tmp_path, monkeypatch):
@@ -110,12 +110,13 @@ def test_reference_configs_use_shipped_reducers(tmp_path, monkeypatch):
     from tokenreduce.models import reference
 
     fake = {"ltmp_0.75": tmp_path / "a", "ltmp_0.6": tmp_path / "b", "cropr": tmp_path / "c", "dtps": tmp_path / "d"}
-    monkeypatch.setattr(reference, "shipped_reducers", lambda: fake)
+    monkeypatch.setattr(reference, "shipped_reducer", lambda name: fake.get(name))
     configs = {c.label: c for c in accuracy.reference_configs(0.6)}
-    assert configs["ltmp (target 0.6)"].params == {"checkpoint": str(tmp_path / "b")}
-    assert configs["cropr@0.6"].params == {"checkpoint": str(tmp_path / "c")} and configs["cropr@0.6"].budget == 0.6
-    assert configs["tps dtps (default)"].params["variant"] == "dtps"
-    assert configs["dynamicvit (default)"].params == {}  # not shipped: evaluated as skipped
+    assert configs["ltmp (target 0.6) [b]"].params == {"target": 0.6, "checkpoint": str(tmp_path / "b")}
+    cropr = configs["cropr@0.6 [c]"]
+    assert cropr.params == {"checkpoint": str(tmp_path / "c")} and cropr.budget == 0.6
+    assert configs["dtps@0.6 [d]"].params == {"checkpoint": str(tmp_path / "d")}
+    assert configs["dynamicvit@0.6"].params == {}  # not shipped: evaluated as skipped
     assert list(configs)[0] == "unreduced"
 
 
@@ -133,8 +134,8 @@ def test_reference_evaluation_runs_shipped_learned_reducers():
 
     configs = [c for c in reference_configs(0.6) if c.method is None or "ltmp" in c.label or "dtps" in c.label]
     rows = {r["label"]: r for r in evaluate_reference(configs, limit=100, batch_size=50, repeats=1, progress=False)}
-    assert set(rows) == {"unreduced", "ltmp (target 0.75)", "ltmp (target 0.6)", "tps dtps (default)", "tps dtps@0.6"}
+    assert set(rows) == {"unreduced", "ltmp (target 0.6) [ltmp_0.6]", "dtps@0.6 [dtps]"}
     assert all("skipped" not in r for r in rows.values()), rows
-    assert rows["ltmp (target 0.75)"]["gmacs_analytic"] is None  # data-dependent: only measured
-    assert rows["ltmp (target 0.6)"]["gmacs"] < rows["ltmp (target 0.75)"]["gmacs"] < rows["unreduced"]["gmacs"]
-    assert rows["tps dtps@0.6"]["gmacs"] <= 0.6 * rows["unreduced"]["gmacs"] + 1e-12
+    assert rows["ltmp (target 0.6) [ltmp_0.6]"]["gmacs_analytic"] is None  # data-dependent: only measured
+    assert rows["ltmp (target 0.6) [ltmp_0.6]"]["gmacs"] < rows["unreduced"]["gmacs"]
+    assert rows["dtps@0.6 [dtps]"]["gmacs"] <= 0.6 * rows["unreduced"]["gmacs"] + 1e-12

@@ -51,8 +51,8 @@ def test_bookkeeping_on_models(family):
     tr.apply(model, "tps", trace_source=True)
     images = torch.randn(3, 3, 64, 64)
     out = _forward(model, images)
-    ctx = model._tr_ctx
-    assert [tuple(r) for r in ctx.records] == ctx.reducer.schedule(p + patches)
+    ctx = tr.last_forward(model)
+    assert [tuple(r) for r in ctx.block_tokens] == tr.reducer(model).schedule(p + patches)
     # prefix untouched; squeezing keeps every patch: sizes sum to the patch count
     assert torch.equal(ctx.source[:, :p], torch.eye(p + patches)[:p].expand(3, -1, -1))
     assert torch.equal(ctx.size[:, p:].sum(1), torch.full((3, 1), float(patches)))
@@ -67,7 +67,7 @@ def test_prop_attn_is_off_by_default_and_optional():
     model = make_vit()
     images = torch.randn(2, 3, 64, 64)
     tr.apply(model, "tps")
-    assert model._tr_ctx.reducer.prop_attn is False
+    assert tr.reducer(model).prop_attn is False
     plain = _forward(model, images)
     tr.apply(model, "tps", prop_attn=True)
     assert not torch.allclose(_forward(model, images), plain)
@@ -81,7 +81,7 @@ def test_counts_and_gmacs_are_evit_without_the_fused_token():
     assert tr.gmacs(model, "tps") == pytest.approx(tr.gmacs(model, "evit", fuse_token=False))
     assert round(tr.gmacs(model, "tps"), 2) == 3.00
     tr.apply(model, "tps", budget=0.6)
-    keep_rate = model._tr_ctx.reducer.params.keep_rate
+    keep_rate = tr.reducer(model).params.keep_rate
     assert tr.gmacs(model, "tps", keep_rate=keep_rate) <= 0.6 * tr.gmacs(model)
     assert tr.gmacs(model, "tps", keep_rate=round(keep_rate + 0.001, 3)) > 0.6 * tr.gmacs(model)
 

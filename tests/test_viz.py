@@ -48,7 +48,7 @@ def test_visualize_has_one_panel_per_stage_and_greys_pruned_patches():
     kept = tr.stats(model).blocks[-1].tokens_out - 1
     assert grey_cells == 64 - kept
     # the model keeps the method, with source tracing on
-    assert model._tr_ctx.trace_source
+    assert tr.last_forward(model).source is not None
 
 
 def test_visualize_tome_shows_merged_groups_and_reuses_applied_method():
@@ -56,4 +56,4 @@ def test_visualize_tome_shows_merged_groups_and_reuses_applied_method():
     tr.apply(model, "tome", r=8)
     img = visualize(model, torch.randn(3, 64, 64))
     assert img.size[0] == 13 * 192 + 12 * 4  # input + 12 merging blocks
-    assert model._tr_ctx.reducer.config()["r"] == 8
+    assert tr.reducer(model).config()["r"] == 8

@@ -1,4 +1,11 @@
-"""The public API: :func:`apply`, :func:`remove`, :func:`stats`, :func:`methods`, :func:`gmacs`."""
+"""The public API.
+
+* :func:`apply` / :func:`remove` / :func:`unreduced`: reduce a model in place, undo it, or pause it;
+* :func:`methods`, :func:`gmacs`: what is available and what it costs;
+* introspection of a reduced model: :func:`is_reduced`, :func:`reducer` (the applied
+  reducer: ``.name``, ``.config()``, ``.info``, ``.module`` — the learned parameters),
+  :func:`last_forward` (the record of the last forward) and :func:`stats` (its summary).
+"""
 
 from __future__ import annotations
 
@@ -10,16 +17,17 @@ from typing import Any, TypeVar
 from torch import nn
 
 from .checkpoint import check_compatible, load_into, read_reducer
-from .methods import REGISTRY, get_method
-from .models.timm_vit import check_supported, is_patched, model_info, patch, unpatch
-from .stats import ReductionStats, collect_stats
+from .methods import available_methods, get_method
+from .methods.base import Reducer
+from .models.timm_vit import check_supported, context_of, is_patched, model_info, patch, unpatch
+from .stats import LastForward, ReductionStats, collect_stats
 
 M = TypeVar("M", bound=nn.Module)
 
 
 def methods() -> list[str]:
     """Names of the available methods."""
-    return sorted(REGISTRY)
+    return available_methods()
 
 
 def apply(
@@ -29,6 +37,7 @@ def apply(
     budget: float | None = None,
     checkpoint: str | Path | None = None,
     trace_source: bool = False,
+    untrained: bool = False,
     **params: Any,
 ) -> M:
     """Make ``model`` reduce its tokens with ``method``, in place.
@@ -43,6 +52,8 @@ def apply(
             training); its saved parameters are the defaults, ``params`` override them.
         trace_source: track which original patches every token stands for
             (needed for token maps; costs B×N×N memory).
+        untrained: allow a learned method without ``checkpoint``: its parameters
+            are freshly initialised (to be trained, e.g. by :func:`tokenreduce.train`).
         **params: the method's parameters under their official names
             (``r``, ``keep_rate``, ``layers``, ...); defaults are the papers'.
 
@@ -50,10 +61,11 @@ def apply(
         ``model`` itself.  Applying again replaces the previous method.
 
     Raises:
-        ValueError: unknown method, bad parameter value or unreachable budget.
+        ValueError: unknown method, bad parameter value, unreachable budget, or a
+            learned method with neither ``checkpoint`` nor ``untrained=True``.
         TypeError: unknown parameter name or unsupported model.
     """
-    cls = get_method(method)
+    cls, params = get_method(method).resolve(params)
     if is_patched(model):
         unpatch(model)
     check_supported(model)
@@ -69,7 +81,13 @@ def apply(
             raise ValueError(f"{cls.name} {reducer.config()} has no learned parameters to load from a checkpoint")
         load_into(reducer, meta, tensors, checkpoint)
     else:
-        reducer = cls.create(info, budget=budget, **params)
+        reducer = cls.create(info, budget=budget, **params)  # validates the parameters first
+        if cls.learned and not untrained:
+            raise ValueError(
+                f"{cls.name} is a learned method: pass checkpoint=PATH with its trained parameters, or "
+                "untrained=True to start from freshly initialised ones (e.g. to train them); untrained, its output "
+                "is not meaningful"
+            )
     if reducer.module is not None:
         reducer.module.to(next(model.parameters()).device)
     patch(model, reducer, cls.name, trace_source=trace_source)
@@ -91,7 +109,7 @@ def unreduced(model: M) -> Iterator[M]:
     if not is_patched(model):
         yield model
         return
-    ctx = model._tr_ctx
+    ctx = context_of(model)
     previous, ctx.enabled = ctx.enabled, False
     try:
         yield model
@@ -99,11 +117,39 @@ def unreduced(model: M) -> Iterator[M]:
         ctx.enabled = previous
 
 
+def is_reduced(model: nn.Module) -> bool:
+    """Whether a method is applied to ``model``."""
+    return is_patched(model)
+
+
+def reducer(model: nn.Module) -> Reducer:
+    """The reducer applied to ``model``: ``.name``, ``.config()`` (resolved parameters), ``.info``
+    (the model facts it uses), ``.schedule(n)`` and, for learned methods, ``.module`` (the parameters).
+
+    Raises:
+        RuntimeError: no method is applied to ``model``.
+    """
+    return context_of(model).reducer
+
+
+def last_forward(model: nn.Module) -> LastForward:
+    """The record of the last forward of a reduced model: tokens per block, final sizes, sources,
+    mask and (with ``trace_source=True``) the source map after every reduction.
+
+    Raises:
+        RuntimeError: no method is applied, or the reduced model has not run a forward yet.
+    """
+    return context_of(model).last_forward()
+
+
 def stats(model: nn.Module) -> ReductionStats:
-    """Tokens per block and GMACs per image of the last forward of a reduced model."""
-    if not is_patched(model):
-        raise RuntimeError("tokenreduce.stats: the model has no method applied (call tokenreduce.apply first)")
-    return collect_stats(model._tr_ctx)
+    """Tokens per block and GMACs per image of the last forward of a reduced model.
+
+    Raises:
+        RuntimeError: no method is applied, or the reduced model has not run a forward yet.
+    """
+    ctx = context_of(model)
+    return collect_stats(ctx.reducer, ctx.last_forward())
 
 
 def gmacs(model: nn.Module, method: str | None = None, *, num_tokens: int | None = None, **params: Any) -> float:

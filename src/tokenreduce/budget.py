@@ -14,7 +14,7 @@ not counted (as in fvcore and the papers).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,35 +80,44 @@ class CostModel:
 
 def resolve_budget(
     budget: float,
-    candidates: Iterable[dict[str, Any]],
-    cost_of: Callable[[dict[str, Any]], float],
+    values: Sequence[Any],
+    cost_of: Callable[[Any], float],
     unreduced: float,
     knob: str,
-) -> dict[str, Any]:
-    """Pick the least-reducing candidate whose cost does not exceed ``budget × unreduced``.
+) -> Any:
+    """The least-reducing value of ``knob`` whose cost does not exceed ``budget × unreduced``.
+
+    ``values`` run from least to most reduction and their costs must not increase
+    along them, so the answer is found by bisection: ``cost_of`` is called about
+    ``log2(len(values))`` times.
 
     Args:
         budget: fraction of the unreduced GMACs to keep, in (0, 1].
-        candidates: parameter dicts ordered from least to most reduction.
-        cost_of: MACs of a candidate.
+        values: the knob's values, ordered from least to most reduction.
+        cost_of: MACs per image with the knob at a value.
         unreduced: MACs of the unreduced model.
         knob: the parameter the budget sets (for the error message).
 
     Raises:
-        ValueError: ``budget`` is out of (0, 1] or no candidate fits; the message
-            gives the achievable range.
+        ValueError: ``budget`` is out of (0, 1] or no value fits; the message gives
+            the achievable range.
     """
-    if not isinstance(budget, (int, float)) or not 0.0 < budget <= 1.0:
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0.0 < budget <= 1.0:
         raise ValueError(f"budget must be a fraction of the unreduced GMACs in (0, 1], got {budget!r}")
     limit = budget * unreduced * (1.0 + 1e-9)
-    lowest = None
-    for cand in candidates:
-        cost = cost_of(cand)
-        if cost <= limit:
-            return cand
-        lowest = cost if lowest is None else min(lowest, cost)
-    low = lowest / unreduced if lowest is not None else 1.0
-    raise ValueError(
-        f"budget={budget} is not reachable by adjusting {knob!r}: achievable budgets on this model "
-        f"are {low:.3f} to 1.0 of the unreduced GMACs"
-    )
+    if not values:
+        raise ValueError(f"no value of {knob!r} to resolve budget={budget} with")
+    lowest = cost_of(values[-1])
+    if lowest > limit:
+        raise ValueError(
+            f"budget={budget} is not reachable by adjusting {knob!r}: achievable budgets on this model "
+            f"are {lowest / unreduced:.3f} to 1.0 of the unreduced GMACs"
+        )
+    lo, hi = 0, len(values) - 1  # invariant: values[hi] fits; every value before lo does not
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if cost_of(values[mid]) <= limit:
+            hi = mid
+        else:
+            lo = mid + 1
+    return values[hi]

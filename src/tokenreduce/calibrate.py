@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .api import apply
-from .models.timm_vit import is_patched
+from .api import apply, is_reduced, reducer
+from .models.timm_vit import context_of
 
 Images = Tensor | Iterable[Any]
 
@@ -92,19 +92,18 @@ def calibrate(
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"calibrate: batch_size must be an int >= 1, got {batch_size!r}")
 
-    if is_patched(model):
-        ctx = model._tr_ctx
+    if is_reduced(model):
         if trace_source is None:
-            trace_source = ctx.trace_source
-        if not params and ctx.method == "ppt":
-            params = {k: v for k, v in ctx.reducer.config().items() if k != "threshold"}
+            trace_source = context_of(model).trace_source
+        if not params and reducer(model).name == "ppt":
+            params = {k: v for k, v in reducer(model).config().items() if k != "threshold"}
             params["layers"] = tuple(params["layers"])
     trace_source = bool(trace_source)
 
     apply(model, "ppt", trace_source=False, threshold=0.0, **params)
-    reducer = model._tr_ctx.reducer
-    layers = reducer.layers
-    params = {**{k: v for k, v in reducer.config().items() if k != "threshold"}, "layers": layers}
+    ppt = reducer(model)
+    layers = ppt.layers
+    params = {**{k: v for k, v in ppt.config().items() if k != "threshold"}, "layers": layers}
 
     passes = len(layers) if per_layer else 1
     if passes > 1 and not isinstance(images, Tensor) and iter(images) is images:
@@ -124,11 +123,11 @@ def calibrate(
 
 def _record_variances(model: nn.Module, images: Images, batch_size: int) -> dict[int, Tensor]:
     """Run ``model`` (with PPT applied) on ``images``; per reduction block the recorded variances."""
-    reducer = model._tr_ctx.reducer
+    ppt = reducer(model)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    reducer.start_recording()
+    ppt.start_recording()
     seen = 0
     try:
         with torch.no_grad():
@@ -136,7 +135,7 @@ def _record_variances(model: nn.Module, images: Images, batch_size: int) -> dict
                 model(batch.to(device))
                 seen += batch.shape[0]
     finally:
-        recorded = reducer.stop_recording()
+        recorded = ppt.stop_recording()
         model.train(was_training)
     if seen == 0:
         raise ValueError("calibrate: no images given")

@@ -75,6 +75,9 @@ def read_reducer(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     meta = json.loads(raw)
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path}: unsupported checkpoint format {meta.get('format')!r} (expected {FORMAT})")
+    if meta.get("method") == "tps" and meta.get("params", {}).get("variant") == "dtps":  # before dtps had its name
+        meta["method"] = "dtps"
+        meta["params"] = {k: v for k, v in meta["params"].items() if k != "variant"}
     return meta, tensors
 
 

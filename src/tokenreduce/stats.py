@@ -1,11 +1,49 @@
-"""What the last forward of a reduced model did: tokens per block and GMACs per image."""
+"""What the last forward of a reduced model did: its record (:class:`LastForward`) and its summary
+(:class:`ReductionStats`: tokens per block and GMACs per image)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from .methods.base import Reducer
+
+TokenCount = int | Tensor
+"""Tokens of one image (an ``int``), or per image (a B tensor) when a live-token mask is carried."""
+
+
+@dataclass(frozen=True)
+class LastForward:
+    """The record of a reduced model's last forward (:func:`tokenreduce.last_forward`).
+
+    Attributes:
+        method: the applied method's name.
+        batch_size: B, images in the forward.
+        num_tokens_in: N0, tokens entering the first block (prefix tokens included).
+        num_prefix: P, the leading class / distillation / register tokens.
+        block_tokens: per block, (tokens entering its attention, tokens leaving it);
+            each an ``int`` or a B tensor of live counts when a mask is carried.
+        size: B×N×1 sizes of the tokens leaving the last block (``None``: all ones).
+        source: B×N×N0 0/1 map from those tokens to the original ones (``None`` unless
+            the method was applied with ``trace_source=True``).
+        mask: B×N×1 live-token mask of those tokens (``None``: every token is live).
+        stages: with ``trace_source``: ``(label, B×N×N0 source map of the live tokens)``
+            after every reduction, in order.
+    """
+
+    method: str
+    batch_size: int
+    num_tokens_in: int
+    num_prefix: int
+    block_tokens: tuple[tuple[TokenCount, TokenCount], ...]
+    size: Tensor | None = None
+    source: Tensor | None = None
+    mask: Tensor | None = None
+    stages: tuple[tuple[str, Tensor], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -70,22 +108,20 @@ def _mean(value: Any, squared: bool = False) -> float:
     return float(value * value if squared else value)
 
 
-def collect_stats(ctx: Any) -> ReductionStats:
-    """Build :class:`ReductionStats` from a model's :class:`ReductionContext`."""
-    if ctx.records[0] is None:
-        raise RuntimeError("tokenreduce.stats: run a forward pass of the reduced model first")
-    info, cost = ctx.info, ctx.info.cost
-    num_patches = ctx.num_tokens_in - info.num_prefix
-    macs = num_patches * cost.patch_embed + cost.head + ctx.reducer.extra_macs(ctx.num_tokens_in)
+def collect_stats(reducer: Reducer, record: LastForward) -> ReductionStats:
+    """Summarise ``record``, a forward of a model reduced by ``reducer``, as :class:`ReductionStats`."""
+    info, cost = reducer.info, reducer.info.cost
+    num_patches = record.num_tokens_in - info.num_prefix
+    macs = num_patches * cost.patch_embed + cost.head + reducer.extra_macs(record.num_tokens_in)
     blocks = []
-    for i, (n_attn, n_mlp) in enumerate(ctx.records):
+    for i, (n_attn, n_mlp) in enumerate(record.block_tokens):
         macs += cost.block_macs(i, _mean(n_attn), _mean(n_attn, squared=True), _mean(n_mlp))
         blocks.append(BlockStats(i, _mean(n_attn), _mean(n_mlp)))
     return ReductionStats(
-        method=ctx.method,
-        params=ctx.reducer.config(),
+        method=record.method,
+        params=reducer.config(),
         blocks=blocks,
         gmacs=macs / 1e9,
-        gmacs_unreduced=info.unreduced_macs(ctx.num_tokens_in) / 1e9,
-        batch_size=ctx.batch_size,
+        gmacs_unreduced=info.unreduced_macs(record.num_tokens_in) / 1e9,
+        batch_size=record.batch_size,
     )

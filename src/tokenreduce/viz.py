@@ -16,7 +16,8 @@ import torch
 from PIL import Image, ImageDraw
 from torch import Tensor, nn
 
-from .api import apply
+from .api import apply, is_reduced, last_forward, reducer
+from .models.timm_vit import patch, unpatch
 
 GREY = np.array([128, 128, 128], dtype=np.float32)
 
@@ -129,29 +130,27 @@ def visualize(
     if x.shape[0] != 1:
         raise ValueError(f"visualize takes one image, got a batch of {x.shape[0]}")
     if method is None:
-        if not hasattr(model, "_tr_ctx"):
+        if not is_reduced(model):
             raise ValueError("visualize: give a method, or apply one to the model first")
-        ctx = model._tr_ctx
-        method, params = ctx.method, {**ctx.reducer.config(), **params}
-        params = {k: tuple(v) if isinstance(v, list) else v for k, v in params.items()}
-        learned = ctx.reducer.module
+        if params:
+            raise ValueError("visualize: parameters need a method; without one the applied method is drawn as it is")
+        applied = reducer(model)
+        unpatch(model)
+        patch(model, applied, applied.name, trace_source=True)  # the same reducer (and learned parameters), traced
     else:
-        learned = None
-    apply(model, method, trace_source=True, **params)
-    if learned is not None:
-        model._tr_ctx.reducer.module = learned
+        apply(model, method, trace_source=True, **params)
     was_training = model.training
     model.eval()
     with torch.no_grad():
         model(x.to(next(model.parameters()).device))
     model.train(was_training)
-    ctx = model._tr_ctx
+    record = last_forward(model)
     grid = tuple(model.patch_embed.grid_size) if x.shape[-2:] == tuple(model.patch_embed.img_size) else (
         x.shape[-2] // model.patch_embed.patch_size[0], x.shape[-1] // model.patch_embed.patch_size[1])
     image = _display_image(model, x) if display is None else display
     panels = [("input", image)]
-    for label, source in ctx.stages:
-        owner, size = patch_owner(source[0], ctx.info.num_prefix)
+    for label, source in record.stages:
+        owner, size = patch_owner(source[0], record.num_prefix)
         panels.append((label, render_token_map(image, owner, size, grid)))
     return compose(panels, scale or max(1, 224 // image.shape[0]))
 

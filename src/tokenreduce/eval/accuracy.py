@@ -26,9 +26,10 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..api import apply, gmacs, methods, remove, stats
-from ..calibrate import calibrate
+from ..api import apply, gmacs, methods, reducer, remove, stats
 from ..methods import get_method
+from ..methods.base import ModelInfo
+from ..models.timm_vit import model_info
 from .throughput import TimingResult, _timer
 
 UNREDUCED = "unreduced"
@@ -160,22 +161,20 @@ def time_models(models: dict[str, nn.Module], x: Tensor, *, repeats: int = 5, wa
     return {name: TimingResult(x.shape[0], s).images_per_second for name, s in seconds.items()}
 
 
-def skip_reason(model: nn.Module, config: Config, checkpoints: dict[str, str] | None = None) -> str | None:
+def skip_reason(model: nn.Module, config: Config) -> str | None:
     """Why ``config`` cannot run on ``model`` (``None``: it can).  Never raises for a bad method config."""
     if config.method is None:
         return None
     try:
-        cls = get_method(config.method)
+        cls, _ = get_method(config.method).resolve(config.params)
     except ValueError as err:
         return str(err)
-    if getattr(cls, "learned", False) and "checkpoint" not in config.params and not (checkpoints or {}).get(
-        config.method
-    ):
+    if cls.learned and "checkpoint" not in config.params:
         return "learned method: needs trained parameters (checkpoint=PATH); none are shipped for this model"
     try:
         apply(model, config.method, budget=config.budget, **config.params)
     except (ValueError, TypeError) as err:
-        return f"does not apply to this model: {err}"
+        return f"cannot run on this model: {err}"
     finally:
         remove(model)
     return None
@@ -221,11 +220,11 @@ def evaluate_configs(
             continue
         if config.method is not None:
             apply(model, config.method, budget=config.budget, **config.params)
-            if needs_ppt_calibration(model, config):
-                # PPT's default τ = 7e-5 is DeiT-S at 224's; elsewhere pick it from the timing batch (half pooled)
-                threshold = calibrate(model, "ppt", timing_batch, pool_fraction=0.5, budget=config.budget,
-                                      **config.params)
-                row["calibrated_threshold"] = list(threshold) if isinstance(threshold, tuple) else threshold
+            applied = reducer(model)
+            if applied.needs_calibration(config.params):
+                # a default tuned for another model (PPT's τ): calibrated on the timing batch
+                value = applied.calibrate(model, timing_batch, config.budget, config.params)
+                row["calibrated"] = list(value) if isinstance(value, tuple) else value
         counts = count_correct(
             model,
             make_batches(),
@@ -271,74 +270,53 @@ def evaluate_configs(
     return rows
 
 
-def needs_ppt_calibration(model: nn.Module, config: Config) -> bool:
-    """PPT without an explicit threshold on anything but DeiT-S at 224 (where the paper's τ was tuned)."""
-    if config.method != "ppt" or "threshold" in config.params:
-        return False
-    arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture", "")
-    return not (arch == "deit_small_patch16_224" and tuple(model.patch_embed.img_size) == (224, 224))
-
-
 def _analytic_params(method: str, params: dict[str, Any]) -> dict[str, Any]:
     """Resolved parameters as :func:`tokenreduce.gmacs` takes them (lists → tuples)."""
     return {k: tuple(v) if isinstance(v, list) else v for k, v in params.items()}
 
 
-def default_configs(budget: float | None = 0.6, names: Iterable[str] | None = None) -> list[Config]:
-    """The unreduced model, then every method at its defaults and at ``budget``."""
+DEFAULT_BUDGETS = (0.75, 0.6)
+"""The budgets of a default evaluation: every method at each, its paper default only where it fits."""
+
+
+def default_configs(
+    info: ModelInfo, budgets: Iterable[float] = DEFAULT_BUDGETS, *, shipped: bool = False,
+    names: Iterable[str] | None = None,
+) -> list[Config]:
+    """The unreduced model, then every method's default-evaluation rows
+    (:meth:`~tokenreduce.methods.base.Reducer.evaluation_rows`) on a model described by ``info``.
+
+    With ``shipped`` (the bundled reference model) learned methods run from the reducer checkpoints
+    shipped for it; a learned method without one stays in the table as skipped.
+    """
+    budgets = tuple(budgets)
     configs = [Config(None)]
     for name in names if names is not None else methods():
-        configs.append(Config(name))
-        if budget is not None:
-            configs.append(Config(name, budget=budget))
+        cls = get_method(name)
+        for label, params, budget in cls.evaluation_rows(info, budgets):
+            checkpoint = cls.shipped_checkpoint(params, budget) if shipped and cls.learned else None
+            if checkpoint is not None:
+                params = {**params, "checkpoint": str(checkpoint)}
+                label = f"{label} [{checkpoint.stem}]"
+            configs.append(Config(name, params, budget, label=label))
     return configs
 
 
-def reference_configs(budget: float = 0.6) -> list[Config]:
-    """:func:`default_configs` for the reference model, with its shipped learned reducers.
+def reference_configs(budgets: float | Iterable[float] = DEFAULT_BUDGETS) -> list[Config]:
+    """:func:`default_configs` for the bundled reference model, with its shipped learned reducers."""
+    from ..models.reference import build_reference_model
 
-    Learned methods run from the checkpoints in ``tokenreduce/data/reducers`` (LTMP: the one trained
-    for target 0.75 as its default row and the one for 0.6 as its budget row; dTPS as extra rows);
-    a learned method with no shipped checkpoint stays in the table as skipped.
-    """
-    configs = [Config(None)]
-    for name in methods():
-        if name == "ltmp":
-            ltmp = {target: reference_checkpoint("ltmp", {"target": target}) for target in (0.75, 0.6)}
-            if all(ltmp.values()):
-                for target, path in ltmp.items():
-                    configs.append(Config("ltmp", {"checkpoint": path}, label=f"ltmp (target {target:g})"))
-                continue
-        shipped = reference_checkpoint(name, {}) if name != "ltmp" else None  # LTMP: both targets or none
-        params = {"checkpoint": shipped} if shipped else {}
-        configs.append(Config(name, params, label=f"{name} (default)"))
-        configs.append(Config(name, params, budget, label=f"{name}@{budget:g}"))
-        dtps = reference_checkpoint("tps", {"variant": "dtps"}) if name == "tps" else None
-        if dtps:
-            params = {"variant": "dtps", "checkpoint": dtps}
-            configs.append(Config("tps", params, label="tps dtps (default)"))
-            configs.append(Config("tps", params, budget, label=f"tps dtps@{budget:g}"))
-    return configs
+    with torch.device("meta"):
+        info = model_info(build_reference_model())
+    return default_configs(info, (budgets,) if isinstance(budgets, (int, float)) else budgets, shipped=True)
 
 
 def reference_checkpoint(method: str, params: dict[str, Any], budget: float | None = None) -> str | None:
-    """The reducer checkpoint shipped for ``method`` on the reference model, or ``None`` (none needed / none shipped).
-
-    LTMP has two (trained for targets 0.75 and 0.6): the one closest to ``params["target"]``, else to
-    ``budget``, else 0.75.  TPS has one for ``variant="dtps"`` only.
-    """
-    from ..models.reference import shipped_reducers
-
-    shipped = shipped_reducers()
-    if method == "ltmp":
-        trained = {0.75: "ltmp_0.75", 0.6: "ltmp_0.6"}
-        target = float(params.get("target", budget if budget is not None else 0.75))
-        key = trained[min(trained, key=lambda t: abs(t - target))]
-    elif method == "tps":
-        key = "dtps" if params.get("variant") == "dtps" else None
-    else:
-        key = method
-    return str(shipped[key]) if key in shipped else None
+    """The reducer checkpoint shipped for ``method`` on the reference model, or ``None`` (none needed / none
+    shipped); the method's class decides which (:meth:`~tokenreduce.methods.base.Reducer.shipped_checkpoint`)."""
+    cls, params = get_method(method).resolve(params)
+    path = cls.shipped_checkpoint(params, budget) if cls.learned else None
+    return None if path is None else str(path)
 
 
 def batched(x: Tensor, y: Tensor, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
@@ -355,6 +333,8 @@ def evaluate_reference(
     repeats: int = 5,
     checkpoint: str | None = None,
     progress: bool = True,
+    model: nn.Module | None = None,
+    device: torch.device | str = "cpu",
 ) -> list[dict[str, Any]]:
     """Evaluate the bundled reference model on the bundled Fashion-MNIST test set.
 
@@ -363,11 +343,13 @@ def evaluate_reference(
         limit: evaluate the first ``limit`` test images only.
         batch_size: images per forward; the first batch is also the timing batch.
         checkpoint: another safetensors state dict for the reference architecture.
+        model: the reference model already loaded (then ``checkpoint`` is not used).
+        device: where the model runs.
     """
     from ..models.reference import load_reference_model, load_reference_testset, preprocess
 
     rank, world = rank_world()
-    model = load_reference_model(checkpoint)
+    model = (load_reference_model(checkpoint) if model is None else model).to(device)
     images, labels = load_reference_testset(limit)
     x = preprocess(images)  # N×1×32×32
     mine = torch.tensor(shard_indices(len(x), rank, world), dtype=torch.long)
@@ -378,6 +360,7 @@ def evaluate_reference(
         lambda: batched(xs, ys, batch_size),
         timing_batch=x[:batch_size],
         num_batches=math.ceil(len(xs) / batch_size),
+        device=device,
         repeats=repeats,
         progress=progress,
     )

@@ -13,7 +13,7 @@ every count and listed in the result.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,8 @@ from PIL import Image
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from .accuracy import Config, evaluate_configs, rank_world, shard_indices
+from ..models.timm_vit import model_info
+from .accuracy import DEFAULT_BUDGETS, Config, default_configs, evaluate_configs, rank_world, shard_indices
 
 REFERENCE_NAME = "reference"
 
@@ -82,32 +83,15 @@ def collate_skipping(items: list[tuple[Tensor | None, int, int, str | None]]) ->
 def load_timm_model(name: str, pretrained: bool = False, checkpoint: str | None = None) -> nn.Module:
     """A timm model by name, or the bundled reference model for ``"reference"``; eval mode.
 
+    Kept for callers of this module; see :func:`tokenreduce.models.loading.load_model`.
+
     Raises:
         ValueError: unknown model name.
-        RuntimeError: pretrained weights or the checkpoint cannot be loaded.
+        ModelLoadError: pretrained weights or the checkpoint cannot be loaded.
     """
-    import timm
+    from ..models.loading import load_model
 
-    if name == REFERENCE_NAME:
-        from ..models.reference import load_reference_model
-
-        return load_reference_model(checkpoint)
-    if not timm.is_model(name):
-        close = timm.list_models(f"*{name.split('_')[0]}*")[:8] if name else []
-        hint = f"; similar: {', '.join(close)}" if close else ""
-        raise ValueError(f"unknown model {name!r}: not a timm model name (see timm.list_models()){hint}")
-    try:
-        model = timm.create_model(name, pretrained=pretrained)
-    except Exception as err:  # noqa: BLE001 - download / hub errors come in many types
-        raise RuntimeError(f"could not create {name} with pretrained weights (no internet?): {err}") from err
-    if checkpoint:
-        from safetensors.torch import load_file
-
-        try:
-            model.load_state_dict(load_file(checkpoint))
-        except Exception as err:  # noqa: BLE001
-            raise RuntimeError(f"could not load checkpoint {checkpoint} into {name}: {err}") from err
-    return model.eval()
+    return load_model(name, pretrained=pretrained, checkpoint=checkpoint)
 
 
 def subset_indices(n: int, limit: int | None) -> list[int]:
@@ -124,7 +108,8 @@ def evaluate_imagefolder(
     model_name: str,
     data: str | Path,
     *,
-    configs: list[Config],
+    configs: list[Config] | None = None,
+    budgets: Sequence[float] = DEFAULT_BUDGETS,
     pretrained: bool = False,
     checkpoint: str | None = None,
     crop_pct: float | None = None,
@@ -134,8 +119,13 @@ def evaluate_imagefolder(
     repeats: int = 5,
     device: str = "cpu",
     progress: bool = True,
+    model: nn.Module | None = None,
 ) -> dict[str, Any]:
     """Top-1/top-5, GMACs and images/s of ``model_name`` under ``configs`` on the ImageFolder ``data``.
+
+    ``model``: the model already loaded (``model_name`` then only names it in the result);
+    default: loaded by name with ``pretrained`` and ``checkpoint``.  ``configs``: the rows (default:
+    :func:`~tokenreduce.eval.accuracy.default_configs` for this model at ``budgets``).
 
     Returns:
         ``{"model", "data", "data_config", "samples", "skipped_images", "rows"}``;
@@ -148,7 +138,7 @@ def evaluate_imagefolder(
     """
     from timm.data import create_transform, resolve_data_config
 
-    model = load_timm_model(model_name, pretrained, checkpoint).to(device)
+    model = (load_timm_model(model_name, pretrained, checkpoint) if model is None else model).to(device)
     overrides = {} if crop_pct is None else {"crop_pct": crop_pct}
     data_config = resolve_data_config(overrides, model=model)
     transform = create_transform(**data_config, is_training=False)
@@ -177,6 +167,8 @@ def evaluate_imagefolder(
     timing_batch = next(batches(), None)
     if timing_batch is None:
         timing_batch = (torch.zeros(1, *data_config["input_size"]), None)
+    if configs is None:
+        configs = default_configs(model_info(model), budgets)
     rows = evaluate_configs(
         model,
         configs,

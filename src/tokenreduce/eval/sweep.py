@@ -54,6 +54,22 @@ def sweep_configs(
     return configs
 
 
+def reference_sweep_methods() -> tuple[list[str], dict[str, dict[str, Any]]]:
+    """Methods of a default sweep on the bundled reference model, and their extra parameters: every
+    training-free method, and every learned method whose budget sets its schedule and whose reducer is
+    shipped for that model (run from its checkpoint)."""
+    from ..methods import REGISTRY
+
+    names, extra = [], {}
+    for name, cls in sorted(REGISTRY.items()):
+        if not cls.learned:
+            names.append(name)
+        elif cls.budget_sets_schedule and (checkpoint := cls.shipped_checkpoint({}, None)) is not None:
+            names.append(name)
+            extra[name] = {"checkpoint": str(checkpoint)}
+    return names, extra
+
+
 def read_results(out_dir: str | Path) -> list[dict[str, Any]]:
     """Rows already in ``results.jsonl`` (a torn last line from a crash is ignored)."""
     path = Path(out_dir) / RESULTS

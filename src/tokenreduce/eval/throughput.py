@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..api import apply, gmacs, stats
+from ..api import apply, gmacs, reducer, stats
 from .ceiling import schedule_only_model
 
 
@@ -188,8 +188,8 @@ def compare_throughput(
         img_size = model.patch_embed.img_size
     runners: dict[str, nn.Module] = {"unreduced": base if baseline is None else baseline, "reduced": model}
     if ceiling:
-        reducer = model._tr_ctx.reducer
-        runners["schedule"] = schedule_only_model(copy.deepcopy(base), reducer.schedule(reducer.info.num_tokens))
+        applied = reducer(model)
+        runners["schedule"] = schedule_only_model(copy.deepcopy(base), applied.schedule(applied.info.num_tokens))
     if compile:  # a shared baseline is already prepared: timed as it is
         runners = {name: m if m is baseline else torch.compile(m) for name, m in runners.items()}
         warmup = max(warmup, 1)

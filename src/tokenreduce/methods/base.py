@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
 from ..budget import CostModel, Schedule, resolve_budget
 from ..ops.attention import AttentionNeeds, AttentionSignals, KeyMask
+from ..ops.matching import max_merges
 from ..state import TokenState
 
 
@@ -26,6 +28,7 @@ class ModelInfo:
     cost: CostModel
     num_classes: int = 0
     has_class_token: bool = True  # False: the signal ``cls_attn`` is the mean attention each key receives
+    architecture: str = ""  # the model's timm architecture name where known (per-model defaults), else ""
 
     @property
     def num_tokens(self) -> int:
@@ -34,6 +37,10 @@ class ModelInfo:
     def unreduced_macs(self, num_tokens: int | None = None) -> float:
         n = self.num_tokens if num_tokens is None else num_tokens
         return self.cost.unreduced_macs(n, n - self.num_prefix)
+
+
+EvaluationRow = tuple[str, dict[str, Any], float | None]
+"""``(label, params, budget)`` of one row of a default evaluation."""
 
 
 class Reducer:
@@ -50,26 +57,98 @@ class Reducer:
     * :meth:`before_block` — an optional reduction between blocks;
     * :meth:`schedule` — the token counts the method produces, for GMACs and
       budgets;
-    * :meth:`budget_candidates` — parameter overrides from least to most reduction.
+    * :meth:`knob_values` — the values ``budget`` may give ``knob``, from least to
+      most reduction (the cost must not increase along them);
+    * :meth:`build_module` — learned methods: their freshly initialised parameters
+      (built on first access of :attr:`module`, so budget resolution, which only
+      needs schedules, never builds them).
     """
 
     name: ClassVar[str] = ""
     Params: ClassVar[type] = object
     knob: ClassVar[str] = ""
     learned: ClassVar[bool] = False  # has trained parameters (``self.module``), loaded with checkpoint=
+    paper_patches: ClassVar[int | None] = 196  # patch tokens the paper defaults were set for (DeiT at 224)
+    budget_sets_schedule: ClassVar[bool] = True  # False: ``budget`` is a training target (LTMP), not a schedule
+    seed_param: ClassVar[str | None] = None  # the parameter that seeds a random method (evaluated over seeds)
+    shipped: ClassVar[tuple[str, ...]] = ()  # reducer checkpoints shipped for the bundled reference model
     prop_attn: bool = False
     training: bool = False  # set by the adapter at every forward (the model's ``training`` flag)
 
-    module: nn.Module | None = None  # the learned parameters of learned methods
+    _module: nn.Module | None = None
 
     def __init__(self, info: ModelInfo, params: Any) -> None:
         self.info = info
         self.params = params
 
+    # -- learned parameters ----------------------------------------------------------
+    @property
+    def module(self) -> nn.Module | None:
+        """The learned parameters (``None`` for training-free methods), built on first access."""
+        if self._module is None and self.learned:
+            self._module = self.build_module()
+        return self._module
+
+    @module.setter
+    def module(self, value: nn.Module | None) -> None:
+        self._module = value
+
+    def build_module(self) -> nn.Module | None:
+        """Freshly initialised learned parameters (learned methods override this)."""
+        return None
+
+    # -- what evaluation, training and the CLI ask of a method ------------------------------
+    @classmethod
+    def paper_default_fits(cls, info: ModelInfo) -> bool:
+        """Whether the paper defaults mean something on this model (it has the token grid they were set for)."""
+        return cls.paper_patches is None or info.num_patches == cls.paper_patches
+
+    @classmethod
+    def evaluation_rows(cls, info: ModelInfo, budgets: Sequence[float]) -> list[EvaluationRow]:
+        """``(label, params, budget)`` rows of a default evaluation on a model: the paper default where
+        it fits the model, then one row per budget."""
+        rows: list[EvaluationRow] = []
+        if cls.paper_default_fits(info):
+            rows.append((f"{cls.name} (default)", {}, None))
+        rows += [(f"{cls.name}@{b:g}", {}, b) for b in budgets]
+        return rows
+
+    @classmethod
+    def shipped_checkpoint(cls, params: dict[str, Any], budget: float | None = None) -> Path | None:
+        """The reducer checkpoint shipped for the bundled reference model that serves ``params`` and
+        ``budget``, or ``None`` (nothing to load, or nothing shipped)."""
+        if not cls.shipped:
+            return None
+        from ..models.reference import shipped_reducer
+
+        return shipped_reducer(cls.shipped[0])
+
+    def needs_calibration(self, params: dict[str, Any]) -> bool:
+        """Whether a parameter the user left at its default must be calibrated on data for this model."""
+        return False
+
+    def calibrate(self, model: nn.Module, images: Tensor, budget: float | None, params: dict[str, Any]) -> Any:
+        """Calibrate the applied ``model`` on ``images`` (B×C×H×W); returns the chosen value."""
+        raise NotImplementedError(f"{self.name} has nothing to calibrate")
+
+    @classmethod
+    def training_task(cls) -> type | None:
+        """The task class that trains this method's parameters (:mod:`tokenreduce.training.learned`),
+        or ``None`` for a method with nothing to train.  Imported lazily: training is optional."""
+        return None
+
     # -- construction -------------------------------------------------------------
+    @classmethod
+    def resolve(cls, params: dict[str, Any]) -> tuple[type[Reducer], dict[str, Any]]:
+        """The class and parameters that ``params`` select (an alias may name another method's class)."""
+        return cls, params
+
     @classmethod
     def create(cls, info: ModelInfo, budget: float | None = None, **kwargs: Any) -> Reducer:
         """Validate ``kwargs`` against ``Params`` and resolve ``budget`` into the knob."""
+        target, kwargs = cls.resolve(kwargs)
+        if target is not cls:
+            return target.create(info, budget=budget, **kwargs)
         fields = {f.name for f in dataclasses.fields(cls.Params)}
         unknown = sorted(set(kwargs) - fields)
         if unknown:
@@ -82,19 +161,18 @@ class Reducer:
                 raise ValueError(f"{cls.name}: pass either budget or {cls.knob!r}, not both")
             base = cls.Params(**kwargs)
 
-            def cost_of(override: dict[str, Any]) -> float:
-                reducer = cls(info, dataclasses.replace(base, **override))
+            def cost_of(value: Any) -> float:  # from the schedule alone: no learned module is built
+                reducer = cls(info, dataclasses.replace(base, **{cls.knob: value}))
                 n = info.num_tokens
                 return info.cost.macs(reducer.schedule(n), info.num_patches) + reducer.extra_macs(n)
 
-            chosen = resolve_budget(
-                budget, cls.budget_candidates(info, base), cost_of, info.unreduced_macs(), cls.knob
-            )
-            kwargs = {**kwargs, **chosen}
+            value = resolve_budget(budget, cls.knob_values(info, base), cost_of, info.unreduced_macs(), cls.knob)
+            kwargs = {**kwargs, cls.knob: value}
         return cls(info, cls.Params(**kwargs))
 
     @classmethod
-    def budget_candidates(cls, info: ModelInfo, base: Any) -> Iterator[dict[str, Any]]:
+    def knob_values(cls, info: ModelInfo, base: Any) -> Sequence[Any]:
+        """The values a ``budget`` may give :attr:`knob`, from least to most reduction."""
         raise NotImplementedError(f"{cls.name} does not support budget=")
 
     def config(self) -> dict[str, Any]:
@@ -127,6 +205,20 @@ class Reducer:
     def extra_macs(self, num_tokens: int) -> float:
         """MACs of the method's own learned modules per image (predictors); 0 by default."""
         return 0.0
+
+
+KEEP_RATE_STEP = 0.001  # budget resolution of keep rates: 1.000, 0.999, ..., 0.001
+
+
+def keep_rate_values() -> list[float]:
+    """Keep rates from 1 down to ``KEEP_RATE_STEP`` (the knob values of keep-rate methods)."""
+    steps = round(1.0 / KEEP_RATE_STEP)
+    return [round(i * KEEP_RATE_STEP, 3) for i in range(steps, 0, -1)]
+
+
+def merge_count_values(info: ModelInfo) -> range:
+    """``r`` from 0 to the most one bipartite matching can merge (the knob values of merging methods)."""
+    return range(max_merges(info.num_tokens, info.num_prefix) + 1)
 
 
 def check_layers(name: str, layers: tuple[int, ...], depth: int) -> tuple[int, ...]:

@@ -1,7 +1,7 @@
 """BAT — Beyond Attentive Tokens (Long et al., CVPR 2023; arXiv 2211.11315).
 
 Inside blocks ``layers`` (default 3, 6, 9), after the attention residual
-(specs/methods.md §6):
+(docs/methods.md#bat):
 
 1. **Decouple** by head-averaged class-token attention: the top
    ``K = ceil(keep_rate·(N−P))`` patch tokens are *attentive*, the other
@@ -21,16 +21,16 @@ No proportional attention (BAT builds on EViT, which has none).
 
 Defaults, and why.  The official code is not public (the repository holds a
 README and training logs only), so C, the attentive merge count, ``k`` and the
-DPC-kNN form are not known (spec §6: **[unverified]**; all are parameters).
+DPC-kNN form are not known (**[unverified]**; all are parameters).
 The logged GMACs are within ±0.06 G of EViT at the same keep rate, so the
-reduction is set by ``keep_rate`` as in EViT.  Following the spec's suggestion
-(§6.2) the defaults are a small ``C = 1 + round(0.1·M)`` (rounding half up;
+reduction is set by ``keep_rate`` as in EViT.  The defaults (docs/methods.md#bat)
+are a small ``C = 1 + round(0.1·M)`` (rounding half up;
 7 clusters for the first DeiT-S stage, against EViT's single fused token), no
 attentive merges and ``k = 5`` (the usual DPC-kNN choice).  DPC-kNN's density
 leaves each token out of its own k neighbours (``knn_include_self=False``;
 TCFormer's code counts it, at distance 0: ``knn_include_self=True``) and
 divides distances by √C (``distance_scale="sqrt_dim"``, as TCFormer; ``"none"``
-is the spec's raw formula); see :mod:`tokenreduce.ops.cluster`.
+is the plain Euclidean form); see :mod:`tokenreduce.ops.cluster`.
 
 Cost consequence: the default C makes every keep rate cost more than BAT's
 logs; ``num_clusters=1`` (EViT's counts exactly: 197 → 140 → 100 → 72 at
@@ -82,7 +82,7 @@ class BATParams:
         knn_include_self: count each token among its own ``k`` neighbours, at distance
             0 (TCFormer's DPC-kNN), or not (default).  [unverified]
         distance_scale: DPC-kNN distances divided by √C (``"sqrt_dim"``, default, as
-            TCFormer) or raw (``"none"``, spec §6.1's formula).  [unverified]
+            TCFormer) or raw (``"none"``, the plain Euclidean form).  [unverified]
     """
 
     keep_rate: float = 0.7

@@ -1,6 +1,6 @@
 """Token Cropr — cross-attention pruning (Bergner, Lippert & Mahendran, CVPR 2025).
 
-A Cropr module sits between blocks (spec §8): after every block except the last
+A Cropr module sits between blocks (docs/methods.md#token-cropr): after every block except the last
 (or, with last-layer fusion, except the last two).  Its scorer is ``M`` learned
 queries dotted with the raw output tokens (no projections, no norm, one head):
 ``score_j = Σ_q q·x_j``.  The ``p`` lowest-scored patch tokens are removed (the
@@ -34,9 +34,7 @@ in block 11.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -108,6 +106,13 @@ class Cropr(Reducer):
     Params = CroprParams
     knob = "p"
     learned = True
+    shipped = ("cropr",)
+
+    @classmethod
+    def training_task(cls) -> type:
+        from ..training.learned import CroprTask
+
+        return CroprTask
 
     def __init__(self, info: ModelInfo, params: CroprParams) -> None:
         super().__init__(info, params)
@@ -128,11 +133,14 @@ class Cropr(Reducer):
                 f"cropr: p={params.p} over {modules} modules removes {removed} tokens but the model "
                 f"has {info.num_patches} patch tokens; use p <= {largest}"
             )
-        self.module = nn.ModuleList(
-            CroprModule(info.dim, params.num_queries, info.num_classes) for _ in self.after_blocks
-        )
         self.aux_logits: list[Tensor] = []
         self._pruned: list[TokenState] = []
+
+    def build_module(self) -> nn.ModuleList:
+        """One scorer / aggregator per module position, officially initialised."""
+        return nn.ModuleList(
+            CroprModule(self.info.dim, self.params.num_queries, self.info.num_classes) for _ in self.after_blocks
+        )
 
     def has_before_block(self, block: int) -> bool:
         return block - 1 in self.after_blocks or (self.params.llf and block == self.info.depth - 1)
@@ -155,10 +163,9 @@ class Cropr(Reducer):
         return float(sum(entering[b] * self.info.dim * self.params.num_queries for b in self.after_blocks))
 
     @classmethod
-    def budget_candidates(cls, info: ModelInfo, base: CroprParams) -> Iterator[dict[str, Any]]:
+    def knob_values(cls, info: ModelInfo, base: CroprParams) -> range:
         modules = info.depth - (2 if base.llf else 1)
-        for p in range(0, (info.num_patches - 1 - base.first_extra) // max(modules, 1) + 1):
-            yield {"p": p}
+        return range(0, (info.num_patches - 1 - base.first_extra) // max(modules, 1) + 1)
 
     def before_block(self, block: int, state: TokenState) -> TokenState:
         if self.params.llf and block == self.info.depth - 1:

@@ -1,7 +1,7 @@
 """DynamicViT (Rao et al., NeurIPS 2021): a learned predictor prunes tokens before blocks 3, 6, 9.
 
 Before each block in ``layers`` a local-global MLP (:class:`~tokenreduce.ops.predictor.TokenPredictor`)
-scores the patch tokens (spec §3):
+scores the patch tokens (docs/methods.md#dynamicvit):
 
 * **inference** (``model.eval()``): the ``int((N−P)·ρ^k)`` best-scored patch tokens
   survive stage k (ρ = ``keep_rate``; DeiT-S at 0.7: 137 / 96 / 67), in score
@@ -17,7 +17,6 @@ The predictors' own MACs are counted in :func:`tokenreduce.stats` (the papers'
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,11 +25,10 @@ from torch import Tensor, nn
 
 from ..budget import Schedule
 from ..ops.attention import KeyMask
-from ..ops.predictor import TokenPredictor, gumbel_keep
+from ..ops.predictor import TokenPredictor, gumbel_keep, predictor_macs_per_token
 from ..ops.prune import keep_topk
 from ..state import TokenState
-from .base import ModelInfo, Reducer, check_fraction, check_layers
-from .evit import KEEP_RATE_STEP
+from .base import ModelInfo, Reducer, check_fraction, check_layers, keep_rate_values
 
 
 @dataclass(frozen=True)
@@ -58,12 +56,22 @@ class DynamicViT(Reducer):
     Params = DynamicViTParams
     knob = "keep_rate"
     learned = True
+    shipped = ("dynamicvit",)
+
+    @classmethod
+    def training_task(cls) -> type:
+        from ..training.learned import DynamicViTTask
+
+        return DynamicViTTask
 
     def __init__(self, info: ModelInfo, params: Any) -> None:
         super().__init__(info, params)
         self.keep_rate = check_fraction(self.name, "keep_rate", params.keep_rate)
         self.layers = check_layers(self.name, params.layers, info.depth)
-        self.module = nn.ModuleList(TokenPredictor(info.dim) for _ in self.layers)
+
+    def build_module(self) -> nn.ModuleList:
+        """One freshly initialised predictor per stage."""
+        return nn.ModuleList(TokenPredictor(self.info.dim) for _ in self.layers)
 
     def has_before_block(self, block: int) -> bool:
         return block in self.layers
@@ -85,12 +93,12 @@ class DynamicViT(Reducer):
         p = self.info.num_prefix
         # each predictor scores the tokens alive just before its stage
         entering = [num_tokens] + [m for _, m in sched[:-1]]
-        return float(sum(pred.macs(entering[b] - p) for pred, b in zip(self.module, self.layers, strict=True)))
+        per_token = predictor_macs_per_token(self.info.dim)
+        return float(sum(per_token * (entering[b] - p) for b in self.layers))
 
     @classmethod
-    def budget_candidates(cls, info: ModelInfo, base: Any) -> Iterator[dict[str, Any]]:
-        for i in range(round(1.0 / KEEP_RATE_STEP), 0, -1):
-            yield {"keep_rate": round(i * KEEP_RATE_STEP, 3)}
+    def knob_values(cls, info: ModelInfo, base: Any) -> list[float]:
+        return keep_rate_values()
 
     # -- the reduction ----------------------------------------------------------------
     def before_block(self, block: int, state: TokenState) -> TokenState:

@@ -4,7 +4,7 @@ Inside blocks ``layers`` (default 3, 6, 9), after the attention residual: the
 ``ceil(keep_rate·(N−P))`` patch tokens with the highest head-averaged class-token
 attention are kept (in descending score order); with ``fuse_token`` the others
 are summed into one extra token weighted by their *un-normalised* class
-attention, as the official code does.  See specs/methods.md §2.
+attention, as the official code does.  See docs/methods.md#evit.
 
 Deviation from the official code, by design: all ``P`` prefix tokens are
 protected (the official code protects the class token only and treats a
@@ -14,7 +14,6 @@ distillation token as a patch token).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,9 +24,7 @@ from ..budget import Schedule
 from ..ops.attention import AttentionNeeds, AttentionSignals
 from ..ops.prune import keep_topk, masked_weighted_sum
 from ..state import TokenState
-from .base import ModelInfo, Reducer, check_fraction, check_layers
-
-KEEP_RATE_STEP = 0.001
+from .base import ModelInfo, Reducer, check_fraction, check_layers, keep_rate_values
 
 
 def kept_count(keep_rate: float, num_candidates: int) -> int:
@@ -91,10 +88,8 @@ class KeepRateReducer(Reducer):
         return counts
 
     @classmethod
-    def budget_candidates(cls, info: ModelInfo, base: Any) -> Iterator[dict[str, Any]]:
-        steps = round(1.0 / KEEP_RATE_STEP)
-        for i in range(steps, 0, -1):
-            yield {"keep_rate": round(i * KEEP_RATE_STEP, 3)}
+    def knob_values(cls, info: ModelInfo, base: Any) -> list[float]:
+        return keep_rate_values()
 
 
 class EViT(KeepRateReducer):

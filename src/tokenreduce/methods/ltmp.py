@@ -1,6 +1,6 @@
 """LTMP — Learned Thresholds Merging and Pruning (Bonnaerens & Dambre, TMLR 2023).
 
-In every block, after the attention residual and before the MLP (spec §7):
+In every block, after the attention residual and before the MLP (docs/methods.md#ltmp):
 
 1. **merge**: ToMe's parity split (A = even, B = odd positions of the current
    sequence); an A token merges into its most similar B token (cosine of the
@@ -41,7 +41,7 @@ Choices where the official code is ambiguous (documented, exposed):
   override it, so 0.5 is what produced the paper's numbers.
 * Importance averages over **live** query rows only, in both forms (the official
   training form averages over all rows, masked ones included, which its inference
-  form cannot see); this keeps training and inference consistent (spec §7.5).
+  form cannot see); this keeps training and inference consistent (docs/methods.md#ltmp).
   Which rows count carries no gradient (the official average has no such path).
 * In the training form, already-removed tokens neither merge nor receive merges.
 """
@@ -49,8 +49,9 @@ Choices where the official code is ambiguous (documented, exposed):
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -117,6 +118,30 @@ class LTMP(Reducer):
     Params = LTMPParams
     knob = "target"
     learned = True
+    shipped = ("ltmp_0.75", "ltmp_0.6")  # trained for targets 0.75 and 0.6
+    budget_sets_schedule = False
+
+    @classmethod
+    def evaluation_rows(cls, info: ModelInfo, budgets: Sequence[float]) -> list[tuple[str, dict[str, Any], None]]:
+        """One row per budget, as the training target (LTMP's counts depend on the images, so its
+        budget is what its thresholds were trained for, not a schedule)."""
+        return [(f"ltmp (target {b:g})", {"target": b}, None) for b in budgets]
+
+    @classmethod
+    def shipped_checkpoint(cls, params: dict[str, Any], budget: float | None = None) -> Path | None:
+        """The shipped thresholds trained for the target closest to the asked one (``params["target"]``,
+        else ``budget``, else the default 0.75); the checkpoint's name says which."""
+        from ..models.reference import shipped_reducer
+
+        target = float(params.get("target", budget if budget is not None else LTMPParams.target))
+        trained = {float(stem.split("_", 1)[1]): stem for stem in cls.shipped}
+        return shipped_reducer(trained[min(trained, key=lambda t: abs(t - target))])
+
+    @classmethod
+    def training_task(cls) -> type:
+        from ..training.learned import LTMPTask
+
+        return LTMPTask
 
     def __init__(self, info: ModelInfo, params: LTMPParams) -> None:
         super().__init__(info, params)
@@ -125,8 +150,12 @@ class LTMP(Reducer):
         if not params.tau > 0:
             raise ValueError(f"ltmp: tau must be > 0, got {params.tau!r}")
         check_fraction(self.name, "target", params.target)
-        self.module = LTMPThresholds(merge, prune)
+        self._initial_thresholds = (merge, prune)
         self.prop_attn = bool(params.prop_attn)
+
+    def build_module(self) -> LTMPThresholds:
+        """The thresholds at their initial values."""
+        return LTMPThresholds(*self._initial_thresholds)
 
     @classmethod
     def create(cls, info: ModelInfo, budget: float | None = None, **kwargs: Any) -> Reducer:
@@ -153,10 +182,6 @@ class LTMP(Reducer):
         raise NotImplementedError(
             "ltmp keeps a different number of tokens for every image: run a forward and read tokenreduce.stats"
         )
-
-    @classmethod
-    def budget_candidates(cls, info: ModelInfo, base: Any) -> Iterator[dict[str, Any]]:
-        raise NotImplementedError
 
     # -- the reduction ---------------------------------------------------------------
     def reduce(self, block: int, state: TokenState, signals: AttentionSignals) -> TokenState:
@@ -312,7 +337,7 @@ def _merge_into_b(x: Tensor, size: Tensor, w: Tensor, partner: Tensor) -> tuple[
 def _group_max(dst: Tensor, partner: Tensor, src: Tensor, merged: Tensor) -> Tensor:
     """Each B token's value raised to the maximum over the A tokens merged into it.
 
-    A merge destination takes the largest importance of its group (spec §7.1) and the
+    A merge destination takes the largest importance of its group (docs/methods.md#ltmp) and the
     union of its sources.  Gradients reach the maximum (``scatter_reduce`` amax).
 
     Args:

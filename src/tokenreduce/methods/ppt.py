@@ -2,7 +2,7 @@
 
 Inside blocks ``layers`` (default 3, 6, 9), after the attention residual, every
 image removes the same ``r`` tokens (``r`` capped at ``(N − P) // 2``) by one of
-two policies chosen per image from its importance scores (specs/methods.md §4):
+two policies chosen per image from its importance scores (docs/methods.md#ppt):
 
 * score of patch token i: ``(Σ_h A_h[0, i]) · ‖v_i‖₂`` — the class token's
   attention (softmax including the ``log size`` bias) summed over heads, times
@@ -29,7 +29,7 @@ Deviations from the official code (ppt_deit.py's ``pp_block_adaptive`` and
   protects the class token only);
 * with ``prop_attn=False`` the official code resets the sizes to ones at every
   reduction block, so pooling merges with unit weights and pruning carries unit
-  sizes; ours keeps the true running sizes (spec §0.1) for the merge weights and
+  sizes; ours keeps the true running sizes (docs/methods.md#token-sizes-and-source-maps) for the merge weights and
   bookkeeping and only drops the ``log size`` attention bias;
 * the official importance score is taken from the attention *after* attention
   dropout, ours before it; the two are identical when ``attn_drop = 0`` (as in
@@ -41,9 +41,7 @@ scores have mean ``1/(N−P)``); :func:`tokenreduce.calibrate` picks one from da
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass, fields, replace
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -54,7 +52,7 @@ from ..ops.matching import max_merges
 from ..ops.merge import bipartite_merge
 from ..ops.prune import keep_topk
 from ..state import TokenState
-from .base import ModelInfo, Reducer, check_layers
+from .base import ModelInfo, Reducer, check_layers, merge_count_values
 
 Threshold = float | tuple[float, ...]
 
@@ -171,9 +169,8 @@ class PPT(Reducer):
         return counts
 
     @classmethod
-    def budget_candidates(cls, info: ModelInfo, base: PPTParams) -> Iterator[dict[str, Any]]:
-        for r in range(max_merges(info.num_tokens, info.num_prefix) + 1):
-            yield {"r": r}
+    def knob_values(cls, info: ModelInfo, base: PPTParams) -> range:
+        return merge_count_values(info)
 
 
 def _layer_thresholds(layers: tuple[int, ...], threshold: Threshold) -> dict[int, float]:

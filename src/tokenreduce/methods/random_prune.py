@@ -39,6 +39,7 @@ class RandomPrune(KeepRateReducer):
 
     name = "random"
     Params = RandomParams
+    seed_param = "seed"
 
     def needs(self, block: int) -> AttentionNeeds | None:
         return AttentionNeeds() if block in self.layers else None

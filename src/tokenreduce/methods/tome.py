@@ -3,21 +3,19 @@
 In every block, after the attention residual and before the MLP, bipartite soft
 matching on the head-averaged keys merges ``r`` tokens into their most similar
 partners as a size-weighted average; proportional attention (``log size`` bias
-on the keys) is on by default.  See specs/methods.md §1.
+on the keys) is on by default.  See docs/methods.md#tome.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
 from ..budget import Schedule
 from ..ops.attention import AttentionNeeds, AttentionSignals
 from ..ops.matching import max_merges
 from ..ops.merge import bipartite_merge
 from ..state import TokenState
-from .base import ModelInfo, Reducer
+from .base import ModelInfo, Reducer, merge_count_values
 
 RSpec = int | tuple[int, float] | list[int]
 
@@ -95,6 +93,5 @@ class ToMe(Reducer):
         return counts
 
     @classmethod
-    def budget_candidates(cls, info: ModelInfo, base: ToMeParams) -> Iterator[dict[str, Any]]:
-        for r in range(max_merges(info.num_tokens, info.num_prefix) + 1):
-            yield {"r": r}
+    def knob_values(cls, info: ModelInfo, base: ToMeParams) -> range:
+        return merge_count_values(info)

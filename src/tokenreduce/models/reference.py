@@ -98,6 +98,12 @@ REDUCERS = ("ltmp_0.75", "ltmp_0.6", "dynamicvit", "dtps", "cropr")
 """Learned reducers trained for the reference model (``scripts/train_reference_reducers.sh``)."""
 
 
+def shipped_reducer(name: str) -> Path | None:
+    """The shipped reducer checkpoint ``name`` (a stem in ``data/reducers``), or ``None`` if absent."""
+    path = data_path(f"reducers/{name}.safetensors")
+    return path if path.is_file() else None
+
+
 def shipped_reducers() -> dict[str, Path]:
     """Name → checkpoint of the learned reducers shipped for the reference model (those present)."""
     paths = {name: data_path(f"reducers/{name}.safetensors") for name in REDUCERS}
@@ -125,8 +131,19 @@ def load_fashion_mnist(folder: str | Path, split: str) -> tuple[Tensor, Tensor]:
 
     Returns:
         images uint8 N×28×28 and labels int64 N.
+
+    Raises:
+        FileNotFoundError: the files are not there; the message says how to get them.
     """
     folder = Path(folder)
+    names = [f"{split}-images-idx3-ubyte.gz", f"{split}-labels-idx1-ubyte.gz"]
+    if not all((folder / name).is_file() for name in names):
+        raise FileNotFoundError(
+            f"the Fashion-MNIST {split!r} files ({', '.join(names)}) are not in {folder}: install them with "
+            "`apt-get install dataset-fashion-mnist` (Debian/Ubuntu; they go to /usr/share/datasets/fashion-mnist) "
+            "or download them from https://github.com/zalandoresearch/fashion-mnist and pass their folder with "
+            "--data-dir DIR"
+        )
     images = read_idx(folder / f"{split}-images-idx3-ubyte.gz")
     labels = read_idx(folder / f"{split}-labels-idx1-ubyte.gz")
     return torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))

@@ -22,6 +22,7 @@ from ..budget import CostModel
 from ..methods.base import ModelInfo, Reducer
 from ..ops.attention import NO_NEEDS, attention_with_signals, size_bias
 from ..state import TokenState
+from ..stats import LastForward
 
 SUPPORTED_POOLS = ("token", "avg", "max", "avgmax", "")
 SUPPORTED_FAMILIES = (
@@ -107,6 +108,26 @@ class ReductionContext:
         self.size, self.source, self.mask = state.size, state.source, state.mask
         return state.x
 
+    def last_forward(self) -> LastForward:
+        """The record of the last reduced forward.
+
+        Raises:
+            RuntimeError: no reduced forward has run since the method was applied.
+        """
+        if self.records[0] is None or any(r is None for r in self.records):
+            raise RuntimeError("the reduced model has not run a forward yet (call model(images) first)")
+        return LastForward(
+            method=self.method,
+            batch_size=self.batch_size,
+            num_tokens_in=self.num_tokens_in,
+            num_prefix=self.info.num_prefix,
+            block_tokens=tuple(self.records),
+            size=self.size,
+            source=self.source,
+            mask=self.mask,
+            stages=tuple(self.stages),
+        )
+
     def count(self, x: Tensor) -> int | Tensor:
         """Live tokens per image: an int, or a B tensor when a mask is carried."""
         return x.shape[1] if self.mask is None else self.mask.sum(dim=(1, 2))
@@ -185,7 +206,51 @@ def _model_pool(self: VisionTransformer, x: Tensor, pool_type: str | None = None
     return 0.5 * (peak + avg) if pool_type == "avgmax" else avg
 
 
+def _grid_entry_point(name: str) -> Any:
+    """A stand-in for a timm entry point that reshapes the tokens into the patch grid.
+
+    On a reduced model the surviving tokens no longer fill that grid, so the stand-in
+    refuses (inside :func:`tokenreduce.unreduced` the stock method runs).
+    """
+
+    def refuse(self: VisionTransformer, *args: Any, **kwargs: Any) -> Any:
+        if not self._tr_ctx.enabled:
+            return getattr(self._tr_base, name)(self, *args, **kwargs)
+        raise NotImplementedError(
+            f"{name} on a reduced model: the reduced tokens no longer fill the patch grid it returns, so its "
+            f"result would be wrong; run it on the stock model (tokenreduce.remove, or inside "
+            f"tokenreduce.unreduced(model)), or use forward_features for the reduced tokens (B×N'×C)"
+        )
+
+    refuse.__name__ = name
+    return refuse
+
+
+def _shape_change(name: str) -> Any:
+    """A stand-in for a timm method that changes what the applied reducer was built for."""
+
+    def refuse(self: VisionTransformer, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError(
+            f"{name} on a reduced model would leave the applied method configured for the old model; "
+            f"call tokenreduce.remove(model), then {name}, then tokenreduce.apply again"
+        )
+
+    refuse.__name__ = name
+    return refuse
+
+
+_MODEL_MEMBERS: dict[str, Any] = {
+    "pool": _model_pool,
+    "forward_intermediates": _grid_entry_point("forward_intermediates"),
+    "get_intermediate_layers": _grid_entry_point("get_intermediate_layers"),
+    **{name: _shape_change(name) for name in (
+        "set_input_size", "reset_classifier", "prune_intermediate_layers", "set_grad_checkpointing")},
+}
+"""Members of the generated model class: size-weighted pooling, and refusals of the timm methods whose
+results a reduction would silently make wrong (grid-shaped outputs, changes of the model's shape)."""
+
 _CLASS_CACHE: dict[tuple[type, str], type] = {}
+"""Generated subclasses, one per (stock class, kind); bounded by the number of model and block classes used."""
 
 
 def _reduced_class(base: type, kind: str, members: dict[str, Any]) -> type:
@@ -196,7 +261,20 @@ def _reduced_class(base: type, kind: str, members: dict[str, Any]) -> type:
 
 
 def is_patched(model: nn.Module) -> bool:
-    return hasattr(model, "_tr_ctx")
+    """Whether a method is applied to ``model``."""
+    return isinstance(getattr(model, "_tr_ctx", None), ReductionContext)
+
+
+def context_of(model: nn.Module) -> ReductionContext:
+    """The reduction context of a patched model.
+
+    Raises:
+        RuntimeError: no method is applied to ``model``.
+    """
+    ctx = getattr(model, "_tr_ctx", None)
+    if not isinstance(ctx, ReductionContext):
+        raise RuntimeError("the model has no method applied (call tokenreduce.apply first)")
+    return ctx
 
 
 def check_supported(model: nn.Module) -> None:
@@ -234,13 +312,19 @@ def model_info(model: VisionTransformer) -> ModelInfo:
         cost=CostModel.from_model(model),
         num_classes=getattr(model, "num_classes", 0) or 0,
         has_class_token=getattr(model, "cls_token", None) is not None,
+        architecture=str((getattr(model, "pretrained_cfg", None) or {}).get("architecture", "")),
     )
 
 
 def patch(model: VisionTransformer, reducer: Reducer, method: str, trace_source: bool = False) -> None:
     """Route ``model``'s blocks through ``reducer`` (in place)."""
+    if getattr(model, "grad_checkpointing", False):
+        raise ValueError(
+            "tokenreduce cannot reduce a model with gradient checkpointing on (the recomputed blocks would see "
+            "the token bookkeeping of the end of the forward); call model.set_grad_checkpointing(False) first"
+        )
     ctx = ReductionContext(reducer, reducer.info, method, trace_source)
-    model.__class__ = _reduced_class(type(model), "model", {"pool": _model_pool})
+    model.__class__ = _reduced_class(type(model), "model", _MODEL_MEMBERS)
     model._tr_ctx = ctx
     for i, blk in enumerate(model.blocks):
         blk.__class__ = _reduced_class(type(blk), "block", {"forward": _block_forward})

@@ -2,13 +2,13 @@
 
 DPC-kNN (Du et al. 2016) as BAT uses it for tokens.  BAT's code is not public,
 so the two choices below on which DPC-kNN forms differ are **[unverified]** and
-are parameters (spec §6.1); the defaults are the ones the shipped BAT results
+are parameters (docs/methods.md#dpc-knn); the defaults are the ones the shipped BAT results
 were made with.  TCFormer's ``cluster_dpc_knn`` (tcformer_module/
 tcformer_utils.py), the public token implementation, is the reference point:
 
 * distances ``d_ij = ‖x_i − x_j‖₂ / s`` between the M tokens of an image
   (B×M×M): ``distance_scale="sqrt_dim"`` divides by ``s = √C`` (our default, and
-  TCFormer's), ``"none"`` uses the raw distance (``s = 1``, spec §6.1's formula);
+  TCFormer's), ``"none"`` uses the raw distance (``s = 1``, the plain Euclidean form);
 * local density ``ρ_i = exp(−mean_{j ∈ kNN(i)} d_ij²)``: with
   ``include_self=False`` (our default) kNN(i) is the ``k`` nearest *other*
   tokens (``k`` capped at M − 1); with ``include_self=True`` it is the ``k``
@@ -59,7 +59,7 @@ def pairwise_distance(x: Tensor, distance_scale: str = "sqrt_dim") -> Tensor:
     """B×M×M Euclidean distances of the rows of ``x`` (B×M×C), in float32.
 
     ``distance_scale="sqrt_dim"`` divides them by √C (TCFormer's and our default),
-    ``"none"`` leaves them raw (spec §6.1's formula).  Computed directly (not via the
+    ``"none"`` leaves them raw (the plain Euclidean form).  Computed directly (not via the
     ``‖a‖² + ‖b‖² − 2ab`` expansion), so it is exactly symmetric with a zero diagonal.
     """
     check_distance_scale(distance_scale)

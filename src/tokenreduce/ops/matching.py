@@ -16,7 +16,6 @@ class token exists); otherwise they stay in edge-score order, as in ToMe.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -26,9 +25,6 @@ from .gather import flat_rows
 
 _EPS = 1e-6
 
-# ``index_reduce_`` (the max-merge of source maps and live masks) is stable in use but
-# flagged beta by PyTorch, which warns on first call; that warning is not the user's concern.
-warnings.filterwarnings("ignore", message=r"index_reduce\(\) is in beta", category=UserWarning)
 
 
 def max_merges(num_tokens: int, num_prefix: int) -> int:
@@ -88,7 +84,7 @@ class BipartiteMatch:
             x: B×N×C tensor aligned with the matched sequence.
             mode: reduction for tokens landing in the same destination:
                 ``"sum"``, or ``"mean"`` / ``"amax"`` / ``"amin"`` / ``"prod"``
-                (``Tensor.index_reduce_``, destination included).
+                (``Tensor.scatter_reduce_``, destination included).
 
         Returns:
             B×(N−r)×C tensor: ``[prefix] ++ [unmerged A′] ++ [B′ with merges]``.
@@ -101,7 +97,9 @@ class BipartiteMatch:
         if mode == "sum":
             out = out.index_add_(0, dst, moved)
         else:
-            out = out.index_reduce_(0, dst, moved, mode, include_self=True)
+            # scatter_reduce_, not index_reduce_ (the same result, but flagged beta: it warns)
+            index = dst.view(-1, *([1] * (moved.dim() - 1))).expand_as(moved)
+            out = out.scatter_reduce_(0, index, moved, mode, include_self=True)
         return out.view(batch, n - self.r, *x.shape[2:])
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -44,6 +46,13 @@ class TokenPredictor(nn.Module):
         """Multiply-accumulates per image for ``num_tokens`` patch tokens."""
         linears = [m for m in self.modules() if isinstance(m, nn.Linear)]
         return num_tokens * sum(m.in_features * m.out_features for m in linears)
+
+
+@functools.lru_cache(maxsize=64)
+def predictor_macs_per_token(dim: int) -> int:
+    """MACs per patch token of a :class:`TokenPredictor` of width ``dim`` (counted on a meta-device copy)."""
+    with torch.device("meta"):
+        return TokenPredictor(dim).macs(1)
 
 
 def gumbel_keep(log_probs: Tensor, tau: float = 1.0) -> Tensor:

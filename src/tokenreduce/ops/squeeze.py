@@ -119,7 +119,7 @@ def squeeze_state(
 
 
 def squeeze_masked(x: Tensor, keep: Tensor, guests: Tensor, temperature: float = 1.0) -> Tensor:
-    """Training form of the squeeze at fixed shape (dTPS, spec §5.2).
+    """Training form of the squeeze at fixed shape (dTPS, docs/methods.md#tps-etps-and-dtps).
 
     Every guest (a token pruned at this stage) picks the most similar token among
     those still kept (never itself); each kept token becomes the weighted mean of

@@ -2,15 +2,15 @@
 
 Each task trains only the reducer's parameters unless ``finetune=True`` (then the
 backbone too, at the method's backbone learning-rate scale).  Losses, optimisers
-and learning rates follow specs/methods.md:
+and learning rates follow docs/methods.md (each method's section):
 
-* LTMP (§7.2): ``CE_ls + λ·(FLOPs_ratio − target)²``, λ = 10, CE with label
+* LTMP (docs/methods.md#ltmp): ``CE_ls + λ·(FLOPs_ratio − target)²``, λ = 10, CE with label
   smoothing 0.1 (timm's default in the official tools/train.py); SGD without momentum
   or weight decay; learning rates 5e-3 (merge thresholds) and 5e-6 (prune
   thresholds), constant (the official run is 1 epoch of timm's per-epoch cosine, so
   the rate never moves); thresholds clamped to [0, 1] after every step.  With
   ``finetune=True`` parameters whose name contains ``norm`` stay frozen, as there.
-* DynamicViT / dTPS (§3, §5.3): ``CE + 2·Σ_k mean_b (keep_k − ρ^k)² / K
+* DynamicViT / dTPS (docs/methods.md#dynamicvit, #tps-etps-and-dtps): ``CE + 2·Σ_k mean_b (keep_k − ρ^k)² / K
   + 0.5·KL(student ‖ teacher) + 0.5·token distillation``, the token term over the
   final patch tokens still live (selected by the detached mask): MSE for DynamicViT,
   KL of the channel softmaxes for dTPS (TPS's DeiT-S script); ``distill_weight=0``
@@ -19,7 +19,7 @@ and learning rates follow specs/methods.md:
   backbone is fine-tuned, a frozen copy taken before training.  AdamW lr 1e-3 for
   the predictors, backbone ×0.01.  Not reproduced: the papers' label smoothing and
   mixup (pass ``transform=`` for augmentation).
-* Cropr (§8): the auxiliary heads' cross-entropies (plus the main one when the
+* Cropr (docs/methods.md#token-cropr): the auxiliary heads' cross-entropies (plus the main one when the
   backbone is fine-tuned); AdamW lr 1e-3.
 """
 
@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..api import unreduced
+from ..api import last_forward, stats, unreduced
 from ..methods.base import Reducer
 from ..methods.ltmp import ltmp_loss
 
@@ -52,6 +52,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
 class ReducerTask:
     """Shared plumbing: trainable parameters, optimiser groups, checkpointable state."""
 
+    options: tuple[str, ...] = ()  # the task options (TASK_OPTIONS) this task takes
     optimizer = "adamw"
     lr = 1e-3
     min_lr_scale = 1e-3  # the cosine schedule ends at lr × this (1.0: constant learning rate)
@@ -118,6 +119,7 @@ class LTMPTask(ReducerTask):
             the official script uses).
     """
 
+    options = ("label_smoothing",)
     optimizer = "sgd"
     lr = 5e-3
     min_lr_scale = 1.0
@@ -152,18 +154,16 @@ class LTMPTask(ReducerTask):
     def loss(self, model: nn.Module, batch: Any) -> tuple[Tensor, dict[str, float]]:
         images, labels = self._images(batch)
         logits = model(images)
-        ctx = _unwrap(model)._tr_ctx
+        record = last_forward(_unwrap(model))
         loss, ratio = ltmp_loss(
-            logits, labels, ctx.records, self.reducer.info, ctx.num_tokens_in, self.reducer.params.target,
+            logits, labels, record.block_tokens, self.reducer.info, record.num_tokens_in, self.reducer.params.target,
             self.reg_scale, self.label_smoothing,
         )
         return loss, {"gmacs_ratio": float(ratio.detach()), "train_acc": _accuracy(logits, labels)}
 
 
 def _gmacs_ratio(model: nn.Module) -> float:
-    from ..stats import collect_stats
-
-    return collect_stats(_unwrap(model)._tr_ctx).ratio
+    return stats(_unwrap(model)).ratio
 
 
 class DynamicViTTask(ReducerTask):
@@ -179,6 +179,7 @@ class DynamicViTTask(ReducerTask):
             distillation off (TPS's DeiT-T recipe).
     """
 
+    options = ("distill_weight",)
     ratio_weight = 2.0
     distill_weight = 0.5
     token_loss = "mse"  # DynamicViT's losses.py; dTPS uses "kl"
@@ -225,12 +226,12 @@ class DynamicViTTask(ReducerTask):
         finally:
             hook.remove()
         feats = captured["feats"]  # B×N×C final tokens (before pooling)
-        ctx = bare._tr_ctx
+        record = last_forward(bare)
         reducer, p = self.reducer, self.reducer.info.num_prefix
-        n_patches = ctx.num_tokens_in - p
+        n_patches = record.num_tokens_in - p
         ratio_terms = []
         for stage, block in enumerate(reducer.layers):
-            kept = (ctx.records[block][0] - p) / n_patches  # B: live patch fraction entering the stage's block
+            kept = (record.block_tokens[block][0] - p) / n_patches  # B: live patch fraction entering the stage's block
             ratio_terms.append(((kept - reducer.keep_rate ** (stage + 1)) ** 2).mean())
         ratio_loss = torch.stack(ratio_terms).mean()
         loss = F.cross_entropy(logits, labels) + self.ratio_weight * ratio_loss
@@ -239,11 +240,11 @@ class DynamicViTTask(ReducerTask):
             teacher_feats, teacher_logits = self.teacher_outputs(bare, images)
             kl = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(teacher_logits, -1), reduction="batchmean",
                           log_target=True)
-            mask = ctx.mask[:, p:] if ctx.mask is not None else torch.ones_like(feats[:, p:, :1])
+            mask = record.mask[:, p:] if record.mask is not None else torch.ones_like(feats[:, p:, :1])
             tokens = token_distillation(feats[:, p:], teacher_feats[:, p:], mask, self.token_loss)
             loss = loss + self.distill_weight * (kl + tokens)
             metrics.update(logit_kl=float(kl.detach()), token_loss=float(tokens.detach()))
-        keep = float(ctx.records[reducer.layers[-1]][0].detach().float().mean()) if reducer.layers else 0.0
+        keep = float(record.block_tokens[reducer.layers[-1]][0].detach().float().mean()) if reducer.layers else 0.0
         metrics.update(last_stage_tokens=keep, gmacs_ratio=_gmacs_ratio(model), train_acc=_accuracy(logits, labels))
         return loss, metrics
 
@@ -312,21 +313,24 @@ def _accuracy(logits: Tensor, labels: Tensor) -> float:
         return float((logits.argmax(-1) == labels).float().mean())
 
 
-TASKS: dict[str, type[ReducerTask]] = {"ltmp": LTMPTask, "dynamicvit": DynamicViTTask, "tps": DTPSTask,
-                                        "cropr": CroprTask}
+TASK_OPTIONS = ("distill_weight", "label_smoothing")
+"""Task options :func:`train_reducer` passes through; each task class lists those it takes in ``options``."""
 
 
-_TASK_OPTIONS: dict[str, tuple[str, ...]] = {"ltmp": ("label_smoothing",), "dynamicvit": ("distill_weight",),
-                                             "tps": ("distill_weight",)}
-"""The task options :func:`train_reducer` passes through, per method."""
+def learned_methods() -> list[str]:
+    """Names of the methods with a training task."""
+    from ..methods import REGISTRY
+
+    return sorted(name for name, cls in REGISTRY.items() if cls.training_task() is not None)
 
 
 def task_for(reducer: Reducer, **kwargs: Any) -> ReducerTask:
-    """The training task of a learned reducer."""
-    if reducer.module is None or reducer.name not in TASKS:
+    """The training task of a learned reducer (its class's :meth:`~tokenreduce.methods.base.Reducer.training_task`)."""
+    task = type(reducer).training_task()
+    if reducer.module is None or task is None:
         raise ValueError(f"{reducer.name} {reducer.config()} has nothing to train; learned methods: "
-                         f"ltmp, cropr, dynamicvit, tps (variant='dtps')")
-    return TASKS[reducer.name](reducer, **kwargs)
+                         f"{', '.join(learned_methods())}")
+    return task(reducer, **kwargs)
 
 
 def train_reducer(
@@ -351,13 +355,14 @@ def train_reducer(
     label_smoothing: float | None = None,
     progress: bool = True,
     seed: int = 0,
+    workers: int = 0,
     **params: Any,
 ) -> dict[str, Any]:
     """Train a learned method's parameters on ``train_data`` and write them as a reducer checkpoint.
 
     Args:
         model: a timm ViT (the method is applied to it with ``params``).
-        method: ``ltmp``, ``cropr``, ``dynamicvit`` or ``tps`` (with ``variant="dtps"``).
+        method: a learned method: ``ltmp``, ``cropr``, ``dynamicvit`` or ``dtps``.
         train_data: a map-style dataset of ``(image, label)``.
         out_dir: run folder: the resumable engine checkpoint, the metrics log and
             ``reducer.safetensors`` (load it with ``tr.apply(model, method, checkpoint=...)``).
@@ -375,26 +380,33 @@ def train_reducer(
             distillation terms (default 0.5, the DeiT-S recipes; TPS trains DeiT-T with 0).
         label_smoothing: LTMP only: label smoothing of its cross-entropy (default 0.1, the
             official training script's).
+        workers: data-loading worker processes (the DataLoader's ``num_workers``).
 
     Returns:
         ``{"checkpoint": path, "result": TrainResult}``, plus ``"model"``: the path of the
         fine-tuned backbone's state dict (``OUT/model.safetensors``) when ``finetune=True``.
     """
     from ..api import apply
+    from ..api import reducer as applied_reducer
     from ..checkpoint import atomic_save_file, save_reducer
+    from ..methods import REGISTRY, get_method
     from .engine import TrainConfig, _dist_info, precision_label, train
 
+    cls, _ = get_method(method).resolve(params)
+    task_cls = cls.training_task()
+    if task_cls is None:
+        raise ValueError(f"{cls.name} has nothing to train; learned methods: {', '.join(learned_methods())}")
     options = {name: value for name, value in (("distill_weight", distill_weight),
                                                ("label_smoothing", label_smoothing)) if value is not None}
     for name in options:  # checked before the model is touched
-        if name not in _TASK_OPTIONS.get(method, ()):
-            users = [m for m, names in _TASK_OPTIONS.items() if name in names]
-            raise ValueError(f"{name} applies to {', '.join(users)} only, not {method}")
-    apply(model, method, **params)
-    reducer = model._tr_ctx.reducer
+        if name not in task_cls.options:
+            users = [m for m, c in sorted(REGISTRY.items()) if c.training_task() and name in c.training_task().options]
+            raise ValueError(f"{name} applies to {', '.join(users)} only, not {cls.name}")
+    apply(model, method, untrained=True, **params)
+    reducer = applied_reducer(model)
     task = task_for(reducer, transform=transform, finetune=finetune, **options)
     task.prepare(model)
-    task_options = {name: getattr(task, name) for name in _TASK_OPTIONS.get(method, ())}  # as used, defaults included
+    task_options = {name: getattr(task, name) for name in task_cls.options}  # as used, defaults included
     n = len(train_data)
     _, world = _dist_info()
     total = max(1, (n // world) // batch_size) * epochs
@@ -408,8 +420,8 @@ def train_reducer(
         weight_decay=0.0 if task.optimizer == "sgd" else 0.05, warmup_steps=int(total * warmup_fraction),
         grad_clip=None if task.optimizer == "sgd" else 1.0, seed=seed, checkpoint_every=checkpoint_every,
         log_every=log_every,
-        resume=resume, stop_at_step=max_steps, device=device, progress=progress, amp=use_amp,
-        extra={"method": method, "params": reducer.config(), "finetune": finetune, "precision": precision}
+        resume=resume, stop_at_step=max_steps, device=device, progress=progress, amp=use_amp, num_workers=workers,
+        extra={"method": cls.name, "params": reducer.config(), "finetune": finetune, "precision": precision}
         | task_options,
     )
     result = train(model, task, train_data, config)

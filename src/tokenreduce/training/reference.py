@@ -1,4 +1,4 @@
-"""Training recipe of the bundled reference model (``tokenreduce train-reference``).
+"""Training recipe of the bundled reference model (``python scripts/train_reference.py``).
 
 Reads the original Fashion-MNIST idx files (Debian: ``apt-get install
 dataset-fashion-mnist`` → ``/usr/share/datasets/fashion-mnist``), trains the
@@ -154,7 +154,7 @@ def train_reference(
         "test_top1": top1,
         "test_samples": len(test_x),
         "training": {
-            "command": command or "tokenreduce train-reference",
+            "command": command or "scripts/train_reference.py",
             "epochs": epochs,
             "steps": result.step,
             "batch_size": batch_size,
