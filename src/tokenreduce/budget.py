@@ -24,6 +24,37 @@ Schedule = list[tuple[int, int]]
 """Per block: (tokens entering attention, tokens entering the MLP)."""
 
 
+def in_block_schedule(num_tokens: int, depth: int, tokens_after: Callable[[int, int], int]) -> Schedule:
+    """The schedule of a method that reduces inside blocks, after attention and before the MLP.
+
+    Args:
+        num_tokens: tokens entering block 0.
+        depth: number of blocks.
+        tokens_after: ``(block, n) -> m``: tokens leaving block ``block``'s reduction when ``n`` enter it.
+    """
+    counts, n = [], num_tokens
+    for block in range(depth):
+        m = tokens_after(block, n)
+        counts.append((n, m))
+        n = m
+    return counts
+
+
+def before_block_schedule(num_tokens: int, depth: int, tokens_before: Callable[[int, int], int]) -> Schedule:
+    """The schedule of a method that reduces between blocks: each block sees the same count in both halves.
+
+    Args:
+        num_tokens: tokens entering the model's first reduction point (block 0).
+        depth: number of blocks.
+        tokens_before: ``(block, n) -> m``: tokens entering block ``block`` when ``n`` left the block before.
+    """
+    counts, n = [], num_tokens
+    for block in range(depth):
+        n = tokens_before(block, n)
+        counts.append((n, n))
+    return counts
+
+
 def _linear_macs(module: nn.Module | None) -> int:
     """MACs per token of all ``nn.Linear`` layers inside ``module``."""
     if module is None:

@@ -222,7 +222,19 @@ def merge_count_values(info: ModelInfo) -> range:
 
 
 def check_layers(name: str, layers: tuple[int, ...], depth: int) -> tuple[int, ...]:
-    """Validate 0-based block indices."""
+    """Validate 0-based block indices: a non-empty sequence of distinct ints in ``[0, depth)``; returns them sorted.
+
+    Raises:
+        ValueError: not a sequence of ints, empty (a layered method with no layer would silently
+            reduce nothing), out of range, or repeated.
+    """
+    if not isinstance(layers, (tuple, list)) or any(isinstance(i, bool) or not hasattr(i, "__index__") for i in layers):
+        raise ValueError(f"{name}: layers must be a sequence of 0-based block indices (ints), got {layers!r}")
+    if not layers:
+        raise ValueError(
+            f"{name}: empty layers would reduce nothing; give at least one block (0..{depth - 1}), "
+            "or use the unreduced model (tokenreduce.remove)"
+        )
     layers = tuple(int(i) for i in layers)
     bad = [i for i in layers if not 0 <= i < depth]
     if bad:

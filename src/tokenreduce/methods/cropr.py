@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..budget import Schedule
+from ..budget import Schedule, before_block_schedule
 from ..ops.prune import keep_topk
 from ..state import TokenState
 from .base import ModelInfo, Reducer
@@ -149,14 +149,14 @@ class Cropr(Reducer):
         return self.params.p + (self.params.first_extra if module == 0 and self.params.p else 0)
 
     def schedule(self, num_tokens: int) -> Schedule:
-        counts, n = [], num_tokens
-        for block in range(self.info.depth):
-            if block - 1 in self.after_blocks:
-                n -= min(self._removed_by(block - 1), n - self.info.num_prefix - 1)
+        def tokens_before(block: int, n: int) -> int:
             if self.params.llf and block == self.info.depth - 1:
-                n = num_tokens
-            counts.append((n, n))
-        return counts
+                return num_tokens  # last-layer fusion: every pruned token rejoins
+            if block - 1 in self.after_blocks:
+                return n - min(self._removed_by(block - 1), n - self.info.num_prefix - 1)
+            return n
+
+        return before_block_schedule(num_tokens, self.info.depth, tokens_before)
 
     def extra_macs(self, num_tokens: int) -> float:
         entering = [n for n, _ in self.schedule(num_tokens)]

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..budget import Schedule
+from ..budget import Schedule, before_block_schedule
 from ..ops.attention import KeyMask
 from ..ops.predictor import TokenPredictor, gumbel_keep, predictor_macs_per_token
 from ..ops.prune import keep_topk
@@ -81,12 +81,13 @@ class DynamicViT(Reducer):
 
     def schedule(self, num_tokens: int) -> Schedule:
         p = self.info.num_prefix
-        counts, n = [], num_tokens
-        for block in range(self.info.depth):
-            if block in self.layers:
-                n = p + min(n - p, stage_keep(num_tokens - p, self.keep_rate, self.layers.index(block) + 1))
-            counts.append((n, n))
-        return counts
+
+        def tokens_before(block: int, n: int) -> int:
+            if block not in self.layers:
+                return n
+            return p + min(n - p, stage_keep(num_tokens - p, self.keep_rate, self.layers.index(block) + 1))
+
+        return before_block_schedule(num_tokens, self.info.depth, tokens_before)
 
     def extra_macs(self, num_tokens: int) -> float:
         sched = self.schedule(num_tokens)

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..budget import Schedule
+from ..budget import Schedule, in_block_schedule
 from ..ops.attention import AttentionNeeds, AttentionSignals
 from ..ops.prune import keep_topk, masked_weighted_sum
 from ..state import TokenState
@@ -80,12 +80,9 @@ class KeepRateReducer(Reducer):
         return self.info.num_prefix + keep + self.extra_tokens
 
     def schedule(self, num_tokens: int) -> Schedule:
-        counts, n = [], num_tokens
-        for block in range(self.info.depth):
-            m = self.tokens_after(n) if block in self.layers else n
-            counts.append((n, m))
-            n = m
-        return counts
+        return in_block_schedule(
+            num_tokens, self.info.depth, lambda block, n: self.tokens_after(n) if block in self.layers else n
+        )
 
     @classmethod
     def knob_values(cls, info: ModelInfo, base: Any) -> list[float]:

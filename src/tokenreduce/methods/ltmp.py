@@ -61,10 +61,10 @@ from ..budget import Schedule
 from ..ops.attention import AttentionNeeds, AttentionSignals, KeyMask
 from ..ops.gather import batched_scatter_add
 from ..ops.prune import threshold_mask
+from ..ops.similarity import alternate, unit_rows
 from ..state import TokenState
 from .base import ModelInfo, Reducer, check_fraction
 
-_EPS = 1e-6
 Thresholds = float | tuple[float, ...]
 
 
@@ -201,9 +201,8 @@ class LTMP(Reducer):
         form the similarities and the importances carry gradients, as in the official code.
         """
         p, n = state.num_prefix, state.num_tokens
-        metric = signals.keys.float()
-        metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(_EPS)
-        sim = metric[:, ::2] @ metric[:, 1::2].transpose(-1, -2)  # B×NA×NB
+        metric_a, metric_b = alternate(unit_rows(signals.keys.float()))
+        sim = metric_a @ metric_b.transpose(-1, -2)  # B×NA×NB
         pos = torch.arange(n, device=sim.device)
         ok_a = (pos[::2] >= p) & live[:, ::2]
         ok_b = (pos[1::2] >= p) & live[:, 1::2]

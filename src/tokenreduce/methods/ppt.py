@@ -42,11 +42,12 @@ scores have mean ``1/(N−P)``); :func:`tokenreduce.calibrate` picks one from da
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
+from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from ..budget import Schedule
+from ..budget import Schedule, in_block_schedule
 from ..ops.attention import AttentionNeeds, AttentionSignals
 from ..ops.matching import max_merges
 from ..ops.merge import bipartite_merge
@@ -160,13 +161,23 @@ class PPT(Reducer):
         pruned = state.prefix_and_patches(keep_topk(scores, n - p - r))
         return select_state(pool, pooled, pruned)
 
+    TUNED_FOR = ("deit_small_patch16_224", 196)
+    """(architecture, patch tokens) the official threshold 7e-5 was tuned for."""
+
+    def needs_calibration(self, params: dict[str, Any]) -> bool:
+        """The default threshold is DeiT-S at 224's: anywhere else it is calibrated (half the images pooled)."""
+        return "threshold" not in params and (self.info.architecture, self.info.num_patches) != self.TUNED_FOR
+
+    def calibrate(self, model: nn.Module, images: Tensor, budget: float | None, params: dict[str, Any]) -> Any:
+        """PPT's threshold chosen by :func:`tokenreduce.calibrate` on ``images`` (half pooled), applied."""
+        from ..calibrate import calibrate
+
+        return calibrate(model, "ppt", images, pool_fraction=0.5, budget=budget, **params)
+
     def schedule(self, num_tokens: int) -> Schedule:
-        counts, n = [], num_tokens
-        for block in range(self.info.depth):
-            m = n - self.removed(n) if block in self.layers else n
-            counts.append((n, m))
-            n = m
-        return counts
+        return in_block_schedule(
+            num_tokens, self.info.depth, lambda block, n: n - self.removed(n) if block in self.layers else n
+        )
 
     @classmethod
     def knob_values(cls, info: ModelInfo, base: PPTParams) -> range:

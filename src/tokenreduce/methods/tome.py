@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..budget import Schedule
+from ..budget import Schedule, in_block_schedule
 from ..ops.attention import AttentionNeeds, AttentionSignals
 from ..ops.matching import max_merges
 from ..ops.merge import bipartite_merge
@@ -85,12 +85,10 @@ class ToMe(Reducer):
         return bipartite_merge(state, signals.keys, self.r_per_block[block])
 
     def schedule(self, num_tokens: int) -> Schedule:
-        counts, n = [], num_tokens
-        for r in self.r_per_block:
-            m = n - min(r, max_merges(n, self.info.num_prefix))
-            counts.append((n, m))
-            n = m
-        return counts
+        p, r_per_block = self.info.num_prefix, self.r_per_block
+        return in_block_schedule(
+            num_tokens, len(r_per_block), lambda block, n: n - min(r_per_block[block], max_merges(n, p))
+        )
 
     @classmethod
     def knob_values(cls, info: ModelInfo, base: ToMeParams) -> range:

@@ -22,9 +22,7 @@ import torch
 from torch import Tensor
 
 from .gather import flat_rows
-
-_EPS = 1e-6
-
+from .similarity import alternate, unit_rows
 
 
 def max_merges(num_tokens: int, num_prefix: int) -> int:
@@ -178,11 +176,10 @@ def _match(metric: Tensor, r: int, num_prefix: int) -> BipartiteMatch:
     n = metric.shape[1]
     if metric.dtype != torch.float32:
         metric = metric.float()
-    metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min_(_EPS)
+    a, b = alternate(unit_rows(metric))
     # Prefix positions are left out of both sets, which is the same as ToMe's
     # −inf on their rows (A) and columns (B), with fewer ops.
-    a = metric[:, 2 * ((num_prefix + 1) // 2) :: 2]
-    b = metric[:, 2 * (num_prefix // 2) + 1 :: 2]
+    a, b = a[:, (num_prefix + 1) // 2 :], b[:, num_prefix // 2 :]
     node_max, node_idx = torch.bmm(a, b.mT).max(dim=-1)  # best cosine similarity of every A′ token, B×NA′
     order = node_max.argsort(dim=-1, descending=True, stable=True)
     src, unm = order.split([r, order.shape[1] - r], dim=1)

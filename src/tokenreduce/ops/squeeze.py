@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from .gather import batched_gather, batched_scatter_add
+from .similarity import unit_rows
 
 if TYPE_CHECKING:
     from ..state import TokenState
@@ -40,13 +41,9 @@ if TYPE_CHECKING:
 SELF_WEIGHT = math.e
 """Weight of a host token in its own squeeze (``e¹``, independent of the temperature)."""
 
-_EPS = 1e-6
-
-
 def _unit(x: Tensor) -> Tensor:
-    """Rows of ``x`` (…×C) divided by their L2 norm (clamped at 1e-6), in float32."""
-    x = x.float()
-    return x / x.norm(dim=-1, keepdim=True).clamp_min(_EPS)
+    """Rows of ``x`` (…×C) divided by their L2 norm (:func:`~tokenreduce.ops.similarity.unit_rows`), in float32."""
+    return unit_rows(x.float())
 
 
 def squeeze_hosts(pruned: Tensor, kept: Tensor, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
@@ -138,7 +135,7 @@ def squeeze_masked(x: Tensor, keep: Tensor, guests: Tensor, temperature: float =
         B×M×C: kept tokens squeezed, the others unchanged.
     """
     m = x.shape[1]
-    unit = x / x.norm(dim=-1, keepdim=True).clamp_min(_EPS)
+    unit = unit_rows(x)
     sim = unit @ unit.transpose(-1, -2) / temperature  # B×M×M
     blocked = (keep.transpose(1, 2) <= 0) | torch.eye(m, dtype=torch.bool, device=x.device)
     sim = sim.masked_fill(blocked, -100.0)
