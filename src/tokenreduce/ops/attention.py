@@ -1,4 +1,5 @@
-"""Self-attention of a timm ``Attention`` module that also returns what a method needs.
+"""Self-attention that also returns what a method needs: :func:`attend` (family-agnostic, on q, k, v)
+and :func:`attention_with_signals` (a timm ``Attention`` module around it).
 
 The output is computed exactly as timm computes it (q/k-norm, scale-norm,
 gating, fused scaled-dot-product attention when the module uses it).  The
@@ -116,6 +117,9 @@ def attention_with_signals(
 ) -> tuple[Tensor, AttentionSignals]:
     """Run a timm ``Attention`` module with an optional key bias and key mask.
 
+    The projections are timm's (fused qkv, q/k-norm, output norm, gating, proj); the
+    attention itself is :func:`attend`.
+
     Args:
         attn: a ``timm.layers.Attention`` module.
         x: B×N×C normalised input tokens, or ΣN×C live tokens when ``packed`` is given.
@@ -135,16 +139,78 @@ def attention_with_signals(
     """
     heads = attn.num_heads
     gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
-    qkv = attn.qkv(x)
-    if packed is None:
-        b, n, _ = x.shape
-    else:
-        b, n = key_mask.mask.shape[:2]
-        qkv = qkv.new_zeros(b * n, qkv.shape[-1]).index_copy_(0, packed, qkv).view(b, n, -1)
+    qkv = unpack_rows(attn.qkv(x), packed, key_mask)
+    b, n = qkv.shape[:2]
     head_dim = qkv.shape[-1] // (3 * heads)
     q, k, v = qkv.reshape(b, n, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
+    out, signals = attend(
+        q, k, v, attn.scale, bias, needs, key_mask, class_token=class_token, training=attn.training,
+        dropout=attn.attn_drop, fused=attn.fused_attn,
+    )
+    out = pack_rows(merge_heads(out), packed)
+    out = attn.norm(out)
+    if gate is not None:
+        out = out * gate
+    return attn.proj_drop(attn.proj(out)), signals
 
+
+def unpack_rows(rows: Tensor, packed: Tensor | None, key_mask: KeyMask | None) -> Tensor:
+    """Per-token projections of the live tokens (ΣN×D, ``packed``) scattered into the padded B×N×D
+    layout of ``key_mask`` (padding rows zero); ``rows`` (B×N×D) as it is when nothing is packed."""
+    if packed is None:
+        return rows
+    b, n = key_mask.mask.shape[:2]
+    return rows.new_zeros(b * n, rows.shape[-1]).index_copy_(0, packed, rows).view(b, n, -1)
+
+
+def pack_rows(x: Tensor, packed: Tensor | None) -> Tensor:
+    """The live rows (ΣN×D) of a padded B×N×D tensor, or ``x`` as it is when nothing is packed."""
+    if packed is None:
+        return x
+    return x.reshape(-1, x.shape[-1]).index_select(0, packed)
+
+
+def merge_heads(out: Tensor) -> Tensor:
+    """B×H×N×d per-head outputs → B×N×(H·d)."""
+    b, h, n, d = out.shape
+    return out.transpose(1, 2).reshape(b, n, h * d)
+
+
+def attend(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    scale: float,
+    bias: Tensor | None,
+    needs: AttentionNeeds = NO_NEEDS,
+    key_mask: KeyMask | None = None,
+    *,
+    class_token: bool = True,
+    training: bool = False,
+    dropout: nn.Module | None = None,
+    fused: bool = True,
+) -> tuple[Tensor, AttentionSignals]:
+    """Scaled dot-product attention with a key bias and key mask, plus the signals a method asks for.
+
+    Family-agnostic: every adapter computes its model's q, k, v (projections, norms,
+    rotary embeddings) and calls this; the output projection is the adapter's again.
+
+    Args:
+        q, k, v: B×H×N×d queries, keys and values.
+        scale: the logit scale (usually d^−½).
+        bias: additive bias on the logits of each key, B×1×1×N (``log size``), or ``None``.
+        needs: which signals to return.
+        key_mask: keys to leave out, or ``None``.
+        class_token: whether token 0 is a class token (else ``cls_attn`` is the mean-query substitute).
+        training: the attention module's training flag (dropout on; the fused path otherwise).
+        dropout: the module's attention dropout (``nn.Dropout``), or ``None``.
+        fused: whether the module uses the fused kernel (``F.scaled_dot_product_attention``).
+
+    Returns:
+        ``(out, signals)``: B×H×N×d per-head outputs and the signals (B×N).
+    """
+    b, _, n, _ = q.shape
     soft = key_mask is not None and key_mask.soft
     if key_mask is not None and not soft:
         hard = key_mask.mask.float().log().transpose(1, 2).unsqueeze(1)  # B×1×1×N: 0 or −inf
@@ -154,39 +220,34 @@ def attention_with_signals(
     rows = None
     if needs.received or (needs.cls_attn and not class_token):
         rows = key_mask.mask[..., 0].float() if key_mask is not None else q.new_ones(b, n, dtype=torch.float32)
-    if needs.received and not (needs.probs or soft or attn.training):
+    if needs.received and not (needs.probs or soft or training):
         # The method needs every probability anyway: one explicit pass per head
         # gives the output and the received attention (no second QKᵀ).
-        out, received = attention_and_received(q, k, v, attn.scale, bias, rows)
-    elif needs.probs or soft or not attn.fused_attn:
-        logits = (q * attn.scale) @ k.transpose(-2, -1)
+        out, received = attention_and_received(q, k, v, scale, bias, rows)
+    elif needs.probs or soft or not fused:
+        logits = (q * scale) @ k.transpose(-2, -1)
         if bias is not None:
             logits = logits + bias.to(logits.dtype)
         probs = masked_softmax(logits, key_mask).to(v.dtype) if soft else logits.softmax(dim=-1)
-        out = attn.attn_drop(probs) @ v
+        out = (probs if dropout is None else dropout(probs)) @ v
     else:
         mask = bias if bias is None or bias.dtype == q.dtype else bias.to(q.dtype)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=attn.attn_drop.p if attn.training else 0.0
-        )
+        p = dropout.p if training and dropout is not None else 0.0
+        if scale == q.shape[-1] ** -0.5:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, scale=scale)
     if needs.cls_attn:
         if not class_token:
-            cls_attn = mean_query_attention(q, k, attn.scale, bias, rows, probs)
+            cls_attn = mean_query_attention(q, k, scale, bias, rows, probs)
         elif probs is not None:
             cls_attn = probs[:, :, 0].float()
         else:
-            cls_attn = class_attention_row(q, k, attn.scale, bias)
+            cls_attn = class_attention_row(q, k, scale, bias)
 
     if needs.received and received is None:
-        received = received_attention(q, k, attn.scale, bias, rows, probs)
+        received = received_attention(q, k, scale, bias, rows, probs)
 
-    out = out.transpose(1, 2).reshape(b, n, heads * head_dim)
-    if packed is not None:
-        out = out.view(b * n, -1).index_select(0, packed)
-    out = attn.norm(out)
-    if gate is not None:
-        out = out * gate
-    out = attn.proj_drop(attn.proj(out))
     signals = AttentionSignals(
         keys=head_mean(k) if needs.keys else None,
         cls_attn=cls_attn,
