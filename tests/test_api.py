@@ -148,7 +148,7 @@ def test_impossible_budget_gives_achievable_range(vit):
 
 
 def test_unsupported_models_raise_type_error():
-    with pytest.raises(TypeError, match="supported: timm VisionTransformer"):
+    with pytest.raises(TypeError, match="supported families: timm-vit: timm VisionTransformer"):
         tr.apply(torch.nn.Linear(3, 3), "tome")
     post_norm = timm.create_model("vit_relpos_small_patch16_224", pretrained=False, img_size=64)
     with pytest.raises(TypeError, match="supported"):

@@ -10,7 +10,7 @@ from conftest import make_vit
 import tokenreduce as tr
 from tokenreduce.methods import bat as bat_module
 from tokenreduce.methods.bat import BAT, default_num_clusters
-from tokenreduce.models.timm_vit import model_info
+from tokenreduce.models import model_info
 from tokenreduce.ops.attention import AttentionSignals
 from tokenreduce.ops.cluster import dpc_knn
 from tokenreduce.state import TokenState

@@ -14,7 +14,7 @@ import tokenreduce as tr
 from tokenreduce.budget import resolve_budget
 from tokenreduce.methods import REGISTRY, get_method
 from tokenreduce.methods.base import Reducer
-from tokenreduce.models.timm_vit import model_info
+from tokenreduce.models import model_info
 
 LEARNED = sorted(name for name, cls in REGISTRY.items() if cls.learned)
 

@@ -11,7 +11,7 @@ from conftest import make_vit
 
 import tokenreduce as tr
 from tokenreduce.methods.tps import TPS
-from tokenreduce.models.timm_vit import model_info
+from tokenreduce.models import model_info
 from tokenreduce.ops.attention import AttentionSignals
 from tokenreduce.state import TokenState
 

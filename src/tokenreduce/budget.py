@@ -55,7 +55,7 @@ def before_block_schedule(num_tokens: int, depth: int, tokens_before: Callable[[
     return counts
 
 
-def _linear_macs(module: nn.Module | None) -> int:
+def linear_macs(module: nn.Module | None) -> int:
     """MACs per token of all ``nn.Linear`` layers inside ``module``."""
     if module is None:
         return 0
@@ -64,27 +64,13 @@ def _linear_macs(module: nn.Module | None) -> int:
 
 @dataclass(frozen=True)
 class CostModel:
-    """Per-token and per-image MAC constants of one ViT."""
+    """Per-token and per-image MAC constants of one ViT, read off the live model by its family's adapter."""
 
     attn_linear: tuple[int, ...]
     attn_dim: tuple[int, ...]
     mlp_linear: tuple[int, ...]
     patch_embed: int
     head: int
-
-    @classmethod
-    def from_model(cls, model: nn.Module) -> CostModel:
-        blocks = list(model.blocks)
-        attn_linear = tuple(_linear_macs(b.attn) for b in blocks)
-        attn_dim = tuple(b.attn.qkv.out_features // 3 for b in blocks)
-        mlp_linear = tuple(_linear_macs(b.mlp) for b in blocks)
-        proj = model.patch_embed.proj
-        if isinstance(proj, nn.Conv2d):
-            patch = proj.out_channels * (proj.in_channels // proj.groups) * proj.kernel_size[0] * proj.kernel_size[1]
-        else:
-            patch = _linear_macs(proj)
-        head = _linear_macs(getattr(model, "head", None)) + _linear_macs(getattr(model, "head_dist", None))
-        return cls(attn_linear, attn_dim, mlp_linear, patch, head)
 
     @property
     def depth(self) -> int:

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .api import apply, is_reduced, reducer
-from .models.timm_vit import context_of
+from .models import context_of
 
 Images = Tensor | Iterable[Any]
 

@@ -23,8 +23,10 @@ from .methods.base import ModelInfo, Reducer
 FORMAT = "tokenreduce.reducer/1"
 
 
-def fingerprint(info: ModelInfo) -> dict[str, int]:
-    return {"depth": info.depth, "dim": info.dim, "num_heads": info.num_heads, "num_prefix": info.num_prefix}
+def fingerprint(info: ModelInfo) -> dict[str, int | str]:
+    """What a checkpoint must match: the model family and the shapes the learned parameters depend on."""
+    return {"family": info.family, "depth": info.depth, "dim": info.dim, "num_heads": info.num_heads,
+            "num_prefix": info.num_prefix}
 
 
 def atomic_save_file(tensors: dict[str, Any], path: str | Path, metadata: dict[str, str] | None = None) -> None:
@@ -75,6 +77,7 @@ def read_reducer(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     meta = json.loads(raw)
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path}: unsupported checkpoint format {meta.get('format')!r} (expected {FORMAT})")
+    meta["model"].setdefault("family", "timm-vit")  # written before other families existed
     if meta.get("method") == "tps" and meta.get("params", {}).get("variant") == "dtps":  # before dtps had its name
         meta["method"] = "dtps"
         meta["params"] = {k: v for k, v in meta["params"].items() if k != "variant"}

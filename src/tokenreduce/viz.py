@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw
 from torch import Tensor, nn
 
 from .api import apply, is_reduced, last_forward, reducer
-from .models.timm_vit import patch, unpatch
+from .models import adapter_for, patch, unpatch
 
 GREY = np.array([128, 128, 128], dtype=np.float32)
 
@@ -135,8 +135,8 @@ def visualize(
         if params:
             raise ValueError("visualize: parameters need a method; without one the applied method is drawn as it is")
         applied = reducer(model)
-        unpatch(model)
-        patch(model, applied, applied.name, trace_source=True)  # the same reducer (and learned parameters), traced
+        unpatch(model)  # re-patched below with the same reducer (and learned parameters), traced
+        patch(model, adapter_for(model), applied, applied.name, trace_source=True)
     else:
         apply(model, method, trace_source=True, **params)
     was_training = model.training

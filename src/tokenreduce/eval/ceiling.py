@@ -22,7 +22,7 @@ from torch import nn
 
 from ..budget import Schedule
 from ..methods.base import ModelInfo, Reducer
-from ..models.timm_vit import model_info, patch
+from ..models import adapter_for, patch
 from ..ops.attention import AttentionNeeds, AttentionSignals
 from ..state import TokenState
 
@@ -67,6 +67,6 @@ def _resize(state: TokenState, n: int) -> TokenState:
 
 def schedule_only_model(model: nn.Module, schedule: Schedule) -> nn.Module:
     """Patch ``model`` (unreduced, in place) to follow ``schedule`` by slicing; returns it."""
-    info = model_info(model)
-    patch(model, ScheduleOnly(info, schedule), ScheduleOnly.name)
+    adapter = adapter_for(model)
+    patch(model, adapter, ScheduleOnly(adapter.model_info(model), schedule), ScheduleOnly.name)
     return model

@@ -1,5 +1,49 @@
-"""Model adapters (timm ViT) and the bundled reference model."""
+"""Model families (one adapter module each) and the bundled reference model.
 
-from .timm_vit import check_supported, is_patched, model_info, patch, unpatch
+:func:`adapter_for` finds the adapter of a live model from its class; :func:`model_info`,
+:func:`check_supported` go through it.  The adapter interface is :mod:`tokenreduce.models.base`.
+"""
 
-__all__ = ["check_supported", "is_patched", "model_info", "patch", "unpatch"]
+from __future__ import annotations
+
+from torch import nn
+
+from ..methods.base import ModelInfo
+from .base import FamilyAdapter, context_of, is_patched, patch, unpatch
+from .timm_vit import TimmViT
+
+ADAPTERS: list[type[FamilyAdapter]] = [TimmViT]
+"""The supported families, tried in order (the first whose ``matches`` accepts the model)."""
+
+
+def adapter_for(model: nn.Module) -> type[FamilyAdapter]:
+    """The adapter of ``model``'s family, after checking that its configuration is supported.
+
+    Raises:
+        TypeError: no family matches (the message lists the supported ones), or the family does not
+            support this configuration.
+    """
+    if is_patched(model):
+        return model._tr_ctx.adapter
+    for adapter in ADAPTERS:
+        if adapter.matches(model):
+            adapter.check_supported(model)
+            return adapter
+    families = "; ".join(f"{a.name}: {a.description}" for a in ADAPTERS)
+    raise TypeError(f"tokenreduce cannot adapt {type(model).__name__}; supported families: {families}")
+
+
+def check_supported(model: nn.Module) -> None:
+    """Raise ``TypeError`` naming the supported families if ``model`` cannot be adapted."""
+    adapter_for(model)
+
+
+def model_info(model: nn.Module) -> ModelInfo:
+    """The facts a reducer may use about ``model`` (its family's adapter reads them)."""
+    return adapter_for(model).model_info(model)
+
+
+__all__ = [
+    "ADAPTERS", "FamilyAdapter", "adapter_for", "check_supported", "context_of", "is_patched", "model_info", "patch",
+    "unpatch",
+]

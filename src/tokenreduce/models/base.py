@@ -1,0 +1,361 @@
+"""The adapter interface: what a model family provides so that every method runs on it unchanged.
+
+A :class:`FamilyAdapter` knows one family of models (timm ``VisionTransformer``, timm ``Eva``,
+Hugging Face ViTs, ...): it finds the blocks, runs a block's attention with the signals a reducer
+asks for (keys, class-attention row, size bias, key masks), runs its MLP branch, and reads the model
+facts (:class:`~tokenreduce.methods.base.ModelInfo`) and the cost model off the live model.
+Methods never see which family they run in: they receive a :class:`~tokenreduce.state.TokenState`
+and :class:`~tokenreduce.ops.attention.AttentionSignals`.
+
+Patching follows ToMe/tomesd: the classes of the live model and of its blocks are swapped for
+generated subclasses (:func:`reduced_class`) whose ``forward`` routes the tokens through
+:func:`run_block`; no weight is copied and ``state_dict()`` is unchanged.  Removing the patch
+restores the original classes, so the stock forward runs again, bit for bit.
+
+Per-forward state (sizes, sources, masks, token counts) lives in one :class:`ReductionContext`
+shared by the model and its blocks; block 0 resets it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ..ops.attention import NO_NEEDS, AttentionNeeds, AttentionSignals, KeyMask, size_bias
+from ..state import TokenState
+from ..stats import LastForward
+
+if TYPE_CHECKING:
+    from ..methods.base import ModelInfo, Reducer
+
+
+class ReductionContext:
+    """State shared by a reduced model and its blocks during one forward."""
+
+    def __init__(self, reducer: Reducer, adapter: type[FamilyAdapter], method: str, trace_source: bool) -> None:
+        self.reducer = reducer
+        self.adapter = adapter
+        self.info = reducer.info
+        self.method = method
+        self.trace_source = trace_source
+        depth = self.info.depth
+        self.needs = [reducer.needs(i) for i in range(depth)]
+        self.has_before = [reducer.has_before_block(i) for i in range(depth)]
+        self.size: Tensor | None = None
+        self.source: Tensor | None = None
+        self.mask: Tensor | None = None
+        self.bias: Tensor | None = None
+        self._bias_of: Tensor | None = None
+        self.rows: Tensor | None = None
+        self._rows_of: Tensor | None = None
+        self.enabled = True  # False: the model runs its stock forward (e.g. as its own distillation teacher)
+        self.num_tokens_in = 0
+        self.batch_size = 0
+        self.records: list[tuple[Any, Any] | None] = [None] * depth
+        self.stages: list[tuple[str, Tensor]] = []
+
+    def start(self, x: Tensor, training: bool) -> None:
+        """Reset for a new forward whose first block receives ``x`` (B×N×C)."""
+        b, n, _ = x.shape
+        self.reducer.training = training
+        module = self.reducer.module
+        if module is not None:  # learned parameters follow the activations (the model may have moved)
+            first = next(module.parameters(), None)
+            if first is not None and first.device != x.device:
+                module.to(x.device)
+        self.size = self.mask = None
+        self.bias = self._bias_of = None
+        self.rows = self._rows_of = None
+        self.source = None
+        if self.trace_source:
+            self.source = torch.eye(n, device=x.device, dtype=x.dtype).expand(b, n, n)
+        self.num_tokens_in = n
+        self.batch_size = b
+        self.records = [None] * self.info.depth
+        self.stages = []  # with trace_source: (label, B×N×N0 sources) per reduction
+
+    def key_bias(self) -> Tensor | None:
+        """``log size`` for proportional attention, recomputed only when sizes change."""
+        if not self.reducer.prop_attn or self.size is None:
+            return None
+        if self._bias_of is not self.size:
+            self.bias, self._bias_of = size_bias(self.size), self.size
+        return self.bias
+
+    def key_mask(self) -> KeyMask | None:
+        """How the carried live-token mask enters attention (the reducer decides), or ``None``."""
+        return None if self.mask is None else self.reducer.key_mask(self.mask)
+
+    def packed_rows(self, training: bool) -> Tensor | None:
+        """For padded batched inference (a hard mask, eval mode): the rows of the live tokens
+        in the B·N flattening of the current mask (ΣN), cached per mask; else ``None``.
+
+        Finding them syncs with the host once per new mask (their number is data-dependent).
+        """
+        if self.mask is None or training or self.reducer.key_mask(self.mask).soft:
+            return None
+        if self._rows_of is not self.mask:
+            self.rows, self._rows_of = self.mask.reshape(-1).nonzero().squeeze(1), self.mask
+        return self.rows
+
+    def snapshot(self, label: str) -> None:
+        """Keep the live tokens' sources after a reduction (for token maps)."""
+        source = self.source if self.mask is None else self.source * self.mask.to(self.source.dtype)
+        self.stages.append((label, source))
+
+    def state(self, x: Tensor) -> TokenState:
+        return TokenState(x, self.size, self.source, self.info.num_prefix, self.mask)
+
+    def update(self, state: TokenState) -> Tensor:
+        self.size, self.source, self.mask = state.size, state.source, state.mask
+        return state.x
+
+    def count(self, x: Tensor) -> int | Tensor:
+        """Live tokens per image: an int, or a B tensor when a mask is carried."""
+        return x.shape[1] if self.mask is None else self.mask.sum(dim=(1, 2))
+
+    def last_forward(self) -> LastForward:
+        """The record of the last reduced forward.
+
+        Raises:
+            RuntimeError: no reduced forward has run since the method was applied.
+        """
+        if self.records[0] is None or any(r is None for r in self.records):
+            raise RuntimeError("the reduced model has not run a forward yet (call model(images) first)")
+        return LastForward(
+            method=self.method,
+            batch_size=self.batch_size,
+            num_tokens_in=self.num_tokens_in,
+            num_prefix=self.info.num_prefix,
+            block_tokens=tuple(self.records),
+            size=self.size,
+            source=self.source,
+            mask=self.mask,
+            stages=tuple(self.stages),
+        )
+
+
+class FamilyAdapter:
+    """One model family.  Subclasses set :attr:`name` and :attr:`description` and implement the
+    class methods below; adding a family is adding one such module under ``models/``.
+
+    Block-level hooks (called by :func:`run_block` on a patched block):
+
+    * :meth:`attention` — the block's pre-norm and attention on B×N×C tokens (or ΣN×C live rows
+      when ``packed``), with the reducer's key bias and mask; returns the branch output before the
+      residual scaling, and the signals;
+    * :meth:`attention_residual` — layer scale and drop path of the attention branch;
+    * :meth:`mlp` — the whole MLP branch (norm, MLP, layer scale, drop path) on B×N×C or ΣN×C.
+    """
+
+    name: ClassVar[str] = ""
+    """Short family name, recorded in checkpoints' model fingerprints (``"timm-vit"``)."""
+    description: ClassVar[str] = ""
+    """What the family covers, for the error that lists supported families."""
+    model_members: ClassVar[dict[str, Any]] = {}
+    """Members of the generated model class (size-aware pooling, refusals, ``_apply``)."""
+
+    # -- the model ---------------------------------------------------------------------------------
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        """Whether ``model`` belongs to this family (its class, not its configuration)."""
+        raise NotImplementedError
+
+    @classmethod
+    def check_supported(cls, model: nn.Module) -> None:
+        """Raise ``TypeError`` if this family's ``model`` has a configuration the adapter cannot run."""
+
+    @classmethod
+    def blocks(cls, model: nn.Module) -> Sequence[nn.Module]:
+        """The transformer blocks, in order."""
+        raise NotImplementedError
+
+    @classmethod
+    def model_info(cls, model: nn.Module) -> ModelInfo:
+        """The facts a reducer may use about ``model``, with its cost model."""
+        raise NotImplementedError
+
+    @classmethod
+    def block_forward(cls) -> Callable[..., Any]:
+        """The ``forward`` of a patched block: parses the family's block signature (refusing
+        arguments a reduced block cannot honour), calls :func:`run_block` and returns what the
+        family's block returns."""
+        raise NotImplementedError
+
+    # -- one block ---------------------------------------------------------------------------------
+    @classmethod
+    def attention(
+        cls, block: nn.Module, x: Tensor, bias: Tensor | None, needs: AttentionNeeds, key_mask: KeyMask | None,
+        packed: Tensor | None, class_token: bool,
+    ) -> tuple[Tensor, AttentionSignals]:
+        raise NotImplementedError
+
+    @classmethod
+    def attention_residual(cls, block: nn.Module, out: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    @classmethod
+    def mlp(cls, block: nn.Module, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+
+def run_block(block: nn.Module, x: Tensor, stock: Callable[[Tensor], Tensor]) -> Tensor:
+    """One patched block on B×N×C tokens: the reducer's hooks around the family's attention and MLP.
+
+    Order: the reducer's between-block reduction, attention (with the size bias and key mask), the
+    in-block reduction after the attention residual, the MLP.  ``stock`` runs the stock block on
+    B×N×C tokens: used for an empty batch (B = 0), so a reduced model returns the stock model's
+    empty outputs, and while reduction is paused (:func:`tokenreduce.unreduced`).
+    """
+    ctx: ReductionContext = block._tr_ctx
+    if not ctx.enabled:
+        return stock(x)
+    adapter = ctx.adapter
+    i: int = block._tr_index
+    if i == 0:
+        ctx.start(x, block.training)
+    if ctx.batch_size == 0:  # nothing to reduce; the stock block keeps the stock output shapes
+        ctx.records[i] = (x.shape[1], x.shape[1])
+        return stock(x)
+    reducer = ctx.reducer
+    if ctx.has_before[i]:
+        x = ctx.update(reducer.before_block(i, ctx.state(x)))
+        if ctx.trace_source:
+            ctx.snapshot(f"before block {i}")
+    n_attn = ctx.count(x)
+    needs = ctx.needs[i]
+    key_mask = ctx.key_mask()
+    class_token = ctx.info.has_class_token
+    rows = ctx.packed_rows(block.training)
+    if rows is None:
+        out, signals = adapter.attention(block, x, ctx.key_bias(), needs or NO_NEEDS, key_mask, None, class_token)
+        x = x + adapter.attention_residual(block, out)
+    else:  # padded batched inference: per-token work on the live tokens only
+        live = x.reshape(-1, x.shape[-1]).index_select(0, rows)
+        out, signals = adapter.attention(block, live, ctx.key_bias(), needs or NO_NEEDS, key_mask, rows, class_token)
+        x = add_to_rows(x, rows, adapter.attention_residual(block, out))
+    del out  # free the attention output before the MLP, as the stock block does
+    if needs is not None:
+        x = ctx.update(reducer.reduce(i, ctx.state(x), signals))
+        if ctx.trace_source:
+            ctx.snapshot(f"block {i}")
+    del signals  # keys / values / probabilities are not needed by the MLP
+    ctx.records[i] = (n_attn, ctx.count(x))
+    rows = ctx.packed_rows(block.training)
+    if rows is not None:
+        # The MLP is per-token: run it on the live tokens of all images packed into
+        # one ΣN×C matrix, so padding rows cost nothing; they keep their values.
+        live = x.reshape(-1, x.shape[-1]).index_select(0, rows)
+        return add_to_rows(x, rows, adapter.mlp(block, live))
+    return x + adapter.mlp(block, x)
+
+
+def add_to_rows(x: Tensor, rows: Tensor, update: Tensor) -> Tensor:
+    """``x`` (B×N×C) plus ``update`` (ΣN×C) on the flattened ``rows``; other rows unchanged."""
+    flat = x.reshape(-1, x.shape[-1])
+    return flat.index_add(0, rows, update.to(flat.dtype)).view_as(x)
+
+
+# -- patching -----------------------------------------------------------------------------------------
+
+_CLASS_CACHE: dict[tuple[type, str], type] = {}
+"""Generated subclasses, one per (stock class, kind); bounded by the number of model and block classes used."""
+
+
+def reduced_class(base: type, kind: str, members: dict[str, Any]) -> type:
+    """The generated subclass of ``base`` with ``members`` (cached per ``(base, kind)``)."""
+    key = (base, kind)
+    if key not in _CLASS_CACHE:
+        _CLASS_CACHE[key] = type(f"TokenReduce{base.__name__}", (base,), {**members, "_tr_base": base})
+    return _CLASS_CACHE[key]
+
+
+def is_patched(model: nn.Module) -> bool:
+    """Whether a method is applied to ``model``."""
+    return isinstance(getattr(model, "_tr_ctx", None), ReductionContext)
+
+
+def context_of(model: nn.Module) -> ReductionContext:
+    """The reduction context of a patched model.
+
+    Raises:
+        RuntimeError: no method is applied to ``model``.
+    """
+    ctx = getattr(model, "_tr_ctx", None)
+    if not isinstance(ctx, ReductionContext):
+        raise RuntimeError("the model has no method applied (call tokenreduce.apply first)")
+    return ctx
+
+
+def model_apply(self: nn.Module, fn: Any, recurse: bool = True) -> nn.Module:
+    """``nn.Module._apply`` (what ``.to()``, ``.half()``, ``.cuda()``, ``.float()``, ... run) that also
+    applies ``fn`` to the reducer's learned parameters, so they follow the model's dtype and device as
+    a registered submodule's would, without being one (``state_dict()`` and ``parameters()`` stay stock)."""
+    self._tr_base._apply(self, fn, recurse)
+    module = self._tr_ctx.reducer.module
+    if module is not None:
+        module._apply(fn, recurse)
+    return self
+
+
+def patch(model: nn.Module, adapter: type[FamilyAdapter], reducer: Reducer, method: str,
+          trace_source: bool = False) -> None:
+    """Route ``model``'s blocks through ``reducer`` (in place), the family's way."""
+    ctx = ReductionContext(reducer, adapter, method, trace_source)
+    model.__class__ = reduced_class(type(model), f"{adapter.name}:model", {"_apply": model_apply,
+                                                                           **adapter.model_members})
+    model._tr_ctx = ctx
+    forward = adapter.block_forward()
+    for i, blk in enumerate(adapter.blocks(model)):
+        blk.__class__ = reduced_class(type(blk), f"{adapter.name}:block", {"forward": forward})
+        blk._tr_ctx = ctx
+        blk._tr_index = i
+
+
+def unpatch(model: nn.Module) -> None:
+    """Undo :func:`patch`; a no-op on an unpatched model."""
+    if not is_patched(model):
+        return
+    for blk in model._tr_ctx.adapter.blocks(model):
+        if hasattr(blk, "_tr_base"):
+            blk.__class__ = blk._tr_base
+        for attr in ("_tr_ctx", "_tr_index"):
+            blk.__dict__.pop(attr, None)
+    model.__class__ = model._tr_base
+    model.__dict__.pop("_tr_ctx", None)
+
+
+def grid_entry_point(name: str) -> Callable[..., Any]:
+    """A stand-in for a model method that returns tokens in the patch grid.
+
+    On a reduced model the surviving tokens no longer fill that grid, so the stand-in refuses
+    (inside :func:`tokenreduce.unreduced` the stock method runs).
+    """
+
+    def refuse(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if not self._tr_ctx.enabled:
+            return getattr(self._tr_base, name)(self, *args, **kwargs)
+        raise NotImplementedError(
+            f"{name} on a reduced model: the reduced tokens no longer fill the patch grid it returns, so its "
+            f"result would be wrong; run it on the stock model (tokenreduce.remove, or inside "
+            f"tokenreduce.unreduced(model)), or use forward_features for the reduced tokens (B×N'×C)"
+        )
+
+    refuse.__name__ = name
+    return refuse
+
+
+def shape_change(name: str) -> Callable[..., Any]:
+    """A stand-in for a model method that changes what the applied reducer was built for."""
+
+    def refuse(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError(
+            f"{name} on a reduced model would leave the applied method configured for the old model; "
+            f"call tokenreduce.remove(model), then {name}, then tokenreduce.apply again"
+        )
+
+    refuse.__name__ = name
+    return refuse
