@@ -98,6 +98,37 @@ def test_method_flag_runs_learned_methods_from_the_shipped_reducers(tmp_path):
     assert rows["dynamicvit"]["label"] == "dynamicvit@0.6 [dynamicvit]"
 
 
+def test_seeds_flag_reports_a_seeded_method_over_seeds_with_intervals(tmp_path, capsys):
+    from tokenreduce.eval.accuracy import wilson_interval
+
+    out = tmp_path / "eval.json"
+    args = ["evaluate", "--method", "random", "tome", "--budget", "0.6", "--limit", "40", "--batch-size", "20",
+            "--repeats", "1", "--no-progress", "--json", str(out)]
+    assert main([*args, "--seeds", "2"]) == 0
+    printed = capsys.readouterr().out
+    rows = {r["label"]: r for r in json.loads(out.read_text())["rows"]}
+    seeded = rows["random@0.6"]
+    assert seeded["seeds"] == [0, 1] and len(seeded["top1_per_seed"]) == 2
+    assert seeded["top1"] == pytest.approx(sum(seeded["top1_per_seed"]) / 2)
+    assert "seeds" not in rows["tome@0.6"] and "seeds" not in rows["unreduced"]
+    for row in rows.values():
+        assert row["top1_ci95"] == pytest.approx(list(wilson_interval(row["correct1"], 40)))
+        assert row["top1_ci95"][0] <= row["top1"] <= row["top1_ci95"][1]
+    assert "95% CI" in printed
+    assert "±" in next(line for line in printed.splitlines() if line.startswith("random@0.6"))
+    fixed_args = ["evaluate", "--method", "random", "--param", "seed=4", "--budget", "0.6", "--limit", "40",
+                  "--repeats", "1", "--no-progress", "--json", str(tmp_path / "fixed.json")]
+    assert main(fixed_args) == 0  # the seed fixed: run once
+    fixed = {r["label"]: r for r in json.loads((tmp_path / "fixed.json").read_text())["rows"]}
+    assert "seeds" not in fixed["random@0.6"] and fixed["random@0.6"]["params"]["seed"] == 4
+
+
+def test_imagefolder_evaluation_runs_a_seeded_method_over_seeds(folder):
+    result = evaluate_imagefolder("reference", folder, configs=[Config("random", budget=0.6)], seeds=2, repeats=1,
+                                  progress=False)
+    assert result["rows"][0]["seeds"] == [0, 1] and result["rows"][0]["samples"] == 31
+
+
 def test_reference_checkpoint_choice():
     assert reference_checkpoint("ltmp", {}).endswith("ltmp_0.75.safetensors")
     assert reference_checkpoint("ltmp", {}, budget=0.55).endswith("ltmp_0.6.safetensors")
@@ -111,7 +142,7 @@ def test_imagefolder_through_timm_pipeline_matches_bundled_path(folder):
     result = evaluate_imagefolder(
         "reference", folder, configs=[Config(None), Config("evit", {"keep_rate": 0.5})], repeats=1, progress=False
     )
-    assert result["samples"] == 10 * PER_CLASS + 2  # 31 images + the broken one
+    assert result["samples"] == 10 * PER_CLASS + 1  # the 31 images scored, not the broken one
     assert len(result["skipped_images"]) == 1 and "broken.png" in result["skipped_images"][0]
     assert result["data_config"]["input_size"] == [1, 32, 32]
     x, y = folder_tensors(folder)

@@ -1,10 +1,12 @@
-"""Sweeps: Pareto fronts by hand, resumable results, plots that contain what they should."""
+"""Sweeps: Pareto fronts by hand, resumable results, plots that contain what they should, cells keyed on
+everything that determines them, matplotlib optional."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
-import matplotlib.pyplot as plt
 import pytest
 import torch
 from conftest import make_vit
@@ -13,11 +15,14 @@ from PIL import Image
 from tokenreduce.eval.accuracy import Config, evaluate_configs
 from tokenreduce.eval.sweep import (
     RESULTS,
+    SweepMismatch,
+    cell_key,
     pareto_front,
     read_results,
     run_sweep,
     sweep_configs,
     tradeoff_figure,
+    weights_fingerprint,
 )
 
 
@@ -73,7 +78,21 @@ def test_plot_contains_each_method_the_front_and_the_reference():
     assert list(lines["unreduced"].get_xdata()) == [4.6]
     # EViT is 5 points worse everywhere, so the front is ToMe's three points (the unreduced ties ToMe at 1.0)
     assert list(lines["pareto"].get_xdata()) == pytest.approx([4.6 * 0.4, 4.6 * 0.6, 4.6])
-    plt.close(fig)
+
+
+def test_plot_draws_each_interval_as_an_error_bar():
+    configs = sweep_configs(["tome"], [1.0, 0.6])
+    rows = [{**fake_rows(c), "top1_ci95": [fake_rows(c)["top1"] - 0.02, fake_rows(c)["top1"] + 0.01]}
+            for c in configs]
+    fig = tradeoff_figure(rows, "gmacs", lower_x_is_better=True, xlabel="GMACs")
+    ax = fig.axes[0]
+    bars = [c for c in ax.collections if c.get_gid() == "ci:tome"]
+    assert len(bars) == 1
+    segments = sorted(bars[0].get_segments(), key=lambda seg: seg[0][0])  # one vertical bar per point, x order
+    for seg, row in zip(segments, sorted(rows[1:], key=lambda r: r["gmacs"]), strict=True):
+        assert seg[0][0] == pytest.approx(row["gmacs"])
+        assert sorted(p[1] for p in seg) == pytest.approx([100 * row["top1"] - 2, 100 * row["top1"] + 1])
+    assert any(c.get_gid() == "ci:unreduced" for c in ax.collections)
 
 
 def test_real_sweep_on_a_tiny_model(tmp_path):
@@ -139,3 +158,116 @@ def test_reference_evaluation_runs_shipped_learned_reducers():
     assert rows["ltmp (target 0.6) [ltmp_0.6]"]["gmacs_analytic"] is None  # data-dependent: only measured
     assert rows["ltmp (target 0.6) [ltmp_0.6]"]["gmacs"] < rows["unreduced"]["gmacs"]
     assert rows["dtps@0.6 [dtps]"]["gmacs"] <= 0.6 * rows["unreduced"]["gmacs"] + 1e-12
+
+
+# -- the cells' key --------------------------------------------------------------------------------------
+
+
+def fake_evaluate(calls: list[str]):
+    def evaluate(cfgs):
+        calls.extend(c.label for c in cfgs)
+        return [fake_rows(c) for c in cfgs]
+    return evaluate
+
+
+def test_cells_are_reused_only_under_the_same_key(tmp_path):
+    configs = sweep_configs(["tome", "random"], [1.0, 0.6])
+    context = {"model": "m", "weights": "abc", "data": "bundled", "limit": 40, "seeds": 3}
+    calls: list[str] = []
+    run_sweep(fake_evaluate(calls), configs, tmp_path, progress=None, context=context)
+    assert len(calls) == 5
+    stored = read_results(tmp_path)
+    assert stored[1]["cache_key"]["limit"] == 40 and stored[1]["cache_key"]["method"] == "tome"
+    assert stored[1]["cache_key"]["seeds"] is None and stored[3]["cache_key"]["seeds"] == 3  # random is seeded
+
+    calls.clear()
+    run_sweep(fake_evaluate(calls), configs, tmp_path, progress=None, context=dict(context))
+    assert calls == []  # same key: every cell reused
+
+    for change, named in (({"limit": 80}, "limit: 40 there, 80 now"), ({"weights": "xyz"}, "weights: abc there"),
+                          ({"data": "/d"}, "data: bundled there, /d now"), ({"seeds": 5}, "seeds: 3 there, 5 now")):
+        with pytest.raises(SweepMismatch, match=named) as err:
+            run_sweep(fake_evaluate(calls), configs, tmp_path, progress=None, context={**context, **change})
+        assert "--overwrite" in str(err.value) and "--out" in str(err.value)
+    assert calls == []  # refused before any work
+
+    other = [configs[0], Config("tome", {"r": 2}, label="tome@1")]  # same label, other parameters
+    with pytest.raises(SweepMismatch, match=r"tome@1 params: \{\} there, \{\"r\": 2\} now"):
+        run_sweep(fake_evaluate(calls), other, tmp_path, progress=None, context=context)
+
+    run_sweep(fake_evaluate(calls), configs, tmp_path, progress=None, context={**context, "limit": 80},
+              overwrite=True)
+    assert len(calls) == 5 and {r["cache_key"]["limit"] for r in read_results(tmp_path)} == {80}
+
+
+def test_a_fixed_seed_cell_ignores_the_seed_count():
+    assert cell_key(Config("random", {"seed": 4}, budget=0.6), {"seeds": 3})["seeds"] is None
+    assert cell_key(Config("random", budget=0.6), {"seeds": 2})["seeds"] == 2
+
+
+def test_cells_without_a_key_are_refused(tmp_path):
+    (tmp_path / RESULTS).write_text(json.dumps(fake_rows(Config(None))) + "\n")
+    with pytest.raises(SweepMismatch, match="without a key"):
+        run_sweep(fake_evaluate([]), sweep_configs(["tome"], [0.6]), tmp_path, progress=None)
+
+
+def test_weights_fingerprint_follows_the_weights():
+    a, b = make_vit(), make_vit()
+    assert weights_fingerprint(a) == weights_fingerprint(b)
+    with torch.no_grad():
+        b.head.bias[0] += 1e-3
+    assert weights_fingerprint(a) != weights_fingerprint(b)
+    assert weights_fingerprint(make_vit().to(torch.bfloat16)) != weights_fingerprint(a)
+
+
+def test_sweep_command_refuses_another_limit_and_reuses_the_same(tmp_path, capsys, monkeypatch):
+    from tokenreduce.cli import main
+    from tokenreduce.eval import accuracy
+
+    calls = []
+    real = accuracy.evaluate_reference
+
+    def spy(configs, **kwargs):
+        calls.append([c.label for c in configs])
+        return real(configs, **kwargs)
+
+    monkeypatch.setattr(accuracy, "evaluate_reference", spy)
+    out = tmp_path / "sweep"
+    args = ["sweep", "--methods", "tome", "--budgets", "0.6", "--batch-size", "10", "--repeats", "1",
+            "--no-progress", "--out", str(out)]
+    assert main([*args, "--limit", "20"]) == 0
+    assert calls == [["unreduced"], ["tome@0.6"]]
+    capsys.readouterr()
+
+    assert main([*args, "--limit", "30"]) == 2
+    err = capsys.readouterr().err
+    assert "limit: 20 there, 30 now" in err and "--overwrite" in err and "--out" in err
+    assert len(calls) == 2 and [r["samples"] for r in read_results(out)] == [20, 20]  # nothing evaluated
+
+    assert main([*args, "--limit", "20"]) == 0
+    assert len(calls) == 2  # same arguments: the cells are reused, nothing evaluated
+
+    assert main([*args, "--limit", "30", "--overwrite"]) == 0
+    assert len(calls) == 4 and [r["samples"] for r in read_results(out)] == [30, 30]
+
+
+# -- matplotlib is optional ---------------------------------------------------------------------------------
+
+
+def test_sweep_without_matplotlib_writes_tables_and_says_so_once(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
+    rows = run_sweep(fake_evaluate([]), sweep_configs(["tome"], [1.0, 0.6]), tmp_path, progress=None)
+    assert len(rows) == 3
+    assert len(json.loads((tmp_path / "sweep.json").read_text())) == 3
+    assert len((tmp_path / "sweep.csv").read_text().splitlines()) == 4
+    assert not list(tmp_path.glob("*.png"))
+    err = capsys.readouterr().err
+    assert err.count('pip install "tokenreduce[plot]"') == 1
+
+
+def test_importing_tokenreduce_does_not_import_matplotlib():
+    code = ("import sys, tokenreduce, tokenreduce.cli, tokenreduce.eval.sweep, tokenreduce.viz; "
+            "print('matplotlib' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"

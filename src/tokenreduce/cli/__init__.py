@@ -38,6 +38,8 @@ from .options import (
 __all__ = ["DEFAULT_MODEL", "build_parser", "load_model", "main", "parse_param"]
 
 DEFAULT_BUDGETS = (1.0, 0.8, 0.7, 0.6, 0.5, 0.4)
+SEEDS_HELP = ("a seeded method (random) whose seed is not set with --param runs with seeds 0..N-1 and is "
+              "reported as mean ± std (default: %(default)s)")
 
 
 def package_version() -> str:
@@ -105,6 +107,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=positive_int, metavar="N", help="evaluate N images only (a fixed-seed sample)")
     p.add_argument("--repeats", type=positive_int, default=5,
                    help="timed forwards per model for images/s (default: %(default)s)")
+    p.add_argument("--seeds", type=positive_int, default=3, metavar="N", help=SEEDS_HELP)
     p.set_defaults(func=cmd_evaluate)
 
 
@@ -121,7 +124,9 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
         ],
         help="methods x budgets -> CSV/JSON + accuracy-vs-GMACs and accuracy-vs-images/s plots",
         description="Evaluate every method at every budget (resumable: finished cells in OUT/results.jsonl are "
-        "skipped), then write sweep.csv, sweep.json and two PNG plots with the Pareto front and the unreduced model.",
+        "skipped when model, weights, data, limit, batch size, precision, device, seeds and version match; another "
+        "sweep's folder is refused unless --overwrite), then write sweep.csv, sweep.json and two PNG plots with "
+        "the Pareto front, the unreduced model and 95% intervals (the plots need pip install \"tokenreduce[plot]\").",
     )
     p.add_argument("--methods", "--method", dest="methods", nargs="+", metavar="NAME",
                    help="default: every training-free method (plus the learned ones shipped for the reference model)")
@@ -130,6 +135,10 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=positive_int, metavar="N", help="evaluate N images only")
     p.add_argument("--repeats", type=positive_int, default=3, help="timed forwards per model (default: %(default)s)")
     p.add_argument("--out", default="results/sweep", metavar="DIR", help="results folder (default: %(default)s)")
+    p.add_argument("--seeds", type=positive_int, default=3, metavar="N", help=SEEDS_HELP)
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over: discard the cells, tables and plots already in --out (a folder holding "
+                   "cells of other settings is refused without it)")
     p.set_defaults(func=cmd_sweep, interrupted="interrupted: finished cells are kept in --out/results.jsonl; "
                    "rerun the same command to continue")
 

@@ -22,8 +22,8 @@ from torch import nn
 from ..api import apply, remove
 from ..eval.accuracy import Config
 from ..methods import get_method
+from ..models import model_info
 from ..models.loading import REFERENCE_NAME, load_model
-from ..models.timm_vit import model_info
 from .options import (
     amp_dtype,
     check_output,
@@ -245,6 +245,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                     progress=not args.no_progress,
                     model=model,
                     device=args.device,
+                    seeds=args.seeds,
                 ),
             }
         else:
@@ -260,12 +261,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                 device=args.device,
                 progress=not args.no_progress,
                 model=model,
+                seeds=args.seeds,
             )
     result["world_size"] = world
     result["precision"] = precision_label(dtype)
     if rank != 0:
         return 0
-    print(f"{result['model']} on {result['data']}: {result['samples']} images, {world} process(es)")
+    print(f"{result['model']} on {result['data']}: {result['samples']} images scored, "
+          f"{len(result['skipped_images'])} unreadable skipped, {world} process(es)")
     print(format_table(result["rows"]))
     if result["skipped_images"]:
         print(f"skipped {len(result['skipped_images'])} unreadable image(s), not counted:")
@@ -289,7 +292,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     """Methods x budgets, resumable; CSV/JSON and trade-off plots."""
     from ..eval.accuracy import evaluate_reference, format_table
     from ..eval.imagefolder import evaluate_imagefolder
-    from ..eval.sweep import reference_sweep_methods, run_sweep, sweep_configs  # matplotlib: only here
+    from ..eval.sweep import (
+        PLOTS,
+        TABLES,
+        plotting_available,
+        reference_sweep_methods,
+        run_sweep,
+        sweep_configs,
+        sweep_context,
+    )
     from ..methods import REGISTRY
 
     data = data_dir(args)
@@ -310,20 +321,25 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     configs = sweep_configs(methods, args.budgets, extra)
 
     progress = not args.no_progress
+    batch_size = args.batch_size or (250 if data is None else 64)
+    context = sweep_context(model, model_name=args.model, data=data, limit=args.limit, seeds=args.seeds,
+                            batch_size=batch_size, precision=precision_label(dtype), device=args.device,
+                            model_kwargs=dict(args.model_kwargs), img_size=args.img_size)
     if data is None:
         def evaluate(cfgs: list[Config]) -> list[dict[str, Any]]:
-            return evaluate_reference(cfgs, limit=args.limit, batch_size=args.batch_size or 250,
-                                      repeats=args.repeats, progress=progress, model=model, device=args.device)
+            return evaluate_reference(cfgs, limit=args.limit, batch_size=batch_size, repeats=args.repeats,
+                                      progress=progress, model=model, device=args.device, seeds=args.seeds)
     else:
         def evaluate(cfgs: list[Config]) -> list[dict[str, Any]]:
             return evaluate_imagefolder(args.model, data, configs=cfgs, limit=args.limit,
-                                        batch_size=args.batch_size or 64, workers=args.workers,
+                                        batch_size=batch_size, workers=args.workers,
                                         repeats=args.repeats, device=args.device, progress=progress,
-                                        model=model)["rows"]
+                                        model=model, seeds=args.seeds)["rows"]
     with autocast(args.device, dtype):
-        rows = run_sweep(evaluate, configs, args.out)
+        rows = run_sweep(evaluate, configs, args.out, context=context, overwrite=args.overwrite)
     print(format_table(rows))
-    print(f"wrote {args.out}/sweep.csv, sweep.json, top1_vs_gmacs.png, top1_vs_throughput.png")
+    written = [*TABLES, *PLOTS] if plotting_available() else list(TABLES)
+    print(f"wrote {args.out}/{', '.join(written)}")
     return 0
 
 
@@ -389,6 +405,7 @@ def check_run_folder(out: Path, *, resume: bool, overwrite: bool) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train a learned method's parameters; writes OUT/reducer.safetensors."""
+    from ..training.engine import TrainingInterrupted
     from ..training.learned import train_reducer
 
     data = data_dir(args)
@@ -410,17 +427,26 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.budget is not None:  # resolves the method's main knob, as tokenreduce.apply(budget=...) does
         params["budget"] = args.budget
     dataset, transform = training_data(args, model, name, data)
-    out = train_reducer(
-        model, args.method, dataset, out_dir=args.out, epochs=args.epochs, batch_size=args.batch_size,
-        lr=args.lr, finetune=args.finetune, resume=args.resume, checkpoint_every=args.checkpoint_every,
-        max_steps=args.max_steps, transform=transform, device=args.device, progress=not args.no_progress,
-        amp=amp, distill_weight=args.distill_weight, label_smoothing=args.label_smoothing, workers=args.workers,
-        **params,
-    )
+    try:
+        out = train_reducer(
+            model, args.method, dataset, out_dir=args.out, epochs=args.epochs, batch_size=args.batch_size,
+            lr=args.lr, finetune=args.finetune, resume=args.resume, checkpoint_every=args.checkpoint_every,
+            max_steps=args.max_steps, transform=transform, device=args.device, progress=not args.no_progress,
+            amp=amp, distill_weight=args.distill_weight, label_smoothing=args.label_smoothing, workers=args.workers,
+            **params,
+        )
+    except TrainingInterrupted as stop:  # checkpointed at the step it stopped at
+        print(f"interrupted ({stop}); continue with the same command plus --resume: "
+              f"tokenreduce train ... --out {args.out} --resume", file=sys.stderr)
+        return 128 + stop.signum
     result = out["result"]
     print(f"{args.method}: {result.step}/{result.total_steps} steps in {result.wall_time_s:.0f} s; "
           f"last metrics {json.dumps({k: round(v, 4) for k, v in result.last_metrics.items()})}")
-    print(f"wrote {out['checkpoint']} (load with tokenreduce.apply(model, {args.method!r}, checkpoint=...))")
+    if not out["complete"]:
+        print(f"wrote {out['checkpoint']} after {result.step} of {result.total_steps} steps: INCOMPLETE (--max-steps); "
+              f"the same command with --resume and without --max-steps finishes it")
+    else:
+        print(f"wrote {out['checkpoint']} (load with tokenreduce.apply(model, {args.method!r}, checkpoint=...))")
     if "model" in out:
         print(f"wrote {out['model']} (the fine-tuned backbone: pass it as --checkpoint with the reducer)")
     return 0
@@ -433,6 +459,7 @@ def cmd_visualize(args: argparse.Namespace) -> int:
     """One image → a PNG of the tokens kept, merged and pruned at every reduction stage."""
     from PIL import Image
 
+    from ..images import load_image
     from ..viz import visualize
 
     writable = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.SAVE}
@@ -443,19 +470,19 @@ def cmd_visualize(args: argparse.Namespace) -> int:
         params["budget"] = args.budget
     model = model_from_args(args, args.model or REFERENCE_NAME)
     check_configs(model, [Config(args.method, {k: v for k, v in params.items() if k != "budget"}, args.budget)])
-    with Image.open(args.image) as img:
-        if model.patch_embed.proj.in_channels == 1:
-            import numpy as np
+    img = load_image(args.image, model.patch_embed.proj.in_channels)  # 16-bit / float images by their range
+    if model.patch_embed.proj.in_channels == 1:
+        import numpy as np
 
-            from ..models.reference import preprocess
+        from ..models.reference import preprocess
 
-            gray = img.convert("L").resize((28, 28))
-            x = preprocess(torch.from_numpy(np.asarray(gray).copy()).unsqueeze(0))
-        else:
-            import timm.data
+        gray = img.resize((28, 28))
+        x = preprocess(torch.from_numpy(np.asarray(gray).copy()).unsqueeze(0))
+    else:
+        import timm.data
 
-            cfg = timm.data.resolve_data_config({}, model=model)
-            x = timm.data.create_transform(**cfg)(img.convert("RGB")).unsqueeze(0)
+        cfg = timm.data.resolve_data_config({}, model=model)
+        x = timm.data.create_transform(**cfg)(img).unsqueeze(0)
     sheet = visualize(model, x, args.method, **params)
     if out:
         written = write_output(out, sheet.save, overwrite=args.overwrite)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import math
+import statistics
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,7 +30,7 @@ from tqdm.auto import tqdm
 from ..api import apply, gmacs, methods, reducer, remove, stats
 from ..methods import get_method
 from ..methods.base import ModelInfo
-from ..models.timm_vit import model_info
+from ..models import model_info
 from .throughput import TimingResult, _timer
 
 UNREDUCED = "unreduced"
@@ -93,6 +94,59 @@ class Config:
             else:
                 extra = ",".join(f"{k}={v}" for k, v in self.params.items())
                 self.label = f"{self.method}" + (f"({extra})" if extra else " (default)")
+
+
+Z95 = 1.959964
+"""The standard normal quantile of a two-sided 95% interval."""
+
+DEFAULT_SEEDS = 3
+"""Seeds a seeded method is evaluated over by default (0, 1, 2)."""
+
+
+def wilson_interval(correct: float, total: int, z: float = Z95) -> tuple[float, float]:
+    """The Wilson score interval of a binomial proportion ``correct / total`` (fractions, not percent).
+
+    ``p̂ = correct/total``; centre ``(p̂ + z²/2n) / (1 + z²/n)``, half-width
+    ``z/(1 + z²/n) · sqrt(p̂(1−p̂)/n + z²/4n²)``.  Unlike the normal (Wald) interval it stays
+    inside [0, 1] and is not empty at 0 or ``total`` correct.  ``correct`` may be a mean
+    count (a mean over seeds), then it is the interval of that mean accuracy's counts.
+
+    Returns:
+        ``(low, high)``; ``(nan, nan)`` when ``total`` is 0.
+
+    Raises:
+        ValueError: ``correct`` outside ``[0, total]`` or ``total`` negative.
+    """
+    if total < 0 or not 0 <= correct <= total:
+        raise ValueError(f"wilson_interval needs 0 <= correct <= total, got correct={correct}, total={total}")
+    if total == 0:
+        return float("nan"), float("nan")
+    p = correct / total
+    z2n = z * z / total
+    centre = (p + z2n / 2) / (1 + z2n)
+    half = z / (1 + z2n) * math.sqrt(p * (1 - p) / total + z2n / (4 * total))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def seed_list(config: Config, seeds: int = DEFAULT_SEEDS) -> list[int] | None:
+    """The seeds ``config`` is evaluated over: ``[0, …, seeds − 1]`` for a seeded method
+    (:attr:`~tokenreduce.methods.base.Reducer.seed_param`) whose parameters do not fix the seed,
+    else ``None`` (one run).
+
+    Raises:
+        ValueError: ``seeds`` below 1.
+    """
+    if seeds < 1:
+        raise ValueError(f"seeds must be >= 1, got {seeds}")
+    if config.method is None:
+        return None
+    try:
+        cls, _ = get_method(config.method).resolve(dict(config.params))
+    except (ValueError, TypeError):  # a bad config: skip_reason reports it
+        return None
+    if cls.seed_param is None or cls.seed_param in config.params:
+        return None
+    return list(range(seeds))
 
 
 def rank_world() -> tuple[int, int]:
@@ -190,8 +244,13 @@ def evaluate_configs(
     device: torch.device | str = "cpu",
     repeats: int = 5,
     progress: bool = True,
+    seeds: int = DEFAULT_SEEDS,
 ) -> list[dict[str, Any]]:
     """Evaluate ``model`` under every config; one JSON-friendly row per config.
+
+    A config of a seeded method (:attr:`~tokenreduce.methods.base.Reducer.seed_param`, e.g.
+    ``random``) whose parameters do not fix the seed is evaluated once per seed ``0 … seeds−1``
+    (:func:`seed_list`): one seed cannot rank methods closer than the spread between seeds.
 
     Args:
         model: eval-mode timm ViT, already on ``device``; left unreduced at the end.
@@ -200,11 +259,22 @@ def evaluate_configs(
             (images B×C×H×W, labels B) — this rank's shard.
         timing_batch: the batch (B×C×H×W) on which images/s are measured.
         repeats: timed forwards per model for images/s (medians).
+        seeds: seeds a seeded method is evaluated over (default 3: 0, 1, 2).
 
     Returns:
-        Rows with ``label, method, params, budget, top1, top5, samples, gmacs,
-        gmacs_analytic, images_per_s, speedup, delta_top1`` (``skipped`` instead when
-        the config cannot run).  Counts are summed over ranks.
+        Rows with ``label, method, params, budget, top1, top5, top1_ci95, top5_ci95,
+        correct1, correct5, samples, gmacs, gmacs_analytic, images_per_s, speedup,
+        delta_top1`` (``skipped`` instead when the config cannot run).  Counts are summed
+        over ranks.  ``top1_ci95`` / ``top5_ci95`` are 95% Wilson score intervals
+        (:func:`wilson_interval`, fractions), binomial over the ``samples`` images scored.
+
+        A seeded row also has ``seeds`` (the list run), ``top1_per_seed`` and ``top5_per_seed``,
+        and ``top1_std`` (sample standard deviation over seeds; ``None`` for one seed); its
+        ``top1`` / ``top5`` are the means over seeds, ``correct1`` / ``correct5`` the mean
+        counts, and its intervals are those of the mean accuracy's counts (mean correct over
+        seeds, same total) — they describe the sampling of the images, not the spread over
+        seeds.  Its ``params`` leave out the seed; GMACs and images/s are the seed-0 run's
+        (the seed changes which tokens go, not how many).
     """
     remove(model)
     base = copy.deepcopy(model)
@@ -218,51 +288,78 @@ def evaluate_configs(
         if reason is not None:
             rows.append({**row, "params": config.params, "skipped": reason})
             continue
-        if config.method is not None:
-            apply(model, config.method, budget=config.budget, **config.params)
-            applied = reducer(model)
-            if applied.needs_calibration(config.params):
-                # a default tuned for another model (PPT's τ): calibrated on the timing batch
-                value = applied.calibrate(model, timing_batch, config.budget, config.params)
-                row["calibrated"] = list(value) if isinstance(value, tuple) else value
-        counts = count_correct(
-            model,
-            make_batches(),
-            device=device,
-            reduced=config.method is not None,
-            progress=progress,
-            desc=config.label,
-            total=num_batches,
-        ).all_reduce()
+        run_seeds = seed_list(config, seeds)
+        seed_param = get_method(config.method).resolve(dict(config.params))[0].seed_param if run_seeds else None
+        runs: list[Counts] = []
+        for seed in run_seeds or [None]:
+            run_params = dict(config.params) if seed is None else {**config.params, seed_param: seed}
+            if config.method is not None:
+                apply(model, config.method, budget=config.budget, **run_params)
+                applied = reducer(model)
+                if applied.needs_calibration(run_params):
+                    # a default tuned for another model (PPT's τ): calibrated on the timing batch
+                    value = applied.calibrate(model, timing_batch, config.budget, run_params)
+                    row["calibrated"] = list(value) if isinstance(value, tuple) else value
+            desc = config.label if seed is None else f"{config.label} seed {seed}"
+            counts = count_correct(
+                model,
+                make_batches(),
+                device=device,
+                reduced=config.method is not None,
+                progress=progress,
+                desc=desc,
+                total=num_batches,
+            ).all_reduce()
+            runs.append(counts)
+            if len(runs) == 1:  # schedule, GMACs and speed: the first (seed-0) run's
+                if config.method is None:
+                    params, analytic = {}, base_gmacs
+                else:
+                    params = stats(model).params
+                    try:
+                        analytic = gmacs(model, config.method, **_analytic_params(config.method, params))
+                    except NotImplementedError:  # data-dependent counts (LTMP): only the measured GMACs exist
+                        analytic = None
+                if config.method is None:  # one model: its speed-up is 1 by definition
+                    ips = dict.fromkeys(
+                        ("unreduced", "reduced"), time_models({"m": base}, timing_batch, repeats=repeats)["m"]
+                    )
+                else:
+                    ips = time_models({"unreduced": base, "reduced": model}, timing_batch, repeats=repeats)
+            remove(model)
+        first = runs[0]
+        correct1 = sum(c.correct1 for c in runs) / len(runs) if run_seeds else first.correct1
+        correct5 = sum(c.correct5 for c in runs) / len(runs) if run_seeds else first.correct5
+        top1 = correct1 / first.total if first.total else float("nan")
+        top5 = correct5 / first.total if first.total else float("nan")
         if config.method is None:
-            params, analytic = {}, base_gmacs
-        else:
-            params = stats(model).params
-            try:
-                analytic = gmacs(model, config.method, **_analytic_params(config.method, params))
-            except NotImplementedError:  # data-dependent counts (LTMP): only the measured GMACs exist
-                analytic = None
-        if config.method is None:  # one model: its speed-up is 1 by definition
-            ips = dict.fromkeys(("unreduced", "reduced"), time_models({"m": base}, timing_batch, repeats=repeats)["m"])
-        else:
-            ips = time_models({"unreduced": base, "reduced": model}, timing_batch, repeats=repeats)
-        remove(model)
-        if config.method is None:
-            base_top1 = counts.top1
+            base_top1 = top1
+        if run_seeds:
+            params = {k: v for k, v in params.items() if k != seed_param}
         row.update(
             params=params,
-            top1=counts.top1,
-            top5=counts.top5,
-            correct1=counts.correct1,
-            correct5=counts.correct5,
-            samples=counts.total,
-            gmacs=counts.gmacs,
+            top1=top1,
+            top5=top5,
+            top1_ci95=list(wilson_interval(correct1, first.total)),
+            top5_ci95=list(wilson_interval(correct5, first.total)),
+            correct1=correct1,
+            correct5=correct5,
+            samples=first.total,
+            gmacs=first.gmacs,
             gmacs_analytic=analytic,
             gmacs_unreduced=base_gmacs,
             images_per_s=ips["reduced"],
             images_per_s_unreduced=ips["unreduced"],
             speedup=ips["reduced"] / ips["unreduced"],
         )
+        if run_seeds:
+            per_seed1 = [c.top1 for c in runs]
+            row.update(
+                seeds=run_seeds,
+                top1_per_seed=per_seed1,
+                top5_per_seed=[c.top5 for c in runs],
+                top1_std=statistics.stdev(per_seed1) if len(runs) > 1 else None,
+            )
         rows.append(row)
     for row in rows:
         if "top1" in row and base_top1 is not None:
@@ -335,6 +432,7 @@ def evaluate_reference(
     progress: bool = True,
     model: nn.Module | None = None,
     device: torch.device | str = "cpu",
+    seeds: int = DEFAULT_SEEDS,
 ) -> list[dict[str, Any]]:
     """Evaluate the bundled reference model on the bundled Fashion-MNIST test set.
 
@@ -345,6 +443,7 @@ def evaluate_reference(
         checkpoint: another safetensors state dict for the reference architecture.
         model: the reference model already loaded (then ``checkpoint`` is not used).
         device: where the model runs.
+        seeds: seeds a seeded method is evaluated over (:func:`evaluate_configs`).
     """
     from ..models.reference import load_reference_model, load_reference_testset, preprocess
 
@@ -363,21 +462,45 @@ def evaluate_reference(
         device=device,
         repeats=repeats,
         progress=progress,
+        seeds=seeds,
     )
 
 
+def _percent_interval(interval: list[float] | None) -> str:
+    """``[88.1, 89.4]`` (percent) or ``""`` when the row has no interval."""
+    if not interval or any(v is None or math.isnan(v) for v in interval):
+        return ""
+    return f"[{100 * interval[0]:.1f}, {100 * interval[1]:.1f}]"
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
-    """A readable table: method, top-1, change vs unreduced, GMACs, images/s, speed-up."""
-    head = f"{'method':<20} {'top-1':>7} {'Δ top-1':>8} {'top-5':>7} {'GMACs':>9} {'ratio':>6} "
+    """A readable table: method, top-1 with its 95% interval, change vs unreduced, top-5, GMACs, images/s,
+    speed-up.
+
+    A row evaluated over several seeds shows its top-1 as mean ± sample std over the seeds
+    (``83.50±0.90%``); the ``95% CI`` column is the Wilson score interval of top-1, binomial over
+    the images scored (of the mean counts for a seeded row).
+    """
+    head = f"{'method':<20} {'top-1':>13} {'95% CI':>14} {'Δ top-1':>8} {'top-5':>7} {'GMACs':>9} {'ratio':>6} "
     head += f"{'img/s':>8} {'speed-up':>8}"
     lines = [head, "-" * len(head)]
+    seeded: set[int] = set()
     for r in rows:
         if "skipped" in r:
             lines.append(f"{r['label']:<20} skipped: {r['skipped']}")
             continue
         ratio = r["gmacs"] / r["gmacs_unreduced"]
+        top1 = f"{100 * r['top1']:.2f}"
+        if r.get("top1_std") is not None:
+            top1 += f"±{100 * r['top1_std']:.2f}"
+            seeded.add(len(r["seeds"]))
         lines.append(
-            f"{r['label']:<20} {100 * r['top1']:>6.2f}% {100 * r.get('delta_top1', 0.0):>+7.2f} "
-            f"{100 * r['top5']:>6.2f}% {r['gmacs']:>9.4f} {ratio:>6.2f} {r['images_per_s']:>8.0f} {r['speedup']:>7.2f}x"
+            f"{r['label']:<20} {top1 + '%':>13} {_percent_interval(r.get('top1_ci95')):>14} "
+            f"{100 * r.get('delta_top1', 0.0):>+8.2f} {100 * r['top5']:>6.2f}% {r['gmacs']:>9.4f} {ratio:>6.2f} "
+            f"{r['images_per_s']:>8.0f} {r['speedup']:>7.2f}x"
         )
+    if seeded:
+        counts = "/".join(str(n) for n in sorted(seeded))
+        lines.append(f"±: mean ± sample std over {counts} seeds (seeds 0, 1, ...); 95% CI: Wilson score interval "
+                     "over the images scored")
     return "\n".join(lines)

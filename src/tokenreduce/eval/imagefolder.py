@@ -23,8 +23,16 @@ from PIL import Image
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from ..models.timm_vit import model_info
-from .accuracy import DEFAULT_BUDGETS, Config, default_configs, evaluate_configs, rank_world, shard_indices
+from ..models import model_info
+from .accuracy import (
+    DEFAULT_BUDGETS,
+    DEFAULT_SEEDS,
+    Config,
+    default_configs,
+    evaluate_configs,
+    rank_world,
+    shard_indices,
+)
 
 REFERENCE_NAME = "reference"
 
@@ -120,17 +128,20 @@ def evaluate_imagefolder(
     device: str = "cpu",
     progress: bool = True,
     model: nn.Module | None = None,
+    seeds: int = DEFAULT_SEEDS,
 ) -> dict[str, Any]:
     """Top-1/top-5, GMACs and images/s of ``model_name`` under ``configs`` on the ImageFolder ``data``.
 
     ``model``: the model already loaded (``model_name`` then only names it in the result);
     default: loaded by name with ``pretrained`` and ``checkpoint``.  ``configs``: the rows (default:
-    :func:`~tokenreduce.eval.accuracy.default_configs` for this model at ``budgets``).
+    :func:`~tokenreduce.eval.accuracy.default_configs` for this model at ``budgets``).  ``seeds``: seeds a
+    seeded method is evaluated over (:func:`~tokenreduce.eval.accuracy.evaluate_configs`).
 
     Returns:
         ``{"model", "data", "data_config", "samples", "skipped_images", "rows"}``;
-        ``samples`` is the number of images considered (after ``limit``), each row's
-        ``samples`` the number actually scored (readable ones), summed over ranks.
+        ``samples`` is the number of images scored (the readable ones, summed over ranks: each
+        row's ``samples`` too) and ``skipped_images`` lists the unreadable ones, so ``samples +
+        len(skipped_images)`` is the number of images considered (after ``limit``).
 
     Raises:
         FileNotFoundError, ValueError: missing or empty folder, class count that does
@@ -178,6 +189,7 @@ def evaluate_imagefolder(
         device=device,
         repeats=repeats,
         progress=progress,
+        seeds=seeds,
     )
     skipped = sorted(errors)
     if world > 1:
@@ -188,7 +200,7 @@ def evaluate_imagefolder(
         "model": model_name,
         "data": str(data),
         "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in data_config.items()},
-        "samples": len(chosen),
+        "samples": len(chosen) - len(skipped),  # scored; with the skipped ones, all that were considered
         "skipped_images": skipped,
         "rows": rows,
     }
