@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import statistics
-import time
 from collections.abc import Callable, Sequence
+
+from tokenreduce.eval.throughput import interleaved_seconds, wall_clock
 
 
 def median_rates(
@@ -12,14 +13,13 @@ def median_rates(
 ) -> list[float]:
     """Median images/s of each step function, the functions taking turns round after round.
 
-    Every round runs ``steps_per_round`` calls of each function in turn, so slow drifts of
-    a shared machine hit all of them alike.
+    Every round runs ``steps_per_round`` calls of each function in turn
+    (:func:`tokenreduce.eval.throughput.interleaved_seconds`), so slow drifts of a shared
+    machine hit all of them alike.
     """
-    rates: list[list[float]] = [[] for _ in steps]
-    for _ in range(rounds):
-        for i, step in enumerate(steps):
-            start = time.perf_counter()
-            for _ in range(steps_per_round):
-                step()
-            rates[i].append(steps_per_round * batch_size / (time.perf_counter() - start))
-    return [statistics.median(r) for r in rates]
+
+    def run_round(step: Callable[[], None]) -> Callable[[], float]:
+        return wall_clock(lambda: [step() for _ in range(steps_per_round)])
+
+    seconds = interleaved_seconds({str(i): run_round(step) for i, step in enumerate(steps)}, rounds)
+    return [steps_per_round * batch_size / statistics.median(seconds[str(i)]) for i in range(len(steps))]

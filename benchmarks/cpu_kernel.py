@@ -17,13 +17,13 @@ import argparse
 import copy
 import statistics
 import sys
-import time
 from collections.abc import Callable
 
 import timm
 import torch
 
 import tokenreduce as tr
+from tokenreduce.eval.throughput import interleaved_seconds, wall_clock
 from tokenreduce.ops import cpu_kernels
 from tokenreduce.ops.merge import bipartite_merge
 from tokenreduce.state import TokenState
@@ -33,17 +33,18 @@ MERGING_METHODS = ("tome", "ppt", "bat")
 
 def median_seconds(runs: list[tuple[str, Callable[[], object], str]], repeats: int) -> dict[str, float]:
     """Median seconds of each ``(name, call, kernel mode)``, the calls taking turns (order flipped every round)."""
-    times: dict[str, list[float]] = {name: [] for name, _, _ in runs}
+    def run(call: Callable[[], object], mode: str) -> Callable[[], float]:
+        timed = wall_clock(call)
+
+        def in_mode() -> float:
+            cpu_kernels.set_cpu_kernels(mode)  # untimed: the mode switch is not the op's cost
+            return timed()
+
+        return in_mode
+
     with torch.inference_mode():
-        for _, call, mode in runs:  # warm-up
-            cpu_kernels.set_cpu_kernels(mode)
-            call()
-        for i in range(repeats):
-            for name, call, mode in runs if i % 2 else runs[::-1]:
-                cpu_kernels.set_cpu_kernels(mode)
-                start = time.perf_counter()
-                call()
-                times[name].append(time.perf_counter() - start)
+        times = interleaved_seconds({name: run(call, mode) for name, call, mode in runs}, repeats, warmup=1,
+                                    alternate_order=True)
     return {name: statistics.median(values) for name, values in times.items()}
 
 

@@ -31,7 +31,7 @@ from ..api import apply, gmacs, methods, reducer, remove, stats
 from ..methods import get_method
 from ..methods.base import ModelInfo
 from ..models import model_info
-from .throughput import TimingResult, _timer
+from .throughput import TimingResult, _timer, interleaved_seconds
 
 UNREDUCED = "unreduced"
 
@@ -205,13 +205,7 @@ def time_models(models: dict[str, nn.Module], x: Tensor, *, repeats: int = 5, wa
     real images.
     """
     timers = {name: _timer(m, x, "fp32") for name, m in models.items()}
-    for _ in range(warmup):
-        for run in timers.values():
-            run()
-    seconds: dict[str, list[float]] = {name: [] for name in models}
-    for _ in range(repeats):
-        for name, run in timers.items():
-            seconds[name].append(run())
+    seconds = interleaved_seconds(timers, repeats, warmup=warmup)
     return {name: TimingResult(x.shape[0], s).images_per_second for name, s in seconds.items()}
 
 

@@ -70,11 +70,50 @@ def _timer(model: nn.Module, x: torch.Tensor, dtype: str) -> Callable[[], float]
                 end.record()
                 torch.cuda.synchronize(device)
                 return start.elapsed_time(end) / 1e3
-            t0 = time.perf_counter()
-            model(x)
-            return time.perf_counter() - t0
+            return wall_clock(lambda: model(x))()
 
     return run_once
+
+
+def interleaved_seconds(
+    runs: dict[str, Callable[[], float]],
+    repeats: int,
+    *,
+    warmup: int = 0,
+    alternate_order: bool = False,
+    progress: bool = False,
+    desc: str = "timing",
+) -> dict[str, list[float]]:
+    """Seconds of every run, the runs taking turns: the one timing loop of the project.
+
+    Each run is a zero-argument callable that does its work once and returns the seconds it took
+    (so a CUDA run can time itself with events).  ``warmup`` untimed rounds come first; then
+    ``repeats`` rounds call every run once, in turn, so slow drifts of a shared machine hit all
+    of them alike (``alternate_order``: the order reverses every other round).
+
+    Returns:
+        name → the ``repeats`` timings, in order.
+    """
+    for _ in range(warmup):
+        for run in runs.values():
+            run()
+    seconds: dict[str, list[float]] = {name: [] for name in runs}
+    items = list(runs.items())
+    for i in tqdm(range(repeats), desc=desc, disable=not progress, leave=False):
+        for name, run in items[::-1] if alternate_order and i % 2 else items:
+            seconds[name].append(run())
+    return seconds
+
+
+def wall_clock(fn: Callable[[], Any]) -> Callable[[], float]:
+    """``fn`` as a run for :func:`interleaved_seconds`: calls it and returns the wall-clock seconds."""
+
+    def run() -> float:
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+
+    return run
 
 
 def time_forward(
@@ -108,13 +147,7 @@ def time_forward(
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch_size, 3, h, w, generator=gen).to(device)
     timers = {name: _timer(m, x, dtype) for name, m in models.items()}
-    for _ in range(warmup):
-        for run in timers.values():
-            run()
-    seconds: dict[str, list[float]] = {name: [] for name in models}
-    for _ in tqdm(range(repeats), desc=desc, disable=not progress, leave=False):
-        for name, run in timers.items():
-            seconds[name].append(run())
+    seconds = interleaved_seconds(timers, repeats, warmup=warmup, progress=progress, desc=desc)
     return {name: TimingResult(batch_size, s) for name, s in seconds.items()}
 
 

@@ -119,6 +119,7 @@ def merge_rows(src: Tensor, unm: Tensor, dst: Tensor, n: int, p: int) -> tuple[T
 
 
 _LAYOUTS: dict[tuple, tuple[Tensor, Tensor, Tensor]] = {}
+"""Position tensors per (tokens, prefix, batch, device, inference mode); cleared when it passes 256 entries."""
 
 
 def _layout(n: int, p: int, batch: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
