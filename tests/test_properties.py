@@ -22,7 +22,7 @@ method_and_params = st.one_of(
     st.builds(
         lambda k, layers, fuse: ("evit", {"keep_rate": k, "layers": tuple(layers), "fuse_token": fuse}),
         st.floats(0.05, 1.0),
-        st.sets(st.integers(0, 11), max_size=5),
+        st.sets(st.integers(0, 11), min_size=1, max_size=5),
         st.booleans(),
     ),
     st.builds(lambda k, s: ("random", {"keep_rate": k, "seed": s}), st.floats(0.05, 1.0), st.integers(0, 99)),

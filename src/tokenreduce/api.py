@@ -19,7 +19,7 @@ from torch import nn
 from .checkpoint import check_compatible, load_into, read_reducer
 from .methods import available_methods, get_method
 from .methods.base import Reducer
-from .models.timm_vit import check_supported, context_of, is_patched, model_info, patch, unpatch
+from .models import adapter_for, context_of, is_patched, patch, unpatch
 from .stats import LastForward, ReductionStats, collect_stats
 
 M = TypeVar("M", bound=nn.Module)
@@ -60,6 +60,12 @@ def apply(
     Returns:
         ``model`` itself.  Applying again replaces the previous method.
 
+    A learned method's parameters (``tokenreduce.reducer(model).module``) are put on the
+    model's device and floating-point dtype, and then follow the model as a submodule's
+    would (``model.to(...)``, ``.half()``, ``.bfloat16()``, ``.cuda()``, ``.cpu()``).  They are
+    not the model's: ``model.parameters()`` and ``model.state_dict()`` stay the stock
+    model's; train and save them through ``tokenreduce.reducer(model).module``.
+
     Raises:
         ValueError: unknown method, bad parameter value, unreachable budget, or a
             learned method with neither ``checkpoint`` nor ``untrained=True``.
@@ -68,8 +74,8 @@ def apply(
     cls, params = get_method(method).resolve(params)
     if is_patched(model):
         unpatch(model)
-    check_supported(model)
-    info = model_info(model)
+    adapter = adapter_for(model)
+    info = adapter.model_info(model)
     if checkpoint is not None:
         meta, tensors = read_reducer(checkpoint)
         check_compatible(meta, cls.name, info, checkpoint)
@@ -88,9 +94,10 @@ def apply(
                 "untrained=True to start from freshly initialised ones (e.g. to train them); untrained, its output "
                 "is not meaningful"
             )
-    if reducer.module is not None:
-        reducer.module.to(next(model.parameters()).device)
-    patch(model, reducer, cls.name, trace_source=trace_source)
+    if reducer.module is not None:  # from here on the module follows the model's .to() / .half() / .cuda()
+        first = next(model.parameters())
+        reducer.module.to(device=first.device, dtype=first.dtype)
+    patch(model, adapter, reducer, cls.name, trace_source=trace_source)
     return model
 
 
@@ -124,7 +131,8 @@ def is_reduced(model: nn.Module) -> bool:
 
 def reducer(model: nn.Module) -> Reducer:
     """The reducer applied to ``model``: ``.name``, ``.config()`` (resolved parameters), ``.info``
-    (the model facts it uses), ``.schedule(n)`` and, for learned methods, ``.module`` (the parameters).
+    (the model facts it uses), ``.schedule(n)`` and, for learned methods, ``.module`` (the parameters,
+    which move with the model's dtype and device but are not among ``model.parameters()``).
 
     Raises:
         RuntimeError: no method is applied to ``model``.
@@ -158,8 +166,7 @@ def gmacs(model: nn.Module, method: str | None = None, *, num_tokens: int | None
     Args:
         num_tokens: tokens entering the first block (default: the model's own image size).
     """
-    check_supported(model)
-    info = model_info(model)
+    info = adapter_for(model).model_info(model)
     n = info.num_tokens if num_tokens is None else num_tokens
     if method is None:
         return info.unreduced_macs(n) / 1e9

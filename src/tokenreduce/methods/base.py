@@ -28,7 +28,8 @@ class ModelInfo:
     cost: CostModel
     num_classes: int = 0
     has_class_token: bool = True  # False: the signal ``cls_attn`` is the mean attention each key receives
-    architecture: str = ""  # the model's timm architecture name where known (per-model defaults), else ""
+    architecture: str = ""  # the model's architecture name where known (per-model defaults), else ""
+    family: str = "timm-vit"  # the adapter's family name (checkpoints record it)
 
     @property
     def num_tokens(self) -> int:

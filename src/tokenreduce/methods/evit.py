@@ -28,8 +28,9 @@ from .base import ModelInfo, Reducer, check_fraction, check_layers, keep_rate_va
 
 
 def kept_count(keep_rate: float, num_candidates: int) -> int:
-    """``ceil(keep_rate · num_candidates)``, robust to float noise (0.7·10 → 7, not 8)."""
-    return min(num_candidates, math.ceil(round(keep_rate * num_candidates, 6)))
+    """``ceil(keep_rate · num_candidates)``, robust to float noise (0.7·10 → 7, not 8), and at least 1 of at
+    least one candidate (as the ceiling of a positive rate is: rounding must not make a tiny rate keep none)."""
+    return min(num_candidates, max(1, math.ceil(round(keep_rate * num_candidates, 6))))
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ def batched_gather(x: Tensor, index: Tensor) -> Tensor:
         B×K×C tensor with ``out[b, k] = x[b, index[b, k]]``.
     """
     batch, n = x.shape[:2]
-    rows = x.reshape(batch * n, -1).index_select(0, flat_rows(index, n))
+    rows = x.reshape(batch * n, x.shape[2:].numel()).index_select(0, flat_rows(index, n))  # also for B·N = 0
     return rows.view(batch, index.shape[1], *x.shape[2:])
 
 
@@ -47,7 +47,7 @@ def batched_scatter_add(values: Tensor, index: Tensor, num_groups: int) -> Tenso
         B×G×C tensor with ``out[b, g] = Σ_{m: index[b, m] = g} values[b, m]``.
     """
     batch, m = values.shape[:2]
-    flat = values.reshape(batch * m, -1)
+    flat = values.reshape(batch * m, values.shape[2:].numel())  # also for no tokens (M = 0): all-zero groups
     out = flat.new_zeros(batch * num_groups, flat.shape[1])
     out.index_add_(0, flat_rows(index, num_groups), flat)
     return out.view(batch, num_groups, *values.shape[2:])

@@ -13,7 +13,14 @@ owns the rest:
 - checkpoints every ``checkpoint_every`` steps and at the end, written atomically
   and holding model / optimizer / scheduler / step / RNG state, so that
   ``resume=True`` continues exactly where the run stopped (same parameters, bit
-  for bit, as a run that never stopped).
+  for bit, as a run that never stopped); ``resume=True`` without a checkpoint is
+  refused, and temporary files an interrupted checkpoint write left behind are
+  removed when a run starts in the folder;
+- SIGINT (Ctrl-C) and SIGTERM end the run cleanly: the step in progress finishes,
+  the checkpoint is written at that step and :class:`TrainingInterrupted` (a
+  ``KeyboardInterrupt``) is raised.  Further signals meanwhile are ignored (the
+  atomic write keeps the previous checkpoint intact even under SIGKILL).  Under
+  ``torchrun`` the ranks agree on the step to stop at.
 """
 
 from __future__ import annotations
@@ -21,8 +28,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,7 +60,9 @@ class TrainConfig:
 
     ``batch_size`` is per process; the global batch is ``batch_size × world_size``.
     ``stop_at_step`` ends the run early (with a checkpoint) without changing the
-    schedule, which is always laid out for ``epochs`` full epochs.
+    schedule, which is always laid out for ``epochs`` full epochs.  ``extra`` describes
+    the run (e.g. the method and its parameters) and is saved with every checkpoint;
+    ``resume`` refuses a checkpoint whose ``extra`` differs.
     """
 
     out_dir: str
@@ -86,6 +97,67 @@ class TrainResult:
     last_metrics: dict[str, float]
     evals: list[dict[str, Any]]
     checkpoint: str
+
+    @property
+    def complete(self) -> bool:
+        """Whether the run reached its last step (``False``: cut short by ``stop_at_step``; resumable)."""
+        return self.step >= self.total_steps
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """A run stopped by SIGINT or SIGTERM, after writing its checkpoint at ``step``.
+
+    Attributes:
+        signum: the signal; step / total_steps: where the run stopped; checkpoint: its path.
+    """
+
+    def __init__(self, signum: int, step: int, total_steps: int, checkpoint: str) -> None:
+        self.signum, self.step, self.total_steps, self.checkpoint = signum, step, total_steps, checkpoint
+        super().__init__(
+            f"{signal.Signals(signum).name}: training stopped at step {step}/{total_steps}, "
+            f"checkpoint {checkpoint} written"
+        )
+
+
+class _StopSignals:
+    """While active: SIGINT / SIGTERM are noted (the first one's number) instead of raising.
+
+    Only the main thread can install signal handlers; elsewhere the signals keep their handlers.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self._previous: dict[int, Any] = {}
+
+    def _note(self, signum: int, frame: Any) -> None:
+        self.signum = self.signum or signum
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._note)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+
+
+def remove_orphaned_temporaries(folder: str | os.PathLike, names: Iterable[str]) -> list[Path]:
+    """Delete the temporary files (``.NAME.*.tmp``) that an atomic write of ``NAME`` killed mid-way left in
+    ``folder`` (see :func:`~.checkpoint.save_checkpoint`, :func:`tokenreduce.checkpoint.atomic_save_file`).
+
+    Only those names' temporaries are touched; returns the paths removed.
+    """
+    removed = []
+    for name in names:
+        for tmp in Path(folder).glob(f".{name}.*.tmp"):
+            if tmp.is_file():
+                tmp.unlink(missing_ok=True)
+                removed.append(tmp)
+    return removed
 
 
 def _dist_info() -> tuple[int, int]:
@@ -197,15 +269,24 @@ def train(
         A :class:`TrainResult`; the model holds the trained weights.
 
     Raises:
-        CheckpointError: ``resume=True`` and the checkpoint is corrupted, or belongs to
-            another configuration (different number of steps or world size).
+        CheckpointError: ``resume=True`` and there is no checkpoint in ``out_dir``, or it is
+            corrupted, or it belongs to another configuration (different number of steps or world
+            size, a different ``config.extra``, or parameters that do not fit the model or task).
+        TrainingInterrupted: SIGINT or SIGTERM stopped the run; its checkpoint is written
+            (``resume=True`` continues it).
     """
     rank, world = _dist_info()
     device = torch.device(config.device)
     out = Path(config.out_dir)
     ckpt_path = out / CHECKPOINT_NAME
+    if config.resume and not ckpt_path.is_file():
+        raise CheckpointError(
+            f"no checkpoint to resume in {out} ({CHECKPOINT_NAME} is missing: the run there, if any, stopped "
+            "before its first checkpoint); start the run over instead of resuming"
+        )
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
+        remove_orphaned_temporaries(out, [CHECKPOINT_NAME])
 
     n = len(dataset)  # type: ignore[arg-type]
     steps_per_epoch = (n // world) // config.batch_size
@@ -233,18 +314,28 @@ def train(
 
     step, wall_before, evals = 0, 0.0, []
     torch.manual_seed(config.seed + rank)
-    if config.resume and ckpt_path.exists():
+    if config.resume:
         state = load_checkpoint(ckpt_path)
         if state.get("total_steps") != total_steps or state.get("world_size") != world:
             raise CheckpointError(
                 f"checkpoint {ckpt_path} is from another run: {state.get('total_steps')} steps on "
                 f"{state.get('world_size')} processes, this run has {total_steps} steps on {world}"
             )
-        model.load_state_dict(state["model"])
-        if hasattr(task, "load_state_dict") and "task" in state:
-            task.load_state_dict(state["task"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        saved_extra = state.get("config", {}).get("extra", {})
+        differ = sorted(k for k in set(saved_extra) | set(config.extra) if saved_extra.get(k) != config.extra.get(k))
+        if differ:  # e.g. another method or other method parameters (TrainConfig.extra describes the run)
+            raise CheckpointError(
+                f"checkpoint {ckpt_path} is from another run: "
+                + "; ".join(f"{k}: {saved_extra.get(k)!r} there, {config.extra.get(k)!r} here" for k in differ)
+            )
+        try:
+            model.load_state_dict(state["model"])
+            if hasattr(task, "load_state_dict") and "task" in state:
+                task.load_state_dict(state["task"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+        except (RuntimeError, ValueError, KeyError) as err:  # parameters of another shape or number
+            raise CheckpointError(f"checkpoint {ckpt_path} does not fit this run's model or task: {err}") from None
         step, wall_before, evals = state["step"], state["wall_time_s"], list(state.get("evals", []))
         _set_rng_state(state["rng"][rank])
 
@@ -266,7 +357,11 @@ def train(
             with metrics_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
 
+    saved_step = -1
+
     def checkpoint() -> None:
+        nonlocal saved_step
+        saved_step = step
         rng = [_rng_state()]
         if world > 1:
             rng = [None] * world
@@ -291,6 +386,15 @@ def train(
         if world > 1:
             dist.barrier()
 
+    def stop_signal(signum: int) -> int:
+        """The signal asking the run to stop (0: none): the highest any rank received."""
+        if world > 1:
+            on = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+            flag = torch.tensor([signum], device=on)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            signum = int(flag.item())
+        return signum
+
     if step == 0:
         log({"event": "start", "total_steps": total_steps, "world_size": world, "config": asdict(config)})
     else:
@@ -301,61 +405,80 @@ def train(
     batches: Iterator[Any] | None = None
     model.train()
     window_t, window_n = time.perf_counter(), 0
-    while step < stop:
-        epoch, in_epoch = divmod(step, steps_per_epoch)
-        if batches is None or in_epoch == 0:
-            order = epoch_batches(n, config.batch_size, config.seed, epoch, rank, world)[in_epoch:]
-            # an own generator: creating a loader iterator must not draw from the global RNG,
-            # or a resumed run (which creates one mid-epoch) would drift from an uninterrupted one
-            gen = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
-            loader = DataLoader(dataset, batch_sampler=order, num_workers=config.num_workers, generator=gen)
-            batches = iter(loader)
-        batch = _to_device(next(batches), device)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
-            loss, extras = task.loss(run_model, batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if world > 1:
-            for p in outside:
-                if p.grad is not None:
-                    dist.all_reduce(p.grad)
-                    p.grad /= world
-        if config.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
-        optimizer.step()
-        if hasattr(task, "after_step"):
-            task.after_step(model)
-        scheduler.step()
-        step += 1
-        window_n += config.batch_size * world
-
-        if step % config.log_every == 0 or step == stop:
-            now = time.perf_counter()
-            last = {"loss": loss.item(), **extras, "lr": optimizer.param_groups[0]["lr"]}
-            last["images_per_s"] = window_n / max(now - window_t, 1e-9)
-            window_t, window_n = now, 0
-            log({"event": "step", "step": step, "epoch": epoch, **last})
-            postfix = {"loss": f"{last['loss']:.3f}", "img_s": f"{last['images_per_s']:.0f}"}
-            if "gmacs_ratio" in last:
-                postfix["gmacs"] = f"{last['gmacs_ratio']:.3f}"
-            bar.set_postfix(postfix, refresh=False)
-        bar.update(1)
-
-        if evaluate is not None and step % steps_per_epoch == 0:
-            if rank == 0:
-                model.eval()
-                with torch.no_grad():
-                    result = {"event": "eval", "step": step, "epoch": epoch + 1, **evaluate(eval_model)}
-                model.train()
-                evals.append(result)
-                log(result)
-                bar.write(json.dumps(result))
+    signum = 0
+    with _StopSignals() as signals:
+        while step < stop:
+            epoch, in_epoch = divmod(step, steps_per_epoch)
+            if batches is None or in_epoch == 0:
+                order = epoch_batches(n, config.batch_size, config.seed, epoch, rank, world)[in_epoch:]
+                # an own generator: creating a loader iterator must not draw from the global RNG,
+                # or a resumed run (which creates one mid-epoch) would drift from an uninterrupted one
+                gen = torch.Generator().manual_seed(config.seed * 1_000_003 + epoch)
+                loader = DataLoader(dataset, batch_sampler=order, num_workers=config.num_workers, generator=gen)
+                batches = iter(loader)
+            try:
+                batch = _to_device(next(batches), device)
+            except Exception:
+                if not signals.signum:
+                    raise
+                signum = signals.signum  # Ctrl-C stops the loader's worker processes too: stop as asked
+                break
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
+                loss, extras = task.loss(run_model, batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
             if world > 1:
-                dist.barrier()
-        if step % config.checkpoint_every == 0 or step == stop:
-            checkpoint()
+                for p in outside:
+                    if p.grad is not None:
+                        dist.all_reduce(p.grad)
+                        p.grad /= world
+            if config.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(trainable, config.grad_clip)
+            optimizer.step()
+            if hasattr(task, "after_step"):
+                task.after_step(model)
+            scheduler.step()
+            step += 1
+            window_n += config.batch_size * world
+
+            if step % config.log_every == 0 or step == stop:
+                now = time.perf_counter()
+                last = {"loss": loss.item(), **extras, "lr": optimizer.param_groups[0]["lr"]}
+                last["images_per_s"] = window_n / max(now - window_t, 1e-9)
+                window_t, window_n = now, 0
+                log({"event": "step", "step": step, "epoch": epoch, **last})
+                postfix = {"loss": f"{last['loss']:.3f}", "img_s": f"{last['images_per_s']:.0f}"}
+                if "gmacs_ratio" in last:
+                    postfix["gmacs"] = f"{last['gmacs_ratio']:.3f}"
+                bar.set_postfix(postfix, refresh=False)
+            bar.update(1)
+
+            if evaluate is not None and step % steps_per_epoch == 0:
+                if rank == 0:
+                    model.eval()
+                    with torch.no_grad():
+                        result = {"event": "eval", "step": step, "epoch": epoch + 1, **evaluate(eval_model)}
+                    model.train()
+                    evals.append(result)
+                    log(result)
+                    bar.write(json.dumps(result))
+                if world > 1:
+                    dist.barrier()
+            if step % config.checkpoint_every == 0 or step == stop:
+                checkpoint()
+            if step < stop:  # a signal at the last step ends the run normally
+                signum = stop_signal(signals.signum)
+                if signum:
+                    break
+        if signum:  # stop resumably: the checkpoint at this step, then the exception
+            if saved_step != step:
+                checkpoint()
+            bar.close()
+            model.eval()
+            log({"event": "interrupted", "step": step, "signal": signal.Signals(signum).name})
+            raise TrainingInterrupted(signum, step, total_steps, str(ckpt_path))
     bar.close()
     model.eval()
     wall = wall_before + time.perf_counter() - t_start
-    log({"event": "end", "step": step, "wall_time_s": wall})
+    log({"event": "end", "step": step, "wall_time_s": wall, "complete": step >= total_steps})
     return TrainResult(step, total_steps, wall, last, evals, str(ckpt_path))

@@ -368,7 +368,9 @@ def train_reducer(
             ``reducer.safetensors`` (load it with ``tr.apply(model, method, checkpoint=...)``).
         lr: base learning rate (default: the method's, see the module docstring).
         finetune: train the backbone too (at the method's backbone lr scale).
-        max_steps: stop early (checkpointed; ``resume=True`` continues).
+        max_steps: stop early (checkpointed; ``resume=True`` continues).  The reducer is written
+            all the same, marked incomplete: ``"complete": false`` and ``"steps"`` / ``"total_steps"``
+            in its metadata's ``extra`` and in the returned dict.
         transform: applied to every image batch before the forward (augmentation).
         warmup_fraction: share of the steps used for linear warm-up (default: 0 for
             LTMP, 1/6 otherwise, as the papers' 5 of 30 epochs).
@@ -383,14 +385,21 @@ def train_reducer(
         workers: data-loading worker processes (the DataLoader's ``num_workers``).
 
     Returns:
-        ``{"checkpoint": path, "result": TrainResult}``, plus ``"model"``: the path of the
+        ``{"checkpoint": path, "result": TrainResult, "complete": bool}`` (``complete``: the run
+        reached its last step, not only ``max_steps``), plus ``"model"``: the path of the
         fine-tuned backbone's state dict (``OUT/model.safetensors``) when ``finetune=True``.
+
+    Raises:
+        tokenreduce.training.engine.TrainingInterrupted: SIGINT / SIGTERM stopped the run after
+            checkpointing it (``resume=True`` continues); no reducer file is written.
+        tokenreduce.training.CheckpointError: ``resume=True`` without a checkpoint in ``out_dir``,
+            or with a corrupted or foreign one.
     """
     from ..api import apply
     from ..api import reducer as applied_reducer
     from ..checkpoint import atomic_save_file, save_reducer
     from ..methods import REGISTRY, get_method
-    from .engine import TrainConfig, _dist_info, precision_label, train
+    from .engine import TrainConfig, _dist_info, precision_label, remove_orphaned_temporaries, train
 
     cls, _ = get_method(method).resolve(params)
     task_cls = cls.training_task()
@@ -424,15 +433,17 @@ def train_reducer(
         extra={"method": cls.name, "params": reducer.config(), "finetune": finetune, "precision": precision}
         | task_options,
     )
-    result = train(model, task, train_data, config)
     rank, _ = _dist_info()
+    if rank == 0:  # what a kill during an earlier run's final writes left behind
+        remove_orphaned_temporaries(out_dir, ["reducer.safetensors", "model.safetensors"])
+    result = train(model, task, train_data, config)
     path = f"{out_dir}/reducer.safetensors"
-    out: dict[str, Any] = {"checkpoint": path, "result": result}
+    out: dict[str, Any] = {"checkpoint": path, "result": result, "complete": result.complete}
     if finetune:  # the reducer is only meaningful with the backbone it was trained with
         out["model"] = f"{out_dir}/model.safetensors"
     if rank == 0:
-        save_reducer(reducer, path, extra={"steps": result.step, "finetune": finetune, "precision": precision}
-                     | task_options)
+        extra = {"steps": result.step, "total_steps": result.total_steps, "complete": result.complete}
+        save_reducer(reducer, path, extra=extra | {"finetune": finetune, "precision": precision} | task_options)
         if finetune:
             state = _unwrap(model).state_dict()
             atomic_save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, out["model"])
