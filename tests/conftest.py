@@ -27,3 +27,12 @@ def vit() -> VisionTransformer:
 def images() -> torch.Tensor:
     torch.manual_seed(1)
     return torch.randn(4, 3, 64, 64)
+
+
+def free_port() -> str:
+    """A TCP port free on this machine right now, for a torchrun rendezvous (fixed ports clash between runs)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])

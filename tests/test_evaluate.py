@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import free_port
 from PIL import Image
 
 import tokenreduce as tr
@@ -170,7 +171,7 @@ def test_distributed_run_gives_the_same_counts(folder, tmp_path):
     assert main(args + ["--json", str(single)]) == 0
     dist_json = tmp_path / "dist.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", free_port()]
     cmd += ["-m", "tokenreduce.cli", *args, "--json", str(dist_json)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_vit
+from conftest import free_port, make_vit
 from torch.utils.data import TensorDataset
 
 import tokenreduce as tr
@@ -96,7 +96,7 @@ def test_two_process_gloo_training_keeps_reducers_identical(tmp_path, method):
     from pathlib import Path
 
     script = Path(__file__).with_name("ddp_reducer_script.py")
-    port = "29541" if method == "cropr" else "29542"
+    port = free_port()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", port]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(script.parent)}
     proc = subprocess.run([*cmd, str(script), str(tmp_path), method], capture_output=True, text=True, env=env,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_vit
+from conftest import free_port, make_vit
 from torch.utils.data import TensorDataset
 
 from tokenreduce.training import (
@@ -142,7 +142,7 @@ def test_only_the_task_parameters_train(tmp_path):
 
 def test_ddp_under_torchrun_keeps_ranks_in_sync(tmp_path):
     script = Path(__file__).with_name("ddp_train_script.py")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29534"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", free_port()]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(script.parent)}
     proc = subprocess.run([*cmd, str(script), str(tmp_path)], capture_output=True, text=True, env=env, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -192,12 +192,12 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Accuracy, GMACs and images/s of the unreduced model and every configuration."""
+    from ..distributed import init_distributed_from_env
     from ..eval.accuracy import (
         DEFAULT_BUDGETS,
         default_configs,
         evaluate_reference,
         format_table,
-        init_distributed_from_env,
         reference_checkpoint,
         reference_configs,
     )

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..api import apply, gmacs, methods, reducer, remove, stats
+from ..distributed import rank_world
 from ..methods import get_method
 from ..methods.base import ModelInfo
 from ..models import model_info
@@ -147,22 +148,6 @@ def seed_list(config: Config, seeds: int = DEFAULT_SEEDS) -> list[int] | None:
     if cls.seed_param is None or cls.seed_param in config.params:
         return None
     return list(range(seeds))
-
-
-def rank_world() -> tuple[int, int]:
-    """(rank, world size) of an initialised process group, else (0, 1)."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def init_distributed_from_env() -> tuple[int, int]:
-    """Initialise torch.distributed when launched by ``torchrun`` (gloo on CPU); returns (rank, world)."""
-    import os
-
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and dist.is_available() and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return rank_world()
 
 
 def shard_indices(n: int, rank: int, world: int) -> list[int]:

@@ -23,6 +23,7 @@ from PIL import Image
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from ..distributed import rank_world
 from ..models import model_info
 from .accuracy import (
     DEFAULT_BUDGETS,
@@ -30,7 +31,6 @@ from .accuracy import (
     Config,
     default_configs,
     evaluate_configs,
-    rank_world,
     shard_indices,
 )
 

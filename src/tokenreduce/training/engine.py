@@ -42,6 +42,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from ..distributed import init_distributed_from_env
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .tasks import Task
 
@@ -160,18 +161,6 @@ def remove_orphaned_temporaries(folder: str | os.PathLike, names: Iterable[str])
     return removed
 
 
-def _dist_info() -> tuple[int, int]:
-    """(rank, world size); initialises the process group when launched by torchrun."""
-    if not dist.is_available():
-        return 0, 1
-    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1) -> list[list[int]]:
     """This rank's batches of sample indices for one epoch (drop-last; every rank gets as many).
 
@@ -275,7 +264,7 @@ def train(
         TrainingInterrupted: SIGINT or SIGTERM stopped the run; its checkpoint is written
             (``resume=True`` continues it).
     """
-    rank, world = _dist_info()
+    rank, world = init_distributed_from_env()
     device = torch.device(config.device)
     out = Path(config.out_dir)
     ckpt_path = out / CHECKPOINT_NAME

@@ -398,8 +398,9 @@ def train_reducer(
     from ..api import apply
     from ..api import reducer as applied_reducer
     from ..checkpoint import atomic_save_file, save_reducer
+    from ..distributed import init_distributed_from_env
     from ..methods import REGISTRY, get_method
-    from .engine import TrainConfig, _dist_info, precision_label, remove_orphaned_temporaries, train
+    from .engine import TrainConfig, precision_label, remove_orphaned_temporaries, train
 
     cls, _ = get_method(method).resolve(params)
     task_cls = cls.training_task()
@@ -417,7 +418,7 @@ def train_reducer(
     task.prepare(model)
     task_options = {name: getattr(task, name) for name in task_cls.options}  # as used, defaults included
     n = len(train_data)
-    _, world = _dist_info()
+    _, world = init_distributed_from_env()
     total = max(1, (n // world) // batch_size) * epochs
     if warmup_fraction is None:
         warmup_fraction = 0.0 if task.optimizer == "sgd" else 1.0 / 6.0
@@ -433,7 +434,7 @@ def train_reducer(
         extra={"method": cls.name, "params": reducer.config(), "finetune": finetune, "precision": precision}
         | task_options,
     )
-    rank, _ = _dist_info()
+    rank, _ = init_distributed_from_env()
     if rank == 0:  # what a kill during an earlier run's final writes left behind
         remove_orphaned_temporaries(out_dir, ["reducer.safetensors", "model.safetensors"])
     result = train(model, task, train_data, config)
