@@ -274,3 +274,10 @@ def test_train_does_not_reuse_another_runs_folder_silently(tmp_path, monkeypatch
     assert main([*args, "--resume", "--overwrite"]) == 2
     assert main([*args, "--overwrite"]) == 0
     assert (run / "metrics.jsonl").read_text().count('"event": "start"') == 1  # a fresh log
+    # a folder holding only a trained reducer is another run as well
+    for name in ("checkpoint.pt", "metrics.jsonl"):
+        (run / name).unlink()
+    reducer_bytes = (run / "reducer.safetensors").read_bytes()
+    assert main(args) == 2
+    assert "holds another run (reducer.safetensors)" in capsys.readouterr().err
+    assert (run / "reducer.safetensors").read_bytes() == reducer_bytes

@@ -386,13 +386,15 @@ def training_data(args: argparse.Namespace, model: nn.Module, name: str, data: s
 
 def check_run_folder(out: Path, *, resume: bool, overwrite: bool) -> None:
     """A run folder holding another run is continued (``--resume``) or started over (``--overwrite``), never
-    reused silently; with ``--overwrite`` the old run's checkpoint and metrics log are removed (rank 0)."""
+    reused silently; with ``--overwrite`` the old run's files (checkpoint, metrics log, trained reducer and
+    backbone) are removed (rank 0)."""
     from ..training.engine import CHECKPOINT_NAME, METRICS_NAME
 
     if resume and overwrite:
         raise ValueError("--resume continues the run in --out and --overwrite starts it over: give one")
     check_writable_folder(out, "--out")
-    earlier = [out / name for name in (CHECKPOINT_NAME, METRICS_NAME) if (out / name).exists()]
+    names = (CHECKPOINT_NAME, METRICS_NAME, "reducer.safetensors", "model.safetensors")
+    earlier = [out / name for name in names if (out / name).exists()]
     if not earlier or resume:
         return
     if not overwrite:
