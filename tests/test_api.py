@@ -153,9 +153,9 @@ def test_unsupported_models_raise_type_error():
     post_norm = timm.create_model("vit_relpos_small_patch16_224", pretrained=False, img_size=64)
     with pytest.raises(TypeError, match="supported"):
         tr.apply(post_norm, "tome")
-    map_pool = make_vit(global_pool="map")
-    with pytest.raises(TypeError, match="global_pool='map'"):
-        tr.apply(map_pool, "tome")
+    prr_pool = make_vit(global_pool="prr")  # 'map' (AttentionPoolLatent) is supported: tests/test_attention_pool.py
+    with pytest.raises(TypeError, match="AttentionPoolPrr"):
+        tr.apply(prr_pool, "tome")
 
 
 def test_attention_masks_are_refused(vit):

@@ -6,7 +6,9 @@ block that sees ``n_a`` tokens in attention and ``n_m`` tokens in its MLP::
     MACs = n_a · (qkv + proj weights) + 2 · n_a² · attn_dim + n_m · (MLP weights)
 
 which for a standard ViT block of width C is ``4·n_a·C² + 2·n_a²·C + 8·n_m·C²``.
-Patch embedding (per patch) and the classifier head (per image) are added.  The
+Patch embedding (per patch) and the classifier head (per image) are added, and an
+attention-pool head's per-token part (its key/value projection and attention, for the
+tokens leaving the last block) where the model has one.  The
 weights are read off the live model, so q/k-norm, SwiGLU MLPs or other widths
 count correctly.  Norms, softmax, GELU and the reductions' own bookkeeping are
 not counted (as in fvcore and the papers).
@@ -64,13 +66,20 @@ def linear_macs(module: nn.Module | None) -> int:
 
 @dataclass(frozen=True)
 class CostModel:
-    """Per-token and per-image MAC constants of one ViT, read off the live model by its family's adapter."""
+    """Per-token and per-image MAC constants of one ViT, read off the live model by its family's adapter.
+
+    ``head`` is per image (classifier, an attention pool's latent queries and MLP); ``pool_token``
+    is per token entering an attention pool (its key/value projection and attention), of the
+    tokens leaving the last block less the ``pool_skip`` leading ones it does not see.
+    """
 
     attn_linear: tuple[int, ...]
     attn_dim: tuple[int, ...]
     mlp_linear: tuple[int, ...]
     patch_embed: int
     head: int
+    pool_token: int = 0
+    pool_skip: int = 0
 
     @property
     def depth(self) -> int:
@@ -84,11 +93,17 @@ class CostModel:
             + n_mlp * self.mlp_linear[block]
         )
 
+    def pool_macs(self, num_out: float) -> float:
+        """MACs of the attention pool's per-token part when ``num_out`` tokens leave the last block."""
+        return max(num_out - self.pool_skip, 0) * self.pool_token if self.pool_token else 0.0
+
     def macs(self, schedule: Sequence[tuple[int, int]], num_patches: int) -> float:
         """MACs per image of a fixed token schedule."""
         total = num_patches * self.patch_embed + self.head
         for i, (n_a, n_m) in enumerate(schedule):
             total += self.block_macs(i, n_a, n_a * n_a, n_m)
+        if schedule:
+            total += self.pool_macs(schedule[-1][1])
         return float(total)
 
     def unreduced_macs(self, num_tokens: int, num_patches: int) -> float:

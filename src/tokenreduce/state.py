@@ -13,6 +13,14 @@ that every method shares:
   live).  Training forms of learned methods (LTMP, DynamicViT) keep the shape fixed
   and carry a differentiable mask; batched inference with per-image token counts
   pads with mask 0.  Masked tokens are excluded from attention as keys.
+* ``pos`` B×N×1 int64: the original sequence position (prefix included) of the
+  token, for families whose attention depends on it (rotary position embeddings);
+  ``None`` when the family does not track positions.  Every reduction carries it
+  along: a kept token keeps its own, a merge destination (ToMe, PPT pooling, LTMP)
+  and a squeeze host (TPS) keep theirs, appended tokens that are new combinations
+  with no single position (EViT's fused token, BAT's cluster tokens) get ``-1``
+  ("no position": no rotation, like the prefix tokens), and tokens that rejoin
+  (Cropr's last-layer fusion) bring their own back.
 
 Reductions never mutate a state; they return a new one.  The two generic
 operations are :meth:`TokenState.gather` (keep a subset, in a given order) and
@@ -28,6 +36,9 @@ from torch import Tensor
 
 from .ops.gather import batched_gather
 
+NO_POSITION = -1
+"""``pos`` of a token with no single original position (a new combination of tokens)."""
+
 
 @dataclass(frozen=True)
 class TokenState:
@@ -39,6 +50,7 @@ class TokenState:
         source: B×N×N0 source map, or ``None`` when not traced.
         num_prefix: number of protected leading tokens.
         mask: B×N×1 float live-token mask, or ``None`` when every token is live.
+        pos: B×N×1 int64 original positions (``NO_POSITION`` for none), or ``None`` when not tracked.
     """
 
     x: Tensor
@@ -46,6 +58,7 @@ class TokenState:
     source: Tensor | None = None
     num_prefix: int = 1
     mask: Tensor | None = None
+    pos: Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -68,6 +81,7 @@ class TokenState:
             source=None if self.source is None else batched_gather(self.source, index),
             num_prefix=self.num_prefix,
             mask=None if self.mask is None else batched_gather(self.mask, index),
+            pos=None if self.pos is None else batched_gather(self.pos, index),
         )
 
     def prefix_and_patches(self, keep_patch_index: Tensor) -> TokenState:
@@ -81,8 +95,12 @@ class TokenState:
         prefix = torch.arange(p, device=keep_patch_index.device).expand(b, p)
         return self.gather(torch.cat([prefix, keep_patch_index + p], dim=1))
 
-    def append(self, x: Tensor, size: Tensor, source: Tensor | None) -> TokenState:
-        """Concatenate extra tokens (B×M×C, sizes B×M×1, sources B×M×N0) at the end."""
+    def append(self, x: Tensor, size: Tensor, source: Tensor | None, pos: Tensor | None = None) -> TokenState:
+        """Concatenate extra tokens (B×M×C, sizes B×M×1, sources B×M×N0) at the end.
+
+        ``pos`` (B×M×1) gives their original positions when they have one (tokens rejoining);
+        by default they are new combinations with none (:data:`NO_POSITION`).
+        """
         new_size = torch.cat([self.sizes(), size], dim=1)
         new_source = None
         if self.source is not None:
@@ -91,4 +109,9 @@ class TokenState:
         new_mask = None
         if self.mask is not None:
             new_mask = torch.cat([self.mask, self.mask.new_ones(x.shape[0], x.shape[1], 1)], dim=1)
-        return TokenState(torch.cat([self.x, x], dim=1), new_size, new_source, self.num_prefix, new_mask)
+        new_pos = None
+        if self.pos is not None:
+            if pos is None:
+                pos = self.pos.new_full((x.shape[0], x.shape[1], 1), NO_POSITION)
+            new_pos = torch.cat([self.pos, pos], dim=1)
+        return TokenState(torch.cat([self.x, x], dim=1), new_size, new_source, self.num_prefix, new_mask, new_pos)

@@ -33,6 +33,8 @@ class LastForward:
         mask: B×N×1 live-token mask of those tokens (``None``: every token is live).
         stages: with ``trace_source``: ``(label, B×N×N0 source map of the live tokens)``
             after every reduction, in order.
+        pos: B×N×1 original sequence positions of those tokens (−1: a combination with no single
+            position), for families that track them (rotary positions); else ``None``.
     """
 
     method: str
@@ -44,6 +46,7 @@ class LastForward:
     source: Tensor | None = None
     mask: Tensor | None = None
     stages: tuple[tuple[str, Tensor], ...] = ()
+    pos: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -117,6 +120,8 @@ def collect_stats(reducer: Reducer, record: LastForward) -> ReductionStats:
     for i, (n_attn, n_mlp) in enumerate(record.block_tokens):
         macs += cost.block_macs(i, _mean(n_attn), _mean(n_attn, squared=True), _mean(n_mlp))
         blocks.append(BlockStats(i, _mean(n_attn), _mean(n_mlp)))
+    if blocks:
+        macs += cost.pool_macs(blocks[-1].tokens_out)
     return ReductionStats(
         method=record.method,
         params=reducer.config(),

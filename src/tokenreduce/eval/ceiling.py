@@ -59,10 +59,11 @@ class ScheduleOnly(Reducer):
 
 def _resize(state: TokenState, n: int) -> TokenState:
     """The first ``n`` tokens, or the tokens repeated up to ``n`` (a schedule that grows, e.g. Cropr's LLF)."""
-    x = state.x
+    x, pos = state.x, state.pos
     if n > x.shape[1]:
         x = x.repeat(1, -(-n // x.shape[1]), 1)
-    return TokenState(x[:, :n], num_prefix=state.num_prefix)
+        pos = None if pos is None else pos.repeat(1, -(-n // pos.shape[1]), 1)
+    return TokenState(x[:, :n], num_prefix=state.num_prefix, pos=None if pos is None else pos[:, :n])
 
 
 def schedule_only_model(model: nn.Module, schedule: Schedule) -> nn.Module:

@@ -169,8 +169,8 @@ class Cropr(Reducer):
 
     def before_block(self, block: int, state: TokenState) -> TokenState:
         if self.params.llf and block == self.info.depth - 1:
-            for pruned in self._pruned:
-                state = state.append(pruned.x, pruned.sizes(), pruned.source)
+            for pruned in self._pruned:  # each rejoins with its own original position, if tracked
+                state = state.append(pruned.x, pruned.sizes(), pruned.source, pruned.pos)
             self._pruned = []
             return state
         index = block - 1
@@ -193,5 +193,6 @@ def _patch_subset(state: TokenState, patch_index: Tensor) -> TokenState:
     """The patch tokens at ``patch_index`` (B×K, counted after the prefix), without the prefix."""
     p = state.num_prefix
     sub = TokenState(state.x[:, p:], None if state.size is None else state.size[:, p:],
-                     None if state.source is None else state.source[:, p:], 0)
+                     None if state.source is None else state.source[:, p:], 0,
+                     pos=None if state.pos is None else state.pos[:, p:])
     return sub.gather(patch_index)

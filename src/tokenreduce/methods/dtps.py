@@ -80,4 +80,4 @@ class DTPS(DynamicViT):
         live = state.mask[:, p:] if state.mask is not None else torch.ones_like(keep)
         patches = squeeze_masked(state.x[:, p:], keep, live * (1.0 - keep), self.temperature)
         mask = torch.cat([keep.new_ones(keep.shape[0], p, 1), keep], dim=1)
-        return TokenState(torch.cat([state.x[:, :p], patches], dim=1), state.size, state.source, p, mask)
+        return TokenState(torch.cat([state.x[:, :p], patches], dim=1), state.size, state.source, p, mask, state.pos)

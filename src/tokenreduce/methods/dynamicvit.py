@@ -129,4 +129,4 @@ class DynamicViT(Reducer):
         """Training: patch-token mask ``keep`` (B×M×1, straight-through) becomes the state's mask."""
         p = state.num_prefix
         mask = torch.cat([keep.new_ones(keep.shape[0], p, 1), keep], dim=1)
-        return TokenState(state.x, state.size, state.source, p, mask)
+        return TokenState(state.x, state.size, state.source, p, mask, state.pos)

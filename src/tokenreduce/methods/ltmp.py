@@ -255,7 +255,8 @@ class LTMP(Reducer):
         order = torch.argsort(rank + (~alive) * n, dim=1)
         keep = int(alive.sum(dim=1).max())  # host sync: the padded length
         index = order[:, :keep]
-        out = TokenState(x_full, size_full, source, p, alive.unsqueeze(-1).float()).gather(index)
+        # positions stay: a B token that absorbs A tokens is their destination and keeps its own
+        out = TokenState(x_full, size_full, source, p, alive.unsqueeze(-1).float(), state.pos).gather(index)
         if bool(out.mask.all()):
             out = dataclasses.replace(out, mask=None)
         return out
@@ -305,8 +306,12 @@ class LTMP(Reducer):
         mask_full = torch.empty_like(mask)
         mask_full[:, ::2, 0] = new_a_mask
         mask_full[:, 1::2, 0] = new_b_mask
+        source = state.source  # with trace_source: what each B token stands for after its merges, as inference
+        if source is not None:
+            source = source.clone()
+            source[:, 1::2] = _group_max(source[:, 1::2], partner, source[:, ::2], merged)
         index = layout.expand(bsz, n)
-        return TokenState(x_full, size_full, None, p, mask_full).gather(index)
+        return TokenState(x_full, size_full, source, p, mask_full, state.pos).gather(index)
 
     def _keep_soft(self, importance: Tensor, prefix: Tensor, theta_p: Tensor) -> Tensor:
         """Straight-through prune decision ``[imp > θ_prune]`` (B×M); exactly 1, gradient 0, for prefix tokens."""

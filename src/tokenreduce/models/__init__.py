@@ -10,9 +10,12 @@ from torch import nn
 
 from ..methods.base import ModelInfo
 from .base import FamilyAdapter, context_of, is_patched, patch, unpatch
+from .hf_clip import HFCLIPVision, HFSiglipVision
+from .hf_vit import HFDeiT, HFDinov2, HFViT
+from .timm_eva import TimmEva
 from .timm_vit import TimmViT
 
-ADAPTERS: list[type[FamilyAdapter]] = [TimmViT]
+ADAPTERS: list[type[FamilyAdapter]] = [TimmViT, TimmEva, HFViT, HFDeiT, HFDinov2, HFCLIPVision, HFSiglipVision]
 """The supported families, tried in order (the first whose ``matches`` accepts the model)."""
 
 

@@ -12,8 +12,11 @@ generated subclasses (:func:`reduced_class`) whose ``forward`` routes the tokens
 :func:`run_block`; no weight is copied and ``state_dict()`` is unchanged.  Removing the patch
 restores the original classes, so the stock forward runs again, bit for bit.
 
-Per-forward state (sizes, sources, masks, token counts) lives in one :class:`ReductionContext`
-shared by the model and its blocks; block 0 resets it.
+Per-forward state (sizes, sources, masks, original positions, token counts) lives in one
+:class:`ReductionContext` shared by the model and its blocks; block 0 resets it.  A family whose
+attention depends on where a token came from (rotary position embeddings) asks for positions
+(:meth:`FamilyAdapter.tracks_positions`): every token state then carries them
+(:attr:`~tokenreduce.state.TokenState.pos`) through every reduction.
 """
 
 from __future__ import annotations
@@ -47,6 +50,10 @@ class ReductionContext:
         self.size: Tensor | None = None
         self.source: Tensor | None = None
         self.mask: Tensor | None = None
+        self.track_pos = False  # set by patch(): the family's attention needs original positions
+        self.pos: Tensor | None = None
+        self.pos_start: Tensor | None = None  # the positions block 0 received (unreduced, in order)
+        self.scratch: dict[str, Any] = {}  # the family adapter's per-block inputs and caches (it keys them)
         self.bias: Tensor | None = None
         self._bias_of: Tensor | None = None
         self.rows: Tensor | None = None
@@ -70,6 +77,9 @@ class ReductionContext:
         self.bias = self._bias_of = None
         self.rows = self._rows_of = None
         self.source = None
+        self.pos = self.pos_start = None
+        if self.track_pos:
+            self.pos = self.pos_start = torch.arange(n, device=x.device).view(1, n, 1).expand(b, n, 1)
         if self.trace_source:
             self.source = torch.eye(n, device=x.device, dtype=x.dtype).expand(b, n, n)
         self.num_tokens_in = n
@@ -107,10 +117,15 @@ class ReductionContext:
         self.stages.append((label, source))
 
     def state(self, x: Tensor) -> TokenState:
-        return TokenState(x, self.size, self.source, self.info.num_prefix, self.mask)
+        return TokenState(x, self.size, self.source, self.info.num_prefix, self.mask, self.pos)
 
     def update(self, state: TokenState) -> Tensor:
-        self.size, self.source, self.mask = state.size, state.source, state.mask
+        if self.track_pos and state.pos is None:
+            raise RuntimeError(
+                f"tokenreduce: {self.method} returned tokens without their original positions, which this model's "
+                f"attention needs (rotary position embeddings); a reduction must carry TokenState.pos along"
+            )
+        self.size, self.source, self.mask, self.pos = state.size, state.source, state.mask, state.pos
         return state.x
 
     def count(self, x: Tensor) -> int | Tensor:
@@ -135,6 +150,7 @@ class ReductionContext:
             source=self.source,
             mask=self.mask,
             stages=tuple(self.stages),
+            pos=self.pos,
         )
 
 
@@ -167,6 +183,19 @@ class FamilyAdapter:
     @classmethod
     def check_supported(cls, model: nn.Module) -> None:
         """Raise ``TypeError`` if this family's ``model`` has a configuration the adapter cannot run."""
+
+    @classmethod
+    def tracks_positions(cls, model: nn.Module) -> bool:
+        """Whether the blocks' attention needs every token's original position (rotary embeddings):
+        then the token states carry :attr:`~tokenreduce.state.TokenState.pos`.  ``False`` by default."""
+        return False
+
+    @classmethod
+    def patched_modules(cls, model: nn.Module) -> Sequence[tuple[nn.Module, dict[str, Any]]]:
+        """Modules besides the model and its blocks whose class the patch swaps, each with the members of
+        its generated class: heads outside the model's own methods that must see the reduced tokens' sizes
+        and masks (an HF attention-pool head).  They get the context as ``_tr_ctx``.  None by default."""
+        return ()
 
     @classmethod
     def blocks(cls, model: nn.Module) -> Sequence[nn.Module]:
@@ -305,6 +334,7 @@ def patch(model: nn.Module, adapter: type[FamilyAdapter], reducer: Reducer, meth
           trace_source: bool = False) -> None:
     """Route ``model``'s blocks through ``reducer`` (in place), the family's way."""
     ctx = ReductionContext(reducer, adapter, method, trace_source)
+    ctx.track_pos = adapter.tracks_positions(model)
     model.__class__ = reduced_class(type(model), f"{adapter.name}:model", {"_apply": model_apply,
                                                                            **adapter.model_members})
     model._tr_ctx = ctx
@@ -313,6 +343,9 @@ def patch(model: nn.Module, adapter: type[FamilyAdapter], reducer: Reducer, meth
         blk.__class__ = reduced_class(type(blk), f"{adapter.name}:block", {"forward": forward})
         blk._tr_ctx = ctx
         blk._tr_index = i
+    for module, members in adapter.patched_modules(model):
+        module.__class__ = reduced_class(type(module), f"{adapter.name}:{type(module).__name__}", members)
+        module._tr_ctx = ctx
 
 
 def unpatch(model: nn.Module) -> None:
@@ -324,6 +357,10 @@ def unpatch(model: nn.Module) -> None:
             blk.__class__ = blk._tr_base
         for attr in ("_tr_ctx", "_tr_index"):
             blk.__dict__.pop(attr, None)
+    for module, _ in model._tr_ctx.adapter.patched_modules(model):
+        if hasattr(module, "_tr_base"):
+            module.__class__ = module._tr_base
+        module.__dict__.pop("_tr_ctx", None)
     model.__class__ = model._tr_base
     model.__dict__.pop("_tr_ctx", None)
 

@@ -43,9 +43,11 @@ def load_model(
     """A model in eval mode on ``device``: a timm model by name, or the bundled reference model.
 
     Args:
-        name: a timm model name (``timm.list_models()``; ``hf-hub:`` names too), or
+        name: a timm model name (``timm.list_models()``; ``hf-hub:`` names too),
             ``"reference"`` for the bundled Fashion-MNIST ViT (its shipped trained weights
-            unless ``checkpoint`` is given).
+            unless ``checkpoint`` is given), or ``"hf:DIR_OR_ID"`` for a Hugging Face
+            transformers model (a ``save_pretrained`` directory works offline; needs
+            ``tokenreduce[hf]``; see :func:`tokenreduce.models.hf.load_hf_model`).
         pretrained: timm's pretrained weights (downloaded; timm models only).
         checkpoint: weights to load (see the module docstring for the formats).  For the
             reference model the architecture is taken from a ``reference_vit.json`` next to
@@ -69,6 +71,12 @@ def load_model(
     kwargs = dict(model_kwargs or {})
     if name == REFERENCE_NAME:
         model = _reference_model(checkpoint, use_ema, pretrained, img_size, kwargs)
+    elif name.startswith("hf:"):  # a Hugging Face model: hf:DIR (offline) or hf:HUB_ID (tokenreduce[hf])
+        from .hf import load_hf_model
+
+        model = load_hf_model(name[3:], img_size=img_size, model_kwargs=kwargs)
+        if checkpoint is not None:
+            load_weights(model, checkpoint, use_ema=use_ema, name=name)
     else:
         model = _timm_model(name, pretrained, img_size, kwargs)
         if checkpoint is not None:

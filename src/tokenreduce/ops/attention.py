@@ -91,12 +91,13 @@ def masked_softmax(logits: Tensor, key_mask: KeyMask) -> Tensor:
     0 (the live keys' probabilities differ by less than ``eps``).
 
     Args:
-        logits: B×H×N×N attention logits.
+        logits: B×H×N×N attention logits (B×H×L×N for L queries attending to N keys, as an
+            attention pool's latents do; ``keep_diagonal`` then needs L = N).
 
     Returns:
-        B×H×N×N float32 probabilities.
+        B×H×N×N (B×H×L×N) float32 probabilities.
     """
-    b, _, n, _ = logits.shape
+    b, n = logits.shape[0], logits.shape[-1]
     m = key_mask.mask.float().reshape(b, 1, 1, n)
     if key_mask.keep_diagonal:
         eye = torch.eye(n, device=logits.device, dtype=m.dtype)

@@ -31,6 +31,7 @@ import hashlib
 import logging
 import os
 import platform
+import re
 import sys
 import threading
 import warnings
@@ -146,14 +147,16 @@ def build_options() -> tuple[str, list[str]]:
     Linux the kernel is built for the host CPU (``-march=native``: AVX2 where there is
     one, ~2× faster loops), under a name that carries a fingerprint of the CPU, so a
     build cached in a home folder shared by different machines is never loaded on a CPU
-    it was not built for.
+    it was not built for. The name also carries the torch version: a build links against
+    one torch's ABI, and torch does not rebuild a cached one when torch is upgraded.
     """
     flags = ["-O3", "-ffp-contract=off"]
+    name = f"{EXTENSION_NAME}_torch{re.sub(r'[^0-9A-Za-z]', '_', torch.__version__)}"
     if sys.platform.startswith("linux") and platform.machine() in ("x86_64", "AMD64"):
         fingerprint = _cpu_fingerprint()
         if fingerprint is not None:
-            return f"{EXTENSION_NAME}_{fingerprint}", [*flags, "-march=native"]
-    return EXTENSION_NAME, flags
+            return f"{name}_{fingerprint}", [*flags, "-march=native"]
+    return name, flags
 
 
 def _cpu_fingerprint() -> str | None:
@@ -196,7 +199,7 @@ def kernel_eligible(x: Tensor, size: Tensor | None) -> bool:
 
 def fused_bipartite_merge(
     x: Tensor, size: Tensor | None, metric: Tensor, r: int, num_prefix: int
-) -> tuple[Tensor, Tensor] | None:
+) -> tuple[Tensor, Tensor, Tensor] | None:
     """Bipartite soft matching + size-weighted merge in one kernel call.
 
     Args:
@@ -205,8 +208,10 @@ def fused_bipartite_merge(
         ``[1, (N − num_prefix) // 2]``; num_prefix: protected leading tokens.
 
     Returns:
-        ``(x, size)``, B×(N−r)×C and B×(N−r)×1, or ``None`` when the kernel is not
-        eligible or not available (the caller then takes the Python path).
+        ``(x, size, keep)``, B×(N−r)×C, B×(N−r)×1 and B×(N−r) int64 (the input position of
+        every output token's own row: :meth:`~tokenreduce.ops.matching.BipartiteMatch.select`),
+        or ``None`` when the kernel is not eligible or not available (the caller then takes
+        the Python path).
     """
     if not kernel_eligible(x, size):
         return None
@@ -215,5 +220,5 @@ def fused_bipartite_merge(
         return None
     if metric.dtype != torch.float32:
         metric = metric.float()
-    out_x, out_size = module.bipartite_merge_wavg(x, size, metric.detach(), r, num_prefix)
-    return out_x, out_size
+    out_x, out_size, keep = module.bipartite_merge_wavg(x, size, metric.detach(), r, num_prefix)
+    return out_x, out_size, keep

@@ -72,6 +72,16 @@ class BipartiteMatch:
         """B×r positions within B (prefix included) receiving the merged tokens."""
         return self.dst + self.num_prefix // 2
 
+    def select(self, x: Tensor) -> Tensor:
+        """The rows of the output tokens' own input tokens, without reducing (B×N×… → B×(N−r)×…).
+
+        A merge destination keeps its own value: what a per-token label that cannot be
+        averaged (an original position) becomes under the merge.
+        """
+        batch, n = x.shape[:2]
+        flat = x.reshape(batch * n, x.shape[2:].numel())
+        return flat.index_select(0, self.rows[0]).view(batch, n - self.r, *x.shape[2:])
+
     def merge(self, x: Tensor, mode: str = "sum") -> Tensor:
         """Apply the matching to a per-token tensor.
 

@@ -8,6 +8,7 @@ from torch import Tensor
 
 from ..state import TokenState
 from .cpu_kernels import fused_bipartite_merge
+from .gather import batched_gather
 from .matching import BipartiteMatch, bipartite_soft_matching, max_merges
 
 
@@ -33,7 +34,8 @@ def bipartite_merge(state: TokenState, metric: Tensor, r: int) -> TokenState:
     if state.source is None and state.mask is None:
         fused = fused_bipartite_merge(state.x, state.size, metric, r, p)
         if fused is not None:
-            return TokenState(fused[0], fused[1], None, p, None)
+            pos = None if state.pos is None else batched_gather(state.pos, fused[2])
+            return TokenState(fused[0], fused[1], None, p, None, pos)
     return merge_wavg(state, bipartite_soft_matching(metric, r, p))
 
 
@@ -44,7 +46,8 @@ def merge_wavg(state: TokenState, match: BipartiteMatch | None) -> TokenState:
     merge of ``[x·s, s]``, so every merged token is the mean of the original patches
     it stands for.  The
     arithmetic runs in float32 and the result is cast back to ``state.x.dtype``.
-    Sources, when traced, and live-token masks are merged with an element-wise maximum.
+    Sources, when traced, and live-token masks are merged with an element-wise maximum;
+    original positions, when tracked, are not merged: a destination keeps its own.
 
     Args:
         state: tokens aligned with the sequence ``match`` was computed on (B×N).
@@ -70,4 +73,5 @@ def merge_wavg(state: TokenState, match: BipartiteMatch | None) -> TokenState:
         x = x.to(state.x.dtype)
     source = None if state.source is None else match.merge(state.source, mode="amax")
     mask = None if state.mask is None else match.merge(state.mask, mode="amax")
-    return TokenState(x, size, source, state.num_prefix, mask)
+    pos = None if state.pos is None else match.select(state.pos)
+    return TokenState(x, size, source, state.num_prefix, mask, pos)

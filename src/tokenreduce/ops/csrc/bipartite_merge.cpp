@@ -42,7 +42,8 @@ inline void normalise(const float* row, int64_t dim, float* out) {
 // Prefix tokens (the first p) are left out of both sets. A′ = positions a0, a0+2, ...,
 // B′ = positions b0, b0+2, ... after the prefix. Merges the r A′ tokens with the
 // strongest best-cosine edges into their B′ partners.
-// Returns (B×(N−r)×C merged x, B×(N−r)×1 summed sizes) in the order
+// Returns (B×(N−r)×C merged x, B×(N−r)×1 summed sizes, B×(N−r) int64 input position of every
+// output token's own row) in the order
 // [prefix] ++ [unmerged A′ (sequence order if p > 0, else edge order)] ++ [B′].
 std::vector<at::Tensor> bipartite_merge_wavg(const at::Tensor& x_in, const c10::optional<at::Tensor>& size_in,
                                              const at::Tensor& metric_in, int64_t r, int64_t p) {
@@ -92,6 +93,8 @@ std::vector<at::Tensor> bipartite_merge_wavg(const at::Tensor& x_in, const c10::
   at::Tensor out_size = at::empty({batch, m_out, 1}, x.options());
   float* out_data = out.data_ptr<float>();
   float* out_size_data = out_size.data_ptr<float>();
+  at::Tensor keep = at::empty({batch, m_out}, x.options().dtype(at::kLong));
+  int64_t* keep_data = keep.data_ptr<int64_t>();
 
   at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> node_max(na);
@@ -123,6 +126,7 @@ std::vector<at::Tensor> bipartite_merge_wavg(const at::Tensor& x_in, const c10::
       const float* img_size = has_size ? size_data + img * n : nullptr;
       float* img_out = out_data + img * m_out * channels;
       float* img_out_size = out_size_data + img * m_out;
+      int64_t* img_keep = keep_data + img * m_out;
       // The A′ tokens merging into each B′ token, as linked lists in edge order.
       std::fill(first_source.begin(), first_source.end(), int64_t{-1});
       for (int64_t k = 0; k < r; ++k) {
@@ -162,13 +166,14 @@ std::vector<at::Tensor> bipartite_merge_wavg(const at::Tensor& x_in, const c10::
           for (int64_t c = 0; c < channels; ++c) dst[c] /= total;
         }
         img_out_size[out_row] = total;
+        img_keep[out_row] = pos;
       };
       for (int64_t t = 0; t < p; ++t) emit(t, t, -1);
       for (int64_t k = 0; k < num_unm; ++k) emit(p + k, a0 + 2 * order[r + k], -1);
       for (int64_t j = 0; j < nb; ++j) emit(p + num_unm + j, b0 + 2 * j, first_source[j]);
     }
   });
-  return {out, out_size};
+  return {out, out_size, keep};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -1,0 +1,287 @@
+"""Adapter for timm ``Eva`` models: EVA, EVA-02 and the other rotary-position ViTs built on timm's ``Eva``.
+
+Blocks are timm ``EvaBlock`` (pre-norm, optional LayerScale ``gamma_1``/``gamma_2``) or
+``EvaBlockPostNorm`` with timm ``EvaAttention``: fused qkv with q/v bias (or separate q/k/v
+projections), optional q/k-norm, sub-LN (``attn.norm``), gate, output projection.  MLPs (GELU,
+SwiGLU in its packed ``GluMlp`` or separate ``SwiGLU`` form) are run as they are and counted in
+GMACs through every ``nn.Linear`` they hold.  Pooling: class token, size-weighted average / max /
+avg+max over the non-prefix tokens, or a position-free ``AttentionPoolLatent``
+(``global_pool='map'``) over all tokens, prefix included as in timm, that sees every token's size
+and live mask (:func:`~tokenreduce.models.timm_vit.size_aware_pool`).
+
+**Rotary positions follow the tokens.**  timm computes one rotary table per forward
+(``Eva.rope.get_embed()``: N_patches×2d, or depth×H×N_patches×2d for ``rope_type='mixed'``, or
+batched rows after patch dropout) and rotates q and k of every non-prefix token by the row of its
+position.  On a reduced model every token carries its original sequence position
+(:attr:`~tokenreduce.state.TokenState.pos`) and each block rotates it by that position's row:
+
+* a kept token keeps its own position, wherever the reduction moves it in the sequence;
+* a pruned token takes its row away with it (and brings it back if it rejoins, as with Cropr's
+  last-layer fusion);
+* **a merged token keeps its destination's position** (ToMe, PPT pooling, LTMP: the B-set token
+  that absorbs others; TPS/dTPS: the host that absorbs the squeezed tokens).  The merged feature is
+  a size-weighted mean of tokens at different places; giving it one of their positions (rather
+  than, say, a mean angle, which is not a rotation of any real position and whose sin/cos would not
+  be a valid rotary row) keeps every rotation one the model was trained with, and it is the
+  destination that ToMe already treats as the survivor (the destination's slot, the source's
+  removal).  No alternative rule is offered;
+* tokens that are new combinations with no single position, EViT's fused token and BAT's cluster
+  tokens, are not rotated (the identity rotation, like the class and register tokens).
+
+ToMe's similarity signal (``keys``) is the head-averaged keys *before* the rotation: the rotation
+depends on where a token sits, so rotated keys of two identical patches at different places are
+not alike, and which tokens are redundant is a question of content (the merged token's position is
+the destination's anyway).  Every other signal (class attention, values, probabilities) is that of
+the attention as computed, rotation included.
+
+Not supported (refused with a message): attention classes other than ``EvaAttention``
+(``attn_type='rope'`` / grouped-query attention), attention pools other than a position-free
+``AttentionPoolLatent``, gradient checkpointing, attention masks and causal attention.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from timm.layers import apply_rot_embed_cat
+from timm.models.eva import Eva, EvaAttention, EvaBlock, EvaBlockPostNorm
+from torch import Tensor, nn
+
+from ..methods.base import ModelInfo
+from ..ops.attention import AttentionNeeds, AttentionSignals, KeyMask, attend, merge_heads, pack_rows, unpack_rows
+from ..ops.gather import head_mean
+from .base import FamilyAdapter, ReductionContext, grid_entry_point, run_block, shape_change
+from .timm_vit import SUPPORTED_POOLS, check_attention_pool, size_aware_pool, timm_cost_model
+
+_BLOCKS = (EvaBlock, EvaBlockPostNorm)
+
+
+def _block_forward(
+    self: nn.Module, x: Tensor, rope: Tensor | None = None, attn_mask: Tensor | None = None, is_causal: bool = False
+) -> Tensor:
+    """timm ``EvaBlock.forward`` / ``EvaBlockPostNorm.forward`` with the reducer's hooks around the attention.
+
+    ``rope`` is the rotary table timm passes every block (for the unreduced token order); the
+    adapter's attention rotates the current tokens by their own rows of it.
+    """
+    if attn_mask is not None or is_causal:
+        raise NotImplementedError("tokenreduce: attention masks / causal attention are not supported on reduced models")
+    self._tr_ctx.scratch["rope"] = rope
+    return run_block(self, x, lambda tokens: self._tr_base.forward(self, tokens, rope=rope))
+
+
+def _model_pool(self: Eva, x: Tensor, pool_type: str | None = None) -> Tensor:
+    """timm ``Eva.pool``, size-aware: average / max pooling skips the prefix tokens, the attention pool
+    sees them (as timm's do)."""
+    return size_aware_pool(self, x, pool_type, avg_skip=self.num_prefix_tokens, attn_skip=0)
+
+
+def identity_rope_row(table: Tensor) -> Tensor:
+    """The rotary row of no rotation (sin 0, cos 1) in ``table``'s [sin, cos] layout: 2d values."""
+    width = table.shape[-1]
+    return torch.cat([table.new_zeros(width // 2), table.new_ones(width - width // 2)])
+
+
+def rope_rows(table: Tensor, pos: Tensor, num_prefix: int) -> Tensor:
+    """The rotary rows of the current non-prefix tokens, gathered by their original positions.
+
+    Args:
+        table: the block's rotary table as timm passes it: N0×2d (one for all heads), H×N0×2d
+            (``rope_type='mixed'``: per head) or B×H'×N0×2d (per image, after patch dropout);
+            row j belongs to the token at original position ``num_prefix + j``.
+        pos: B×N×1 original sequence positions of the current tokens (prefix included), negative
+            for a token with no position (:data:`~tokenreduce.state.NO_POSITION`).
+        num_prefix: P leading (class / register) tokens, which are not rotated.
+
+    Returns:
+        B×H'×(N−P)×2d rows for the tokens after the prefix (H' = 1 for a shared table), the
+        identity rotation for tokens with no position; broadcastable against B×H×(N−P)×d q / k.
+    """
+    if table.dim() not in (2, 3, 4):
+        raise ValueError(f"tokenreduce: unexpected rotary table of shape {tuple(table.shape)} (expected 2 to 4 dims)")
+    t = table.reshape((1,) * (4 - table.dim()) + tuple(table.shape))  # B'×H'×N0×2d
+    t = torch.cat([identity_rope_row(table).expand(t.shape[0], t.shape[1], 1, -1), t], dim=2)  # row 0: identity
+    index = (pos[:, num_prefix:, 0] - (num_prefix - 1)).clamp_min(0)  # B×M: table row + 1, or 0 (no position)
+    b, m = index.shape
+    heads, width = t.shape[1], t.shape[3]
+    if t.shape[0] == 1:
+        return t[0].index_select(1, index.reshape(-1)).view(heads, b, m, width).transpose(0, 1)
+    return t.gather(2, index.view(b, 1, m, 1).expand(b, heads, m, width))
+
+
+def current_rope(ctx: ReductionContext, table: Tensor | None, num_prefix: int) -> Tensor | None:
+    """The rotary rows for the tokens the block receives: timm's own table while they are the unreduced
+    tokens in their original order, else :func:`rope_rows` (cached until the positions or the table change)."""
+    if table is None or ctx.pos is ctx.pos_start:
+        return table
+    cached = ctx.scratch.get("rope_rows")
+    if cached is not None and cached[0] is table and cached[1] is ctx.pos:
+        return cached[2]
+    rows = rope_rows(table, ctx.pos, num_prefix)
+    ctx.scratch["rope_rows"] = (table, ctx.pos, rows)
+    return rows
+
+
+def _split_heads(x: Tensor, heads: int) -> Tensor:
+    """B×N×(H·d) → B×H×N×d."""
+    b, n, _ = x.shape
+    return x.reshape(b, n, heads, -1).transpose(1, 2)
+
+
+def eva_attention(
+    attn: EvaAttention,
+    x: Tensor,
+    rope: Tensor | None,
+    bias: Tensor | None,
+    needs: AttentionNeeds,
+    key_mask: KeyMask | None,
+    packed: Tensor | None,
+    class_token: bool,
+) -> tuple[Tensor, AttentionSignals]:
+    """timm ``EvaAttention.forward`` with a key bias, a key mask and signals (via :func:`attend`).
+
+    Args:
+        attn: the block's ``EvaAttention``.
+        x: B×N×C normalised tokens (ΣN×C live tokens when ``packed``).
+        rope: rotary rows for the tokens after the prefix, broadcastable against B×H×(N−P)×d, or ``None``.
+        bias, needs, key_mask, packed, class_token: as :func:`~tokenreduce.ops.attention.attention_with_signals`.
+
+    Returns:
+        ``(out, signals)``: B×N×C (ΣN×C when packed) and the signals; ``keys`` are taken before the rotation.
+    """
+    heads = attn.num_heads
+    gate = attn.gate(x).sigmoid() if attn.gate is not None else None
+    if attn.qkv is not None:
+        if attn.q_bias is None:
+            qkv = attn.qkv(x)
+        else:
+            qkv_bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+            if attn.qkv_bias_separate:
+                qkv = attn.qkv(x)
+                qkv += qkv_bias
+            else:
+                qkv = F.linear(x, weight=attn.qkv.weight, bias=qkv_bias)
+        qkv = unpack_rows(qkv, packed, key_mask)
+        b, n = qkv.shape[:2]
+        q, k, v = qkv.reshape(b, n, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    else:
+        q, k, v = (_split_heads(unpack_rows(proj(x), packed, key_mask), heads)
+                   for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    keys = head_mean(k) if needs.keys else None
+    if rope is not None:
+        p, half = attn.num_prefix_tokens, getattr(attn, "rotate_half", False)
+        q = torch.cat([q[:, :, :p, :], apply_rot_embed_cat(q[:, :, p:, :], rope, half=half)], dim=2).type_as(v)
+        k = torch.cat([k[:, :, :p, :], apply_rot_embed_cat(k[:, :, p:, :], rope, half=half)], dim=2).type_as(v)
+    out, signals = attend(
+        q, k, v, attn.scale, bias, dataclasses.replace(needs, keys=False) if needs.keys else needs, key_mask,
+        class_token=class_token, training=attn.training, dropout=attn.attn_drop, fused=attn.fused_attn,
+    )
+    if keys is not None:
+        signals = dataclasses.replace(signals, keys=keys)
+    out = attn.norm(pack_rows(merge_heads(out), packed))
+    if gate is not None:
+        out = out * gate
+    return attn.proj_drop(attn.proj(out)), signals
+
+
+class TimmEva(FamilyAdapter):
+    """timm ``Eva``."""
+
+    name = "timm-eva"
+    description = (
+        "timm Eva models (EVA, EVA-02, rotary-position ViTs) built from timm EvaBlock or EvaBlockPostNorm and "
+        "EvaAttention, with or without rotary position embeddings (cat, mixed, dinov3, mrope tables), SwiGLU or "
+        f"GELU MLPs, class / register tokens; global_pool in {[p for p in SUPPORTED_POOLS if p]} or '', or 'map' "
+        "(AttentionPoolLatent without a position embedding)"
+    )
+    model_members = {
+        "pool": _model_pool,
+        "forward_intermediates": grid_entry_point("forward_intermediates"),
+        **{name: shape_change(name) for name in (
+            "set_input_size", "reset_classifier", "prune_intermediate_layers", "set_grad_checkpointing")},
+    }
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return isinstance(model, Eva)
+
+    @classmethod
+    def check_supported(cls, model: nn.Module) -> None:
+        for i, blk in enumerate(model.blocks):
+            blk_cls = getattr(blk, "_tr_base", type(blk))  # a patched block is checked as its stock class
+            if not any(issubclass(blk_cls, c) and blk_cls.forward is c.forward for c in _BLOCKS):
+                raise TypeError(f"tokenreduce cannot adapt block {i} of type {type(blk).__name__}; "
+                                f"supported: {cls.description}")
+            attn = blk.attn
+            if not isinstance(attn, EvaAttention) or type(attn).forward is not EvaAttention.forward:
+                raise TypeError(f"tokenreduce cannot adapt attention {type(attn).__name__} in block {i} "
+                                f"(attn_type='rope' / grouped-query attention is not supported); "
+                                f"supported: {cls.description}")
+        check_attention_pool(model, cls.description)
+        if getattr(model, "attn_pool", None) is None and model.global_pool not in SUPPORTED_POOLS:
+            raise TypeError(f"tokenreduce cannot adapt global_pool={model.global_pool!r}; supported: {cls.description}")
+        rope = getattr(model, "rope", None)
+        if rope is not None and not callable(getattr(rope, "get_embed", None)):
+            raise TypeError(f"tokenreduce cannot adapt the rotary embedding {type(rope).__name__} (no get_embed "
+                            f"table); supported: {cls.description}")
+        if getattr(model, "grad_checkpointing", False):
+            raise ValueError(
+                "tokenreduce cannot reduce a model with gradient checkpointing on (the recomputed blocks would see "
+                "the token bookkeeping of the end of the forward); call model.set_grad_checkpointing(False) first"
+            )
+
+    @classmethod
+    def tracks_positions(cls, model: nn.Module) -> bool:
+        return getattr(model, "rope", None) is not None
+
+    @classmethod
+    def blocks(cls, model: nn.Module) -> Sequence[nn.Module]:
+        return list(model.blocks)
+
+    @classmethod
+    def model_info(cls, model: nn.Module) -> ModelInfo:
+        blocks = list(model.blocks)
+        return ModelInfo(
+            depth=len(blocks),
+            dim=model.embed_dim,
+            num_heads=blocks[0].attn.num_heads,
+            num_prefix=model.num_prefix_tokens,
+            num_patches=model.patch_embed.num_patches,
+            cost=timm_cost_model(model, [b.attn.num_heads * b.attn.head_dim for b in blocks], [model.head]),
+            num_classes=getattr(model, "num_classes", 0) or 0,
+            has_class_token=getattr(model, "cls_token", None) is not None,
+            architecture=str((getattr(model, "pretrained_cfg", None) or {}).get("architecture", "")),
+            family=cls.name,
+        )
+
+    @classmethod
+    def block_forward(cls) -> Callable[..., Any]:
+        return _block_forward
+
+    @classmethod
+    def attention(
+        cls, block: nn.Module, x: Tensor, bias: Tensor | None, needs: AttentionNeeds, key_mask: KeyMask | None,
+        packed: Tensor | None, class_token: bool,
+    ) -> tuple[Tensor, AttentionSignals]:
+        ctx: ReductionContext = block._tr_ctx
+        rope = current_rope(ctx, ctx.scratch.get("rope"), block.attn.num_prefix_tokens)
+        tokens = x if isinstance(block, EvaBlockPostNorm) else block.norm1(x)
+        return eva_attention(block.attn, tokens, rope, bias, needs, key_mask, packed, class_token)
+
+    @classmethod
+    def attention_residual(cls, block: nn.Module, out: Tensor) -> Tensor:
+        if isinstance(block, EvaBlockPostNorm):
+            return block.drop_path1(block.norm1(out))
+        return block.drop_path1(out if block.gamma_1 is None else block.gamma_1 * out)
+
+    @classmethod
+    def mlp(cls, block: nn.Module, x: Tensor) -> Tensor:
+        if isinstance(block, EvaBlockPostNorm):
+            return block.drop_path2(block.norm2(block.mlp(x)))
+        out = block.mlp(block.norm2(x))
+        return block.drop_path2(out if block.gamma_2 is None else block.gamma_2 * out)
