@@ -14,11 +14,9 @@ import sys
 
 import pytest
 import torch
-
-pytest.importorskip("transformers")
-
 import torch._dynamo  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+import transformers  # noqa: E402,F401  (the [hf] extra is part of [dev]: a missing install fails, not skips)
 from hf_convert import NUM_CLASSES, PAIRS, dinov2_pair, hf_output, small_config_model  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
@@ -389,6 +387,35 @@ def test_learned_parameters_train_and_load_on_hf_and_a_timm_checkpoint_is_refuse
         tr.apply(small_config_model("ViTForImageClassification"), "cropr", checkpoint=timm_path)
 
 
+@pytest.mark.parametrize("method,params", [("dynamicvit", {"layers": (1, 2)}), ("dtps", {"layers": (1, 2)}),
+                                           ("ltmp", {"target": 0.6}), ("cropr", {"p": 4})])
+@pytest.mark.parametrize("name", ["ViTForImageClassification", "CLIPForImageClassification"])
+def test_tr_train_trains_learned_methods_on_hf_classifiers(tmp_path, name, method, params):
+    from torch.utils.data import TensorDataset
+
+    model = small_config_model(name)
+    data = TensorDataset(_images(8), torch.arange(8) % 4)
+    out = tr.train(model, method, data, out_dir=str(tmp_path), batch_size=4, epochs=1, lr=0.05, progress=False,
+                   **params)
+    assert out["complete"] and out["result"].step == 2
+    trained = {k: v.clone() for k, v in tr.reducer(model).module.state_dict().items()}
+    fresh = small_config_model(name)
+    tr.apply(fresh, method, checkpoint=out["checkpoint"])
+    loaded = tr.reducer(fresh).module.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in trained.items())
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(_images()).logits, model.eval()(_images()).logits)
+
+
+def test_training_a_backbone_without_classifier_says_so(tmp_path):
+    from torch.utils.data import TensorDataset
+
+    data = TensorDataset(_images(4), torch.arange(4))
+    with pytest.raises(TypeError, match="class logits"):
+        tr.train(small_config_model("ViTModel"), "cropr", data, out_dir=str(tmp_path), batch_size=4, progress=False,
+                 p=4)
+
+
 # -- refusals and the optional dependency -------------------------------------------------------------
 
 
@@ -397,7 +424,6 @@ def test_learned_parameters_train_and_load_on_hf_and_a_timm_checkpoint_is_refuse
     ("Dinov2Backbone", "patch grid"),
 ])
 def test_classes_that_need_the_patch_grid_are_refused(name, error):
-    import transformers
 
     config = (transformers.ViTConfig if name.startswith("ViT") else transformers.Dinov2Config)(
         hidden_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8)
@@ -406,7 +432,6 @@ def test_classes_that_need_the_patch_grid_are_refused(name, error):
 
 
 def test_two_tower_clip_says_to_reduce_its_vision_tower():
-    import transformers
 
     model = transformers.CLIPModel(transformers.CLIPConfig(
         vision_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8,

@@ -208,6 +208,12 @@ class FamilyAdapter:
         raise NotImplementedError
 
     @classmethod
+    def final_tokens_module(cls, model: nn.Module) -> nn.Module:
+        """The module whose output is the model's final B×N×C tokens (its final norm where the family has
+        one on the tokens; by default the last block), e.g. for DynamicViT's token distillation."""
+        return cls.blocks(model)[-1]
+
+    @classmethod
     def block_forward(cls) -> Callable[..., Any]:
         """The ``forward`` of a patched block: parses the family's block signature (refusing
         arguments a reduced block cannot honour), calls :func:`run_block` and returns what the

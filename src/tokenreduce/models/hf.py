@@ -386,6 +386,15 @@ class HFAdapter(FamilyAdapter):
         reduced tokens (a head that averages them), else ``None`` (the stock forward runs)."""
         return None
 
+    final_norm_name: ClassVar[str | None] = "layernorm"
+    """The backbone's norm on the final tokens (``None``: the tokens leaving the last layer are final)."""
+
+    @classmethod
+    def final_tokens_module(cls, model: nn.Module) -> nn.Module:
+        if cls.final_norm_name is None:
+            return cls.blocks(model)[-1]
+        return getattr(cls.backbone(model), cls.final_norm_name)
+
     @classmethod
     def block_forward(cls) -> Callable[..., Any]:
         return _block_forward

@@ -75,6 +75,7 @@ class HFCLIPVision(_EncoderLayers):
     """Hugging Face CLIP vision tower."""
 
     name = "hf-clip"
+    final_norm_name = None  # post_layernorm is applied to the pooled token only
     description = ("Hugging Face CLIPVisionModel, CLIPVisionModelWithProjection, CLIPForImageClassification "
                    "(transformers >= 5.18)")
     module_prefix = "transformers.models.clip."
@@ -129,6 +130,7 @@ class HFSiglipVision(_EncoderLayers):
     """Hugging Face SigLIP vision tower (no class token; attention-pool head)."""
 
     name = "hf-siglip"
+    final_norm_name = "post_layernorm"
     description = "Hugging Face SiglipVisionModel, SiglipForImageClassification (transformers >= 5.18)"
     module_prefix = "transformers.models.siglip."
     classes = {"SiglipVisionModel": "", "SiglipForImageClassification": "vision_model"}

@@ -260,6 +260,10 @@ class TimmEva(FamilyAdapter):
         )
 
     @classmethod
+    def final_tokens_module(cls, model: nn.Module) -> nn.Module:
+        return model.norm
+
+    @classmethod
     def block_forward(cls) -> Callable[..., Any]:
         return _block_forward
 

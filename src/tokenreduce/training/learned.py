@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from ..api import last_forward, stats, unreduced
 from ..methods.base import Reducer
 from ..methods.ltmp import ltmp_loss
+from .tasks import logits_of
 
 Transform = Callable[[Tensor], Tensor]
 
@@ -153,7 +154,7 @@ class LTMPTask(ReducerTask):
 
     def loss(self, model: nn.Module, batch: Any) -> tuple[Tensor, dict[str, float]]:
         images, labels = self._images(batch)
-        logits = model(images)
+        logits = logits_of(model(images))
         record = last_forward(_unwrap(model))
         loss, ratio = ltmp_loss(
             logits, labels, record.block_tokens, self.reducer.info, record.num_tokens_in, self.reducer.params.target,
@@ -203,15 +204,12 @@ class DynamicViTTask(ReducerTask):
             if self.finetune:
                 if self._frozen_teacher is None:  # not prepared by train_reducer: copy before the first step
                     self.prepare(bare)
-                teacher = self._frozen_teacher
-                feats = teacher.forward_features(images)
-                return feats, teacher.forward_head(feats)
+                return features_and_logits(self._frozen_teacher, self._frozen_teacher, images)
             modes = {m: m.training for m in bare.modules()}
             bare.eval()
             try:
                 with unreduced(bare):
-                    feats = bare.forward_features(images)
-                    return feats, bare.forward_head(feats)
+                    return features_and_logits(bare, bare, images)
             finally:
                 for m, mode in modes.items():
                     m.training = mode
@@ -219,13 +217,7 @@ class DynamicViTTask(ReducerTask):
     def loss(self, model: nn.Module, batch: Any) -> tuple[Tensor, dict[str, float]]:
         images, labels = self._images(batch)
         bare = _unwrap(model)
-        captured: dict[str, Tensor] = {}
-        hook = bare.norm.register_forward_hook(lambda mod, args, out: captured.__setitem__("feats", out))
-        try:
-            logits = model(images)  # through any DDP / compile wrapper
-        finally:
-            hook.remove()
-        feats = captured["feats"]  # B×N×C final tokens (before pooling)
+        feats, logits = features_and_logits(model, bare, images)  # through any DDP / compile wrapper
         record = last_forward(bare)
         reducer, p = self.reducer, self.reducer.info.num_prefix
         n_patches = record.num_tokens_in - p
@@ -255,6 +247,24 @@ class DTPSTask(DynamicViTTask):
     token_loss = "kl"
 
 
+def features_and_logits(model: nn.Module, bare: nn.Module, images: Tensor) -> tuple[Tensor, Tensor]:
+    """``(B×N×C final tokens, B×classes logits)`` of one forward of ``model`` (``bare``: the model under
+    any DDP / compile wrapper), the tokens read where its family's adapter says they are final."""
+    from ..models import adapter_for
+
+    captured: dict[str, Tensor] = {}
+
+    def keep(module: nn.Module, args: Any, out: Any) -> None:
+        captured["feats"] = out[0] if isinstance(out, tuple) else out
+
+    hook = adapter_for(bare).final_tokens_module(bare).register_forward_hook(keep)
+    try:
+        logits = logits_of(model(images))
+    finally:
+        hook.remove()
+    return captured["feats"], logits
+
+
 def _frozen_copy(model: nn.Module) -> nn.Module:
     """An unreduced, eval-mode, gradient-free copy of a (reduced) model: a fixed teacher."""
     from ..api import remove
@@ -270,7 +280,7 @@ class CroprTask(ReducerTask):
 
     def loss(self, model: nn.Module, batch: Any) -> tuple[Tensor, dict[str, float]]:
         images, labels = self._images(batch)
-        logits = model(images)
+        logits = logits_of(model(images))
         aux = self.reducer.aux_logits
         aux_loss = torch.stack([F.cross_entropy(a, labels) for a in aux]).sum()
         loss = aux_loss + F.cross_entropy(logits, labels) if self.finetune else aux_loss

@@ -29,6 +29,24 @@ class Task(Protocol):
     def loss(self, model: nn.Module, batch: Any) -> tuple[Tensor, dict[str, float]]: ...
 
 
+def logits_of(output: Any) -> Tensor:
+    """The B×classes logits of a model's output: the tensor itself (timm), or its ``logits`` (a Hugging
+    Face classification output).
+
+    Raises:
+        TypeError: the output holds no logits (a backbone without a classifier head).
+    """
+    if isinstance(output, Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if not isinstance(logits, Tensor):
+        raise TypeError(
+            f"training needs class logits, but the model returns {type(output).__name__} without them; "
+            "train a classification model (e.g. ViTForImageClassification rather than ViTModel)"
+        )
+    return logits
+
+
 class ClassificationTask:
     """Cross-entropy on ``(images, labels)`` batches, all parameters trained.
 
@@ -50,7 +68,7 @@ class ClassificationTask:
         images, labels = batch
         if self.transform is not None:
             images = self.transform(images)
-        logits = model(images)
+        logits = logits_of(model(images))
         loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
         with torch.no_grad():
             acc = (logits.argmax(-1) == labels).float().mean().item()
