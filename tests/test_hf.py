@@ -489,3 +489,28 @@ def test_load_model_reads_an_hf_directory_offline(tmp_path):
         load_model(f"hf:{tmp_path / 'vit'}", img_size=96)
     with pytest.raises(FileNotFoundError):
         load_model(f"hf:{tmp_path / 'missing'}")
+
+
+def test_command_line_benchmarks_an_hf_model_and_refuses_what_needs_its_image_processor(tmp_path, capsys):
+    from PIL import Image
+
+    from tokenreduce.cli import main
+
+    saved = tmp_path / "vit"
+    small_config_model("ViTForImageClassification").save_pretrained(saved)
+    out = tmp_path / "bench.json"
+    args = ["benchmark", "--model", f"hf:{saved}", "--method", "tome", "--param", "r=2", "-b", "2", "--repeats", "1",
+            "--warmup", "0", "--no-progress", "--json", str(out)]
+    assert main(args) == 0
+    row = __import__("json").loads(out.read_text())[0]
+    assert row["gmacs_reduced"] < row["gmacs_unreduced"] and row["images_per_s_reduced"] > 0
+
+    folder = tmp_path / "data" / "0"
+    folder.mkdir(parents=True)
+    Image.new("RGB", (64, 64)).save(folder / "a.png")
+    assert main(["evaluate", "--model", f"hf:{saved}", "--data-dir", str(tmp_path / "data"), "--json", "",
+                 "--no-progress"]) == 2
+    assert "image processor" in capsys.readouterr().err
+    assert main(["visualize", str(folder / "a.png"), "--model", f"hf:{saved}", "--method", "tome",
+                 "--out", str(tmp_path / "t.png")]) == 2
+    assert "image processor" in capsys.readouterr().err

@@ -145,8 +145,8 @@ def visualize(
         model(x.to(next(model.parameters()).device))
     model.train(was_training)
     record = last_forward(model)
-    grid = tuple(model.patch_embed.grid_size) if x.shape[-2:] == tuple(model.patch_embed.img_size) else (
-        x.shape[-2] // model.patch_embed.patch_size[0], x.shape[-1] // model.patch_embed.patch_size[1])
+    patch_h, patch_w = adapter_for(model).patch_size(model)
+    grid = (x.shape[-2] // patch_h, x.shape[-1] // patch_w)
     image = _display_image(model, x) if display is None else display
     panels = [("input", image)]
     for label, source in record.stages:

@@ -22,7 +22,7 @@ from torch import nn
 from ..api import apply, remove
 from ..eval.accuracy import Config
 from ..methods import get_method
-from ..models import model_info
+from ..models import adapter_for, model_info, timm_data_config
 from ..models.loading import REFERENCE_NAME, load_model
 from .options import (
     amp_dtype,
@@ -155,10 +155,6 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     check_method_names(args.method)
     params = dict(args.param or [])
     model = model_from_args(args, args.model)
-    channels = getattr(getattr(model.patch_embed, "proj", None), "in_channels", 3)
-    if channels != 3:
-        raise ValueError(f"benchmark times RGB inputs; {args.model} takes {channels}-channel images "
-                         "(time it with evaluate, which reports images/s on its own data)")
     check_configs(model, [Config(name, params, args.budget) for name in args.method])
     if args.compile:
         throughput.allow_many_compiled_models()
@@ -376,7 +372,7 @@ def training_data(args: argparse.Namespace, model: nn.Module, name: str, data: s
         return TensorDataset(images, labels), preprocess
     import timm.data
 
-    cfg = timm.data.resolve_data_config({}, model=model)
+    cfg = timm_data_config(model)
     dataset = timm.data.create_dataset("", root=str(folder), split="train",
                                        transform=timm.data.create_transform(**cfg, is_training=True))
     if len(dataset) == 0:
@@ -472,8 +468,9 @@ def cmd_visualize(args: argparse.Namespace) -> int:
         params["budget"] = args.budget
     model = model_from_args(args, args.model or REFERENCE_NAME)
     check_configs(model, [Config(args.method, {k: v for k, v in params.items() if k != "budget"}, args.budget)])
-    img = load_image(args.image, model.patch_embed.proj.in_channels)  # 16-bit / float images by their range
-    if model.patch_embed.proj.in_channels == 1:
+    channels = adapter_for(model).input_size(model)[0]
+    img = load_image(args.image, channels)  # 16-bit / float images by their range
+    if channels == 1:
         import numpy as np
 
         from ..models.reference import preprocess
@@ -483,8 +480,7 @@ def cmd_visualize(args: argparse.Namespace) -> int:
     else:
         import timm.data
 
-        cfg = timm.data.resolve_data_config({}, model=model)
-        x = timm.data.create_transform(**cfg)(img).unsqueeze(0)
+        x = timm.data.create_transform(**timm_data_config(model))(img).unsqueeze(0)
     sheet = visualize(model, x, args.method, **params)
     if out:
         written = write_output(out, sheet.save, overwrite=args.overwrite)

@@ -32,6 +32,7 @@ from ..distributed import rank_world
 from ..methods import get_method
 from ..methods.base import ModelInfo
 from ..models import model_info
+from ..training.tasks import logits_of
 from .throughput import TimingResult, _timer, interleaved_seconds
 
 UNREDUCED = "unreduced"
@@ -176,7 +177,7 @@ def count_correct(
     rank, _ = rank_world()
     for images, labels in tqdm(batches, desc=desc, total=total, disable=not progress or rank != 0, leave=False):
         images, labels = images.to(device), labels.to(device)
-        logits = model(images)
+        logits = logits_of(model(images))
         per_image = stats(model).gmacs if reduced else base_gmacs
         counts.add(logits.float(), labels, per_image)
     return counts

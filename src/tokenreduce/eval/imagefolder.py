@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..distributed import rank_world
-from ..models import model_info
+from ..models import model_info, timm_data_config
 from .accuracy import (
     DEFAULT_BUDGETS,
     DEFAULT_SEEDS,
@@ -147,11 +147,11 @@ def evaluate_imagefolder(
         FileNotFoundError, ValueError: missing or empty folder, class count that does
             not match the model, unknown model name.
     """
-    from timm.data import create_transform, resolve_data_config
+    from timm.data import create_transform
 
     model = (load_timm_model(model_name, pretrained, checkpoint) if model is None else model).to(device)
     overrides = {} if crop_pct is None else {"crop_pct": crop_pct}
-    data_config = resolve_data_config(overrides, model=model)
+    data_config = timm_data_config(model, overrides)
     transform = create_transform(**data_config, is_training=False)
     img_mode = "L" if data_config["input_size"][0] == 1 else "RGB"
     dataset = SkippingImageFolder(data, transform, img_mode)

@@ -22,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..api import apply, gmacs, reducer, stats
+from ..models import adapter_for
 from .ceiling import schedule_only_model
 
 
@@ -127,13 +128,14 @@ def time_forward(
     device: str | torch.device = "cpu",
     progress: bool = True,
     desc: str = "timing",
+    channels: int = 3,
 ) -> dict[str, TimingResult]:
     """Time several models on the same input, interleaved.
 
     Args:
         models: name → model, all already on ``device`` and in eval mode.
         batch_size: images per forward.
-        img_size: input height/width.
+        img_size: input height/width; channels: input channels.
         repeats: timed forwards per model; warmup: untimed forwards per model first.
         dtype: ``fp32``, ``bf16`` or ``fp16`` (autocast).
 
@@ -145,7 +147,7 @@ def time_forward(
     device = torch.device(device)
     h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(batch_size, 3, h, w, generator=gen).to(device)
+    x = torch.randn(batch_size, channels, h, w, generator=gen).to(device)
     timers = {name: _timer(m, x, dtype) for name, m in models.items()}
     seconds = interleaved_seconds(timers, repeats, warmup=warmup, progress=progress, desc=desc)
     return {name: TimingResult(batch_size, s) for name, s in seconds.items()}
@@ -217,8 +219,9 @@ def compare_throughput(
     model = model.eval().to(device)
     base = copy.deepcopy(model)
     apply(model, method, budget=budget, **params)
+    channels, *size = adapter_for(model).input_size(model)
     if img_size is None:
-        img_size = model.patch_embed.img_size
+        img_size = tuple(size)
     runners: dict[str, nn.Module] = {"unreduced": base if baseline is None else baseline, "reduced": model}
     if ceiling:
         applied = reducer(model)
@@ -236,6 +239,7 @@ def compare_throughput(
         device=device,
         progress=progress,
         desc=f"{method} bs={batch_size} {dtype}",
+        channels=channels,
     )
     red_stats = stats(model)
     base_ips, red_ips = timings["unreduced"].images_per_second, timings["reduced"].images_per_second

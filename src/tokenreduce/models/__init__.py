@@ -46,7 +46,25 @@ def model_info(model: nn.Module) -> ModelInfo:
     return adapter_for(model).model_info(model)
 
 
+def timm_data_config(model: nn.Module, overrides: dict | None = None) -> dict:
+    """timm's data config for ``model`` (input size, crop, interpolation, mean/std), for reading images
+    through timm's pipeline.
+
+    Raises:
+        ValueError: the model's family preprocesses with its own image processor (Hugging Face models).
+    """
+    import timm.data
+
+    adapter = adapter_for(model)
+    if not adapter.timm_data_pipeline:
+        raise ValueError(
+            f"reading images for a {adapter.name} model needs its own image processor, which the command line does "
+            "not run; preprocess the images yourself and use the Python API (tokenreduce.apply, tokenreduce.visualize)"
+        )
+    return timm.data.resolve_data_config(overrides or {}, model=model)
+
+
 __all__ = [
     "ADAPTERS", "FamilyAdapter", "adapter_for", "check_supported", "context_of", "is_patched", "model_info", "patch",
-    "unpatch",
+    "timm_data_config", "unpatch",
 ]

@@ -173,6 +173,8 @@ class FamilyAdapter:
     """What the family covers, for the error that lists supported families."""
     model_members: ClassVar[dict[str, Any]] = {}
     """Members of the generated model class (size-aware pooling, refusals, ``_apply``)."""
+    timm_data_pipeline: ClassVar[bool] = True
+    """Whether timm's data pipeline (``resolve_data_config``) can preprocess images for the family's models."""
 
     # -- the model ---------------------------------------------------------------------------------
     @classmethod
@@ -205,6 +207,16 @@ class FamilyAdapter:
     @classmethod
     def model_info(cls, model: nn.Module) -> ModelInfo:
         """The facts a reducer may use about ``model``, with its cost model."""
+        raise NotImplementedError
+
+    @classmethod
+    def input_size(cls, model: nn.Module) -> tuple[int, int, int]:
+        """(channels, height, width) of the images the model takes at its configured size."""
+        raise NotImplementedError
+
+    @classmethod
+    def patch_size(cls, model: nn.Module) -> tuple[int, int]:
+        """(height, width) of one patch in pixels."""
         raise NotImplementedError
 
     @classmethod

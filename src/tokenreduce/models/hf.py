@@ -386,8 +386,20 @@ class HFAdapter(FamilyAdapter):
         reduced tokens (a head that averages them), else ``None`` (the stock forward runs)."""
         return None
 
+    timm_data_pipeline = False  # preprocessing is the model's image processor's, not timm's
+
     final_norm_name: ClassVar[str | None] = "layernorm"
     """The backbone's norm on the final tokens (``None``: the tokens leaving the last layer are final)."""
+
+    @classmethod
+    def input_size(cls, model: nn.Module) -> tuple[int, int, int]:
+        config = cls.backbone(model).config
+        h, w = _pair(config.image_size)
+        return int(getattr(config, "num_channels", 3)), h, w
+
+    @classmethod
+    def patch_size(cls, model: nn.Module) -> tuple[int, int]:
+        return _pair(cls.backbone(model).config.patch_size)
 
     @classmethod
     def final_tokens_module(cls, model: nn.Module) -> nn.Module:
@@ -425,6 +437,11 @@ class HFAdapter(FamilyAdapter):
     @classmethod
     def mlp(cls, block: nn.Module, x: Tensor) -> Tensor:
         return block.mlp(getattr(block, cls.norm2_name)(x))
+
+
+def _pair(value: Any) -> tuple[int, int]:
+    """An HF config size (an int or a pair) as (height, width)."""
+    return (int(value), int(value)) if isinstance(value, int) else (int(value[0]), int(value[1]))
 
 
 def split_heads(x: Tensor, head_dim: int) -> Tensor:

@@ -260,6 +260,14 @@ class TimmEva(FamilyAdapter):
         )
 
     @classmethod
+    def input_size(cls, model: nn.Module) -> tuple[int, int, int]:
+        return (model.patch_embed.proj.in_channels, *tuple(model.patch_embed.img_size))
+
+    @classmethod
+    def patch_size(cls, model: nn.Module) -> tuple[int, int]:
+        return tuple(model.patch_embed.patch_size)
+
+    @classmethod
     def final_tokens_module(cls, model: nn.Module) -> nn.Module:
         return model.norm
 
