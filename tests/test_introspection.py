@@ -234,3 +234,27 @@ def test_gradient_checkpointing_is_refused(vit):
     with pytest.raises(ValueError, match="gradient checkpointing"):
         tr.apply(vit, "tome", r=2)
     assert not tr.is_reduced(vit)
+
+
+# -- parameters are validated where they are declared -----------------------------------------------------
+
+
+@pytest.mark.parametrize("method,params,match", [
+    ("evit", {"keep_rate": 0}, "keep_rate must be in"),
+    ("random", {"seed": 1.5}, "seed must be an int"),
+    ("tps", {"temperature": -1}, "temperature must be a number > 0"),
+    ("dtps", {"prop_attn": "yes"}, "prop_attn must be True or False"),
+    ("cropr", {"num_queries": 0}, "num_queries must be an int >= 1"),
+    ("ltmp", {"merge_threshold": (0.5, 1.5)}, "merge_threshold needs numbers in"),
+    ("ppt", {"threshold": -1e-5}, "threshold needs numbers in"),
+    ("bat", {"layers": ()}, "empty layers"),
+    ("tome", {"prop_attn": 1}, "prop_attn must be True or False"),
+])
+def test_params_dataclasses_validate_without_a_model(method, params, match):
+    cls = get_method(method)
+    with pytest.raises(ValueError, match=match):
+        cls.Params(**params)  # no model involved: the dataclass itself refuses
+    with torch.device("meta"):
+        info = model_info(make_vit())
+    with pytest.raises(ValueError, match=f"^{method}: {match}"):
+        cls.create(info, **params)  # and the method's name leads the message

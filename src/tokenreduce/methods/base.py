@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -160,7 +160,7 @@ class Reducer:
         if budget is not None:
             if cls.knob in kwargs:
                 raise ValueError(f"{cls.name}: pass either budget or {cls.knob!r}, not both")
-            base = cls.Params(**kwargs)
+            base = cls.build_params(kwargs)
 
             def cost_of(value: Any) -> float:  # from the schedule alone: no learned module is built
                 reducer = cls(info, dataclasses.replace(base, **{cls.knob: value}))
@@ -169,7 +169,15 @@ class Reducer:
 
             value = resolve_budget(budget, cls.knob_values(info, base), cost_of, info.unreduced_macs(), cls.knob)
             kwargs = {**kwargs, cls.knob: value}
-        return cls(info, cls.Params(**kwargs))
+        return cls(info, cls.build_params(kwargs))
+
+    @classmethod
+    def build_params(cls, kwargs: dict[str, Any]) -> Any:
+        """``Params(**kwargs)``, validated; a bad value's ``ValueError`` names the method."""
+        try:
+            return cls.Params(**kwargs)
+        except ValueError as err:
+            raise ValueError(f"{cls.name}: {err}") from None
 
     @classmethod
     def knob_values(cls, info: ModelInfo, base: Any) -> Sequence[Any]:
@@ -245,7 +253,115 @@ def check_layers(name: str, layers: tuple[int, ...], depth: int) -> tuple[int, .
     return tuple(sorted(layers))
 
 
-def check_fraction(name: str, key: str, value: float) -> float:
-    if not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
-        raise ValueError(f"{name}: {key} must be in (0, 1], got {value!r}")
+# -- parameter validation ------------------------------------------------------------------------------
+#
+# Every method's ``Params`` dataclass derives from :class:`Params` and declares its checked fields with
+# :func:`checked`: the values are validated (and normalised) when the dataclass is built, before any model
+# work.  Checks that need the model (block indices against the depth, counts against the patches) stay in
+# the reducer's ``__init__``.
+
+Check = Callable[[str, Any], Any]
+"""``(field name, value) -> normalised value``; raises ``ValueError`` naming the field."""
+
+
+def checked(default: Any, check: Check) -> Any:
+    """A dataclass field whose value ``check`` validates when the parameters are built."""
+    return field(default=default, metadata={"check": check})
+
+
+@dataclass(frozen=True)
+class Params:
+    """Base of the methods' parameter dataclasses: runs every field's :func:`checked` validator."""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            check = f.metadata.get("check")
+            if check is not None:
+                object.__setattr__(self, f.name, check(f.name, getattr(self, f.name)))
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def fraction(key: str, value: Any) -> float:
+    """A number in (0, 1]."""
+    if not _is_number(value) or not 0.0 < value <= 1.0:
+        raise ValueError(f"{key} must be in (0, 1], got {value!r}")
     return float(value)
+
+
+def positive(key: str, value: Any) -> float:
+    """A number > 0."""
+    if not _is_number(value) or not value > 0:
+        raise ValueError(f"{key} must be a number > 0, got {value!r}")
+    return float(value)
+
+
+def boolean(key: str, value: Any) -> bool:
+    """``True`` or ``False``."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{key} must be True or False, got {value!r}")
+    return value
+
+
+def integer(key: str, value: Any) -> int:
+    """Any int."""
+    if not _is_int(value):
+        raise ValueError(f"{key} must be an int, got {value!r}")
+    return value
+
+
+def int_at_least(low: int) -> Check:
+    """An int >= ``low``."""
+
+    def check(key: str, value: Any) -> int:
+        if not _is_int(value) or value < low:
+            raise ValueError(f"{key} must be an int >= {low}, got {value!r}")
+        return value
+
+    return check
+
+
+def optional(check: Check) -> Check:
+    """``None``, or a value ``check`` accepts."""
+    return lambda key, value: None if value is None else check(key, value)
+
+
+def one_of(*choices: str) -> Check:
+    """One of ``choices`` (case-insensitive; returned lower-case)."""
+
+    def check(key: str, value: Any) -> str:
+        if not isinstance(value, str) or value.lower() not in choices:
+            raise ValueError(f"{key} must be one of {', '.join(choices)}, got {value!r}")
+        return value.lower()
+
+    return check
+
+
+def numbers_in(low: float, high: float) -> Check:
+    """One number in [low, high], or a sequence of them (returned as a tuple)."""
+
+    def check(key: str, value: Any) -> float | tuple[float, ...]:
+        values = value if isinstance(value, (tuple, list)) else (value,)
+        if not values or not all(_is_number(v) and low <= v <= high for v in values):
+            raise ValueError(f"{key} needs numbers in [{low:g}, {high:g}] (one, or one per block), got {value!r}")
+        return tuple(float(v) for v in value) if isinstance(value, (tuple, list)) else float(value)
+
+    return check
+
+
+def block_indices(key: str, value: Any) -> tuple[int, ...]:
+    """A non-empty sequence of distinct ints (their range is checked against the model's depth later)."""
+    if not isinstance(value, (tuple, list)) or any(not _is_int(i) for i in value):
+        raise ValueError(f"{key} must be a sequence of 0-based block indices (ints), got {value!r}")
+    if not value:
+        raise ValueError(f"empty {key} would reduce nothing; give at least one block, "
+                         "or use the unreduced model (tokenreduce.remove)")
+    if len(set(value)) != len(value):
+        raise ValueError(f"{key} must not repeat, got {list(value)}")
+    return tuple(value)

@@ -57,18 +57,18 @@ from dataclasses import dataclass
 import torch
 
 from ..ops.attention import AttentionNeeds, AttentionSignals
-from ..ops.cluster import check_distance_scale, cluster_mean, dpc_knn
+from ..ops.cluster import DISTANCE_SCALES, cluster_mean, dpc_knn
 from ..ops.gather import batched_gather, batched_scatter_add
 from ..ops.matching import max_merges
 from ..ops.merge import bipartite_merge
 from ..ops.prune import keep_topk
 from ..state import TokenState
-from .base import ModelInfo
+from .base import ModelInfo, Params, block_indices, boolean, checked, fraction, int_at_least, one_of, optional
 from .evit import KeepRateReducer, kept_count
 
 
 @dataclass(frozen=True)
-class BATParams:
+class BATParams(Params):
     """Parameters of :class:`BAT`.
 
     Attributes:
@@ -85,24 +85,18 @@ class BATParams:
             TCFormer) or raw (``"none"``, the plain Euclidean form).  [unverified]
     """
 
-    keep_rate: float = 0.7
-    layers: tuple[int, ...] = (3, 6, 9)
-    num_clusters: int | None = None
-    num_attentive_merges: int = 0
-    k: int = 5
-    knn_include_self: bool = False
-    distance_scale: str = "sqrt_dim"
+    keep_rate: float = checked(0.7, fraction)
+    layers: tuple[int, ...] = checked((3, 6, 9), block_indices)
+    num_clusters: int | None = checked(None, optional(int_at_least(1)))
+    num_attentive_merges: int = checked(0, int_at_least(0))
+    k: int = checked(5, int_at_least(1))
+    knn_include_self: bool = checked(False, boolean)
+    distance_scale: str = checked("sqrt_dim", one_of(*DISTANCE_SCALES))
 
 
 def default_num_clusters(num_inattentive: int) -> int:
     """``1 + round(0.1·M)``, rounding halves up (M = 5 → 2, M = 58 → 7)."""
     return 1 + math.floor(round(0.1 * num_inattentive, 6) + 0.5)
-
-
-def _check_int(key: str, value: object, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"bat: {key} must be an int >= {low}, got {value!r}")
-    return value
 
 
 class BAT(KeepRateReducer):
@@ -113,16 +107,8 @@ class BAT(KeepRateReducer):
 
     def __init__(self, info: ModelInfo, params: BATParams) -> None:
         super().__init__(info, params)
-        if params.num_clusters is not None:
-            _check_int("num_clusters", params.num_clusters, 1)
-        self.attentive_merges = _check_int("num_attentive_merges", params.num_attentive_merges, 0)
-        self.k = _check_int("k", params.k, 1)
-        if not isinstance(params.knn_include_self, bool):
-            raise ValueError(f"bat: knn_include_self must be a bool, got {params.knn_include_self!r}")
-        try:
-            check_distance_scale(params.distance_scale)
-        except ValueError as err:
-            raise ValueError(f"bat: {err}") from None
+        self.attentive_merges = params.num_attentive_merges
+        self.k = params.k
 
     def needs(self, block: int) -> AttentionNeeds | None:
         if block not in self.layers:

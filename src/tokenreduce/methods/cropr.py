@@ -42,11 +42,11 @@ from torch import Tensor, nn
 from ..budget import Schedule, before_block_schedule
 from ..ops.prune import keep_topk
 from ..state import TokenState
-from .base import ModelInfo, Reducer
+from .base import ModelInfo, Params, Reducer, boolean, checked, int_at_least
 
 
 @dataclass(frozen=True)
-class CroprParams:
+class CroprParams(Params):
     """Parameters of :class:`Cropr`.
 
     Attributes:
@@ -56,10 +56,10 @@ class CroprParams:
         first_extra: extra tokens removed by the first module (1: 197 → 188 with p=8).
     """
 
-    p: int = 8
-    llf: bool = True
-    num_queries: int = 1
-    first_extra: int = 1
+    p: int = checked(8, int_at_least(0))
+    llf: bool = checked(True, boolean)
+    num_queries: int = checked(1, int_at_least(1))
+    first_extra: int = checked(1, int_at_least(0))
 
 
 class CroprModule(nn.Module):
@@ -116,10 +116,6 @@ class Cropr(Reducer):
 
     def __init__(self, info: ModelInfo, params: CroprParams) -> None:
         super().__init__(info, params)
-        for key in ("p", "num_queries", "first_extra"):
-            value = getattr(params, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if key == "num_queries" else 0):
-                raise ValueError(f"cropr: {key} must be a non-negative int (num_queries >= 1), got {value!r}")
         depth = info.depth
         last_module = depth - 3 if params.llf else depth - 2  # modules sit after blocks 0..last_module
         if last_module < 0:

@@ -13,19 +13,18 @@ See docs/methods.md#tps-etps-and-dtps.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from ..ops.squeeze import squeeze_masked, squeeze_state
 from ..state import TokenState
-from .base import ModelInfo
+from .base import ModelInfo, Params, block_indices, boolean, checked, fraction, positive
 from .dynamicvit import DynamicViT
 
 
 @dataclass(frozen=True)
-class DTPSParams:
+class DTPSParams(Params):
     """Parameters of :class:`DTPS`.
 
     Attributes:
@@ -36,17 +35,10 @@ class DTPSParams:
             inference only: the fixed-shape training form tracks no sizes and refuses it).
     """
 
-    keep_rate: float = 0.7
-    layers: tuple[int, ...] = (3, 6, 9)
-    temperature: float = 1.0
-    prop_attn: bool = False
-
-
-def check_temperature(name: str, temperature: Any) -> float:
-    """``temperature`` as a float > 0, or a ``ValueError``."""
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
-        raise ValueError(f"{name}: temperature must be a number > 0, got {temperature!r}")
-    return float(temperature)
+    keep_rate: float = checked(0.7, fraction)
+    layers: tuple[int, ...] = checked((3, 6, 9), block_indices)
+    temperature: float = checked(1.0, positive)
+    prop_attn: bool = checked(False, boolean)
 
 
 class DTPS(DynamicViT):
@@ -63,9 +55,9 @@ class DTPS(DynamicViT):
         return DTPSTask
 
     def __init__(self, info: ModelInfo, params: DTPSParams) -> None:
-        self.temperature = check_temperature(self.name, params.temperature)
+        self.temperature = params.temperature
         super().__init__(info, params)
-        self.prop_attn = bool(params.prop_attn)
+        self.prop_attn = params.prop_attn
 
     def drop_hard(self, state: TokenState, keep_index: Tensor, drop_index: Tensor) -> TokenState:
         return squeeze_state(state, keep_index, drop_index, self.temperature)

@@ -28,11 +28,20 @@ from ..ops.attention import KeyMask
 from ..ops.predictor import TokenPredictor, gumbel_keep, predictor_macs_per_token
 from ..ops.prune import keep_topk
 from ..state import TokenState
-from .base import ModelInfo, Reducer, check_fraction, check_layers, keep_rate_values
+from .base import (
+    ModelInfo,
+    Params,
+    Reducer,
+    block_indices,
+    check_layers,
+    checked,
+    fraction,
+    keep_rate_values,
+)
 
 
 @dataclass(frozen=True)
-class DynamicViTParams:
+class DynamicViTParams(Params):
     """Parameters of :class:`DynamicViT`.
 
     Attributes:
@@ -40,8 +49,8 @@ class DynamicViTParams:
         layers: the blocks *before* which the predictors prune (0-based).
     """
 
-    keep_rate: float = 0.7
-    layers: tuple[int, ...] = (3, 6, 9)
+    keep_rate: float = checked(0.7, fraction)
+    layers: tuple[int, ...] = checked((3, 6, 9), block_indices)
 
 
 def stage_keep(num_patches: int, keep_rate: float, stage: int) -> int:
@@ -66,7 +75,7 @@ class DynamicViT(Reducer):
 
     def __init__(self, info: ModelInfo, params: Any) -> None:
         super().__init__(info, params)
-        self.keep_rate = check_fraction(self.name, "keep_rate", params.keep_rate)
+        self.keep_rate = params.keep_rate
         self.layers = check_layers(self.name, params.layers, info.depth)
 
     def build_module(self) -> nn.ModuleList:

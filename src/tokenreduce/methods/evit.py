@@ -24,7 +24,17 @@ from ..budget import Schedule, in_block_schedule
 from ..ops.attention import AttentionNeeds, AttentionSignals
 from ..ops.prune import keep_topk, masked_weighted_sum
 from ..state import TokenState
-from .base import ModelInfo, Reducer, check_fraction, check_layers, keep_rate_values
+from .base import (
+    ModelInfo,
+    Params,
+    Reducer,
+    block_indices,
+    boolean,
+    check_layers,
+    checked,
+    fraction,
+    keep_rate_values,
+)
 
 
 def kept_count(keep_rate: float, num_candidates: int) -> int:
@@ -34,7 +44,7 @@ def kept_count(keep_rate: float, num_candidates: int) -> int:
 
 
 @dataclass(frozen=True)
-class EViTParams:
+class EViTParams(Params):
     """Parameters of :class:`EViT`.
 
     Attributes:
@@ -43,9 +53,9 @@ class EViTParams:
         fuse_token: fuse the inattentive tokens into one extra token.
     """
 
-    keep_rate: float = 0.7
-    layers: tuple[int, ...] = (3, 6, 9)
-    fuse_token: bool = True
+    keep_rate: float = checked(0.7, fraction)
+    layers: tuple[int, ...] = checked((3, 6, 9), block_indices)
+    fuse_token: bool = checked(True, boolean)
 
 
 class KeepRateReducer(Reducer):
@@ -56,7 +66,7 @@ class KeepRateReducer(Reducer):
 
     def __init__(self, info: ModelInfo, params: Any) -> None:
         super().__init__(info, params)
-        self.keep_rate = check_fraction(self.name, "keep_rate", params.keep_rate)
+        self.keep_rate = params.keep_rate
         self.layers = check_layers(self.name, params.layers, info.depth)
 
     def needs(self, block: int) -> AttentionNeeds | None:

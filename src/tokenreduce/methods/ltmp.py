@@ -63,13 +63,13 @@ from ..ops.gather import batched_scatter_add
 from ..ops.prune import threshold_mask
 from ..ops.similarity import alternate, unit_rows
 from ..state import TokenState
-from .base import ModelInfo, Reducer, check_fraction
+from .base import ModelInfo, Params, Reducer, boolean, checked, fraction, numbers_in, positive
 
 Thresholds = float | tuple[float, ...]
 
 
 @dataclass(frozen=True)
-class LTMPParams:
+class LTMPParams(Params):
     """Parameters of :class:`LTMP`.
 
     Attributes:
@@ -82,11 +82,11 @@ class LTMPParams:
         prop_attn: proportional attention.
     """
 
-    merge_threshold: Thresholds = 0.9
-    prune_threshold: Thresholds = 0.0
-    tau: float = 0.5
-    target: float = 0.75
-    prop_attn: bool = True
+    merge_threshold: Thresholds = checked(0.9, numbers_in(0.0, 1.0))
+    prune_threshold: Thresholds = checked(0.0, numbers_in(0.0, 1.0))
+    tau: float = checked(0.5, positive)
+    target: float = checked(0.75, fraction)
+    prop_attn: bool = checked(True, boolean)
 
 
 class LTMPThresholds(nn.Module):
@@ -147,11 +147,8 @@ class LTMP(Reducer):
         super().__init__(info, params)
         merge = _per_block(self.name, "merge_threshold", params.merge_threshold, info.depth)
         prune = _per_block(self.name, "prune_threshold", params.prune_threshold, info.depth)
-        if not params.tau > 0:
-            raise ValueError(f"ltmp: tau must be > 0, got {params.tau!r}")
-        check_fraction(self.name, "target", params.target)
         self._initial_thresholds = (merge, prune)
-        self.prop_attn = bool(params.prop_attn)
+        self.prop_attn = params.prop_attn
 
     def build_module(self) -> LTMPThresholds:
         """The thresholds at their initial values."""

@@ -53,13 +53,24 @@ from ..ops.matching import max_merges
 from ..ops.merge import bipartite_merge
 from ..ops.prune import keep_topk
 from ..state import TokenState
-from .base import ModelInfo, Reducer, check_layers, merge_count_values
+from .base import (
+    ModelInfo,
+    Params,
+    Reducer,
+    block_indices,
+    boolean,
+    check_layers,
+    checked,
+    int_at_least,
+    merge_count_values,
+    numbers_in,
+)
 
 Threshold = float | tuple[float, ...]
 
 
 @dataclass(frozen=True)
-class PPTParams:
+class PPTParams(Params):
     """Parameters of :class:`PPT`.
 
     Attributes:
@@ -73,10 +84,10 @@ class PPTParams:
         prop_attn: proportional attention (``log size`` key bias) in every block.
     """
 
-    r: int = 50
-    layers: tuple[int, ...] = (3, 6, 9)
-    threshold: Threshold = 7e-5
-    prop_attn: bool = True
+    r: int = checked(50, int_at_least(0))
+    layers: tuple[int, ...] = checked((3, 6, 9), block_indices)
+    threshold: Threshold = checked(7e-5, numbers_in(0.0, float("inf")))
+    prop_attn: bool = checked(True, boolean)
 
 
 def importance_scores(cls_attn: Tensor, values: Tensor, num_prefix: int) -> Tensor:
@@ -121,11 +132,9 @@ class PPT(Reducer):
 
     def __init__(self, info: ModelInfo, params: PPTParams) -> None:
         super().__init__(info, params)
-        if isinstance(params.r, bool) or not isinstance(params.r, int) or params.r < 0:
-            raise ValueError(f"ppt: r must be an int >= 0, got {params.r!r}")
         self.layers = check_layers(self.name, params.layers, info.depth)
         self.thresholds = _layer_thresholds(params.layers, params.threshold)
-        self.prop_attn = bool(params.prop_attn)
+        self.prop_attn = params.prop_attn
         self.recorded: dict[int, list[Tensor]] | None = None
 
     # -- calibration support --------------------------------------------------------

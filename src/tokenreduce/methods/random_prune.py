@@ -16,11 +16,12 @@ from dataclasses import dataclass
 from ..ops.attention import AttentionNeeds, AttentionSignals
 from ..ops.prune import hashed_uniform, keep_topk
 from ..state import TokenState
+from .base import Params, block_indices, checked, fraction, integer
 from .evit import KeepRateReducer
 
 
 @dataclass(frozen=True)
-class RandomParams:
+class RandomParams(Params):
     """Parameters of :class:`RandomPrune`.
 
     Attributes:
@@ -29,9 +30,9 @@ class RandomParams:
         seed: seed of the token choice.
     """
 
-    keep_rate: float = 0.7
-    layers: tuple[int, ...] = (3, 6, 9)
-    seed: int = 0
+    keep_rate: float = checked(0.7, fraction)
+    layers: tuple[int, ...] = checked((3, 6, 9), block_indices)
+    seed: int = checked(0, integer)
 
 
 class RandomPrune(KeepRateReducer):

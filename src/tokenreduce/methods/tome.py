@@ -15,13 +15,13 @@ from ..ops.attention import AttentionNeeds, AttentionSignals
 from ..ops.matching import max_merges
 from ..ops.merge import bipartite_merge
 from ..state import TokenState
-from .base import ModelInfo, Reducer, merge_count_values
+from .base import ModelInfo, Params, Reducer, boolean, checked, merge_count_values
 
 RSpec = int | tuple[int, float] | list[int]
 
 
 @dataclass(frozen=True)
-class ToMeParams:
+class ToMeParams(Params):
     """Parameters of :class:`ToMe`.
 
     Attributes:
@@ -33,8 +33,8 @@ class ToMeParams:
             True for off-the-shelf supervised models (ToMe's recommendation).
     """
 
-    r: RSpec = 13
-    prop_attn: bool = True
+    r: RSpec = 13  # its form and length are checked against the depth by parse_r
+    prop_attn: bool = checked(True, boolean)
 
 
 def parse_r(r: RSpec, depth: int) -> list[int]:

@@ -24,15 +24,15 @@ from ..ops.attention import AttentionSignals
 from ..ops.prune import keep_topk
 from ..ops.squeeze import squeeze_state
 from ..state import TokenState
-from .base import ModelInfo, Reducer
-from .dtps import DTPS, check_temperature
+from .base import ModelInfo, Params, Reducer, block_indices, boolean, checked, fraction, one_of, positive
+from .dtps import DTPS
 from .evit import KeepRateReducer
 
 VARIANTS = ("etps", "dtps")
 
 
 @dataclass(frozen=True)
-class TPSParams:
+class TPSParams(Params):
     """Parameters of :class:`TPS`.
 
     Attributes:
@@ -44,11 +44,11 @@ class TPSParams:
         prop_attn: proportional attention with the squeezed sizes (not in the paper).
     """
 
-    variant: str = "etps"
-    keep_rate: float = 0.7
-    layers: tuple[int, ...] = (3, 6, 9)
-    temperature: float = 1.0
-    prop_attn: bool = False
+    variant: str = checked("etps", one_of(*VARIANTS))
+    keep_rate: float = checked(0.7, fraction)
+    layers: tuple[int, ...] = checked((3, 6, 9), block_indices)
+    temperature: float = checked(1.0, positive)
+    prop_attn: bool = checked(False, boolean)
 
 
 class TPS(KeepRateReducer):
@@ -66,12 +66,11 @@ class TPS(KeepRateReducer):
         return cls, params
 
     def __init__(self, info: ModelInfo, params: TPSParams) -> None:
-        variant = params.variant.lower() if isinstance(params.variant, str) else params.variant
-        if variant not in VARIANTS:
-            raise ValueError(f"tps: variant must be one of {', '.join(VARIANTS)}, got {params.variant!r}")
-        self.temperature = check_temperature("tps", params.temperature)
+        if params.variant != "etps":  # "dtps" is resolved to its own class before construction
+            raise ValueError(f"tps: variant={params.variant!r} is the method dtps; create it with tokenreduce.apply")
+        self.temperature = params.temperature
         super().__init__(info, params)
-        self.prop_attn = bool(params.prop_attn)
+        self.prop_attn = params.prop_attn
 
     def reduce(self, block: int, state: TokenState, signals: AttentionSignals) -> TokenState:
         keep = self.kept_patches(state)
