@@ -254,12 +254,12 @@ def test_reduced_hf_model_traces_without_graph_breaks(name, method, params):
 
 
 def test_siglip_head_counts_a_merged_token_as_the_tokens_it_stands_for():
-    from tokenreduce.models.base import ReductionContext
+    from tokenreduce.models import context_of
 
     model = small_config_model("SiglipVisionModel")
     head = model.head
     tr.apply(model, "tome", r=2)
-    ctx: ReductionContext = model._tr_ctx
+    ctx = context_of(model)  # the adapter's per-forward state, set by hand below
     torch.manual_seed(0)
     a, b, pad = torch.randn(2, 1, 64), torch.randn(2, 5, 64), torch.randn(2, 1, 64)
     tokens = torch.cat([a, b[:, :1], b[:, :1], b[:, :1], b[:, 1:]], dim=1)  # b0 three times

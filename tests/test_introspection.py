@@ -70,6 +70,26 @@ def test_learned_method_without_parameters_is_refused(vit, method):
     assert tr.reducer(vit).name == method
 
 
+@pytest.mark.parametrize("method", ["dtps", "dynamicvit"])
+def test_evaluation_skips_a_learned_method_without_parameters(vit, method):
+    from tokenreduce.eval.accuracy import Config, evaluate_configs
+
+    x, y = torch.randn(4, 3, 64, 64), torch.arange(4)
+    rows = evaluate_configs(vit, [Config(None), Config(method)], lambda: [(x, y)], timing_batch=x, repeats=1,
+                            progress=False)
+    assert "top1" in rows[0]
+    assert "top1" not in rows[1] and "needs trained parameters" in rows[1]["skipped"]
+
+
+def test_tests_use_the_public_api_not_the_private_context():
+    from pathlib import Path
+
+    here = Path(__file__).parent
+    private = "_tr" + "_ctx"  # spelled apart so this file does not match itself
+    offenders = [p.name for p in here.glob("*.py") if private in p.read_text()]
+    assert offenders == []
+
+
 def test_bad_parameters_are_reported_before_the_missing_checkpoint(vit):
     with pytest.raises(ValueError, match="keep_rate"):
         tr.apply(vit, "dynamicvit", keep_rate=1.5)
