@@ -461,13 +461,14 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     (``83.50±0.90%``); the ``95% CI`` column is the Wilson score interval of top-1, binomial over
     the images scored (of the mean counts for a seeded row).
     """
-    head = f"{'method':<20} {'top-1':>13} {'95% CI':>14} {'Δ top-1':>8} {'top-5':>7} {'GMACs':>9} {'ratio':>6} "
+    width = max([20, *(len(r["label"]) for r in rows)])
+    head = f"{'method':<{width}} {'top-1':>13} {'95% CI':>14} {'Δ top-1':>8} {'top-5':>7} {'GMACs':>9} {'ratio':>6} "
     head += f"{'img/s':>8} {'speed-up':>8}"
     lines = [head, "-" * len(head)]
     seeded: set[int] = set()
     for r in rows:
         if "skipped" in r:
-            lines.append(f"{r['label']:<20} skipped: {r['skipped']}")
+            lines.append(f"{r['label']:<{width}} skipped: {r['skipped']}")
             continue
         ratio = r["gmacs"] / r["gmacs_unreduced"]
         top1 = f"{100 * r['top1']:.2f}"
@@ -475,7 +476,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             top1 += f"±{100 * r['top1_std']:.2f}"
             seeded.add(len(r["seeds"]))
         lines.append(
-            f"{r['label']:<20} {top1 + '%':>13} {_percent_interval(r.get('top1_ci95')):>14} "
+            f"{r['label']:<{width}} {top1 + '%':>13} {_percent_interval(r.get('top1_ci95')):>14} "
             f"{100 * r.get('delta_top1', 0.0):>+8.2f} {100 * r['top5']:>6.2f}% {r['gmacs']:>9.4f} {ratio:>6.2f} "
             f"{r['images_per_s']:>8.0f} {r['speedup']:>7.2f}x"
         )
