@@ -6,7 +6,7 @@ import pytest
 import timm
 import torch
 from conftest import make_vit
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
 import tokenreduce as tr
 
@@ -50,8 +50,26 @@ def test_evit_schedule_counts_from_the_spec(deits):
     tr.remove(model)
 
 
+def _cpu_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of a fused attention call, counted as torch counts its other SDPA ops: QKᵀ and P·V."""
+    batch, heads, queries, head_dim = query_shape
+    keys, value_dim = key_shape[-2], value_shape[-1]
+    return 2 * batch * heads * queries * keys * (head_dim + value_dim)
+
+
+def _missing_flop_formulas() -> dict:
+    """Formulas for the ops the models run that this torch's FLOP counter has none for.
+
+    Where ``F.scaled_dot_product_attention`` runs the CPU flash kernel, some torch
+    versions' counters have no formula for it and count its QKᵀ and P·V as zero. (They
+    go in as the counter's ``custom_mapping``, which leaves torch's own registry as it was.)
+    """
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    return {} if op is None or op in flop_registry else {op: _cpu_sdpa_flop}
+
+
 def _counted_macs(model, x):
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, custom_mapping=_missing_flop_formulas())
     with torch.no_grad(), counter:
         model(x)
     return counter.get_total_flops() / 2 / x.shape[0]
