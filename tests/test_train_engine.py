@@ -66,15 +66,17 @@ def test_a_few_steps_lower_the_loss(tmp_path):
     task = ClassificationTask()
     with torch.no_grad():
         before = task.loss(model, data[:])[0].item()
-    result = train(model, task, data, config(tmp_path, epochs=3, lr=1e-2))
+    # 80 steps at 3e-3: across initialisations the loss falls by 0.04 to 0.66 (24 steps at 1e-2 by ~0.01 or
+    # not at all), so the margin below tests learning, not the luck of one seed
+    result = train(model, task, data, config(tmp_path, epochs=10, lr=3e-3))
     with torch.no_grad():
         after = task.loss(model, data[:])[0].item()
-    assert result.step == result.total_steps == 24
-    assert after < before - 0.05
+    assert result.step == result.total_steps == 80
+    assert after < before - 0.02
     log = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert log[0]["event"] == "start" and log[-1]["event"] == "end"
     steps = [r for r in log if r["event"] == "step"]
-    assert len(steps) == 24 and {"loss", "lr", "images_per_s", "train_acc"} <= steps[0].keys()
+    assert len(steps) == 80 and {"loss", "lr", "images_per_s", "train_acc"} <= steps[0].keys()
 
 
 def test_stop_and_resume_gives_identical_parameters(tmp_path):
