@@ -104,7 +104,8 @@ class TokenState:
         new_size = torch.cat([self.sizes(), size], dim=1)
         new_source = None
         if self.source is not None:
-            assert source is not None, "source tracing is on: appended tokens need sources"
+            if source is None:  # a reducer bug, not a user error: never continue with a wrong token map
+                raise RuntimeError("source tracing is on: tokens appended to the state need their sources")
             new_source = torch.cat([self.source, source], dim=1)
         new_mask = None
         if self.mask is not None:
