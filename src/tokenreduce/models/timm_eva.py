@@ -42,7 +42,7 @@ Not supported (refused with a message): attention classes other than ``EvaAttent
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -51,11 +51,10 @@ from timm.layers import apply_rot_embed_cat
 from timm.models.eva import Eva, EvaAttention, EvaBlock, EvaBlockPostNorm
 from torch import Tensor, nn
 
-from ..methods.base import ModelInfo
 from ..ops.attention import AttentionNeeds, AttentionSignals, KeyMask, attend, merge_heads, pack_rows, unpack_rows
 from ..ops.gather import head_mean
-from .base import FamilyAdapter, ReductionContext, grid_entry_point, run_block, shape_change
-from .timm_vit import SUPPORTED_POOLS, check_attention_pool, size_aware_pool, timm_cost_model
+from .base import ReductionContext, grid_entry_point, run_block, shape_change
+from .timm_vit import SUPPORTED_POOLS, TimmFamily, check_attention_pool, size_aware_pool
 
 _BLOCKS = (EvaBlock, EvaBlockPostNorm)
 
@@ -189,7 +188,7 @@ def eva_attention(
     return attn.proj_drop(attn.proj(out)), signals
 
 
-class TimmEva(FamilyAdapter):
+class TimmEva(TimmFamily):
     """timm ``Eva``."""
 
     name = "timm-eva"
@@ -229,47 +228,15 @@ class TimmEva(FamilyAdapter):
         if rope is not None and not callable(getattr(rope, "get_embed", None)):
             raise TypeError(f"tokenreduce cannot adapt the rotary embedding {type(rope).__name__} (no get_embed "
                             f"table); supported: {cls.description}")
-        if getattr(model, "grad_checkpointing", False):
-            raise ValueError(
-                "tokenreduce cannot reduce a model with gradient checkpointing on (the recomputed blocks would see "
-                "the token bookkeeping of the end of the forward); call model.set_grad_checkpointing(False) first"
-            )
+        cls.check_not_checkpointing(model)
 
     @classmethod
     def tracks_positions(cls, model: nn.Module) -> bool:
         return getattr(model, "rope", None) is not None
 
     @classmethod
-    def blocks(cls, model: nn.Module) -> Sequence[nn.Module]:
-        return list(model.blocks)
-
-    @classmethod
-    def model_info(cls, model: nn.Module) -> ModelInfo:
-        blocks = list(model.blocks)
-        return ModelInfo(
-            depth=len(blocks),
-            dim=model.embed_dim,
-            num_heads=blocks[0].attn.num_heads,
-            num_prefix=model.num_prefix_tokens,
-            num_patches=model.patch_embed.num_patches,
-            cost=timm_cost_model(model, [b.attn.num_heads * b.attn.head_dim for b in blocks], [model.head]),
-            num_classes=getattr(model, "num_classes", 0) or 0,
-            has_class_token=getattr(model, "cls_token", None) is not None,
-            architecture=str((getattr(model, "pretrained_cfg", None) or {}).get("architecture", "")),
-            family=cls.name,
-        )
-
-    @classmethod
-    def input_size(cls, model: nn.Module) -> tuple[int, int, int]:
-        return (model.patch_embed.proj.in_channels, *tuple(model.patch_embed.img_size))
-
-    @classmethod
-    def patch_size(cls, model: nn.Module) -> tuple[int, int]:
-        return tuple(model.patch_embed.patch_size)
-
-    @classmethod
-    def final_tokens_module(cls, model: nn.Module) -> nn.Module:
-        return model.norm
+    def attn_dim(cls, block: nn.Module) -> int:
+        return block.attn.num_heads * block.attn.head_dim
 
     @classmethod
     def block_forward(cls) -> Callable[..., Any]:

@@ -157,7 +157,67 @@ def timm_cost_model(model: nn.Module, attn_dims: Sequence[int], heads: Sequence[
     )
 
 
-class TimmViT(FamilyAdapter):
+class TimmFamily(FamilyAdapter):
+    """What timm's ViT-like models share (``patch_embed``, ``blocks``, ``norm``, ``head``,
+    ``num_prefix_tokens``, ``grad_checkpointing``): their facts, input and final tokens.  Subclasses
+    give the attention width of a block (:meth:`attn_dim`) and the classifier modules (:meth:`heads`)."""
+
+    @classmethod
+    def check_not_checkpointing(cls, model: nn.Module) -> None:
+        if getattr(model, "grad_checkpointing", False):
+            raise ValueError(
+                "tokenreduce cannot reduce a model with gradient checkpointing on (the recomputed blocks would see "
+                "the token bookkeeping of the end of the forward); call model.set_grad_checkpointing(False) first"
+            )
+
+    @classmethod
+    def blocks(cls, model: nn.Module) -> Sequence[nn.Module]:
+        return list(model.blocks)
+
+    @classmethod
+    def attn_dim(cls, block: nn.Module) -> int:
+        raise NotImplementedError
+
+    @classmethod
+    def heads(cls, model: nn.Module) -> list[nn.Module]:
+        return [model.head]
+
+    @classmethod
+    def pool_skip(cls, model: nn.Module) -> int:
+        """Leading tokens an attention pool does not see (0: it sees them all)."""
+        return 0
+
+    @classmethod
+    def model_info(cls, model: nn.Module) -> ModelInfo:
+        blocks = list(model.blocks)
+        return ModelInfo(
+            depth=len(blocks),
+            dim=model.embed_dim,
+            num_heads=blocks[0].attn.num_heads,
+            num_prefix=model.num_prefix_tokens,
+            num_patches=model.patch_embed.num_patches,
+            cost=timm_cost_model(model, [cls.attn_dim(b) for b in blocks], cls.heads(model),
+                                 pool_skip=cls.pool_skip(model)),
+            num_classes=getattr(model, "num_classes", 0) or 0,
+            has_class_token=getattr(model, "cls_token", None) is not None,
+            architecture=str((getattr(model, "pretrained_cfg", None) or {}).get("architecture", "")),
+            family=cls.name,
+        )
+
+    @classmethod
+    def input_size(cls, model: nn.Module) -> tuple[int, int, int]:
+        return (model.patch_embed.proj.in_channels, *tuple(model.patch_embed.img_size))
+
+    @classmethod
+    def patch_size(cls, model: nn.Module) -> tuple[int, int]:
+        return tuple(model.patch_embed.patch_size)
+
+    @classmethod
+    def final_tokens_module(cls, model: nn.Module) -> nn.Module:
+        return model.norm
+
+
+class TimmViT(TimmFamily):
     """timm ``VisionTransformer``."""
 
     name = "timm-vit"
@@ -194,46 +254,19 @@ class TimmViT(FamilyAdapter):
             raise TypeError(f"tokenreduce cannot adapt global_pool={model.global_pool!r}; supported: {cls.description}")
         if model.global_pool in ("avg", "avgmax") and not hasattr(model, "pool"):
             raise TypeError("tokenreduce needs timm >= 1.0.15 for size-weighted average pooling")
-        if getattr(model, "grad_checkpointing", False):
-            raise ValueError(
-                "tokenreduce cannot reduce a model with gradient checkpointing on (the recomputed blocks would see "
-                "the token bookkeeping of the end of the forward); call model.set_grad_checkpointing(False) first"
-            )
+        cls.check_not_checkpointing(model)
 
     @classmethod
-    def blocks(cls, model: nn.Module) -> Sequence[nn.Module]:
-        return list(model.blocks)
+    def attn_dim(cls, block: nn.Module) -> int:
+        return block.attn.qkv.out_features // 3
 
     @classmethod
-    def model_info(cls, model: nn.Module) -> ModelInfo:
-        blocks = list(model.blocks)
-        heads = [getattr(model, "head", None), getattr(model, "head_dist", None)]
-        pool_skip = 0 if getattr(model, "pool_include_prefix", False) else model.num_prefix_tokens
-        return ModelInfo(
-            depth=len(blocks),
-            dim=model.embed_dim,
-            num_heads=blocks[0].attn.num_heads,
-            num_prefix=model.num_prefix_tokens,
-            num_patches=model.patch_embed.num_patches,
-            cost=timm_cost_model(model, [b.attn.qkv.out_features // 3 for b in blocks], [h for h in heads if h],
-                                 pool_skip=pool_skip),
-            num_classes=getattr(model, "num_classes", 0) or 0,
-            has_class_token=getattr(model, "cls_token", None) is not None,
-            architecture=str((getattr(model, "pretrained_cfg", None) or {}).get("architecture", "")),
-            family=cls.name,
-        )
+    def heads(cls, model: nn.Module) -> list[nn.Module]:
+        return [h for h in (getattr(model, "head", None), getattr(model, "head_dist", None)) if h is not None]
 
     @classmethod
-    def input_size(cls, model: nn.Module) -> tuple[int, int, int]:
-        return (model.patch_embed.proj.in_channels, *tuple(model.patch_embed.img_size))
-
-    @classmethod
-    def patch_size(cls, model: nn.Module) -> tuple[int, int]:
-        return tuple(model.patch_embed.patch_size)
-
-    @classmethod
-    def final_tokens_module(cls, model: nn.Module) -> nn.Module:
-        return model.norm
+    def pool_skip(cls, model: nn.Module) -> int:
+        return 0 if getattr(model, "pool_include_prefix", False) else model.num_prefix_tokens
 
     @classmethod
     def block_forward(cls) -> Callable[..., Any]:
