@@ -94,10 +94,6 @@ def load_reference_model(path: str | Path | None = None) -> VisionTransformer:
     return model.eval()
 
 
-REDUCERS = ("ltmp_0.75", "ltmp_0.6", "dynamicvit", "dtps", "cropr")
-"""Learned reducers trained for the reference model (``scripts/train_reference_reducers.sh``)."""
-
-
 def shipped_reducer(name: str) -> Path | None:
     """The shipped reducer checkpoint ``name`` (a stem in ``data/reducers``), or ``None`` if absent."""
     path = data_path(f"reducers/{name}.safetensors")
@@ -106,7 +102,10 @@ def shipped_reducer(name: str) -> Path | None:
 
 def shipped_reducers() -> dict[str, Path]:
     """Name → checkpoint of the learned reducers shipped for the reference model (those present)."""
-    paths = {name: data_path(f"reducers/{name}.safetensors") for name in REDUCERS}
+    from ..methods import REGISTRY
+
+    names = [name for cls in REGISTRY.values() for name in cls.shipped]  # each method lists its own
+    paths = {name: data_path(f"reducers/{name}.safetensors") for name in names}
     return {name: path for name, path in paths.items() if path.is_file()}
 
 
