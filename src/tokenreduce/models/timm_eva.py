@@ -53,10 +53,8 @@ from torch import Tensor, nn
 
 from ..ops.attention import AttentionNeeds, AttentionSignals, KeyMask, attend, merge_heads, pack_rows, unpack_rows
 from ..ops.gather import head_mean
-from .base import ReductionContext, grid_entry_point, run_block, shape_change
-from .timm_vit import SUPPORTED_POOLS, TimmFamily, check_attention_pool, size_aware_pool
-
-_BLOCKS = (EvaBlock, EvaBlockPostNorm)
+from .base import ReductionContext, run_block
+from .timm_vit import SUPPORTED_POOLS, TimmFamily
 
 
 def _block_forward(
@@ -71,12 +69,6 @@ def _block_forward(
         raise NotImplementedError("tokenreduce: attention masks / causal attention are not supported on reduced models")
     self._tr_ctx.scratch["rope"] = rope
     return run_block(self, x, lambda tokens: self._tr_base.forward(self, tokens, rope=rope))
-
-
-def _model_pool(self: Eva, x: Tensor, pool_type: str | None = None) -> Tensor:
-    """timm ``Eva.pool``, size-aware: average / max pooling skips the prefix tokens, the attention pool
-    sees them (as timm's do)."""
-    return size_aware_pool(self, x, pool_type, avg_skip=self.num_prefix_tokens, attn_skip=0)
 
 
 def identity_rope_row(table: Tensor) -> Tensor:
@@ -198,37 +190,21 @@ class TimmEva(TimmFamily):
         f"GELU MLPs, class / register tokens; global_pool in {[p for p in SUPPORTED_POOLS if p]} or '', or 'map' "
         "(AttentionPoolLatent without a position embedding)"
     )
-    model_members = {
-        "pool": _model_pool,
-        "forward_intermediates": grid_entry_point("forward_intermediates"),
-        **{name: shape_change(name) for name in (
-            "set_input_size", "reset_classifier", "prune_intermediate_layers", "set_grad_checkpointing")},
-    }
+    model_members = TimmFamily.members(("forward_intermediates",))
+    block_classes = (EvaBlock, EvaBlockPostNorm)
+    attention_class = EvaAttention
+    attention_note = " (attn_type='rope' / grouped-query attention is not supported)"
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
         return isinstance(model, Eva)
 
     @classmethod
-    def check_supported(cls, model: nn.Module) -> None:
-        for i, blk in enumerate(model.blocks):
-            blk_cls = getattr(blk, "_tr_base", type(blk))  # a patched block is checked as its stock class
-            if not any(issubclass(blk_cls, c) and blk_cls.forward is c.forward for c in _BLOCKS):
-                raise TypeError(f"tokenreduce cannot adapt block {i} of type {type(blk).__name__}; "
-                                f"supported: {cls.description}")
-            attn = blk.attn
-            if not isinstance(attn, EvaAttention) or type(attn).forward is not EvaAttention.forward:
-                raise TypeError(f"tokenreduce cannot adapt attention {type(attn).__name__} in block {i} "
-                                f"(attn_type='rope' / grouped-query attention is not supported); "
-                                f"supported: {cls.description}")
-        check_attention_pool(model, cls.description)
-        if getattr(model, "attn_pool", None) is None and model.global_pool not in SUPPORTED_POOLS:
-            raise TypeError(f"tokenreduce cannot adapt global_pool={model.global_pool!r}; supported: {cls.description}")
+    def check_model(cls, model: nn.Module) -> None:
         rope = getattr(model, "rope", None)
         if rope is not None and not callable(getattr(rope, "get_embed", None)):
             raise TypeError(f"tokenreduce cannot adapt the rotary embedding {type(rope).__name__} (no get_embed "
                             f"table); supported: {cls.description}")
-        cls.check_not_checkpointing(model)
 
     @classmethod
     def tracks_positions(cls, model: nn.Module) -> bool:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from timm.layers import Attention, AttentionPoolLatent
@@ -43,11 +43,11 @@ def _block_forward(self: Block, x: Tensor, attn_mask: Tensor | None = None, is_c
     return run_block(self, x, lambda tokens: self._tr_base.forward(self, tokens))
 
 
-def _model_pool(self: VisionTransformer, x: Tensor, pool_type: str | None = None) -> Tensor:
+def _model_pool(self: nn.Module, x: Tensor, pool_type: str | None = None) -> Tensor:
     """timm ``pool`` with average pooling weighted by how many patches each token stands for, and an
-    attention pool that sees the tokens' sizes and live masks."""
-    p = 0 if getattr(self, "pool_include_prefix", False) else self.num_prefix_tokens
-    return size_aware_pool(self, x, pool_type, avg_skip=p, attn_skip=p)
+    attention pool that sees the tokens' sizes and live masks (over the tokens the family's pool sees)."""
+    avg_skip = 0 if getattr(self, "pool_include_prefix", False) else self.num_prefix_tokens
+    return size_aware_pool(self, x, pool_type, avg_skip=avg_skip, attn_skip=self._tr_ctx.adapter.pool_skip(self))
 
 
 def size_aware_pool(model: nn.Module, x: Tensor, pool_type: str | None, avg_skip: int, attn_skip: int) -> Tensor:
@@ -160,7 +160,44 @@ def timm_cost_model(model: nn.Module, attn_dims: Sequence[int], heads: Sequence[
 class TimmFamily(FamilyAdapter):
     """What timm's ViT-like models share (``patch_embed``, ``blocks``, ``norm``, ``head``,
     ``num_prefix_tokens``, ``grad_checkpointing``): their facts, input and final tokens.  Subclasses
-    give the attention width of a block (:meth:`attn_dim`) and the classifier modules (:meth:`heads`)."""
+    give their block and attention classes, the attention width of a block (:meth:`attn_dim`), the
+    classifier modules (:meth:`heads`) and the timm methods that return the patch grid."""
+
+    block_classes: ClassVar[tuple[type, ...]] = ()
+    attention_class: ClassVar[type] = nn.Module
+    attention_note: ClassVar[str] = ""  # said when a block's attention is another class
+
+    @classmethod
+    def members(cls, grid_methods: tuple[str, ...]) -> dict[str, Any]:
+        """The generated model class's members: size-aware ``pool``, refusals of ``grid_methods`` and of
+        the methods that change the model's shape."""
+        return {
+            "pool": _model_pool,
+            **{name: grid_entry_point(name) for name in grid_methods},
+            **{name: shape_change(name) for name in (
+                "set_input_size", "reset_classifier", "prune_intermediate_layers", "set_grad_checkpointing")},
+        }
+
+    @classmethod
+    def check_supported(cls, model: nn.Module) -> None:
+        for i, blk in enumerate(model.blocks):
+            blk_cls = getattr(blk, "_tr_base", type(blk))  # a patched block is checked as its stock class
+            if not any(issubclass(blk_cls, c) and blk_cls.forward is c.forward for c in cls.block_classes):
+                raise TypeError(f"tokenreduce cannot adapt block {i} of type {type(blk).__name__}; "
+                                f"supported: {cls.description}")
+            attn, expected = blk.attn, cls.attention_class
+            if not isinstance(attn, expected) or type(attn).forward is not expected.forward:
+                raise TypeError(f"tokenreduce cannot adapt attention {type(attn).__name__} in block {i}"
+                                f"{cls.attention_note}; supported: {cls.description}")
+        check_attention_pool(model, cls.description)
+        if getattr(model, "attn_pool", None) is None and model.global_pool not in SUPPORTED_POOLS:
+            raise TypeError(f"tokenreduce cannot adapt global_pool={model.global_pool!r}; supported: {cls.description}")
+        cls.check_model(model)
+        cls.check_not_checkpointing(model)
+
+    @classmethod
+    def check_model(cls, model: nn.Module) -> None:
+        """Family-specific refusals (after the blocks and the pool are checked)."""
 
     @classmethod
     def check_not_checkpointing(cls, model: nn.Module) -> None:
@@ -227,34 +264,13 @@ class TimmViT(TimmFamily):
         f"global_pool in {[p for p in SUPPORTED_POOLS if p]} or '', or 'map' (AttentionPoolLatent without "
         "a position embedding)"
     )
-    model_members = {
-        "pool": _model_pool,
-        "forward_intermediates": grid_entry_point("forward_intermediates"),
-        "get_intermediate_layers": grid_entry_point("get_intermediate_layers"),
-        **{name: shape_change(name) for name in (
-            "set_input_size", "reset_classifier", "prune_intermediate_layers", "set_grad_checkpointing")},
-    }
+    model_members = TimmFamily.members(("forward_intermediates", "get_intermediate_layers"))
+    block_classes = (Block,)
+    attention_class = Attention
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
         return isinstance(model, VisionTransformer)
-
-    @classmethod
-    def check_supported(cls, model: nn.Module) -> None:
-        for i, blk in enumerate(model.blocks):
-            blk_cls = getattr(blk, "_tr_base", type(blk))  # a patched block is checked as its stock class
-            if not issubclass(blk_cls, Block) or blk_cls.forward is not Block.forward:
-                raise TypeError(f"tokenreduce cannot adapt block {i} of type {type(blk).__name__}; "
-                                f"supported: {cls.description}")
-            if not isinstance(blk.attn, Attention) or type(blk.attn).forward is not Attention.forward:
-                raise TypeError(f"tokenreduce cannot adapt attention {type(blk.attn).__name__} in block {i}; "
-                                f"supported: {cls.description}")
-        check_attention_pool(model, cls.description)
-        if getattr(model, "attn_pool", None) is None and model.global_pool not in SUPPORTED_POOLS:
-            raise TypeError(f"tokenreduce cannot adapt global_pool={model.global_pool!r}; supported: {cls.description}")
-        if model.global_pool in ("avg", "avgmax") and not hasattr(model, "pool"):
-            raise TypeError("tokenreduce needs timm >= 1.0.15 for size-weighted average pooling")
-        cls.check_not_checkpointing(model)
 
     @classmethod
     def attn_dim(cls, block: nn.Module) -> int:
