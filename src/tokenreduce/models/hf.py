@@ -331,12 +331,12 @@ class HFAdapter(FamilyAdapter):
 
     @classmethod
     def patch_embedding(cls, model: nn.Module) -> nn.Module:
-        """The backbone's patch-embedding convolution."""
-        raise NotImplementedError
+        """The backbone's patch-embedding convolution (ViT, DeiT and DINOv2's layout by default)."""
+        return cls.backbone(model).embeddings.patch_embeddings.projection
 
     @classmethod
     def num_patches(cls, model: nn.Module) -> int:
-        raise NotImplementedError
+        return int(cls.backbone(model).embeddings.patch_embeddings.num_patches)
 
     @classmethod
     def head_modules(cls, model: nn.Module) -> list[nn.Module]:

@@ -39,14 +39,6 @@ class _ViTLike(HFAdapter):
     head_names = ("classifier", "cls_classifier", "distillation_classifier")
 
     @classmethod
-    def patch_embedding(cls, model: nn.Module) -> nn.Module:
-        return cls.backbone(model).embeddings.patch_embeddings.projection
-
-    @classmethod
-    def num_patches(cls, model: nn.Module) -> int:
-        return int(cls.backbone(model).embeddings.patch_embeddings.num_patches)
-
-    @classmethod
     def head_modules(cls, model: nn.Module) -> list[nn.Module]:
         heads = [getattr(model, name) for name in cls.head_names if isinstance(getattr(model, name, None), nn.Module)]
         pooler = getattr(cls.backbone(model), "pooler", None)
@@ -112,14 +104,6 @@ class HFDinov2(HFAdapter):
     layer_class = "Dinov2Layer"
     norm1_name = "norm1"
     norm2_name = "norm2"
-
-    @classmethod
-    def patch_embedding(cls, model: nn.Module) -> nn.Module:
-        return cls.backbone(model).embeddings.patch_embeddings.projection
-
-    @classmethod
-    def num_patches(cls, model: nn.Module) -> int:
-        return int(cls.backbone(model).embeddings.patch_embeddings.num_patches)
 
     @classmethod
     def head_modules(cls, model: nn.Module) -> list[nn.Module]:
