@@ -14,10 +14,12 @@ from .viz import visualize
 
 
 def train(model, method, train_data, **kwargs):
-    """Train a learned method's parameters; see :func:`tokenreduce.training.learned.train_reducer`.
+    """Train a learned method's parameters, or with ``recipe=`` fine-tune the backbone with any method under a
+    paper's recipe; see :func:`tokenreduce.training.learned.train_reducer`.
 
     >>> out = tr.train(model, "ltmp", dataset, out_dir="runs/ltmp", target=0.6)   # doctest: +SKIP
     >>> tr.apply(model, "ltmp", checkpoint=out["checkpoint"])                      # doctest: +SKIP
+    >>> out = tr.train(model, "evit", dataset, out_dir="runs/evit", recipe="evit", budget=0.6)  # doctest: +SKIP
     """
     from .training.learned import train_reducer
 

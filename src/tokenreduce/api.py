@@ -50,6 +50,8 @@ def apply(
             knob (e.g. ToMe's ``r``) to the closest schedule that does not exceed it.
         checkpoint: a learned method's trained parameters (safetensors written by
             training); its saved parameters are the defaults, ``params`` override them.
+            A training-free method's checkpoint (written by a fine-tune) holds its
+            parameters only.
         trace_source: track which original patches every token stands for
             (needed for token maps; costs B×N×N memory).
         untrained: allow a learned method without ``checkpoint``: its parameters
@@ -83,9 +85,11 @@ def apply(
         if budget is not None:  # the budget re-resolves the knob the checkpoint was trained with
             saved.pop(cls.knob, None)
         reducer = cls.create(info, budget=budget, **{**saved, **params})
-        if reducer.module is None:
+        if reducer.module is not None:
+            load_into(reducer, meta, tensors, checkpoint)
+        elif tensors:
             raise ValueError(f"{cls.name} {reducer.config()} has no learned parameters to load from a checkpoint")
-        load_into(reducer, meta, tensors, checkpoint)
+        # else: a training-free method's record (e.g. of a fine-tuned backbone): its parameters only
     else:
         reducer = cls.create(info, budget=budget, **params)  # validates the parameters first
         if cls.learned and not untrained:

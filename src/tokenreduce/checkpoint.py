@@ -47,9 +47,11 @@ def atomic_save_file(tensors: dict[str, Any], path: str | Path, metadata: dict[s
 
 
 def save_reducer(reducer: Reducer, path: str | Path, extra: dict[str, Any] | None = None) -> None:
-    """Write a learned reducer's parameters and config to ``path`` (safetensors)."""
-    if reducer.module is None:
-        raise ValueError(f"{reducer.name} has no learned parameters to save")
+    """Write a reducer's learned parameters and config to ``path`` (safetensors).
+
+    A training-free reducer is written too, with its config and no tensors (the record of a
+    fine-tuned backbone's method: ``tokenreduce.apply(model, method, checkpoint=path)`` restores it).
+    """
     meta = {
         "format": FORMAT,
         "method": reducer.name,
@@ -57,7 +59,8 @@ def save_reducer(reducer: Reducer, path: str | Path, extra: dict[str, Any] | Non
         "model": fingerprint(reducer.info),
         "extra": extra or {},
     }
-    tensors = {k: v.detach().contiguous().cpu() for k, v in reducer.module.state_dict().items()}
+    state = {} if reducer.module is None else reducer.module.state_dict()
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     atomic_save_file(tensors, path, {"tokenreduce": json.dumps(meta)})
 
 

@@ -12,6 +12,7 @@ import argparse
 import sys
 
 from ..models.loading import ModelLoadError, load_model
+from ..training.recipes import recipe_names
 from .commands import (
     DEFAULT_MODEL,
     cmd_benchmark,
@@ -38,6 +39,14 @@ from .options import (
 __all__ = ["DEFAULT_MODEL", "build_parser", "load_model", "main", "parse_param"]
 
 DEFAULT_BUDGETS = (1.0, 0.8, 0.7, 0.6, 0.5, 0.4)
+RECIPE_FLAGS = (
+    ("--weight-decay", "weight_decay", float), ("--min-lr", "min_lr", float),
+    ("--warmup-epochs", "warmup_epochs", float), ("--layer-decay", "layer_decay", float),
+    ("--drop-path", "drop_path", float), ("--mixup", "mixup", float), ("--cutmix", "cutmix", float),
+    ("--clip-grad", "clip_grad", float), ("--model-ema-decay", "ema_decay", float),
+    ("--ratio-weight", "ratio_weight", float),
+)
+"""``train``'s timm-named flags for recipe values: (flag, recipe value, type); ``--set`` reaches every value."""
 SEEDS_HELP = ("a seeded method (random) whose seed is not set with --param runs with seeds 0..N-1 and is "
               "reported as mean ± std (default: %(default)s)")
 
@@ -164,25 +173,38 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
         parents=[
-            data_options(batch_default=128, batch_help="images per step and process (default: %(default)s)",
+            data_options(batch_default=None, batch_help="images per step and process (default: 128, or the "
+                         "recipe's batch divided by the processes)",
                          data_help="a folder of the Fashion-MNIST idx files (reference model; default "
                          "/usr/share/datasets/fashion-mnist), or an ImageFolder root with a train/ split"),
             model_options(None, help_default="the bundled reference model"),
             method_options(multiple=False, default=None, required=True,
-                           help="ltmp, cropr, dynamicvit, or tps with --param variant=dtps"),
+                           help="ltmp, cropr, dynamicvit, dtps; with --recipe, any method"),
             amp_options(default_help="on for a GPU, off for a CPU (bfloat16 only)"),
             common_options(),
         ],
-        help="train a learned method (ltmp, cropr, dynamicvit, tps variant=dtps)",
-        description="Train a learned method's parameters (backbone frozen unless --finetune) and write "
-        "OUT/reducer.safetensors.  Default: the bundled reference model on the Fashion-MNIST training set "
-        "(apt-get install dataset-fashion-mnist, or --data-dir a folder of the idx files).  Resumable (--resume); "
-        "runs under torchrun.",
+        help="train a learned method, or fine-tune a model with any method under its paper's recipe",
+        description="Without --recipe: train a learned method's parameters (backbone frozen unless --finetune) and "
+        "write OUT/reducer.safetensors.  With --recipe: fine-tune the backbone with the method's reduction on under "
+        "a paper's recipe (optimiser, schedule, layer decay, mixup/cutmix, smoothing, drop path, EMA, losses) and "
+        "write OUT/model.safetensors and OUT/reducer.safetensors.  Default: the bundled reference model on the "
+        "Fashion-MNIST training set (apt-get install dataset-fashion-mnist, or --data-dir a folder of the idx "
+        "files).  Resumable (--resume); runs under torchrun.",
     )
     p.add_argument("--out", required=True, metavar="DIR", help="run folder (checkpoint, metrics, reducer)")
-    p.add_argument("--epochs", type=positive_int, default=1, help="(default: %(default)s)")
-    p.add_argument("--lr", type=positive_float, help="base learning rate (default: the method's)")
-    p.add_argument("--finetune", action="store_true", help="train the backbone too")
+    p.add_argument("--recipe", metavar="NAME", choices=["paper", *recipe_names()],
+                   help="fine-tune the backbone under this recipe: paper (the method's own), "
+                   f"{', '.join(recipe_names())} (docs/training.md#fine-tuning-recipes)")
+    p.add_argument("--set", dest="recipe_set", action="append", type=parse_param, metavar="KEY=VALUE",
+                   help="override a recipe value, e.g. layer_decay=0.75, mixup=0, ratio_weight=5 (repeatable)")
+    p.add_argument("--epochs", type=positive_int, help="(default: 1, or the recipe's)")
+    p.add_argument("--lr", type=positive_float, help="base learning rate (default: the method's, or the recipe's)")
+    for flag, key, kind in RECIPE_FLAGS:
+        p.add_argument(flag, dest=f"recipe_{key}", type=kind, metavar="X", help=f"with --recipe: its {key}")
+    p.add_argument("--epoch-steps", type=positive_int, metavar="N",
+                   help="at most N steps per epoch (a shortened run with the schedule's shape)")
+    p.add_argument("--finetune", action="store_true",
+                   help="without --recipe: train the backbone too, at the method's backbone rate")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--overwrite", action="store_true",
                    help="start over in an --out that holds another run (its checkpoint and log are removed)")
@@ -190,8 +212,10 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint-every", type=positive_int, default=200, metavar="N",
                    help="steps between checkpoints (default: %(default)s)")
     p.add_argument("--distill-weight", type=float,
-                   help="dynamicvit / tps dtps: weight of the logit and token distillation (default 0.5; 0: off)")
-    p.add_argument("--label-smoothing", type=float, help="ltmp: label smoothing of the cross-entropy (default 0.1)")
+                   help="dynamicvit / dtps: weight of the logit and token distillation (default 0.5; 0: off); with "
+                   "--recipe, any method (training-free ones: logits only)")
+    p.add_argument("--label-smoothing", "--smoothing", type=float,
+                   help="ltmp: label smoothing of the cross-entropy (default 0.1); with --recipe, any method")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16"], help=argparse.SUPPRESS)  # deprecated: --amp
     p.add_argument("--fashion-mnist", help=argparse.SUPPRESS)  # deprecated: --data-dir
     p.set_defaults(func=cmd_train, interrupted="interrupted")

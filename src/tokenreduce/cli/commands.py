@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -356,8 +357,14 @@ def train_amp(args: argparse.Namespace) -> bool | None:
     return args.amp
 
 
-def training_data(args: argparse.Namespace, model: nn.Module, name: str, data: str | None) -> tuple[Any, Any]:
-    """``(dataset, batch transform)``: Fashion-MNIST idx files for the reference model, else an ImageFolder."""
+def training_data(args: argparse.Namespace, model: nn.Module, name: str, data: str | None,
+                  recipe: Any = None) -> tuple[Any, Any]:
+    """``(dataset, batch transform)``: Fashion-MNIST idx files for the reference model, else an ImageFolder.
+
+    With a fine-tuning ``recipe`` the Fashion-MNIST images get the reference model's own training augmentation
+    (shifts and flips), and an ImageFolder the recipe's (RandAugment, random erasing, colour jitter, through
+    timm's ``create_transform``).
+    """
     from torch.utils.data import TensorDataset
 
     folder = Path(data) if data else None
@@ -369,12 +376,18 @@ def training_data(args: argparse.Namespace, model: nn.Module, name: str, data: s
         from ..training.reference import DEFAULT_DATA
 
         images, labels = load_fashion_mnist(folder or DEFAULT_DATA, "train")
+        if recipe is not None:
+            from ..training.reference import reference_augmentation
+
+            return TensorDataset(images, labels), reference_augmentation()
         return TensorDataset(images, labels), preprocess
     import timm.data
 
     cfg = timm_data_config(model)
+    augment = {} if recipe is None else dict(auto_augment=recipe.auto_augment, re_prob=recipe.reprob,
+                                             re_mode="pixel", color_jitter=recipe.color_jitter or 0.0)
     dataset = timm.data.create_dataset("", root=str(folder), split="train",
-                                       transform=timm.data.create_transform(**cfg, is_training=True))
+                                       transform=timm.data.create_transform(**cfg, is_training=True, **augment))
     if len(dataset) == 0:
         raise ValueError(f"no images found under {folder} (expected DIR/train/<class>/<image>)")
     return dataset, None
@@ -389,7 +402,7 @@ def check_run_folder(out: Path, *, resume: bool, overwrite: bool) -> None:
     if resume and overwrite:
         raise ValueError("--resume continues the run in --out and --overwrite starts it over: give one")
     check_writable_folder(out, "--out")
-    names = (CHECKPOINT_NAME, METRICS_NAME, "reducer.safetensors", "model.safetensors")
+    names = (CHECKPOINT_NAME, METRICS_NAME, "reducer.safetensors", "model.safetensors", "model_ema.safetensors")
     earlier = [out / name for name in names if (out / name).exists()]
     if not earlier or resume:
         return
@@ -401,10 +414,26 @@ def check_run_folder(out: Path, *, resume: bool, overwrite: bool) -> None:
             path.unlink()
 
 
+def recipe_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The recipe values ``train``'s flags set: ``--set KEY=VALUE`` and the timm-named flags (these win)."""
+    from . import RECIPE_FLAGS
+
+    overrides = dict(args.recipe_set or [])
+    flags = {key: getattr(args, f"recipe_{key}") for _, key, _ in RECIPE_FLAGS}
+    overrides |= {key: value for key, value in flags.items() if value is not None}
+    if args.epoch_steps is not None and args.recipe is None:
+        raise ValueError("--epoch-steps shortens a --recipe run")
+    if overrides and args.recipe is None:
+        raise ValueError(f"{', '.join(sorted(overrides))}: recipe values need --recipe NAME (or --recipe paper)")
+    return overrides
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    """Train a learned method's parameters; writes OUT/reducer.safetensors."""
+    """Train a learned method's parameters (OUT/reducer.safetensors), or fine-tune the backbone under a recipe
+    (OUT/model.safetensors too)."""
     from ..training.engine import TrainingInterrupted
     from ..training.learned import train_reducer
+    from ..training.recipes import resolve_recipe
 
     data = data_dir(args)
     if args.fashion_mnist:
@@ -419,18 +448,31 @@ def cmd_train(args: argparse.Namespace) -> int:
                          "model's)")
     check_method_names([args.method])
     params = dict(args.param or [])
+    overrides = recipe_overrides(args)
+    recipe = None
+    if args.recipe is not None:  # checked before the model loads
+        given = {"epochs": args.epochs, "lr": args.lr, "distill_weight": args.distill_weight,
+                 "label_smoothing": args.label_smoothing}
+        cls, _ = get_method(args.method).resolve(dict(params))
+        recipe = resolve_recipe(args.recipe, cls, overrides | {k: v for k, v in given.items() if v is not None})
+        if args.finetune:
+            raise ValueError("--recipe fine-tunes the backbone already; --finetune is the reducer task's own rate")
     check_run_folder(Path(args.out), resume=args.resume, overwrite=args.overwrite)
     model = model_from_args(args, name)
     check_configs(model, [Config(args.method, params, args.budget)], need_trained=False)
     if args.budget is not None:  # resolves the method's main knob, as tokenreduce.apply(budget=...) does
         params["budget"] = args.budget
-    dataset, transform = training_data(args, model, name, data)
+    dataset, transform = training_data(args, model, name, data, recipe)
+    if recipe is not None and is_rank_zero():
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        print(recipe.summary(None if args.batch_size is None else args.batch_size * world), file=sys.stderr)
     try:
         out = train_reducer(
-            model, args.method, dataset, out_dir=args.out, epochs=args.epochs, batch_size=args.batch_size,
-            lr=args.lr, finetune=args.finetune, resume=args.resume, checkpoint_every=args.checkpoint_every,
-            max_steps=args.max_steps, transform=transform, device=args.device, progress=not args.no_progress,
-            amp=amp, distill_weight=args.distill_weight, label_smoothing=args.label_smoothing, workers=args.workers,
+            model, args.method, dataset, out_dir=args.out, recipe=recipe, epochs=args.epochs,
+            batch_size=args.batch_size, lr=args.lr, finetune=args.finetune, resume=args.resume,
+            checkpoint_every=args.checkpoint_every, max_steps=args.max_steps, epoch_steps=args.epoch_steps,
+            transform=transform, device=args.device, progress=not args.no_progress, amp=amp,
+            distill_weight=args.distill_weight, label_smoothing=args.label_smoothing, workers=args.workers,
             **params,
         )
     except TrainingInterrupted as stop:  # checkpointed at the step it stopped at
@@ -447,6 +489,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"wrote {out['checkpoint']} (load with tokenreduce.apply(model, {args.method!r}, checkpoint=...))")
     if "model" in out:
         print(f"wrote {out['model']} (the fine-tuned backbone: pass it as --checkpoint with the reducer)")
+    if "ema" in out:
+        print(f"wrote {out['ema']} (the EMA of the fine-tuned weights)")
+    if recipe is not None:
+        model_flag = "" if name == REFERENCE_NAME else f" --model {name} --data-dir DIR"
+        print(f"evaluate with: tokenreduce evaluate{model_flag} --checkpoint {out['model']} --method {args.method} "
+              f"--param checkpoint={out['checkpoint']}")
     return 0
 
 

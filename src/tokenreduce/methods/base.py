@@ -72,6 +72,7 @@ class Reducer:
     paper_patches: ClassVar[int | None] = 196  # patch tokens the paper defaults were set for (DeiT at 224)
     budget_sets_schedule: ClassVar[bool] = True  # False: ``budget`` is a training target (LTMP), not a schedule
     seed_param: ClassVar[str | None] = None  # the parameter that seeds a random method (evaluated over seeds)
+    recipe: ClassVar[str] = "deit"  # its paper's fine-tuning recipe (tokenreduce.training.recipes)
     shipped: ClassVar[tuple[str, ...]] = ()  # reducer checkpoints shipped for the bundled reference model
     prop_attn: bool = False
     training: bool = False  # set by the adapter at every forward (the model's ``training`` flag)

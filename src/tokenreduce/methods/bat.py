@@ -103,6 +103,7 @@ class BAT(KeepRateReducer):
     """Keep attentive tokens (optionally pair-merged), cluster the inattentive ones."""
 
     name = "bat"
+    recipe = "bat"
     Params = BATParams
 
     def __init__(self, info: ModelInfo, params: BATParams) -> None:

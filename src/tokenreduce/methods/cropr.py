@@ -103,6 +103,7 @@ class Cropr(Reducer):
     """Learned cross-attention scorer pruning a fixed count after every block."""
 
     name = "cropr"
+    recipe = "cropr"
     Params = CroprParams
     knob = "p"
     learned = True

@@ -45,6 +45,7 @@ class DTPS(DynamicViT):
     """dTPS: DynamicViT's predictor and schedule, pruned tokens squeezed into hosts."""
 
     name = "dtps"
+    recipe = "dtps"
     Params = DTPSParams
     shipped = ("dtps",)
 

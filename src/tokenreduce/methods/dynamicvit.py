@@ -62,6 +62,7 @@ class DynamicViT(Reducer):
     """Learned per-stage predictors, pruning between blocks."""
 
     name = "dynamicvit"
+    recipe = "dynamicvit"
     Params = DynamicViTParams
     knob = "keep_rate"
     learned = True

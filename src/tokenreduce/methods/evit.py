@@ -104,6 +104,7 @@ class EViT(KeepRateReducer):
     """Top-k by class attention, inattentive tokens fused into one."""
 
     name = "evit"
+    recipe = "evit"
     Params = EViTParams
 
     def __init__(self, info: ModelInfo, params: EViTParams) -> None:

@@ -115,6 +115,7 @@ class LTMP(Reducer):
     """Learned-threshold merging then pruning in every block."""
 
     name = "ltmp"
+    recipe = "ltmp"
     Params = LTMPParams
     knob = "target"
     learned = True

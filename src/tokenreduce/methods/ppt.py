@@ -127,6 +127,7 @@ class PPT(Reducer):
     """Per-image pooling (ToMe merge) or pruning (top score), chosen by score variance."""
 
     name = "ppt"
+    recipe = "ppt"
     Params = PPTParams
     knob = "r"
 

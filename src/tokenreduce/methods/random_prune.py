@@ -39,6 +39,7 @@ class RandomPrune(KeepRateReducer):
     """Uniform random pruning on a fixed schedule."""
 
     name = "random"
+    recipe = "deit"  # a baseline without a paper: the generic DeiT fine-tune
     Params = RandomParams
     seed_param = "seed"
 

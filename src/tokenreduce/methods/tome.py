@@ -70,6 +70,7 @@ class ToMe(Reducer):
     """Bipartite soft matching in every block."""
 
     name = "tome"
+    recipe = "tome"
     Params = ToMeParams
     knob = "r"
 

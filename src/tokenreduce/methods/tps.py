@@ -55,6 +55,7 @@ class TPS(KeepRateReducer):
     """eTPS: keep the top class-attention tokens, squeeze the rest into them."""
 
     name = "tps"
+    recipe = "tps"
     Params = TPSParams
 
     @classmethod

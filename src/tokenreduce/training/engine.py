@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import signal
 import threading
 import time
@@ -36,6 +37,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -63,7 +65,9 @@ class TrainConfig:
     ``stop_at_step`` ends the run early (with a checkpoint) without changing the
     schedule, which is always laid out for ``epochs`` full epochs.  ``extra`` describes
     the run (e.g. the method and its parameters) and is saved with every checkpoint;
-    ``resume`` refuses a checkpoint whose ``extra`` differs.
+    ``resume`` refuses a checkpoint whose ``extra`` differs.  ``epoch_steps`` caps the steps of
+    an epoch (a shortened run: each epoch takes the first batches of its own seeded order, so
+    the epochs still see different samples).
     """
 
     out_dir: str
@@ -85,6 +89,7 @@ class TrainConfig:
     num_workers: int = 0
     device: str = "cpu"
     progress: bool = True
+    epoch_steps: int | None = None  # at most this many steps per epoch (None: the whole dataset)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -193,9 +198,17 @@ def _to_device(batch: Any, device: torch.device) -> Any:
 
 
 def _rng_state() -> dict[str, Any]:
+    """This process's torch, CUDA, NumPy and Python RNG states (NumPy's and Python's draw timm's mixup / cutmix
+    and augmentations), in types a ``weights_only`` load reads back."""
     state: dict[str, Any] = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state["numpy"] = {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos), "has_gauss": int(has_gauss),
+                      "gauss": float(gauss)}
+    version, internal, gauss_next = random.getstate()
+    state["python"] = {"version": version, "internal": torch.tensor(internal, dtype=torch.int64),
+                       "gauss_next": gauss_next}
     return state
 
 
@@ -203,14 +216,25 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+    if "numpy" in state:  # checkpoints written before NumPy's state was saved lack it
+        np_state = state["numpy"]
+        np.random.set_state(("MT19937", np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
+                             np_state["has_gauss"], np_state["gauss"]))
+    if "python" in state:
+        py_state = state["python"]
+        random.setstate((py_state["version"], tuple(py_state["internal"].tolist()), py_state["gauss_next"]))
 
 
 def build_optimizer(task: Task, model: nn.Module, trainable: list[nn.Parameter], config: TrainConfig):
     """AdamW (weight decay on ≥2-D tensors except ``model.no_weight_decay()``) or SGD, as the task asks.
 
     A task may define ``param_groups(model)`` (dicts with ``params`` and an ``lr_scale``
-    relative to ``config.lr``) and ``optimizer`` (``"adamw"`` or ``"sgd"``).
+    relative to ``config.lr``) and ``optimizer`` (``"adamw"`` or ``"sgd"``), or build the whole
+    optimizer itself with ``make_optimizer(model, trainable, config)`` (each group's ``lr`` at its
+    peak; the schedule scales them all by the same factor).
     """
+    if hasattr(task, "make_optimizer"):
+        return task.make_optimizer(model, trainable, config)
     groups = task.param_groups(model) if hasattr(task, "param_groups") else [{"params": trainable, "lr_scale": 1.0}]
     kind = getattr(task, "optimizer", "adamw")
     # no weight decay on what the model names either (timm: pos_embed, cls_token, ...)
@@ -281,6 +305,10 @@ def train(
     steps_per_epoch = (n // world) // config.batch_size
     if steps_per_epoch < 1:
         raise ValueError(f"dataset of {n} samples is smaller than one batch ({config.batch_size} × {world} processes)")
+    if config.epoch_steps is not None:
+        if config.epoch_steps < 1:
+            raise ValueError(f"epoch_steps must be >= 1, got {config.epoch_steps}")
+        steps_per_epoch = min(steps_per_epoch, config.epoch_steps)
     total_steps = steps_per_epoch * config.epochs
     stop = total_steps if config.stop_at_step is None else min(total_steps, config.stop_at_step)
 
@@ -303,6 +331,8 @@ def train(
 
     step, wall_before, evals = 0, 0.0, []
     torch.manual_seed(config.seed + rank)
+    np.random.seed(config.seed + rank)  # timm's mixup / cutmix and augmentations draw from NumPy and Python
+    random.seed(config.seed + rank)
     if config.resume:
         state = load_checkpoint(ckpt_path)
         if state.get("total_steps") != total_steps or state.get("world_size") != world:

@@ -21,10 +21,15 @@ and learning rates follow docs/methods.md (each method's section):
   mixup (pass ``transform=`` for augmentation).
 * Cropr (docs/methods.md#token-cropr): the auxiliary heads' cross-entropies (plus the main one when the
   backbone is fine-tuned); AdamW lr 1e-3.
+
+The same tasks compute the losses of a paper-recipe fine-tune (:mod:`.finetune`): there the batch
+may be mixed (soft targets), ``criterion`` is the recipe's (timm's soft-target or label-smoothing
+cross-entropy) and the loss weights are the recipe's.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 from copy import deepcopy
 from typing import Any
@@ -35,7 +40,7 @@ from torch import Tensor, nn
 
 from ..api import last_forward, stats, unreduced
 from ..methods.base import Reducer
-from ..methods.ltmp import ltmp_loss
+from ..methods.ltmp import flops_ratio
 from .tasks import logits_of
 
 Transform = Callable[[Tensor], Tensor]
@@ -54,6 +59,7 @@ class ReducerTask:
     """Shared plumbing: trainable parameters, optimiser groups, checkpointable state."""
 
     options: tuple[str, ...] = ()  # the task options (TASK_OPTIONS) this task takes
+    loss_weights: tuple[str, ...] = ()  # the recipe loss weights (ratio_weight, distill_weight, aux_weight) it takes
     optimizer = "adamw"
     lr = 1e-3
     min_lr_scale = 1e-3  # the cosine schedule ends at lr × this (1.0: constant learning rate)
@@ -65,6 +71,9 @@ class ReducerTask:
         self.reducer = reducer
         self.transform = transform
         self.finetune = finetune
+        self.criterion: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy
+        """The classification loss of ``(logits, targets)``; targets are class indices or, for a mixed batch,
+        B×classes probabilities."""
 
     # -- what the engine asks -----------------------------------------------------------
     def backbone_parameters(self, model: nn.Module) -> list[nn.Parameter]:
@@ -77,9 +86,13 @@ class ReducerTask:
             params += self.backbone_parameters(model)
         return params
 
+    def reducer_param_groups(self) -> list[dict[str, Any]]:
+        """The reducer's parameters in optimiser groups, each with an ``lr_scale`` relative to the base rate."""
+        return [{"params": list(self.reducer.module.parameters()), "lr_scale": 1.0}]
+
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
         """Optimiser groups with an ``lr_scale`` relative to the run's base learning rate."""
-        groups: list[dict[str, Any]] = [{"params": list(self.reducer.module.parameters()), "lr_scale": 1.0}]
+        groups = self.reducer_param_groups()
         if self.finetune:
             groups.append({"params": self.backbone_parameters(model), "lr_scale": self.backbone_lr_scale})
         return groups
@@ -103,6 +116,11 @@ class ReducerTask:
         return images, labels
 
     def loss(self, model: nn.Module, batch: Any) -> tuple[Tensor, dict[str, float]]:
+        images, labels = self._images(batch)
+        return self.objective(model, images, labels)
+
+    def objective(self, model: nn.Module, images: Tensor, targets: Tensor) -> tuple[Tensor, dict[str, float]]:
+        """The loss and metrics of one batch of (transformed, possibly mixed) images and their targets."""
         raise NotImplementedError
 
 
@@ -121,6 +139,7 @@ class LTMPTask(ReducerTask):
     """
 
     options = ("label_smoothing",)
+    loss_weights = ("ratio_weight",)
     optimizer = "sgd"
     lr = 5e-3
     min_lr_scale = 1.0
@@ -128,39 +147,34 @@ class LTMPTask(ReducerTask):
     backbone_lr_scale = 1e-3
 
     def __init__(self, reducer: Reducer, transform: Transform | None = None, finetune: bool = False,
-                 reg_scale: float = 10.0, label_smoothing: float = 0.1) -> None:
+                 reg_scale: float = 10.0, label_smoothing: float = 0.1, ratio_weight: float | None = None) -> None:
         super().__init__(reducer, transform, finetune)
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
-        self.reg_scale = reg_scale
+        self.reg_scale = reg_scale if ratio_weight is None else ratio_weight  # a recipe's name for λ
         self.label_smoothing = label_smoothing
+        self.criterion = functools.partial(F.cross_entropy, label_smoothing=label_smoothing)
 
     def backbone_parameters(self, model: nn.Module) -> list[nn.Parameter]:
         """The model's parameters fine-tuned with ``finetune=True``: all but the norms'."""
         return [p for name, p in model.named_parameters() if "norm" not in name]
 
-    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+    def reducer_param_groups(self) -> list[dict[str, Any]]:
         module = self.reducer.module
-        groups = [
+        return [
             {"params": [module.merge_threshold], "lr_scale": 1.0},
             {"params": [module.prune_threshold], "lr_scale": self.prune_lr_scale},
         ]
-        if self.finetune:
-            groups.append({"params": self.backbone_parameters(model), "lr_scale": self.backbone_lr_scale})
-        return groups
 
     def after_step(self, model: nn.Module) -> None:
         self.reducer.module.clamp_()
 
-    def loss(self, model: nn.Module, batch: Any) -> tuple[Tensor, dict[str, float]]:
-        images, labels = self._images(batch)
+    def objective(self, model: nn.Module, images: Tensor, targets: Tensor) -> tuple[Tensor, dict[str, float]]:
         logits = logits_of(model(images))
         record = last_forward(_unwrap(model))
-        loss, ratio = ltmp_loss(
-            logits, labels, record.block_tokens, self.reducer.info, record.num_tokens_in, self.reducer.params.target,
-            self.reg_scale, self.label_smoothing,
-        )
-        return loss, {"gmacs_ratio": float(ratio.detach()), "train_acc": _accuracy(logits, labels)}
+        ratio = flops_ratio(record.block_tokens, self.reducer.info, record.num_tokens_in).to(logits.device)
+        loss = self.criterion(logits, targets) + self.reg_scale * (ratio - self.reducer.params.target) ** 2
+        return loss, {"gmacs_ratio": float(ratio.detach()), "train_acc": _accuracy(logits, targets)}
 
 
 def _gmacs_ratio(model: nn.Module) -> float:
@@ -181,17 +195,19 @@ class DynamicViTTask(ReducerTask):
     """
 
     options = ("distill_weight",)
+    loss_weights = ("ratio_weight", "distill_weight")
     ratio_weight = 2.0
     distill_weight = 0.5
     token_loss = "mse"  # DynamicViT's losses.py; dTPS uses "kl"
 
     def __init__(self, reducer: Reducer, transform: Transform | None = None, finetune: bool = False,
-                 distill_weight: float | None = None) -> None:
+                 distill_weight: float | None = None, ratio_weight: float | None = None) -> None:
         super().__init__(reducer, transform, finetune)
-        if distill_weight is not None:
-            if isinstance(distill_weight, bool) or not isinstance(distill_weight, (int, float)) or distill_weight < 0:
-                raise ValueError(f"distill_weight must be a number >= 0, got {distill_weight!r}")
-            self.distill_weight = float(distill_weight)
+        for name, value in (("distill_weight", distill_weight), ("ratio_weight", ratio_weight)):
+            if value is not None:
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                    raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+                setattr(self, name, float(value))
         self._frozen_teacher: nn.Module | None = None
 
     def prepare(self, model: nn.Module) -> None:
@@ -204,7 +220,8 @@ class DynamicViTTask(ReducerTask):
             if self.finetune:
                 if self._frozen_teacher is None:  # not prepared by train_reducer: copy before the first step
                     self.prepare(bare)
-                return features_and_logits(self._frozen_teacher, self._frozen_teacher, images)
+                teacher = self._frozen_teacher.to(images.device)  # prepared before the model moved, maybe
+                return features_and_logits(teacher, teacher, images)
             modes = {m: m.training for m in bare.modules()}
             bare.eval()
             try:
@@ -214,8 +231,7 @@ class DynamicViTTask(ReducerTask):
                 for m, mode in modes.items():
                     m.training = mode
 
-    def loss(self, model: nn.Module, batch: Any) -> tuple[Tensor, dict[str, float]]:
-        images, labels = self._images(batch)
+    def objective(self, model: nn.Module, images: Tensor, targets: Tensor) -> tuple[Tensor, dict[str, float]]:
         bare = _unwrap(model)
         feats, logits = features_and_logits(model, bare, images)  # through any DDP / compile wrapper
         record = last_forward(bare)
@@ -226,18 +242,17 @@ class DynamicViTTask(ReducerTask):
             kept = (record.block_tokens[block][0] - p) / n_patches  # B: live patch fraction entering the stage's block
             ratio_terms.append(((kept - reducer.keep_rate ** (stage + 1)) ** 2).mean())
         ratio_loss = torch.stack(ratio_terms).mean()
-        loss = F.cross_entropy(logits, labels) + self.ratio_weight * ratio_loss
+        loss = self.criterion(logits, targets) + self.ratio_weight * ratio_loss
         metrics = {"ratio_loss": float(ratio_loss.detach())}
         if self.distill_weight > 0:
             teacher_feats, teacher_logits = self.teacher_outputs(bare, images)
-            kl = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(teacher_logits, -1), reduction="batchmean",
-                          log_target=True)
+            kl = logit_distillation(logits, teacher_logits)
             mask = record.mask[:, p:] if record.mask is not None else torch.ones_like(feats[:, p:, :1])
             tokens = token_distillation(feats[:, p:], teacher_feats[:, p:], mask, self.token_loss)
             loss = loss + self.distill_weight * (kl + tokens)
             metrics.update(logit_kl=float(kl.detach()), token_loss=float(tokens.detach()))
         keep = float(record.block_tokens[reducer.layers[-1]][0].detach().float().mean()) if reducer.layers else 0.0
-        metrics.update(last_stage_tokens=keep, gmacs_ratio=_gmacs_ratio(model), train_acc=_accuracy(logits, labels))
+        metrics.update(last_stage_tokens=keep, gmacs_ratio=_gmacs_ratio(model), train_acc=_accuracy(logits, targets))
         return loss, metrics
 
 
@@ -265,6 +280,12 @@ def features_and_logits(model: nn.Module, bare: nn.Module, images: Tensor) -> tu
     return captured["feats"], logits
 
 
+def logit_distillation(student: Tensor, teacher: Tensor) -> Tensor:
+    """``KL(teacher ‖ student)`` of the class distributions, averaged over the batch (DynamicViT's and TPS's
+    logit distillation; ``teacher`` carries no gradient)."""
+    return F.kl_div(F.log_softmax(student, -1), F.log_softmax(teacher, -1), reduction="batchmean", log_target=True)
+
+
 def _frozen_copy(model: nn.Module) -> nn.Module:
     """An unreduced, eval-mode, gradient-free copy of a (reduced) model: a fixed teacher."""
     from ..api import remove
@@ -276,16 +297,28 @@ def _frozen_copy(model: nn.Module) -> nn.Module:
 
 
 class CroprTask(ReducerTask):
-    """Cropr scorer queries through their auxiliary heads."""
+    """Cropr scorer queries through their auxiliary heads.
 
-    def loss(self, model: nn.Module, batch: Any) -> tuple[Tensor, dict[str, float]]:
-        images, labels = self._images(batch)
+    Args:
+        aux_weight: weight of the auxiliary heads' summed losses (1, as the official code).
+    """
+
+    loss_weights = ("aux_weight",)
+
+    def __init__(self, reducer: Reducer, transform: Transform | None = None, finetune: bool = False,
+                 aux_weight: float | None = None) -> None:
+        super().__init__(reducer, transform, finetune)
+        self.aux_weight = 1.0 if aux_weight is None else float(aux_weight)
+
+    def objective(self, model: nn.Module, images: Tensor, targets: Tensor) -> tuple[Tensor, dict[str, float]]:
         logits = logits_of(model(images))
         aux = self.reducer.aux_logits
-        aux_loss = torch.stack([F.cross_entropy(a, labels) for a in aux]).sum()
-        loss = aux_loss + F.cross_entropy(logits, labels) if self.finetune else aux_loss
+        aux_loss = torch.stack([self.criterion(a, targets) for a in aux]).sum()
+        loss = self.aux_weight * aux_loss
+        if self.finetune:
+            loss = loss + self.criterion(logits, targets)
         return loss, {"aux_loss": float(aux_loss.detach()) / max(len(aux), 1), "gmacs_ratio": _gmacs_ratio(model),
-                      "train_acc": _accuracy(logits, labels)}
+                      "train_acc": _accuracy(logits, targets)}
 
 
 def token_distillation(student: Tensor, teacher: Tensor, mask: Tensor, kind: str = "mse") -> Tensor:
@@ -318,8 +351,10 @@ def token_distillation(student: Tensor, teacher: Tensor, mask: Tensor, kind: str
     return (per_token * mask).sum() / live.clamp_min(1.0)
 
 
-def _accuracy(logits: Tensor, labels: Tensor) -> float:
+def _accuracy(logits: Tensor, targets: Tensor) -> float:
+    """Top-1 agreement with the labels (with the most likely class of soft targets)."""
     with torch.no_grad():
+        labels = targets.argmax(-1) if targets.ndim > 1 else targets
         return float((logits.argmax(-1) == labels).float().mean())
 
 
@@ -349,8 +384,9 @@ def train_reducer(
     train_data: Any,
     *,
     out_dir: str,
-    epochs: int = 1,
-    batch_size: int = 128,
+    recipe: Any = None,
+    epochs: int | None = None,
+    batch_size: int | None = None,
     lr: float | None = None,
     finetune: bool = False,
     resume: bool = False,
@@ -366,16 +402,26 @@ def train_reducer(
     progress: bool = True,
     seed: int = 0,
     workers: int = 0,
+    epoch_steps: int | None = None,
     **params: Any,
 ) -> dict[str, Any]:
-    """Train a learned method's parameters on ``train_data`` and write them as a reducer checkpoint.
+    """Train a learned method's parameters on ``train_data`` and write them as a reducer checkpoint, or, with
+    ``recipe=``, fine-tune the backbone with any method's reduction on under a paper's recipe.
 
     Args:
         model: a timm ViT (the method is applied to it with ``params``).
-        method: a learned method: ``ltmp``, ``cropr``, ``dynamicvit`` or ``dtps``.
+        method: a learned method: ``ltmp``, ``cropr``, ``dynamicvit`` or ``dtps``; with ``recipe``, any method.
         train_data: a map-style dataset of ``(image, label)``.
         out_dir: run folder: the resumable engine checkpoint, the metrics log and
             ``reducer.safetensors`` (load it with ``tr.apply(model, method, checkpoint=...)``).
+        recipe: fine-tune the backbone with the reduction on under this recipe
+            (:mod:`tokenreduce.training.recipes`: a name, ``"paper"`` for the method's own, or a
+            ``Recipe``); keyword arguments named after recipe values (``mixup=0``, ``layer_decay=0.75``,
+            ...) override it, as do ``epochs``, ``batch_size``, ``lr``, ``distill_weight`` and
+            ``label_smoothing``.  See :func:`tokenreduce.training.finetune.finetune`.
+        epochs: epochs over ``train_data`` (default 1, or the recipe's).
+        batch_size: images per step and process (default 128, or the recipe's global batch divided
+            by the processes).
         lr: base learning rate (default: the method's, see the module docstring).
         finetune: train the backbone too (at the method's backbone lr scale).
         max_steps: stop early (checkpointed; ``resume=True`` continues).  The reducer is written
@@ -393,6 +439,7 @@ def train_reducer(
         label_smoothing: LTMP only: label smoothing of its cross-entropy (default 0.1, the
             official training script's).
         workers: data-loading worker processes (the DataLoader's ``num_workers``).
+        epoch_steps: at most this many steps per epoch (a shortened run with the full schedule's shape).
 
     Returns:
         ``{"checkpoint": path, "result": TrainResult, "complete": bool}`` (``complete``: the run
@@ -411,7 +458,27 @@ def train_reducer(
     from ..distributed import init_distributed_from_env
     from ..methods import REGISTRY, get_method
     from .engine import TrainConfig, precision_label, remove_orphaned_temporaries, train
+    from .recipes import recipe_fields
 
+    overrides = {name: params.pop(name) for name in list(params) if name in recipe_fields()}
+    if recipe is not None:
+        from .finetune import finetune as finetune_with_recipe
+
+        if warmup_fraction is not None:
+            raise ValueError("warmup_fraction does not apply with a recipe; override warmup_epochs instead")
+        given = {"epochs": epochs, "lr": lr, "distill_weight": distill_weight, "label_smoothing": label_smoothing}
+        overrides |= {k: v for k, v in given.items() if v is not None}
+        return finetune_with_recipe(
+            model, method, train_data, recipe=recipe, out_dir=out_dir, overrides=overrides, batch_size=batch_size,
+            resume=resume, checkpoint_every=checkpoint_every, log_every=log_every, max_steps=max_steps,
+            epoch_steps=epoch_steps, transform=transform, device=device, amp=amp, progress=progress, seed=seed,
+            workers=workers, **params,
+        )
+    if overrides:
+        raise ValueError(f"{', '.join(sorted(overrides))} set a fine-tuning recipe's values: pass recipe=... "
+                         "(a recipe name, or 'paper' for the method's own)")
+    epochs = 1 if epochs is None else epochs
+    batch_size = 128 if batch_size is None else batch_size
     cls, _ = get_method(method).resolve(params)
     task_cls = cls.training_task()
     if task_cls is None:
@@ -429,7 +496,8 @@ def train_reducer(
     task_options = {name: getattr(task, name) for name in task_cls.options}  # as used, defaults included
     n = len(train_data)
     _, world = init_distributed_from_env()
-    total = max(1, (n // world) // batch_size) * epochs
+    per_epoch = max(1, (n // world) // batch_size)
+    total = (per_epoch if epoch_steps is None else min(per_epoch, epoch_steps)) * epochs
     if warmup_fraction is None:
         warmup_fraction = 0.0 if task.optimizer == "sgd" else 1.0 / 6.0
     base_lr = task.lr if lr is None else lr
@@ -442,7 +510,7 @@ def train_reducer(
         log_every=log_every,
         resume=resume, stop_at_step=max_steps, device=device, progress=progress, amp=use_amp, num_workers=workers,
         extra={"method": cls.name, "params": reducer.config(), "finetune": finetune, "precision": precision}
-        | task_options,
+        | task_options, epoch_steps=epoch_steps,
     )
     rank, _ = init_distributed_from_env()
     if rank == 0:  # what a kill during an earlier run's final writes left behind

@@ -15,7 +15,7 @@ import json
 import platform
 import shlex
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -174,6 +174,12 @@ def train_reference(
     }
     (out / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
     return info
+
+
+def reference_augmentation(max_shift: int = 1) -> Callable[[Tensor], Tensor]:
+    """The batch augmentation the shipped reference model was trained with (:func:`augment`: random shifts up to
+    ``max_shift`` px and horizontal flips; uint8 B×28×28 in, normalised B×1×32×32 out)."""
+    return functools.partial(augment, max_shift=max_shift)
 
 
 @contextlib.contextmanager
