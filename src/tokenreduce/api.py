@@ -24,6 +24,9 @@ from .stats import LastForward, ReductionStats, collect_stats
 
 M = TypeVar("M", bound=nn.Module)
 
+RESTORE_MODES = ("frozen", "fusion")
+"""The values of :func:`apply`'s ``restore`` besides ``None``."""
+
 
 def methods() -> list[str]:
     """Names of the available methods."""
@@ -38,6 +41,7 @@ def apply(
     checkpoint: str | Path | None = None,
     trace_source: bool = False,
     untrained: bool = False,
+    restore: str | None = None,
     **params: Any,
 ) -> M:
     """Make ``model`` reduce its tokens with ``method``, in place.
@@ -56,6 +60,24 @@ def apply(
             (needed for token maps; costs B×N×N memory).
         untrained: allow a learned method without ``checkpoint``: its parameters
             are freshly initialised (to be trained, e.g. by :func:`tokenreduce.train`).
+        restore: give the full token grid back (dense prediction; docs/methods.md#token-restoration):
+
+            * ``None`` (default): no restoration, today's classification behaviour, at no cost;
+            * ``"frozen"``: after the last block the tokens are restored to B×N0×C in the original
+              order (prefix tokens first, as the stock model orders them), so ``forward_features``
+              returns B×N0×C and the final norm and head see the full grid.  A patch merged, pooled,
+              squeezed or clustered into a token gets that token's final feature; a pruned patch gets
+              its own feature frozen at the block that pruned it;
+            * ``"fusion"``: last-layer fusion (Token Cropr's) for any pruning method: the pruned tokens
+              rejoin, frozen as they were when pruned (with their own sizes and rotary positions),
+              before the last block, which runs on them; then the original order is restored as with
+              ``"frozen"``.
+
+            With either mode timm's ``forward_intermediates`` / ``get_intermediate_layers`` return the
+            restored grid at every requested block (without it they refuse).  The choice is recorded
+            as ``tokenreduce.reducer(model).restore``.  The GMACs of ``budget`` are those of the
+            reduced schedule; ``"fusion"`` adds its last block's rejoined tokens (counted by
+            :func:`tokenreduce.stats`).
         **params: the method's parameters under their official names
             (``r``, ``keep_rate``, ``layers``, ...); defaults are the papers'.
 
@@ -69,10 +91,13 @@ def apply(
     model's; train and save them through ``tokenreduce.reducer(model).module``.
 
     Raises:
-        ValueError: unknown method, bad parameter value, unreachable budget, or a
-            learned method with neither ``checkpoint`` nor ``untrained=True``.
+        ValueError: unknown method, bad parameter value, unreachable budget, a
+            learned method with neither ``checkpoint`` nor ``untrained=True``, or an
+            unknown ``restore`` mode.
         TypeError: unknown parameter name or unsupported model.
     """
+    if restore is not None and restore not in RESTORE_MODES:
+        raise ValueError(f"restore must be None or one of {', '.join(map(repr, RESTORE_MODES))}, got {restore!r}")
     cls, params = get_method(method).resolve(params)
     if is_patched(model):
         unpatch(model)
@@ -101,6 +126,7 @@ def apply(
     if reducer.module is not None:  # from here on the module follows the model's .to() / .half() / .cuda()
         first = next(model.parameters())
         reducer.module.to(device=first.device, dtype=first.dtype)
+    reducer.restore = restore
     patch(model, adapter, reducer, cls.name, trace_source=trace_source)
     return model
 
@@ -135,8 +161,9 @@ def is_reduced(model: nn.Module) -> bool:
 
 def reducer(model: nn.Module) -> Reducer:
     """The reducer applied to ``model``: ``.name``, ``.config()`` (resolved parameters), ``.info``
-    (the model facts it uses), ``.schedule(n)`` and, for learned methods, ``.module`` (the parameters,
-    which move with the model's dtype and device but are not among ``model.parameters()``).
+    (the model facts it uses), ``.schedule(n)``, ``.restore`` (the ``restore=`` it was applied with) and,
+    for learned methods, ``.module`` (the parameters, which move with the model's dtype and device but
+    are not among ``model.parameters()``).
 
     Raises:
         RuntimeError: no method is applied to ``model``.

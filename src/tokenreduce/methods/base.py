@@ -76,6 +76,12 @@ class Reducer:
     shipped: ClassVar[tuple[str, ...]] = ()  # reducer checkpoints shipped for the bundled reference model
     prop_attn: bool = False
     training: bool = False  # set by the adapter at every forward (the model's ``training`` flag)
+    rejoins: bool = False
+    """Whether the pruned tokens rejoin before the last block (last-layer fusion: Cropr's ``llf``); the
+    reduction context then archives pruned tokens and rejoins them (:meth:`TokenState.rejoin`)."""
+    restore: str | None = None
+    """The restoration the method was applied with (``tr.apply(..., restore=...)``): ``None``, ``"frozen"``
+    or ``"fusion"``.  Set by :func:`tokenreduce.apply`; not a parameter (not in :meth:`config`)."""
 
     _module: nn.Module | None = None
 

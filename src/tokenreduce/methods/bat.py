@@ -144,15 +144,17 @@ class BAT(KeepRateReducer):
         order = keep_topk(importance, patches)
         attentive_idx, rest_idx = order[:, :keep], order[:, keep:]
 
-        attentive = state.prefix_and_patches(attentive_idx)
+        c = self.clusters(patches - keep)
+        rest_x = batched_gather(state.x[:, p:], rest_idx)  # B×M×C
+        assign, _ = dpc_knn(rest_x, c, self.k, self.params.knn_include_self, self.params.distance_scale)
+
+        # with restoration tracked, the inattentive tokens' original tokens go to their cluster token,
+        # appended after the attentive ones (position P + keep + cluster before the attentive merge)
+        attentive = state.prefix_and_patches(attentive_idx, rest_idx, p + keep + assign)
         r = self.merges(keep)
         if r > 0:
             keys = torch.cat([signals.keys[:, :p], batched_gather(signals.keys[:, p:], attentive_idx)], dim=1)
             attentive = bipartite_merge(attentive, keys, r)
-
-        c = self.clusters(patches - keep)
-        rest_x = batched_gather(state.x[:, p:], rest_idx)  # B×M×C
-        assign, _ = dpc_knn(rest_x, c, self.k, self.params.knn_include_self, self.params.distance_scale)
         cluster_x = cluster_mean(rest_x, assign, importance.gather(1, rest_idx), c)
         rest_size = batched_gather(state.sizes()[:, p:], rest_idx)
         cluster_size = batched_scatter_add(rest_size, assign, c)

@@ -24,7 +24,18 @@ Linear bias zero; LayerNorms start at weight 1, bias 0.
 
 With ``llf=True`` (last-layer fusion, the paper's default) the tokens each module
 pruned are kept aside, frozen at the representation they had when pruned, and
-concatenated back before the last block, which therefore sees every token.
+concatenated back before the last block, which therefore sees every token.  This is
+the generic rejoin of restoration (:meth:`~tokenreduce.state.TokenState.rejoin`, what
+``restore="fusion"`` does for any pruning method): the pruned tokens rejoin after the
+survivors, module by module and each module's in score order, with their own sizes and
+rotary positions.
+
+Segmentation form (``aux="segmentation"``, as the official ``segm/`` code): the auxiliary
+head keeps one prediction per query, B×M×classes (no mean over the queries), so that with
+one query per patch position (``num_queries`` = the patch count) each query predicts the
+class of its patch; the training code reshapes them to the patch grid.  ``num_classes``
+sets the auxiliary heads' classes (0: the model's).  The training curriculum sets
+:attr:`Cropr.p_override` to raise the pruning rate from 0 to ``p``.
 
 12-block port (the paper's classification setting is ViT-L, 24 blocks, p = 8):
 ``p=8``, modules after blocks 0…9, LLF on; DeiT-S: 197 → 188 → 180 → … → 116, 197
@@ -42,7 +53,9 @@ from torch import Tensor, nn
 from ..budget import Schedule, before_block_schedule
 from ..ops.prune import keep_topk
 from ..state import TokenState
-from .base import ModelInfo, Params, Reducer, boolean, checked, int_at_least
+from .base import ModelInfo, Params, Reducer, boolean, checked, int_at_least, one_of
+
+AUX_TASKS = ("classification", "segmentation")
 
 
 @dataclass(frozen=True)
@@ -52,21 +65,28 @@ class CroprParams(Params):
     Attributes:
         p: tokens pruned by every module (the official ``pruning_rate``).
         llf: last-layer fusion (pruned tokens rejoin before the last block).
-        num_queries: M learned queries per module (1 for classification).
+        num_queries: M learned queries per module (1 for classification; one per patch position for
+            segmentation).
         first_extra: extra tokens removed by the first module (1: 197 → 188 with p=8).
+        aux: the auxiliary heads' task: ``"classification"`` (B×classes logits, the queries' mean) or
+            ``"segmentation"`` (B×M×classes, one prediction per query).
+        num_classes: classes of the auxiliary heads; 0: the model's own.
     """
 
     p: int = checked(8, int_at_least(0))
     llf: bool = checked(True, boolean)
     num_queries: int = checked(1, int_at_least(1))
     first_extra: int = checked(1, int_at_least(0))
+    aux: str = checked("classification", one_of(*AUX_TASKS))
+    num_classes: int = checked(0, int_at_least(0))
 
 
 class CroprModule(nn.Module):
     """Scorer queries plus the training-only aggregator and auxiliary head."""
 
-    def __init__(self, dim: int, num_queries: int, num_classes: int) -> None:
+    def __init__(self, dim: int, num_queries: int, num_classes: int, aux: str = "classification") -> None:
         super().__init__()
+        self.aux = aux
         self.query = nn.Parameter(torch.empty(num_queries, dim))
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
@@ -91,11 +111,14 @@ class CroprModule(nn.Module):
         return x.float() @ self.query.float().sum(dim=0)
 
     def aggregate(self, x: Tensor) -> Tensor:
-        """Auxiliary logits (B×classes) from detached tokens B×N×C."""
+        """Auxiliary logits from detached tokens B×N×C: B×classes (classification: the mean over the
+        queries), or B×M×classes (segmentation: one prediction per query)."""
         x = x.detach()
         attn = (self.query @ x.transpose(1, 2) / math.sqrt(x.shape[-1])).softmax(dim=-1)  # B×M×N
         z = attn @ x  # B×M×C
         z = z + self.mlp(self.norm(z))
+        if self.aux == "segmentation":
+            return self.head(self.head_norm(z))
         return self.head(self.head_norm(z.mean(dim=1)))
 
 
@@ -115,8 +138,25 @@ class Cropr(Reducer):
 
         return CroprTask
 
+    _p_override: int | None = None
+
+    @property
+    def p_override(self) -> int | None:
+        """When set, every module prunes this many tokens instead of ``params.p`` (the first module still adds
+        ``first_extra``, even at 0): the segmentation curriculum raises it from 0 to ``p``.  ``None``: ``p``.
+        Not a parameter (not saved in checkpoints); a count that would leave no patch token is capped to
+        leave one."""
+        return self._p_override
+
+    @p_override.setter
+    def p_override(self, value: int | None) -> None:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise ValueError(f"cropr: p_override must be None or an int >= 0, got {value!r}")
+        self._p_override = value
+
     def __init__(self, info: ModelInfo, params: CroprParams) -> None:
         super().__init__(info, params)
+        self.rejoins = params.llf  # last-layer fusion: the context's generic rejoin before the last block
         depth = info.depth
         last_module = depth - 3 if params.llf else depth - 2  # modules sit after blocks 0..last_module
         if last_module < 0:
@@ -131,18 +171,20 @@ class Cropr(Reducer):
                 f"has {info.num_patches} patch tokens; use p <= {largest}"
             )
         self.aux_logits: list[Tensor] = []
-        self._pruned: list[TokenState] = []
 
     def build_module(self) -> nn.ModuleList:
         """One scorer / aggregator per module position, officially initialised."""
+        classes = self.params.num_classes or self.info.num_classes
         return nn.ModuleList(
-            CroprModule(self.info.dim, self.params.num_queries, self.info.num_classes) for _ in self.after_blocks
+            CroprModule(self.info.dim, self.params.num_queries, classes, self.params.aux) for _ in self.after_blocks
         )
 
     def has_before_block(self, block: int) -> bool:
-        return block - 1 in self.after_blocks or (self.params.llf and block == self.info.depth - 1)
+        return block - 1 in self.after_blocks
 
     def _removed_by(self, module: int) -> int:
+        if self.p_override is not None:
+            return self.p_override + (self.params.first_extra if module == 0 else 0)
         return self.params.p + (self.params.first_extra if module == 0 and self.params.p else 0)
 
     def schedule(self, num_tokens: int) -> Schedule:
@@ -165,15 +207,10 @@ class Cropr(Reducer):
         return range(0, (info.num_patches - 1 - base.first_extra) // max(modules, 1) + 1)
 
     def before_block(self, block: int, state: TokenState) -> TokenState:
-        if self.params.llf and block == self.info.depth - 1:
-            for pruned in self._pruned:  # each rejoins with its own original position, if tracked
-                state = state.append(pruned.x, pruned.sizes(), pruned.source, pruned.pos)
-            self._pruned = []
-            return state
         index = block - 1
         module = self.module[index]
         if index == 0:
-            self.aux_logits, self._pruned = [], []
+            self.aux_logits = []
         if self.training:
             self.aux_logits.append(module.aggregate(state.x))
         p = state.num_prefix
@@ -181,15 +218,5 @@ class Cropr(Reducer):
         keep = patches - min(self._removed_by(index), patches - 1)
         with torch.no_grad():
             order = keep_topk(module.score(state.x[:, p:]), patches)
-        if self.params.llf:
-            self._pruned.append(_patch_subset(state, order[:, keep:]))
-        return state.prefix_and_patches(order[:, :keep])
-
-
-def _patch_subset(state: TokenState, patch_index: Tensor) -> TokenState:
-    """The patch tokens at ``patch_index`` (B×K, counted after the prefix), without the prefix."""
-    p = state.num_prefix
-    sub = TokenState(state.x[:, p:], None if state.size is None else state.size[:, p:],
-                     None if state.source is None else state.source[:, p:], 0,
-                     pos=None if state.pos is None else state.pos[:, p:])
-    return sub.gather(patch_index)
+        # the pruned tokens, in score order, go to the archive (with last-layer fusion or restoration)
+        return state.prefix_and_patches(order[:, :keep], order[:, keep:])

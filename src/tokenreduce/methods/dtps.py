@@ -12,7 +12,7 @@ See docs/methods.md#tps-etps-and-dtps.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -71,6 +71,13 @@ class DTPS(DynamicViT):
             )
         p = state.num_prefix
         live = state.mask[:, p:] if state.mask is not None else torch.ones_like(keep)
-        patches = squeeze_masked(state.x[:, p:], keep, live * (1.0 - keep), self.temperature)
+        guests = live * (1.0 - keep)
+        patches, host = squeeze_masked(state.x[:, p:], keep, guests, self.temperature, return_hosts=True)
         mask = torch.cat([keep.new_ones(keep.shape[0], p, 1), keep], dim=1)
-        return TokenState(torch.cat([state.x[:, :p], patches], dim=1), state.size, state.source, p, mask, state.pos)
+        out = replace(state, x=torch.cat([state.x[:, :p], patches], dim=1), mask=mask)
+        if state.owner is None:
+            return out
+        # restoration: a guest's original tokens follow it to its host (the shape stays)
+        own = torch.arange(state.num_tokens, device=host.device).expand(host.shape[0], -1)
+        target = torch.where(guests[..., 0].detach() > 0, p + host, own[:, p:])
+        return out.redirect(torch.cat([own[:, :p], target], dim=1))

@@ -132,11 +132,12 @@ class DynamicViT(Reducer):
         return self.drop_hard(state, order[:, :keep], order[:, keep:])
 
     def drop_hard(self, state: TokenState, keep_index: Tensor, drop_index: Tensor) -> TokenState:
-        """Inference: keep ``keep_index`` (B×K patch positions, score order), remove the rest."""
-        return state.prefix_and_patches(keep_index)
+        """Inference: keep ``keep_index`` (B×K patch positions, score order), remove the rest (``drop_index``)."""
+        return state.prefix_and_patches(keep_index, drop_index)
 
     def drop_soft(self, state: TokenState, keep: Tensor) -> TokenState:
-        """Training: patch-token mask ``keep`` (B×M×1, straight-through) becomes the state's mask."""
+        """Training: patch-token mask ``keep`` (B×M×1, straight-through) becomes the state's mask (with
+        restoration tracked, the tokens it drops are archived as pruned, frozen at this point)."""
         p = state.num_prefix
         mask = torch.cat([keep.new_ones(keep.shape[0], p, 1), keep], dim=1)
-        return TokenState(state.x, state.size, state.source, p, mask, state.pos)
+        return state.masked(mask)

@@ -9,6 +9,14 @@ attention, as the official code does.  See docs/methods.md#evit.
 Deviation from the official code, by design: all ``P`` prefix tokens are
 protected (the official code protects the class token only and treats a
 distillation token as a patch token).
+
+Restoration (``tr.apply(..., restore=...)``): the inattentive patches are *pruned* as far as
+restoration goes — each gets back its own feature frozen at the block that removed it — not the
+fused token's.  The fused token is one attention-weighted mean of up to a third of the image; giving
+it to all those patches would paint them one feature with no spatial content, while their frozen
+features are still their own.  The fused token itself stands for no patch of the restored grid
+(with ``restore="fusion"`` it stays in the last block's sequence, and the inattentive tokens
+rejoin beside it).  See docs/methods.md#token-restoration.
 """
 
 from __future__ import annotations
@@ -127,4 +135,4 @@ class EViT(KeepRateReducer):
         fused_source = None
         if state.source is not None:
             fused_source = (dropped.to(state.source.dtype) @ state.source[:, p:]).clamp(max=1)
-        return out.append(fused, fused_size, fused_source)
+        return out.append(fused, fused_size, fused_source, orphan=True)  # its patches are archived (restoration)

@@ -253,8 +253,10 @@ class LTMP(Reducer):
         order = torch.argsort(rank + (~alive) * n, dim=1)
         keep = int(alive.sum(dim=1).max())  # host sync: the padded length
         index = order[:, :keep]
-        # positions stay: a B token that absorbs A tokens is their destination and keeps its own
-        out = TokenState(x_full, size_full, source, p, alive.unsqueeze(-1).float(), state.pos).gather(index)
+        # positions stay: a B token that absorbs A tokens is their destination and keeps its own;
+        # with restoration tracked, merged tokens' originals follow them and pruned ones are archived
+        full = dataclasses.replace(state, x=x_full, size=size_full, source=source, mask=alive.unsqueeze(-1).float())
+        out = full.redirect(_merge_targets(merge, partner, n)).gather(index)
         if bool(out.mask.all()):
             out = dataclasses.replace(out, mask=None)
         return out
@@ -309,11 +311,29 @@ class LTMP(Reducer):
             source = source.clone()
             source[:, 1::2] = _group_max(source[:, 1::2], partner, source[:, ::2], merged)
         index = layout.expand(bsz, n)
-        return TokenState(x_full, size_full, source, p, mask_full, state.pos).gather(index)
+        full = dataclasses.replace(state, x=x_full, size=size_full, source=source, mask=mask_full)
+        return full.redirect(_merge_targets(merged, partner, n)).gather(index)
 
     def _keep_soft(self, importance: Tensor, prefix: Tensor, theta_p: Tensor) -> Tensor:
         """Straight-through prune decision ``[imp > θ_prune]`` (B×M); exactly 1, gradient 0, for prefix tokens."""
         return torch.where(prefix, 1.0, threshold_mask(importance, theta_p, self.params.tau))
+
+
+def _merge_targets(merge: Tensor, partner: Tensor, n: int) -> Tensor:
+    """B×N positions where every token of an N-token sequence stands after the merge step: an A token
+    (even position) that merges is at its B partner's (odd) position, every other token at its own."""
+    b = merge.shape[0]
+    own = torch.arange(n, device=merge.device).expand(b, n)
+    if n < 2:
+        return own
+    return torch.cat([torch.where(merge, 2 * partner + 1, own[:, ::2]), own[:, 1::2]], dim=1).gather(
+        1, _interleave(n, merge.device).expand(b, n))
+
+
+def _interleave(n: int, device: torch.device) -> Tensor:
+    """Positions that turn ``[even positions, odd positions]`` of an N-token sequence back into ``0 … N−1``."""
+    pos = torch.arange(n, device=device)
+    return torch.where(pos % 2 == 0, pos // 2, (n + 1) // 2 + pos // 2)
 
 
 def _merge_into_b(x: Tensor, size: Tensor, w: Tensor, partner: Tensor) -> tuple[Tensor, Tensor]:

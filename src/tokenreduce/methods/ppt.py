@@ -41,7 +41,7 @@ scores have mean ``1/(N−P)``); :func:`tokenreduce.calibrate` picks one from da
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -52,7 +52,7 @@ from ..ops.attention import AttentionNeeds, AttentionSignals
 from ..ops.matching import max_merges
 from ..ops.merge import bipartite_merge
 from ..ops.prune import keep_topk
-from ..state import TokenState
+from ..state import TokenState, select
 from .base import (
     ModelInfo,
     Params,
@@ -111,16 +111,10 @@ def select_state(choose_first: Tensor, first: TokenState, second: TokenState) ->
     """Per image, ``first`` where ``choose_first`` (B bool) else ``second``; both B×N' with equal shapes.
 
     Sizes are materialised; every other per-token tensor of the state (sources when
-    traced, ...) is selected the same way.
+    traced, owner maps and archives of restoration, ...) is selected the same way
+    (:func:`tokenreduce.state.select`).
     """
-    pick = choose_first.view(-1, 1, 1)
-    first, second = replace(first, size=first.sizes()), replace(second, size=second.sizes())
-    chosen = {}
-    for f in fields(first):
-        a, b = getattr(first, f.name), getattr(second, f.name)
-        if isinstance(a, Tensor) and isinstance(b, Tensor):
-            chosen[f.name] = torch.where(pick, a, b)
-    return replace(first, **chosen)
+    return select(choose_first, first, second)
 
 
 class PPT(Reducer):

@@ -17,6 +17,15 @@ Per-forward state (sizes, sources, masks, original positions, token counts) live
 attention depends on where a token came from (rotary position embeddings) asks for positions
 (:meth:`FamilyAdapter.tracks_positions`): every token state then carries them
 (:attr:`~tokenreduce.state.TokenState.pos`) through every reduction.
+
+**Restoration** (``tr.apply(..., restore="frozen" | "fusion")``) is family-agnostic and lives here:
+the token states carry the patch → token index map and the archive of pruned tokens
+(:attr:`~tokenreduce.state.TokenState.owner`); with ``"fusion"`` (or a reducer that
+:attr:`~tokenreduce.methods.base.Reducer.rejoins`, Cropr's ``llf``) :func:`run_block` brings the
+archived tokens back before the last block; with either mode it returns the full B×N0×C grid in the
+original order after the last block, so the final norm and head see the grid, and the grid entry
+points (:func:`grid_entry_point`: timm's ``forward_intermediates``) return the restored grid at every
+requested block while the stream itself stays reduced.
 """
 
 from __future__ import annotations
@@ -59,6 +68,17 @@ class ReductionContext:
         self.rows: Tensor | None = None
         self._rows_of: Tensor | None = None
         self.enabled = True  # False: the model runs its stock forward (e.g. as its own distillation teacher)
+        self.restore: str | None = reducer.restore  # None, "frozen" or "fusion" (tokenreduce.apply's restore=)
+        self.fusion = reducer.restore == "fusion" or reducer.rejoins  # archived tokens rejoin before the last block
+        self.track_owner = reducer.restore is not None or self.fusion
+        self.last_block = depth - 1
+        self.owner: Tensor | None = None
+        self.archive: tuple[TokenState, ...] = ()
+        self.orphans = False
+        self.capture: frozenset[int] = frozenset()  # blocks whose restored output a grid entry point asked for
+        self.captures = 0  # grid captures served (a delegating entry point checks its call was one)
+        self.stash: tuple[Tensor, Tensor] | None = None  # (restored grid returned, reduced stream behind it)
+        self.final: tuple[Tensor | None, ...] | None = None  # (size, source, mask, pos) before the final restore
         self.num_tokens_in = 0
         self.batch_size = 0
         self.records: list[tuple[Any, Any] | None] = [None] * depth
@@ -78,6 +98,10 @@ class ReductionContext:
         self.rows = self._rows_of = None
         self.source = None
         self.pos = self.pos_start = None
+        self.owner, self.archive, self.orphans = None, (), False
+        self.stash = self.final = None
+        if self.track_owner:
+            self.owner = torch.arange(n, device=x.device).expand(b, n)
         if self.track_pos:
             self.pos = self.pos_start = torch.arange(n, device=x.device).view(1, n, 1).expand(b, n, 1)
         if self.trace_source:
@@ -117,7 +141,8 @@ class ReductionContext:
         self.stages.append((label, source))
 
     def state(self, x: Tensor) -> TokenState:
-        return TokenState(x, self.size, self.source, self.info.num_prefix, self.mask, self.pos)
+        return TokenState(x, self.size, self.source, self.info.num_prefix, self.mask, self.pos, self.owner,
+                          self.archive, self.orphans)
 
     def update(self, state: TokenState) -> Tensor:
         if self.track_pos and state.pos is None:
@@ -125,8 +150,52 @@ class ReductionContext:
                 f"tokenreduce: {self.method} returned tokens without their original positions, which this model's "
                 f"attention needs (rotary position embeddings); a reduction must carry TokenState.pos along"
             )
+        if self.track_owner and state.owner is None:
+            raise RuntimeError(
+                f"tokenreduce: {self.method} returned tokens without their owner map, which restoration needs; "
+                f"a reduction must carry TokenState.owner along (TokenState.gather / append / the ops in ops/ do)"
+            )
         self.size, self.source, self.mask, self.pos = state.size, state.source, state.mask, state.pos
+        self.owner, self.archive, self.orphans = state.owner, state.archive, state.orphans
         return state.x
+
+    # -- restoration ---------------------------------------------------------------------------------
+    def rejoin(self, x: Tensor) -> Tensor:
+        """Last-layer fusion: the archived (pruned) tokens rejoin the current ones (:meth:`TokenState.rejoin`)."""
+        return self.update(self.state(x).rejoin())
+
+    def finish(self, x: Tensor) -> Tensor:
+        """After the last block: the restored B×N0×C grid (original order, prefix first).  From here on the
+        tokens are the unreduced grid (sizes, masks and positions reset for the pool and head); the reduced
+        tokens' record stays for :meth:`last_forward`."""
+        grid = self.state(x).restore()
+        self.final = (self.size, self.source, self.mask, self.pos)
+        self.size = self.source = self.mask = None
+        self.pos, self.owner, self.archive, self.orphans = self.pos_start, None, (), False
+        return grid
+
+    def capture_grid(self, x: Tensor) -> Tensor:
+        """A grid entry point asked for this block's output: return it restored (B×N0×C) and keep the
+        reduced stream ``x`` (B×N×C) for the next block (:meth:`resume`)."""
+        grid = self.state(x).restore()
+        self.stash = (grid, x)
+        return grid
+
+    def resume(self, x: Tensor) -> Tensor:
+        """The reduced stream behind the restored grid the previous block returned.
+
+        Raises:
+            RuntimeError: the next block received something else than that grid (a caller that changes
+                the tokens between blocks: its result could not be served on a reduced model).
+        """
+        grid, stream = self.stash
+        self.stash = None
+        if x is not grid:
+            raise RuntimeError(
+                "tokenreduce: a block of the reduced model received other tokens than the restored grid the "
+                "previous block returned; the grid entry point cannot be served with restoration on this caller"
+            )
+        return stream
 
     def count(self, x: Tensor) -> int | Tensor:
         """Live tokens per image: an int, or a B tensor when a mask is carried."""
@@ -140,17 +209,19 @@ class ReductionContext:
         """
         if self.records[0] is None or any(r is None for r in self.records):
             raise RuntimeError("the reduced model has not run a forward yet (call model(images) first)")
+        size, source, mask, pos = self.final if self.final is not None else (self.size, self.source, self.mask,
+                                                                              self.pos)
         return LastForward(
             method=self.method,
             batch_size=self.batch_size,
             num_tokens_in=self.num_tokens_in,
             num_prefix=self.info.num_prefix,
             block_tokens=tuple(self.records),
-            size=self.size,
-            source=self.source,
-            mask=self.mask,
+            size=size,
+            source=source,
+            mask=mask,
             stages=tuple(self.stages),
-            pos=self.pos,
+            pos=pos,
         )
 
 
@@ -256,6 +327,11 @@ def run_block(block: nn.Module, x: Tensor, stock: Callable[[Tensor], Tensor]) ->
     in-block reduction after the attention residual, the MLP.  ``stock`` runs the stock block on
     B×N×C tokens: used for an empty batch (B = 0), so a reduced model returns the stock model's
     empty outputs, and while reduction is paused (:func:`tokenreduce.unreduced`).
+
+    Restoration: before the last block, with last-layer fusion, the archived tokens rejoin (after the
+    between-block reduction); after the last block, with ``restore`` set, the block returns the
+    restored B×N0×C grid; after a block a grid entry point captures, it returns that block's restored
+    grid and the next block picks the reduced stream back up.
     """
     ctx: ReductionContext = block._tr_ctx
     if not ctx.enabled:
@@ -264,14 +340,19 @@ def run_block(block: nn.Module, x: Tensor, stock: Callable[[Tensor], Tensor]) ->
     i: int = block._tr_index
     if i == 0:
         ctx.start(x, block.training)
+    elif ctx.stash is not None:
+        x = ctx.resume(x)
     if ctx.batch_size == 0:  # nothing to reduce; the stock block keeps the stock output shapes
         ctx.records[i] = (x.shape[1], x.shape[1])
         return stock(x)
     reducer = ctx.reducer
+    changed = False
     if ctx.has_before[i]:
-        x = ctx.update(reducer.before_block(i, ctx.state(x)))
-        if ctx.trace_source:
-            ctx.snapshot(f"before block {i}")
+        x, changed = ctx.update(reducer.before_block(i, ctx.state(x))), True
+    if ctx.fusion and i == ctx.last_block and ctx.archive:
+        x, changed = ctx.rejoin(x), True
+    if changed and ctx.trace_source:
+        ctx.snapshot(f"before block {i}")
     n_attn = ctx.count(x)
     needs = ctx.needs[i]
     key_mask = ctx.key_mask()
@@ -296,8 +377,14 @@ def run_block(block: nn.Module, x: Tensor, stock: Callable[[Tensor], Tensor]) ->
         # The MLP is per-token: run it on the live tokens of all images packed into
         # one ΣN×C matrix, so padding rows cost nothing; they keep their values.
         live = x.reshape(-1, x.shape[-1]).index_select(0, rows)
-        return add_to_rows(x, rows, adapter.mlp(block, live))
-    return x + adapter.mlp(block, x)
+        x = add_to_rows(x, rows, adapter.mlp(block, live))
+    else:
+        x = x + adapter.mlp(block, x)
+    if ctx.restore is not None and i == ctx.last_block:
+        return ctx.finish(x)
+    if i in ctx.capture:
+        return ctx.capture_grid(x)
+    return x
 
 
 def add_to_rows(x: Tensor, rows: Tensor, update: Tensor) -> Tensor:
@@ -383,24 +470,53 @@ def unpatch(model: nn.Module) -> None:
     model.__dict__.pop("_tr_ctx", None)
 
 
-def grid_entry_point(name: str) -> Callable[..., Any]:
-    """A stand-in for a model method that returns tokens in the patch grid.
+CaptureBlocks = Callable[[nn.Module, tuple[Any, ...], dict[str, Any]], Sequence[int]]
+"""``(model, args, kwargs) -> block indices``: the blocks whose outputs a grid entry point's call returns."""
 
-    On a reduced model the surviving tokens no longer fill that grid, so the stand-in refuses
-    (inside :func:`tokenreduce.unreduced` the stock method runs).
+
+def grid_entry_point(name: str, capture: CaptureBlocks | None = None) -> Callable[..., Any]:
+    """A stand-in for a model method that returns tokens in the patch grid (timm's ``forward_intermediates``).
+
+    Without restoration the surviving tokens no longer fill that grid, so the stand-in refuses, saying to
+    apply the method with ``restore=``.  With restoration it runs the stock method while the blocks
+    ``capture(model, args, kwargs)`` names return their restored grid (B×N0×C), so every intermediate the
+    stock method collects is grid-shaped while the stream stays reduced.  Without ``capture`` the stock
+    method must delegate to another grid entry point that captures (``get_intermediate_layers`` calls
+    ``forward_intermediates``); if it does not, it refuses instead of returning reduced tokens.  Inside
+    :func:`tokenreduce.unreduced` the stock method runs.
     """
 
-    def refuse(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        if not self._tr_ctx.enabled:
-            return getattr(self._tr_base, name)(self, *args, **kwargs)
-        raise NotImplementedError(
-            f"{name} on a reduced model: the reduced tokens no longer fill the patch grid it returns, so its "
-            f"result would be wrong; run it on the stock model (tokenreduce.remove, or inside "
-            f"tokenreduce.unreduced(model)), or use forward_features for the reduced tokens (B×N'×C)"
-        )
+    def entry(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        ctx: ReductionContext = self._tr_ctx
+        stock = getattr(self._tr_base, name)
+        if not ctx.enabled:
+            return stock(self, *args, **kwargs)
+        if ctx.restore is None:
+            raise NotImplementedError(
+                f"{name} on a reduced model: the reduced tokens no longer fill the patch grid it returns; apply the "
+                f"method with restore='frozen' (or 'fusion') to get the full grid back (tokenreduce.apply(model, "
+                f"method, restore='frozen')), run it on the stock model (tokenreduce.remove, or inside "
+                f"tokenreduce.unreduced(model)), or use forward_features for the reduced tokens (B×N'×C)"
+            )
+        if capture is None:
+            served = ctx.captures
+            out = stock(self, *args, **kwargs)
+            if ctx.captures == served:
+                raise NotImplementedError(
+                    f"{name} on a reduced model with restoration: this model's {name} does not go through a grid "
+                    f"entry point tokenreduce can restore, so its result would hold reduced tokens"
+                )
+            return out
+        blocks = frozenset(int(i) for i in capture(self, args, kwargs))
+        ctx.captures += 1
+        previous, ctx.capture, ctx.stash = ctx.capture, blocks, None
+        try:
+            return stock(self, *args, **kwargs)
+        finally:
+            ctx.capture, ctx.stash = previous, None
 
-    refuse.__name__ = name
-    return refuse
+    entry.__name__ = name
+    return entry
 
 
 def shape_change(name: str) -> Callable[..., Any]:

@@ -12,11 +12,13 @@ patches gets the weight the s patches had) and never see removed (masked) tokens
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import torch
 from timm.layers import Attention, AttentionPoolLatent
+from timm.models._features import feature_take_indices
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
@@ -48,6 +50,14 @@ def _model_pool(self: nn.Module, x: Tensor, pool_type: str | None = None) -> Ten
     attention pool that sees the tokens' sizes and live masks (over the tokens the family's pool sees)."""
     avg_skip = 0 if getattr(self, "pool_include_prefix", False) else self.num_prefix_tokens
     return size_aware_pool(self, x, pool_type, avg_skip=avg_skip, attn_skip=self._tr_ctx.adapter.pool_skip(self))
+
+
+def intermediate_blocks(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[int]:
+    """The blocks whose outputs a call of timm's ``forward_intermediates(x, indices=..., ...)`` returns
+    (timm's own ``feature_take_indices``), for the restored grid entry point."""
+    bound = inspect.signature(model._tr_base.forward_intermediates).bind(model, *args, **kwargs)
+    take, _ = feature_take_indices(len(model.blocks), bound.arguments.get("indices"))
+    return list(take)
 
 
 def size_aware_pool(model: nn.Module, x: Tensor, pool_type: str | None, avg_skip: int, attn_skip: int) -> Tensor:
@@ -173,7 +183,8 @@ class TimmFamily(FamilyAdapter):
         the methods that change the model's shape."""
         return {
             "pool": _model_pool,
-            **{name: grid_entry_point(name) for name in grid_methods},
+            **{name: grid_entry_point(name, intermediate_blocks if name == "forward_intermediates" else None)
+               for name in grid_methods},
             **{name: shape_change(name) for name in (
                 "set_input_size", "reset_classifier", "prune_intermediate_layers", "set_grad_checkpointing")},
         }

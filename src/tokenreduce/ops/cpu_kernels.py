@@ -199,7 +199,7 @@ def kernel_eligible(x: Tensor, size: Tensor | None) -> bool:
 
 def fused_bipartite_merge(
     x: Tensor, size: Tensor | None, metric: Tensor, r: int, num_prefix: int
-) -> tuple[Tensor, Tensor, Tensor] | None:
+) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
     """Bipartite soft matching + size-weighted merge in one kernel call.
 
     Args:
@@ -208,10 +208,11 @@ def fused_bipartite_merge(
         ``[1, (N − num_prefix) // 2]``; num_prefix: protected leading tokens.
 
     Returns:
-        ``(x, size, keep)``, B×(N−r)×C, B×(N−r)×1 and B×(N−r) int64 (the input position of
-        every output token's own row: :meth:`~tokenreduce.ops.matching.BipartiteMatch.select`),
-        or ``None`` when the kernel is not eligible or not available (the caller then takes
-        the Python path).
+        ``(x, size, keep, remap)``, B×(N−r)×C, B×(N−r)×1, B×(N−r) int64 (the input position of
+        every output token's own row: :meth:`~tokenreduce.ops.matching.BipartiteMatch.select`) and
+        B×N int64 (the output row every input token ends up in, its destination's when merged away:
+        :meth:`~tokenreduce.ops.matching.BipartiteMatch.remap`), or ``None`` when the kernel is not
+        eligible or not available (the caller then takes the Python path).
     """
     if not kernel_eligible(x, size):
         return None
@@ -220,5 +221,5 @@ def fused_bipartite_merge(
         return None
     if metric.dtype != torch.float32:
         metric = metric.float()
-    out_x, out_size, keep = module.bipartite_merge_wavg(x, size, metric.detach(), r, num_prefix)
-    return out_x, out_size, keep
+    out_x, out_size, keep, remap = module.bipartite_merge_wavg(x, size, metric.detach(), r, num_prefix)
+    return out_x, out_size, keep, remap

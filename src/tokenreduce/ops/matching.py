@@ -82,6 +82,17 @@ class BipartiteMatch:
         flat = x.reshape(batch * n, x.shape[2:].numel())
         return flat.index_select(0, self.rows[0]).view(batch, n - self.r, *x.shape[2:])
 
+    def remap(self) -> Tensor:
+        """B×N int64: the output token every input token ends up in (its own row, or its destination's
+        when merged away), for the owner maps of restoration (:func:`~tokenreduce.state.follow`)."""
+        keep, src, dst = self.rows
+        n, m = self.num_tokens, self.num_tokens - self.r
+        batch = keep.shape[0] // m
+        out = torch.empty(batch * n, dtype=torch.long, device=keep.device)
+        out[keep] = torch.arange(keep.shape[0], device=keep.device) % m
+        out[src] = dst % m
+        return out.view(batch, n)
+
     def merge(self, x: Tensor, mode: str = "sum") -> Tensor:
         """Apply the matching to a per-token tensor.
 

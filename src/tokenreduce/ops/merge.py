@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..state import TokenState
+from ..state import TokenState, follow
 from .cpu_kernels import fused_bipartite_merge
 from .gather import batched_gather
 from .matching import BipartiteMatch, bipartite_soft_matching, max_merges
@@ -34,8 +36,10 @@ def bipartite_merge(state: TokenState, metric: Tensor, r: int) -> TokenState:
     if state.source is None and state.mask is None:
         fused = fused_bipartite_merge(state.x, state.size, metric, r, p)
         if fused is not None:
-            pos = None if state.pos is None else batched_gather(state.pos, fused[2])
-            return TokenState(fused[0], fused[1], None, p, None, pos)
+            x, size, keep, remap = fused
+            pos = None if state.pos is None else batched_gather(state.pos, keep)
+            owner = None if state.owner is None else follow(state.owner, remap, state.num_tokens, x.shape[1])
+            return replace(state, x=x, size=size, pos=pos, owner=owner)
     return merge_wavg(state, bipartite_soft_matching(metric, r, p))
 
 
@@ -47,7 +51,9 @@ def merge_wavg(state: TokenState, match: BipartiteMatch | None) -> TokenState:
     it stands for.  The
     arithmetic runs in float32 and the result is cast back to ``state.x.dtype``.
     Sources, when traced, and live-token masks are merged with an element-wise maximum;
-    original positions, when tracked, are not merged: a destination keeps its own.
+    original positions, when tracked, are not merged: a destination keeps its own.  With restoration
+    tracked, a merged-away token's original tokens follow it to its destination
+    (:meth:`~tokenreduce.ops.matching.BipartiteMatch.remap`).
 
     Args:
         state: tokens aligned with the sequence ``match`` was computed on (B×N).
@@ -74,4 +80,5 @@ def merge_wavg(state: TokenState, match: BipartiteMatch | None) -> TokenState:
     source = None if state.source is None else match.merge(state.source, mode="amax")
     mask = None if state.mask is None else match.merge(state.mask, mode="amax")
     pos = None if state.pos is None else match.select(state.pos)
-    return TokenState(x, size, source, state.num_prefix, mask, pos)
+    owner = None if state.owner is None else follow(state.owner, match.remap(), match.num_tokens, x.shape[1])
+    return replace(state, x=x, size=size, source=source, mask=mask, pos=pos, owner=owner)

@@ -95,13 +95,18 @@ def squeeze_state(
 
     Returns:
         A state with B×(P+K) tokens: the prefix tokens unchanged, then the kept
-        tokens in ``keep_index`` order, each merged with its guests.
+        tokens in ``keep_index`` order, each merged with its guests.  With restoration
+        tracked, a guest's original tokens follow it to its host.
     """
     p = state.num_prefix
-    kept = state.prefix_and_patches(keep_index)
     patches = state.x[:, p:]
     dropped = batched_gather(patches, drop_index)
-    host, weight = squeeze_hosts(dropped, kept.x[:, p:], temperature)
+    if state.owner is None:
+        kept = state.prefix_and_patches(keep_index)
+        host, weight = squeeze_hosts(dropped, kept.x[:, p:], temperature)
+    else:  # the hosts first: the guests' original tokens follow them there
+        host, weight = squeeze_hosts(dropped, batched_gather(patches, keep_index), temperature)
+        kept = state.prefix_and_patches(keep_index, drop_index, p + host)
     k = keep_index.shape[1]
     x = squeeze_mean(kept.x[:, p:], dropped, host, weight)
     x = torch.cat([kept.x[:, :p], x], dim=1)
@@ -115,7 +120,9 @@ def squeeze_state(
     return replace(kept, x=x, size=size, source=source)
 
 
-def squeeze_masked(x: Tensor, keep: Tensor, guests: Tensor, temperature: float = 1.0) -> Tensor:
+def squeeze_masked(
+    x: Tensor, keep: Tensor, guests: Tensor, temperature: float = 1.0, return_hosts: bool = False
+) -> Tensor | tuple[Tensor, Tensor]:
     """Training form of the squeeze at fixed shape (dTPS, docs/methods.md#tps-etps-and-dtps).
 
     Every guest (a token pruned at this stage) picks the most similar token among
@@ -130,9 +137,11 @@ def squeeze_masked(x: Tensor, keep: Tensor, guests: Tensor, temperature: float =
         keep: B×M×1 mask of the tokens kept after this stage (0/1, may carry gradients).
         guests: B×M×1 mask of the tokens pruned at this stage.
         temperature: T.
+        return_hosts: also return every token's host.
 
     Returns:
-        B×M×C: kept tokens squeezed, the others unchanged.
+        B×M×C: kept tokens squeezed, the others unchanged; with ``return_hosts``, also B×M int64:
+        the host of every token (meaningful for the guests).
     """
     m = x.shape[1]
     unit = unit_rows(x)
@@ -145,4 +154,4 @@ def squeeze_masked(x: Tensor, keep: Tensor, guests: Tensor, temperature: float =
     weight = (guests * sim.gather(-1, host.unsqueeze(-1))).exp() * guests  # B×M×1
     num = SELF_WEIGHT * x + batched_scatter_add(weight * x, host, m)
     den = SELF_WEIGHT + batched_scatter_add(weight, host, m)
-    return num / den
+    return (num / den, host) if return_hosts else num / den

@@ -43,7 +43,8 @@ inline void normalise(const float* row, int64_t dim, float* out) {
 // B′ = positions b0, b0+2, ... after the prefix. Merges the r A′ tokens with the
 // strongest best-cosine edges into their B′ partners.
 // Returns (B×(N−r)×C merged x, B×(N−r)×1 summed sizes, B×(N−r) int64 input position of every
-// output token's own row) in the order
+// output token's own row, B×N int64 output row every input token ends up in: its own, or its
+// destination's when merged away) in the order
 // [prefix] ++ [unmerged A′ (sequence order if p > 0, else edge order)] ++ [B′].
 std::vector<at::Tensor> bipartite_merge_wavg(const at::Tensor& x_in, const c10::optional<at::Tensor>& size_in,
                                              const at::Tensor& metric_in, int64_t r, int64_t p) {
@@ -95,6 +96,8 @@ std::vector<at::Tensor> bipartite_merge_wavg(const at::Tensor& x_in, const c10::
   float* out_size_data = out_size.data_ptr<float>();
   at::Tensor keep = at::empty({batch, m_out}, x.options().dtype(at::kLong));
   int64_t* keep_data = keep.data_ptr<int64_t>();
+  at::Tensor remap = at::empty({batch, n}, x.options().dtype(at::kLong));
+  int64_t* remap_data = remap.data_ptr<int64_t>();
 
   at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> node_max(na);
@@ -127,6 +130,7 @@ std::vector<at::Tensor> bipartite_merge_wavg(const at::Tensor& x_in, const c10::
       float* img_out = out_data + img * m_out * channels;
       float* img_out_size = out_size_data + img * m_out;
       int64_t* img_keep = keep_data + img * m_out;
+      int64_t* img_remap = remap_data + img * n;
       // The A′ tokens merging into each B′ token, as linked lists in edge order.
       std::fill(first_source.begin(), first_source.end(), int64_t{-1});
       for (int64_t k = 0; k < r; ++k) {
@@ -152,6 +156,7 @@ std::vector<at::Tensor> bipartite_merge_wavg(const at::Tensor& x_in, const c10::
         float total = s;
         for (int64_t k = first_k; k >= 0; k = next_source[k]) {
           const int64_t merged_pos = a0 + 2 * order[k];
+          img_remap[merged_pos] = out_row;
           const float* merged = img_x + merged_pos * channels;
           if (img_size != nullptr) {
             const float merged_size = img_size[merged_pos];
@@ -167,13 +172,14 @@ std::vector<at::Tensor> bipartite_merge_wavg(const at::Tensor& x_in, const c10::
         }
         img_out_size[out_row] = total;
         img_keep[out_row] = pos;
+        img_remap[pos] = out_row;
       };
       for (int64_t t = 0; t < p; ++t) emit(t, t, -1);
       for (int64_t k = 0; k < num_unm; ++k) emit(p + k, a0 + 2 * order[r + k], -1);
       for (int64_t j = 0; j < nb; ++j) emit(p + num_unm + j, b0 + 2 * j, first_source[j]);
     }
   });
-  return {out, out_size, keep};
+  return {out, out_size, keep, remap};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
