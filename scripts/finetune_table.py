@@ -1,4 +1,5 @@
 #!/usr/bin/env python
+# ruff: noqa: E402  (OMP_WAIT_POLICY is set before torch is imported)
 """Fine-tune the bundled reference model with every method under its paper's recipe, and tabulate the gain.
 
 For each method at ``--budget`` (default 0.6): the off-the-shelf top-1 on the bundled 10k test set
@@ -14,11 +15,19 @@ Resumable per method: a method with ``OUT/<method>/result.json`` is skipped, and
 fine-tune continues from its checkpoint with the plan it started with.  Writes
 ``OUT/finetune_table.json`` and prints the table.
 
+OpenMP threads sleep instead of spinning while they wait (``OMP_WAIT_POLICY=PASSIVE`` unless the
+environment sets it): on a machine whose cores other jobs share, spinning threads make a training
+step tens of times slower, and the timing probe would plan a run far shorter than the budget allows.
+
     python scripts/finetune_table.py --out results/finetune_table            # every method, 5 min each
     python scripts/finetune_table.py --methods evit tome --minutes-per-method 0.2 --limit 500
 """
 
 from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its OpenMP runtime (see the docstring)
 
 import argparse
 import json
@@ -40,6 +49,7 @@ from tokenreduce.training.recipes import resolve_recipe
 from tokenreduce.training.reference import DEFAULT_DATA, reference_augmentation
 
 PROBE_STEPS = 3
+PROBE_BATCH = 128  # images per probe step (or the recipe's batch when smaller): the cost per image
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,7 +92,7 @@ def start_params(method: str, budget: float, fresh: bool) -> dict[str, Any]:
 
 def plan_run(method: str, folder: Path, data: TensorDataset, params: dict[str, Any], args: argparse.Namespace,
              ) -> dict[str, Any]:
-    """Time a few steps at the recipe's batch, then choose steps per epoch (or a smaller batch) that fit."""
+    """Time a few steps, then choose the steps per epoch at the recipe's batch (or a smaller batch) that fit."""
     plan_path = folder / "plan.json"
     if plan_path.is_file():
         return json.loads(plan_path.read_text())
@@ -90,7 +100,8 @@ def plan_run(method: str, folder: Path, data: TensorDataset, params: dict[str, A
     start = time.perf_counter()
     probe = folder / "probe"
     tr.train(load_reference_model(), method, data, out_dir=str(probe), recipe="paper", budget=args.budget,
-             transform=reference_augmentation(), max_steps=PROBE_STEPS, log_every=1, progress=False,
+             batch_size=min(PROBE_BATCH, recipe.batch_size), transform=reference_augmentation(),
+             max_steps=PROBE_STEPS, log_every=1, progress=False,
              checkpoint_every=10**9, seed=args.seed, **params)
     steps = [json.loads(line) for line in (probe / "metrics.jsonl").read_text().splitlines()]
     rates = [s["images_per_s"] for s in steps if s["event"] == "step"][1:]  # the first step pays the warm-up
