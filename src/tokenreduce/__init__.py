@@ -8,6 +8,7 @@
 from . import methods
 from .api import apply, gmacs, is_reduced, last_forward, reducer, remove, stats, unreduced
 from .calibrate import calibrate
+from .export import export_onnx
 from .ops.cpu_kernels import set_cpu_kernels
 from .state import TokenState
 from .viz import visualize
@@ -28,7 +29,7 @@ def train(model, method, train_data, **kwargs):
 __version__ = "0.1.0"
 
 __all__ = [
-    "TokenState", "apply", "calibrate", "gmacs", "is_reduced", "last_forward", "methods", "reducer", "remove",
-    "set_cpu_kernels", "stats", "train", "unreduced", "visualize",
+    "TokenState", "apply", "calibrate", "export_onnx", "gmacs", "is_reduced", "last_forward", "methods", "reducer",
+    "remove", "set_cpu_kernels", "stats", "train", "unreduced", "visualize",
     "__version__",
 ]

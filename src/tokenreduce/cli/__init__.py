@@ -21,6 +21,7 @@ from .commands import (
     cmd_train,
     cmd_visualize,
 )
+from .export import add_export
 from .options import (
     amp_options,
     common_options,
@@ -235,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sweep(sub)
     _add_visualize(sub)
     _add_train(sub)
+    add_export(sub)
     return parser
 
 

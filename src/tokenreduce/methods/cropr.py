@@ -51,6 +51,7 @@ import torch
 from torch import Tensor, nn
 
 from ..budget import Schedule, before_block_schedule
+from ..ops.modes import no_grad
 from ..ops.prune import keep_topk
 from ..state import TokenState
 from .base import ModelInfo, Params, Reducer, boolean, checked, int_at_least, one_of
@@ -216,7 +217,7 @@ class Cropr(Reducer):
         p = state.num_prefix
         patches = state.num_tokens - p
         keep = patches - min(self._removed_by(index), patches - 1)
-        with torch.no_grad():
+        with no_grad():
             order = keep_topk(module.score(state.x[:, p:]), patches)
         # the pruned tokens, in score order, go to the archive (with last-layer fusion or restoration)
         return state.prefix_and_patches(order[:, :keep], order[:, keep:])

@@ -60,6 +60,7 @@ from torch import Tensor, nn
 from ..budget import Schedule
 from ..ops.attention import AttentionNeeds, AttentionSignals, KeyMask
 from ..ops.gather import batched_scatter_add
+from ..ops.modes import no_grad
 from ..ops.prune import threshold_mask
 from ..ops.similarity import alternate, unit_rows
 from ..state import TokenState
@@ -187,7 +188,7 @@ class LTMP(Reducer):
         theta_m, theta_p = module.merge_threshold[block], module.prune_threshold[block]
         if self.training:
             return self._reduce_soft(state, signals, theta_m, theta_p)
-        with torch.no_grad():
+        with no_grad():
             return self._reduce_hard(state, signals, theta_m, theta_p)
 
     def _scores(self, state: TokenState, signals: AttentionSignals, live: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -216,9 +217,8 @@ class LTMP(Reducer):
     @staticmethod
     def _layout(n: int, p: int, device: torch.device) -> Tensor:
         """Positions in output order: prefix, then A (even) and B (odd) non-prefix positions."""
-        pos = torch.arange(n, device=device)
-        a, b = pos[::2], pos[1::2]
-        return torch.cat([pos[:p], a[a >= p], b[b >= p]])
+        pos = torch.arange(n, device=device)  # slices, not boolean masks: static sizes for torch.export
+        return torch.cat([pos[:p], pos[2 * ((p + 1) // 2) :: 2], pos[2 * (p // 2) + 1 :: 2]])
 
     def _reduce_hard(
         self, state: TokenState, signals: AttentionSignals, theta_m: Tensor, theta_p: Tensor
@@ -251,13 +251,15 @@ class LTMP(Reducer):
         layout = self._layout(n, p, x.device)
         rank = torch.empty_like(layout).scatter_(0, layout, torch.arange(n, device=x.device))
         order = torch.argsort(rank + (~alive) * n, dim=1)
-        keep = int(alive.sum(dim=1).max())  # host sync: the padded length
-        index = order[:, :keep]
+        if torch.compiler.is_exporting():  # a graph cannot cut to a data-dependent length: padded to N
+            index = order
+        else:
+            index = order[:, : int(alive.sum(dim=1).max())]  # host sync: the padded length
         # positions stay: a B token that absorbs A tokens is their destination and keeps its own;
         # with restoration tracked, merged tokens' originals follow them and pruned ones are archived
         full = dataclasses.replace(state, x=x_full, size=size_full, source=source, mask=alive.unsqueeze(-1).float())
         out = full.redirect(_merge_targets(merge, partner, n)).gather(index)
-        if bool(out.mask.all()):
+        if not torch.compiler.is_exporting() and bool(out.mask.all()):
             out = dataclasses.replace(out, mask=None)
         return out
 

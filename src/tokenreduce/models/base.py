@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from ..ops.attention import NO_NEEDS, AttentionNeeds, AttentionSignals, KeyMask, size_bias
 from ..state import TokenState
 from ..stats import LastForward
+from .pickling import reduce_as_stock, reduce_reduced_model
 
 if TYPE_CHECKING:
     from ..methods.base import ModelInfo, Reducer
@@ -400,10 +401,13 @@ _CLASS_CACHE: dict[tuple[type, str], type] = {}
 
 
 def reduced_class(base: type, kind: str, members: dict[str, Any]) -> type:
-    """The generated subclass of ``base`` with ``members`` (cached per ``(base, kind)``)."""
+    """The generated subclass of ``base`` with ``members`` (cached per ``(base, kind)``).
+
+    It pickles as ``base`` (:mod:`.pickling`) unless ``members`` give another ``__reduce_ex__``."""
     key = (base, kind)
     if key not in _CLASS_CACHE:
-        _CLASS_CACHE[key] = type(f"TokenReduce{base.__name__}", (base,), {**members, "_tr_base": base})
+        members = {"__reduce_ex__": reduce_as_stock, **members, "_tr_base": base}
+        _CLASS_CACHE[key] = type(f"TokenReduce{base.__name__}", (base,), members)
     return _CLASS_CACHE[key]
 
 
@@ -440,8 +444,8 @@ def patch(model: nn.Module, adapter: type[FamilyAdapter], reducer: Reducer, meth
     """Route ``model``'s blocks through ``reducer`` (in place), the family's way."""
     ctx = ReductionContext(reducer, adapter, method, trace_source)
     ctx.track_pos = adapter.tracks_positions(model)
-    model.__class__ = reduced_class(type(model), f"{adapter.name}:model", {"_apply": model_apply,
-                                                                           **adapter.model_members})
+    members = {"_apply": model_apply, "__reduce_ex__": reduce_reduced_model, **adapter.model_members}
+    model.__class__ = reduced_class(type(model), f"{adapter.name}:model", members)
     model._tr_ctx = ctx
     forward = adapter.block_forward()
     for i, blk in enumerate(adapter.blocks(model)):

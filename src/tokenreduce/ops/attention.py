@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .gather import head_mean
+from .modes import fp32
 
 
 @dataclass(frozen=True)
@@ -268,7 +269,7 @@ def class_attention_row(q: Tensor, k: Tensor, scale: float, bias: Tensor | None)
     Returns:
         B×H×N probabilities.
     """
-    with torch.autocast(device_type=q.device.type, enabled=False):
+    with fp32(q.device.type):
         logits = (q[:, :, :1].float() * scale) @ k.float().transpose(-2, -1)  # B×H×1×N
         if bias is not None:
             logits = logits + bias.float()
@@ -302,7 +303,7 @@ def attention_and_received(
     heads = q.shape[1]
     weights = rows.unsqueeze(1)  # B×1×N
     outs, total = [], None
-    with torch.autocast(device_type=q.device.type, enabled=False):
+    with fp32(q.device.type):
         for h in range(heads):
             probs = _head_probs(q, k, scale, bias, h)
             outs.append(probs.to(v.dtype) @ v[:, h])
@@ -329,7 +330,7 @@ def mean_query_attention(
         B×H×N.
     """
     weights = rows.float().unsqueeze(1)  # B×1×N
-    with torch.autocast(device_type=q.device.type, enabled=False):
+    with fp32(q.device.type):
         if probs is not None:
             per_head = (weights.unsqueeze(1) @ probs.float()).squeeze(2)
         else:
@@ -359,7 +360,7 @@ def received_attention(
     if probs is None:
         return mean_query_attention(q, k, scale, bias, rows).mean(dim=1)
     weights = rows.float().unsqueeze(1)  # B×1×N
-    with torch.autocast(device_type=probs.device.type, enabled=False):
+    with fp32(probs.device.type):
         # head mean first: backward then holds one B×N×N float32 tensor, not B×H×N×N
         received = (weights @ probs.float().mean(dim=1)).squeeze(1)
         return received / weights.sum(dim=-1)

@@ -43,6 +43,7 @@ import torch
 from torch import Tensor
 
 from .gather import batched_scatter_add
+from .modes import no_grad
 
 DISTANCE_SCALES = ("sqrt_dim", "none")
 
@@ -113,7 +114,7 @@ def dpc_knn(
     """
     b, m, _ = x.shape
     c = max(1, min(num_clusters, m))
-    with torch.no_grad():
+    with no_grad():
         dist = pairwise_distance(x, distance_scale)
         log_density = knn_log_density(dist, k, include_self)
         above = ranks_above(log_density)

@@ -11,11 +11,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .modes import tracing
+
 
 def flat_rows(index: Tensor, num_rows: int) -> Tensor:
     """Turn B×K per-image positions into B·K row numbers of a B·``num_rows`` flattening."""
     batch = index.shape[0]
-    if batch > 1:
+    if batch > 1 or tracing():  # a traced graph must hold for every batch size
         index = index + torch.arange(batch, device=index.device).unsqueeze(1) * num_rows
     return index.reshape(-1)
 
@@ -65,7 +67,7 @@ def head_mean(x: Tensor) -> Tensor:
     ``x.mean(dim=1)``.  For small ones (batch 1), one ``mean`` op: there the cost is
     the number of ops, not the arithmetic.
     """
-    if x.shape[0] * x.shape[2] * x.shape[3] <= _SMALL:
+    if tracing() or x.shape[0] * x.shape[2] * x.shape[3] <= _SMALL:  # traced: one graph for every batch size
         return x.mean(dim=1)
     heads = x.unbind(1)
     if len(heads) == 1:

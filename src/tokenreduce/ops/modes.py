@@ -1,0 +1,39 @@
+"""Grad, autocast and tracing modes, entered only where they change something.
+
+A ``with torch.no_grad()`` or ``with torch.autocast(..., enabled=False)`` that changes nothing
+(grad already off, autocast not active) still becomes a region of its own in a graph captured by
+``torch.export`` (ONNX export), which the exporter splits out and inlines again: on a ViT with a
+reduction in every block that is most of the export's time.  :func:`no_grad` and :func:`fp32`
+enter the mode only when it is not already in force; in eager mode they behave exactly as the
+plain context managers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from contextlib import AbstractContextManager
+
+import torch
+
+__all__ = ["fp32", "no_grad", "tracing"]
+
+
+def tracing() -> bool:
+    """Whether a graph is being captured (``torch.compile``, ``torch.export``, ONNX export, ``torch.jit``).
+
+    A captured graph must not depend on the example's batch size, so shape-dependent fast paths
+    (chosen per call in eager mode) take their general form while tracing.
+    """
+    return torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
+
+
+def no_grad() -> AbstractContextManager:
+    """``torch.no_grad()`` where autograd is on; nothing where it is already off."""
+    return torch.no_grad() if torch.is_grad_enabled() else contextlib.nullcontext()
+
+
+def fp32(device_type: str) -> AbstractContextManager:
+    """Autocast off on ``device_type`` (float32 arithmetic) where it is on; nothing where it is not."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
