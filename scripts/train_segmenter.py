@@ -6,7 +6,14 @@ backbone from the bundled reference classifier and exports ``segmenter_vit.safet
 ``segmenter_vit.json`` into ``--out``.  The defaults are the shipped recipe.  ``--stop-at-step``
 ends a session early with a checkpoint; ``--resume`` continues it exactly.
 
+``--cropr WEIGHTS`` fine-tunes a trained segmenter end to end with Token Cropr (segmentation form,
+one query per patch, per-query auxiliary heads, last-layer fusion, p curriculum over the first half)
+at ``--budget`` of the unreduced GMACs, and exports ``segmenter_cropr.safetensors`` +
+``cropr_seg.safetensors`` (the reducer, naming the weights it was trained with).
+
     OMP_WAIT_POLICY=PASSIVE python scripts/train_segmenter.py --out runs/segmenter
+    OMP_WAIT_POLICY=PASSIVE python scripts/train_segmenter.py --cropr runs/segmenter/segmenter_vit.safetensors \
+        --out runs/cropr_segmenter --epochs 2 --lr 3e-4
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ import json
 
 from tokenreduce.cli.options import positive_float, positive_int
 from tokenreduce.training.reference import DEFAULT_DATA, command_line
-from tokenreduce.training.segmentation import train_reference_segmenter
+from tokenreduce.training.segmentation import train_cropr_segmenter, train_reference_segmenter
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,7 +41,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stop-at-step", type=positive_int, help="end early with a checkpoint (resumable)")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--cropr", metavar="WEIGHTS", help="fine-tune these segmenter weights end to end with Cropr")
+    p.add_argument("--budget", type=positive_float, default=0.6, help="with --cropr: fraction of the GMACs kept")
+    p.add_argument("--curriculum", type=float, default=0.5, help="with --cropr: fraction of steps p rises over")
     args = p.parse_args(argv)
+    if args.cropr:
+        summary = train_cropr_segmenter(
+            args.cropr, args.data_dir, args.out, budget=args.budget, epochs=args.epochs, lr=args.lr,
+            canvases_per_batch=args.canvases_per_batch, curriculum=args.curriculum, seed=args.seed,
+            threads=args.threads, stop_at_step=args.stop_at_step, resume=args.resume, command=command_line(),
+        )
+        print(json.dumps({k: summary[k] for k in ("complete", "params", "eval") if k in summary}, indent=2))
+        return 0
     info = train_reference_segmenter(
         args.data_dir, args.out, epochs=args.epochs, canvases_per_batch=args.canvases_per_batch, lr=args.lr,
         seed=args.seed, init=None if args.init == "none" else args.init, threads=args.threads,

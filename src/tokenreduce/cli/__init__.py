@@ -118,6 +118,13 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", type=positive_int, default=5,
                    help="timed forwards per model for images/s (default: %(default)s)")
     p.add_argument("--seeds", type=positive_int, default=3, metavar="N", help=SEEDS_HELP)
+    p.add_argument("--task", choices=("classification", "segmentation"), default="classification",
+                   help="segmentation: mIoU of a segmenter trained by the project (default: the bundled reference "
+                   "segmenter on the bundled mosaics; DATA_DIR: a set in the ADE20k layout, images/ + annotations/) "
+                   "at --budget (default 0.6) with the full token grid restored (default: %(default)s)")
+    p.add_argument("--restore", choices=("frozen", "fusion"), default="frozen",
+                   help="with --task segmentation: how pruned tokens come back for the decoder, frozen as pruned or "
+                   "rejoining before the last block (default: %(default)s)")
     p.set_defaults(func=cmd_evaluate)
 
 
@@ -149,6 +156,11 @@ def _add_sweep(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="start over: discard the cells, tables and plots already in --out (a folder holding "
                    "cells of other settings is refused without it)")
+    p.add_argument("--task", choices=("classification", "segmentation"), default="classification",
+                   help="segmentation: mIoU of a segmenter trained by the project against GMACs and images/s "
+                   "(default: the bundled reference segmenter on the bundled mosaics) (default: %(default)s)")
+    p.add_argument("--restore", choices=("frozen", "fusion"), default="frozen",
+                   help="with --task segmentation: how pruned tokens come back for the decoder (default: %(default)s)")
     p.set_defaults(func=cmd_sweep, interrupted="interrupted: finished cells are kept in --out/results.jsonl; "
                    "rerun the same command to continue")
 

@@ -189,6 +189,10 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Accuracy, GMACs and images/s of the unreduced model and every configuration."""
+    if getattr(args, "task", "classification") == "segmentation":
+        from .segmentation import cmd_evaluate_segmentation
+
+        return cmd_evaluate_segmentation(args)
     from ..distributed import init_distributed_from_env
     from ..eval.accuracy import (
         DEFAULT_BUDGETS,
@@ -271,6 +275,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"skipped {len(result['skipped_images'])} unreadable image(s), not counted:")
         for err in result["skipped_images"]:
             print(f"  {err}")
+    return finish_evaluation(args, result, out)
+
+
+def finish_evaluation(args: argparse.Namespace, result: dict[str, Any], out: Path | None) -> int:
+    """Refuse a run whose requested methods did not all run (exit 2, nothing written); else write ``out``."""
     failed = [r for r in result["rows"] if "skipped" in r] if args.method else []  # asked for: must run
     if failed:
         for r in failed:
@@ -287,6 +296,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     """Methods x budgets, resumable; CSV/JSON and trade-off plots."""
+    if getattr(args, "task", "classification") == "segmentation":
+        from .segmentation import cmd_sweep_segmentation
+
+        return cmd_sweep_segmentation(args)
     from ..eval.accuracy import evaluate_reference, format_table
     from ..eval.imagefolder import evaluate_imagefolder
     from ..eval.sweep import (

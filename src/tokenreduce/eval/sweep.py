@@ -40,11 +40,24 @@ DEFAULT_BUDGETS = (1.0, 0.8, 0.7, 0.6, 0.5, 0.4)
 RESULTS = "results.jsonl"
 TABLES = ("sweep.csv", "sweep.json")
 PLOTS = ("top1_vs_gmacs.png", "top1_vs_throughput.png")
+METRIC_LABELS = {"top1": "top-1 (%)", "miou": "mIoU (%)"}
+"""The quality metrics a sweep can plot (``top1`` for classification, ``miou`` for segmentation)."""
+
+
+def plot_names(metric: str = "top1") -> tuple[str, str]:
+    """The two plot files of a sweep on ``metric``: ``<metric>_vs_gmacs.png`` and ``<metric>_vs_throughput.png``."""
+    return f"{metric}_vs_gmacs.png", f"{metric}_vs_throughput.png"
+
 PLOT_INSTALL = 'pip install "tokenreduce[plot]"'
 CSV_COLUMNS = (
     "label", "method", "budget", "params", "top1", "top1_ci95_lo", "top1_ci95_hi", "top1_std", "seeds",
     "top5", "top5_ci95_lo", "top5_ci95_hi", "delta_top1", "gmacs", "gmacs_unreduced",
     "images_per_s", "images_per_s_unreduced", "speedup", "samples", "skipped",
+)
+SEGMENTATION_CSV_COLUMNS = (
+    "label", "method", "budget", "params", "miou", "miou_ci95_lo", "miou_ci95_hi", "miou_std", "seeds",
+    "miou_foreground", "pixel_accuracy", "delta_miou", "gmacs", "gmacs_unreduced", "images_per_s",
+    "images_per_s_unreduced", "speedup", "images", "skipped",
 )
 """``sweep.csv``'s columns; an interval ``top1_ci95 = [lo, hi]`` is split into ``top1_ci95_lo`` / ``_hi``."""
 CELL_FIELDS = ("label", "method", "params", "budget", "seeds")
@@ -263,6 +276,7 @@ def run_sweep(
     progress: Callable[[str], None] | None = print,
     context: dict[str, Any] | None = None,
     overwrite: bool = False,
+    metric: str = "top1",
 ) -> list[dict[str, Any]]:
     """Evaluate the configs not yet in ``out_dir``, one at a time, appending each result.
 
@@ -273,9 +287,10 @@ def run_sweep(
         context: the settings shared by every cell (:func:`sweep_context`); with the config, each cell's
             key (:func:`cell_key`), stored with the cell as ``cache_key``.
         overwrite: discard whatever ``out_dir`` holds and start fresh.
+        metric: the rows' quality metric (:data:`METRIC_LABELS`): ``top1``, or ``miou`` for segmentation.
 
     Returns:
-        All rows (earlier and new), in ``configs`` order, with ``delta_top1`` filled in.
+        All rows (earlier and new), in ``configs`` order, with ``delta_<metric>`` filled in.
 
     Raises:
         SweepMismatch: ``out_dir`` holds cells computed under another key (and not ``overwrite``),
@@ -298,28 +313,29 @@ def run_sweep(
         append_result(out_dir, row)
         done[config.label] = row
     rows = [done[c.label] for c in configs]
-    base = next((r for r in rows if r["method"] == UNREDUCED and "top1" in r), None)
+    base = next((r for r in rows if r["method"] == UNREDUCED and metric in r), None)
     for row in rows:
-        if base is not None and "top1" in row:
-            row["delta_top1"] = row["top1"] - base["top1"]
-    write_tables(rows, out_dir)
+        if base is not None and metric in row:
+            row[f"delta_{metric}"] = row[metric] - base[metric]
+    write_tables(rows, out_dir, metric)
     try:
-        plot_tradeoffs(rows, out_dir)
+        plot_tradeoffs(rows, out_dir, metric)
     except PlotsUnavailable as err:
         print(f"note: {err}; wrote {out_dir / TABLES[0]} and {TABLES[1]} without plots", file=sys.stderr)
     return rows
 
 
-def write_tables(rows: list[dict[str, Any]], out_dir: str | Path) -> None:
+def write_tables(rows: list[dict[str, Any]], out_dir: str | Path, metric: str = "top1") -> None:
     """``sweep.json`` and ``sweep.csv`` (atomic writes)."""
     out_dir = Path(out_dir)
     _atomic_write(out_dir / "sweep.json", json.dumps(rows, indent=2))
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+    columns = SEGMENTATION_CSV_COLUMNS if metric == "miou" else CSV_COLUMNS
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
     writer.writeheader()
     for row in rows:
         flat = {k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in row.items()}
-        for name in ("top1_ci95", "top5_ci95"):
+        for name in ("top1_ci95", "top5_ci95", "miou_ci95"):
             if row.get(name):
                 flat[f"{name}_lo"], flat[f"{name}_hi"] = row[name]
         writer.writerow(flat)
@@ -364,23 +380,26 @@ def plotting_available() -> bool:
     return True
 
 
-def _interval_bars(ax: Any, rows: list[dict[str, Any]], x_key: str, color: Any, gid: str) -> None:
-    """Error bars of the rows' 95% top-1 intervals (``top1_ci95``, percent), every artist tagged ``gid``."""
-    with_ci = [r for r in rows if r.get("top1_ci95") and None not in r["top1_ci95"]]
+def _interval_bars(ax: Any, rows: list[dict[str, Any]], x_key: str, color: Any, gid: str, metric: str = "top1") -> None:
+    """Error bars of the rows' 95% intervals of ``metric`` (``<metric>_ci95``, percent), every artist tagged ``gid``."""
+    ci = f"{metric}_ci95"
+    with_ci = [r for r in rows if r.get(ci) and None not in r[ci] and r[ci][0] == r[ci][0]]  # no NaN bounds
     if not with_ci:
         return
-    y = [100 * r["top1"] for r in with_ci]
-    low = [max(0.0, yi - 100 * r["top1_ci95"][0]) for yi, r in zip(y, with_ci, strict=True)]
-    high = [max(0.0, 100 * r["top1_ci95"][1] - yi) for yi, r in zip(y, with_ci, strict=True)]
+    y = [100 * r[metric] for r in with_ci]
+    low = [max(0.0, yi - 100 * r[ci][0]) for yi, r in zip(y, with_ci, strict=True)]
+    high = [max(0.0, 100 * r[ci][1] - yi) for yi, r in zip(y, with_ci, strict=True)]
     bars = ax.errorbar([r[x_key] for r in with_ci], y, yerr=[low, high], fmt="none", ecolor=color, capsize=3,
                        alpha=0.6, elinewidth=1)
     for artist in bars.get_children():
         artist.set_gid(gid)
 
 
-def tradeoff_figure(rows: list[dict[str, Any]], x_key: str, *, lower_x_is_better: bool, xlabel: str) -> Figure:
-    """Top-1 against ``x_key``, one marker series per method, Pareto front as a line, unreduced as a star,
-    and each point's 95% interval (``top1_ci95``, where the row has one) as an error bar.
+def tradeoff_figure(rows: list[dict[str, Any]], x_key: str, *, lower_x_is_better: bool, xlabel: str,
+                    metric: str = "top1") -> Figure:
+    """``metric`` (top-1 by default, or mIoU) against ``x_key``, one marker series per method, Pareto front as a
+    line, unreduced as a star, and each point's 95% interval (``<metric>_ci95``, where the row has one) as an
+    error bar.
 
     Artists are tagged (``get_gid``): ``method:NAME``, ``unreduced``, ``pareto``, and ``ci:NAME`` /
     ``ci:unreduced`` for the error bars.  The figure is not registered with pyplot (nothing to close).
@@ -390,31 +409,31 @@ def tradeoff_figure(rows: list[dict[str, Any]], x_key: str, *, lower_x_is_better
     """
     fig = _figure_class()(figsize=(7, 4.5))
     ax = fig.subplots()
-    done = [r for r in rows if "top1" in r and r.get(x_key) is not None]
+    done = [r for r in rows if metric in r and r.get(x_key) is not None]
     for method in sorted({r["method"] for r in done if r["method"] != UNREDUCED}):
         mine = sorted((r for r in done if r["method"] == method), key=lambda r: r[x_key])
-        (line,) = ax.plot([r[x_key] for r in mine], [100 * r["top1"] for r in mine], "o-", label=method, alpha=0.8,
+        (line,) = ax.plot([r[x_key] for r in mine], [100 * r[metric] for r in mine], "o-", label=method, alpha=0.8,
                           gid=f"method:{method}")
-        _interval_bars(ax, mine, x_key, line.get_color(), f"ci:{method}")
+        _interval_bars(ax, mine, x_key, line.get_color(), f"ci:{method}", metric)
     base = [r for r in done if r["method"] == UNREDUCED]
     if base:
-        ax.plot([base[0][x_key]], [100 * base[0]["top1"]], "k*", markersize=14, label="unreduced", gid="unreduced")
-        _interval_bars(ax, base[:1], x_key, "k", "ci:unreduced")
-    points = [(r[x_key], 100 * r["top1"]) for r in done]
+        ax.plot([base[0][x_key]], [100 * base[0][metric]], "k*", markersize=14, label="unreduced", gid="unreduced")
+        _interval_bars(ax, base[:1], x_key, "k", "ci:unreduced", metric)
+    points = [(r[x_key], 100 * r[metric]) for r in done]
     front = pareto_front(points, lower_x_is_better=lower_x_is_better)
     if front:
         ax.plot([points[i][0] for i in front], [points[i][1] for i in front], "--", color="grey", linewidth=2,
                 label="Pareto front", gid="pareto", zorder=0)
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("top-1 (%), bars: 95% interval")
+    ax.set_ylabel(f"{METRIC_LABELS[metric]}, bars: 95% interval")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
     return fig
 
 
-def plot_tradeoffs(rows: list[dict[str, Any]], out_dir: str | Path) -> list[Path]:
-    """Write the two trade-off plots; returns their paths.
+def plot_tradeoffs(rows: list[dict[str, Any]], out_dir: str | Path, metric: str = "top1") -> list[Path]:
+    """Write the two trade-off plots of ``metric`` (:func:`plot_names`); returns their paths.
 
     Raises:
         PlotsUnavailable: matplotlib is not installed (nothing written).
@@ -422,11 +441,12 @@ def plot_tradeoffs(rows: list[dict[str, Any]], out_dir: str | Path) -> list[Path
     _figure_class()
     out_dir = Path(out_dir)
     paths = []
+    names = plot_names(metric)
     for name, key, lower, label in (
-        (PLOTS[0], "gmacs", True, "GMACs per image"),
-        (PLOTS[1], "images_per_s", False, "images / s (measured)"),
+        (names[0], "gmacs", True, "GMACs per image"),
+        (names[1], "images_per_s", False, "images / s (measured)"),
     ):
-        fig = tradeoff_figure(rows, key, lower_x_is_better=lower, xlabel=label)
+        fig = tradeoff_figure(rows, key, lower_x_is_better=lower, xlabel=label, metric=metric)
         fig.savefig(out_dir / name, dpi=120)
         paths.append(out_dir / name)
     return paths

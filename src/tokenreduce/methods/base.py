@@ -74,6 +74,7 @@ class Reducer:
     seed_param: ClassVar[str | None] = None  # the parameter that seeds a random method (evaluated over seeds)
     recipe: ClassVar[str] = "deit"  # its paper's fine-tuning recipe (tokenreduce.training.recipes)
     shipped: ClassVar[tuple[str, ...]] = ()  # reducer checkpoints shipped for the bundled reference model
+    shipped_segmentation: ClassVar[str | None] = None  # the reducer checkpoint shipped for the reference segmenter
     prop_attn: bool = False
     training: bool = False  # set by the adapter at every forward (the model's ``training`` flag)
     rejoins: bool = False
@@ -130,6 +131,16 @@ class Reducer:
         from ..models.reference import shipped_reducer
 
         return shipped_reducer(cls.shipped[0])
+
+    @classmethod
+    def shipped_segmentation_checkpoint(cls, params: dict[str, Any], budget: float | None = None) -> Path | None:
+        """The reducer checkpoint shipped for the bundled reference segmenter that serves ``params`` and
+        ``budget``, or ``None``.  Its metadata may name the segmenter weights it was trained end to end with."""
+        if cls.shipped_segmentation is None:
+            return None
+        from ..models.reference import shipped_reducer
+
+        return shipped_reducer(cls.shipped_segmentation)
 
     def needs_calibration(self, params: dict[str, Any]) -> bool:
         """Whether a parameter the user left at its default must be calibrated on data for this model."""

@@ -11,6 +11,7 @@ pretrained ViT, and the whole model is fine-tuned.
 from __future__ import annotations
 
 import json
+import math
 import platform
 from pathlib import Path
 from typing import Any
@@ -173,4 +174,155 @@ def train_reference_segmenter(
     return info
 
 
-__all__ = ["SegmentationTask", "evaluate_segmenter", "train_reference_segmenter", "LinearSegmenter"]
+class CroprSegmentationTask:
+    """Token Cropr trained end to end under a segmenter, as the official segmentation recipe does.
+
+    The loss is the main pixel-wise cross-entropy plus, for every Cropr module, the cross-entropy of its
+    per-query auxiliary logits (B×M×classes, one query per patch position) against the label map
+    downsampled to the patch grid with nearest-neighbour sampling; all weights 1.  The auxiliary heads
+    read detached tokens, so the backbone and decoder learn from the main loss only and the auxiliary
+    losses train only the Cropr modules.  The pruning rate rises linearly from 0 to ``p`` over the first
+    ``curriculum`` fraction of the steps, then stays at ``p``
+    (:attr:`~tokenreduce.methods.cropr.Cropr.p_override`).
+
+    Args:
+        reducer: the Cropr reducer applied to ``segmenter.backbone`` (``aux="segmentation"``,
+            ``num_queries`` = patches).
+        total_steps: the run's optimiser steps (for the curriculum).
+        curriculum: fraction of the steps over which p rises (0: no curriculum).
+    """
+
+    def __init__(self, reducer: Any, total_steps: int, composer: MosaicComposer | None = None,
+                 curriculum: float = 0.5, ignore_index: int = IGNORE_INDEX) -> None:
+        if reducer.module is None:
+            raise ValueError("cropr has no learned parameters to train")
+        if reducer.params.aux != "segmentation":
+            raise ValueError("train Cropr for segmentation with aux='segmentation' (per-query auxiliary heads)")
+        self.reducer = reducer
+        self.total_steps = total_steps
+        self.curriculum = curriculum
+        self.composer = composer or MosaicComposer()
+        self.ignore_index = ignore_index
+        self.step = 0
+
+    def pruning_rate(self, step: int) -> int:
+        """p at optimiser step ``step`` (0-based)."""
+        ramp = self.curriculum * self.total_steps
+        if ramp <= 0 or step >= ramp:
+            return self.reducer.params.p
+        return int(self.reducer.params.p * step / ramp)
+
+    def trainable_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        return [p for p in model.parameters() if p.requires_grad] + list(self.reducer.module.parameters())
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {**{f"reducer.{k}": v for k, v in self.reducer.module.state_dict().items()},
+                "step": torch.tensor(self.step)}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self.step = int(state["step"])
+        self.reducer.module.load_state_dict({k[len("reducer."):]: v for k, v in state.items()
+                                             if k.startswith("reducer.")})
+
+    def after_step(self, model: nn.Module) -> None:
+        self.step += 1
+
+    def loss(self, model: nn.Module, batch: Any) -> tuple[Tensor, dict[str, float]]:
+        images, target = self.composer(*batch)
+        self.reducer.p_override = self.pruning_rate(self.step)
+        logits = model(images)
+        main = F.cross_entropy(logits.float(), target, ignore_index=self.ignore_index)
+        aux = self.reducer.aux_logits  # per module: B×M×classes
+        m = aux[0].shape[1] if aux else 0
+        side = math.isqrt(m)
+        grid = F.interpolate(target.unsqueeze(1).float(), size=(side, side), mode="nearest").long().flatten(1)
+        aux_loss = sum((F.cross_entropy(a.float().transpose(1, 2), grid, ignore_index=self.ignore_index)
+                        for a in aux), torch.zeros(()))
+        with torch.no_grad():
+            acc = (logits.argmax(1) == target).float().mean().item()
+        return main + aux_loss, {"main_loss": float(main.detach()), "aux_loss": float(aux_loss) / max(len(aux), 1),
+                                 "p": float(self.reducer.p_override), "pixel_acc": acc}
+
+
+def train_cropr_segmenter(
+    segmenter_weights: str,
+    data_dir: str = DEFAULT_DATA,
+    out_dir: str = "runs/cropr_segmenter",
+    *,
+    budget: float = 0.6,
+    epochs: int = 2,
+    canvases_per_batch: int = 32,
+    lr: float = 3e-4,
+    weight_decay: float = 0.05,
+    warmup_epochs: float = 0.25,
+    curriculum: float = 0.5,
+    seed: int = 0,
+    eval_canvases: int = 500,
+    compile: bool = False,
+    resume: bool = False,
+    stop_at_step: int | None = None,
+    threads: int | None = 2,
+    progress: bool = True,
+    command: str | None = None,
+) -> dict[str, Any]:
+    """Fine-tune the reference segmenter end to end with Cropr (segmentation form, last-layer fusion) at
+    ``budget`` of the unreduced GMACs, and export the segmenter weights plus the reducer checkpoint into
+    ``out_dir`` (``segmenter_cropr.safetensors``, ``cropr_seg.safetensors``).  Returns a summary.
+    """
+    from ..api import apply, remove
+    from ..api import reducer as applied
+    from ..checkpoint import save_reducer
+    from ..dense.mosaic import mosaic_testset
+    from ..dense.segmenter import load_reference_segmenter
+
+    if threads:
+        torch.set_num_threads(threads)
+    train_x, train_y = load_fashion_mnist(data_dir, "train")
+    test_canvas, test_target = mosaic_testset()
+    torch.manual_seed(seed)
+    model = load_reference_segmenter(segmenter_weights).train()
+    num_patches = model.backbone.patch_embed.num_patches
+    apply(model.backbone, "cropr", budget=budget, untrained=True, num_queries=num_patches, aux="segmentation",
+          num_classes=NUM_CLASSES, restore="frozen")
+    cropr = applied(model.backbone)
+    batch_items = canvases_per_batch * ITEMS_PER_CANVAS
+    steps_per_epoch = len(train_x) // batch_items
+    task = CroprSegmentationTask(cropr, steps_per_epoch * epochs, curriculum=curriculum)
+    config = TrainConfig(
+        out_dir=out_dir, epochs=epochs, batch_size=batch_items, lr=lr, weight_decay=weight_decay,
+        warmup_steps=round(warmup_epochs * steps_per_epoch), grad_clip=None, seed=seed, checkpoint_every=100,
+        log_every=20, resume=resume, stop_at_step=stop_at_step, compile=compile, amp=False, progress=progress,
+        extra={"task": "cropr-segmentation", "params": cropr.config(), "init": str(segmenter_weights)},
+    )
+    subset = (test_canvas[:eval_canvases], test_target[:eval_canvases])
+
+    def evaluate(m: nn.Module) -> dict[str, float]:
+        cropr.p_override = None
+        return evaluate_segmenter(m, *subset)
+
+    with unfused_attention(model):
+        result = train(model, task, TensorDataset(train_x, train_y), config, evaluate=evaluate)
+    cropr.p_override = None
+    summary: dict[str, Any] = {"complete": result.complete, "steps": result.step, "params": cropr.config(),
+                               "per_epoch_eval": result.evals, "wall_time_s": round(result.wall_time_s, 1),
+                               "command": command or "scripts/train_segmenter.py --cropr"}
+    if result.complete:
+        from safetensors.torch import save_file
+
+        model.eval()
+        summary["eval"] = {**evaluate_segmenter(model, test_canvas, test_target), "canvases": len(test_canvas)}
+        out = Path(out_dir)
+        remove(model.backbone)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / CROPR_WEIGHTS_FILE))
+        save_reducer(cropr, out / f"{CROPR_REDUCER}.safetensors",
+                     extra={"model_weights": CROPR_WEIGHTS_FILE, "task": "segmentation", "training": summary})
+    return summary
+
+
+CROPR_WEIGHTS_FILE = "segmenter_cropr.safetensors"
+"""The segmenter weights fine-tuned end to end with Cropr (shipped next to the reducer checkpoint)."""
+CROPR_REDUCER = "cropr_seg"
+"""Stem of the Cropr segmentation reducer checkpoint."""
+
+__all__ = ["CroprSegmentationTask", "SegmentationTask", "evaluate_segmenter", "train_cropr_segmenter",
+           "train_reference_segmenter", "LinearSegmenter"]
