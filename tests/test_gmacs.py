@@ -91,3 +91,18 @@ def test_analytic_count_matches_flop_counter_reduced(method, params):
     # which the papers' GMACs leave out: at most a few percent here.
     assert analytic <= counted <= analytic * 1.05
     assert analytic < 0.9 * tr.gmacs(model) * 1e9
+
+
+def test_cropr_scorer_cost_is_what_runs():
+    """Cropr sums its M queries before scoring (``Σ_q q·x = x·Σ_q q``): the counted MACs do not grow with M, and the
+    analytic count grows only by the query sum's M·C per module (additions the counter does not see)."""
+    counted, analytic = {}, {}
+    for m in (1, 64):
+        model = make_vit()
+        tr.apply(model, "cropr", untrained=True, p=2, num_queries=m)
+        counted[m] = _counted_macs(model.eval(), torch.randn(2, 3, 64, 64))
+        analytic[m] = tr.stats(model).gmacs * 1e9
+        modules = len(tr.reducer(model).after_blocks)
+    assert counted[64] == counted[1]
+    assert analytic[64] - analytic[1] == pytest.approx(63 * 64 * modules)
+    assert counted[1] == pytest.approx(analytic[1], rel=1e-4)

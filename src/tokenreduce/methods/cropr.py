@@ -199,8 +199,11 @@ class Cropr(Reducer):
         return before_block_schedule(num_tokens, self.info.depth, tokens_before)
 
     def extra_macs(self, num_tokens: int) -> float:
+        """The scorers' MACs as :meth:`CroprModule.score` runs them: the M queries are summed first (M·C), then
+        one dot product per token (N·C); ``Σ_q q·x = x·Σ_q q``, so M queries cost no more per token than one."""
         entering = [n for n, _ in self.schedule(num_tokens)]
-        return float(sum(entering[b] * self.info.dim * self.params.num_queries for b in self.after_blocks))
+        dim, queries = self.info.dim, self.params.num_queries
+        return float(sum(entering[b] * dim + queries * dim for b in self.after_blocks))
 
     @classmethod
     def knob_values(cls, info: ModelInfo, base: CroprParams) -> range:
