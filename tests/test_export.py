@@ -1,7 +1,7 @@
 """ONNX export (tr.export_onnx, ``tokenreduce export``) checked in ONNX Runtime, and pickling of reduced models.
 
 The models are tiny random ViTs (3 blocks, 16 patches, width 32) so that each export takes a few seconds;
-every method's reduction is at block 1.
+every method's reduction is at block 1 (LTMP: every block of a 2-block model).
 """
 
 from __future__ import annotations
@@ -31,13 +31,13 @@ CASES: dict[str, dict[str, Any]] = {
     "dynamicvit": {"layers": (1,), "untrained": True},
     "cropr": {"p": 3, "untrained": True},
     "ppt": {"layers": (1,), "r": 4},
-    "ltmp": {"merge_threshold": 0.6, "prune_threshold": 0.05, "untrained": True},
+    "ltmp": {"merge_threshold": 0.4, "prune_threshold": 0.05, "untrained": True},
 }
 
 
-def tiny_vit() -> VisionTransformer:
+def tiny_vit(depth: int = 3) -> VisionTransformer:
     torch.manual_seed(0)
-    return VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2, num_classes=10).eval()
+    return VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=depth, num_heads=2, num_classes=10).eval()
 
 
 def images(batch: int, seed: int) -> torch.Tensor:
@@ -50,7 +50,8 @@ def reduced(method: str) -> VisionTransformer:
     name = "tps" if method == "dtps" else method
     if method == "dtps":
         params["variant"] = "dtps"
-    model = tr.apply(tiny_vit(), name, **params)
+    # LTMP reduces in every block, each with a data-dependent row count: 2 blocks keep its export short
+    model = tr.apply(tiny_vit(2 if method == "ltmp" else 3), name, **params)
     module = tr.reducer(model).module
     if module is not None and method != "ltmp":  # untrained predictors score every token almost alike
         generator = torch.Generator().manual_seed(1)
@@ -93,8 +94,8 @@ def test_exported_model_matches_pytorch(method: str, tmp_path) -> None:
     assert got.shape == (5, 10)
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4)
     if method == "ltmp":  # the padded form: the images keep different numbers of tokens
-        counts = tr.last_forward(model).mask.sum(dim=(1, 2))
-        assert len(set(counts.tolist())) > 1
+        counts = [out for _, out in tr.last_forward(model).block_tokens if isinstance(out, torch.Tensor)]
+        assert counts and all(len(set(c.tolist())) > 1 for c in counts)
     if method == "ppt":
         ppt = tr.reducer(model)
         ppt.start_recording()
@@ -141,16 +142,16 @@ def test_a_model_that_cannot_be_traced_is_refused_with_the_reason(tmp_path) -> N
 
 
 def test_cli_export(tmp_path, capsys) -> None:
-    out = tmp_path / "tome.onnx"
+    out = tmp_path / "random.onnx"
     argv = ["export", "--format", "onnx", "--model", "vit_tiny_patch16_224", "--img-size", "32", "--model-kwargs",
-            "patch_size=8", "depth=3", "embed_dim=32", "num_heads=2", "num_classes=10", "--method", "tome",
-            "--param", "r=3", "--out", str(out)]
+            "patch_size=8", "depth=3", "embed_dim=32", "num_heads=2", "num_classes=10", "--method", "random",
+            "--param", "layers=1,", "--out", str(out)]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert f"wrote {out}" in printed and "dynamic batch" in printed and "max |difference|" in printed
     (logits,) = run_onnx(ort_session(out), images(3, seed=4))
     assert logits.shape == (3, 10)
-    assert main([*argv[:-1], str(tmp_path / "tome.txt")]) == 2
+    assert main([*argv[:-1], str(tmp_path / "random.txt")]) == 2
     assert "must end in .onnx" in capsys.readouterr().err
 
 

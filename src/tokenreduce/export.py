@@ -31,6 +31,7 @@ Needs the optional dependencies: ``pip install "tokenreduce[onnx]"`` (onnx, onnx
 
 from __future__ import annotations
 
+import inspect
 import os
 import shutil
 import tempfile
@@ -209,6 +210,15 @@ def _example(model: nn.Module, input_shape: Sequence[int] | None, example: Tenso
     return torch.randn(shape, generator=generator).to(device=device, dtype=dtype)
 
 
+def _batch_axis(model: nn.Module) -> dict[str, Any]:
+    """``dynamic_shapes`` for a dynamic batch axis on the images, keyed by the name of ``forward``'s first
+    parameter (``x`` for timm, ``pixel_values`` for Hugging Face models, whose ``forward`` has more; ``*args``
+    where a patched ``forward`` passes its arguments through)."""
+    first = next(iter(inspect.signature(model.forward).parameters.values()))
+    batch = {0: torch.export.Dim("batch", min=1)}
+    return {first.name: (batch,) if first.kind is inspect.Parameter.VAR_POSITIONAL else batch}
+
+
 def _leaves(out: Any) -> list[Tensor]:
     """The tensors of a model's output (a tensor, a tuple, a Hugging Face output), in order."""
     from torch.utils._pytree import tree_leaves
@@ -321,7 +331,7 @@ def export_onnx(
                 dynamo=True,
                 input_names=["images"],
                 output_names=["logits"] if single else None,
-                dynamic_shapes=({0: torch.export.Dim("batch", min=1)},) if dynamic_batch else None,
+                dynamic_shapes=_batch_axis(model) if dynamic_batch else None,
                 opset_version=opset,
                 custom_translation_table=_translation_table(),
                 optimize=optimize,

@@ -100,7 +100,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         if images is None:
             images = torch.randn(args.batch_size, *_input_size(model), generator=torch.Generator().manual_seed(0))
         value = reducer(model).calibrate(model, images.to(args.device), args.budget, params)
-        print(f"{args.method}: calibrated {value} on {len(images)} images (its default was tuned for another model)")
+        shown = ", ".join(f"{v:.3g}" for v in (value if isinstance(value, (tuple, list)) else (value,)))
+        print(f"{args.method}: calibrated to {shown} on {len(images)} images (its default was tuned for another model)")
     shape = None if example is not None else (args.batch_size, *_input_size(model))
     target = out if args.overwrite else free_path(out)
     try:
