@@ -213,3 +213,21 @@ def test_distributed_segmentation_gives_the_same_scores(segmenter_file, tmp_path
     for x, y in zip(a["rows"], b["rows"], strict=True):
         assert x["images"] == y["images"] == 7
         assert x["miou"] == pytest.approx(y["miou"], abs=1e-12) and x["iou"] == pytest.approx(y["iou"], abs=1e-12)
+
+
+def test_visualize_segmentation_draws_token_maps_and_masks(tmp_path, capsys):
+    from tokenreduce.cli import main
+    from tokenreduce.viz import render_mask
+
+    out = tmp_path / "seg.png"
+    assert main(["visualize", "--task", "segmentation", "--method", "evit", "--index", "2", "--out", str(out)]) == 0
+    width, height = Image.open(out).size
+    panels = 1 + 3 + 2  # input, EViT's three stages, prediction, truth
+    assert width == panels * (56 * 4 + 4) - 4 and height == 56 * 4 + 14
+    mask = np.array([[0, 3], [255, 3]])
+    rgb = render_mask(mask)
+    assert (rgb[0, 0] == 0).all() and (rgb[1, 0] == 255).all() and (rgb[0, 1] == rgb[1, 1]).all()
+    assert main(["visualize", "--task", "segmentation", "--index", "99999", "--out", str(out), "--overwrite"]) == 2
+    assert "outside the" in capsys.readouterr().err
+    assert main(["visualize", "--method", "tome", "--out", str(tmp_path / "x.png")]) == 2
+    assert "needs an IMAGE" in capsys.readouterr().err

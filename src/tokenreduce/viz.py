@@ -144,14 +144,70 @@ def visualize(
     with torch.no_grad():
         model(x.to(next(model.parameters()).device))
     model.train(was_training)
+    image = _display_image(model, x) if display is None else display
+    panels = [("input", image), *_stage_panels(model, image, x.shape[-2:])]
+    return compose(panels, scale or max(1, 224 // image.shape[0]))
+
+
+def _stage_panels(model: nn.Module, image: np.ndarray, size: tuple[int, int]) -> list[tuple[str, np.ndarray]]:
+    """One token-map panel per reduction stage of the last (traced) forward of ``model``."""
     record = last_forward(model)
     patch_h, patch_w = adapter_for(model).patch_size(model)
-    grid = (x.shape[-2] // patch_h, x.shape[-1] // patch_w)
-    image = _display_image(model, x) if display is None else display
-    panels = [("input", image)]
+    grid = (size[0] // patch_h, size[1] // patch_w)
+    panels = []
     for label, source in record.stages:
-        owner, size = patch_owner(source[0], record.num_prefix)
-        panels.append((label, render_token_map(image, owner, size, grid)))
+        owner, group_size = patch_owner(source[0], record.num_prefix)
+        panels.append((label, render_token_map(image, owner, group_size, grid)))
+    return panels
+
+
+def render_mask(mask: np.ndarray) -> np.ndarray:
+    """H×W class indices → H×W×3 uint8: class 0 (background) black, class c its own hue, 255 (ignore) white."""
+    out = np.zeros((*mask.shape, 3), dtype=np.uint8)
+    for c in np.unique(mask):
+        if c == 255:
+            out[mask == c] = 255
+        elif c > 0:
+            out[mask == c] = _hue(int(c)).astype(np.uint8)
+    return out
+
+
+def visualize_segmentation(
+    segmenter: nn.Module,
+    x: Tensor,
+    method: str,
+    *,
+    target: Tensor | None = None,
+    scale: int | None = None,
+    restore: str = "frozen",
+    **params: Any,
+) -> Image.Image:
+    """The token maps of a segmenter's backbone beside the predicted mask (and the true one).
+
+    Args:
+        segmenter: a :class:`~tokenreduce.dense.segmenter.LinearSegmenter`; ``method`` is applied to its
+            backbone with source tracing and ``restore``.
+        x: one preprocessed image, 1×C×H×W (or C×H×W).
+        target: its H×W label map, drawn last when given.
+
+    Returns:
+        A PIL image: input, one panel per reduction stage, the reduced model's predicted mask, the truth.
+    """
+    if x.dim() == 3:
+        x = x.unsqueeze(0)
+    if x.shape[0] != 1:
+        raise ValueError(f"visualize takes one image, got a batch of {x.shape[0]}")
+    backbone = segmenter.backbone
+    apply(backbone, method, trace_source=True, restore=restore, **params)
+    was_training = segmenter.training
+    segmenter.eval()
+    with torch.no_grad():
+        pred = segmenter(x.to(next(segmenter.parameters()).device)).argmax(1)[0].cpu().numpy()
+    segmenter.train(was_training)
+    image = _display_image(backbone, x)
+    panels = [("input", image), *_stage_panels(backbone, image, x.shape[-2:]), ("prediction", render_mask(pred))]
+    if target is not None:
+        panels.append(("truth", render_mask(target.cpu().numpy())))
     return compose(panels, scale or max(1, 224 // image.shape[0]))
 
 

@@ -178,7 +178,13 @@ def _add_visualize(sub: argparse._SubParsersAction) -> None:
         description="One panel per reduction stage: kept patches as they are, pruned patches grey, "
         "merged groups in one colour each.",
     )
-    p.add_argument("image", help="the input image (any format PIL reads)")
+    p.add_argument("image", nargs="?", help="the input image (any format PIL reads); optional with --task "
+                   "segmentation (default: an evaluation mosaic, --index)")
+    p.add_argument("--task", choices=("classification", "segmentation"), default="classification",
+                   help="segmentation: the reference segmenter's token maps beside its predicted mask and the truth "
+                   "(default: %(default)s)")
+    p.add_argument("--index", type=int, default=0, metavar="N",
+                   help="with --task segmentation and no IMAGE: the N-th evaluation mosaic (default: %(default)s)")
     p.set_defaults(func=cmd_visualize)
 
 

@@ -527,6 +527,16 @@ def cmd_visualize(args: argparse.Namespace) -> int:
     params = dict(args.param or [])
     if args.budget is not None:
         params["budget"] = args.budget
+    if getattr(args, "task", "classification") == "segmentation":
+        from .segmentation import visualize_segmentation_sheet
+
+        sheet = visualize_segmentation_sheet(args, params)
+        if out:
+            written = write_output(out, sheet.save, overwrite=args.overwrite)
+            print(f"  {written.name}: {sheet.size[0]}x{sheet.size[1]}, input + one panel per reduction stage + masks")
+        return 0
+    if args.image is None:
+        raise ValueError("visualize needs an IMAGE (only --task segmentation has a default one)")
     model = model_from_args(args, args.model or REFERENCE_NAME)
     check_configs(model, [Config(args.method, {k: v for k, v in params.items() if k != "budget"}, args.budget)])
     channels = adapter_for(model).input_size(model)[0]

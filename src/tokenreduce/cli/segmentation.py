@@ -4,6 +4,7 @@ segmenter (default: the bundled reference segmenter on the bundled Fashion-MNIST
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from .options import check_output, data_dir
 
@@ -102,3 +103,30 @@ def cmd_sweep_segmentation(args: argparse.Namespace) -> int:
     written = ["sweep.csv", "sweep.json", *(plot_names("miou") if plotting_available() else ())]
     print(f"wrote {args.out}/{', '.join(written)}")
     return 0
+
+
+def visualize_segmentation_sheet(args: argparse.Namespace, params: dict) -> Any:
+    """The picture of ``tokenreduce visualize --task segmentation``: an evaluation mosaic (``--index``) or IMAGE."""
+    import numpy as np
+    import torch
+
+    from ..dense.mosaic import CANVAS, mosaic_testset, preprocess
+    from ..dense.segmenter import load_reference_segmenter
+    from ..viz import visualize_segmentation
+
+    if args.model not in (None, "reference") or args.pretrained:
+        raise ValueError("--task segmentation draws a segmenter trained by the project: give its weights with "
+                         "--checkpoint (default: the bundled reference segmenter), not --model/--pretrained")
+    segmenter = load_reference_segmenter(args.checkpoint)
+    target = None
+    if args.image is None:
+        canvas, labels = mosaic_testset()
+        if not 0 <= args.index < len(canvas):
+            raise ValueError(f"--index {args.index} is outside the {len(canvas)} evaluation mosaics")
+        image, target = canvas[args.index], labels[args.index]
+    else:
+        from ..images import load_image
+
+        gray = load_image(args.image, 1).resize((CANVAS, CANVAS))
+        image = torch.from_numpy(np.asarray(gray).copy())
+    return visualize_segmentation(segmenter, preprocess(image.unsqueeze(0)), args.method, target=target, **params)

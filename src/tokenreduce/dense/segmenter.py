@@ -75,7 +75,11 @@ class LinearSegmenter(nn.Module):
 
 def build_reference_segmenter(config: dict[str, Any] | None = None) -> LinearSegmenter:
     """The reference segmenter's architecture with freshly initialised weights."""
+    from ..models.reference import MEAN, STD
+
     backbone = VisionTransformer(**{**SEGMENTER_CONFIG, **(config or {})})
+    backbone.pretrained_cfg = {"input_size": (1, CANVAS, CANVAS), "mean": (MEAN,), "std": (STD,), "crop_pct": 1.0,
+                               "interpolation": "bilinear", "num_classes": 0}
     return LinearSegmenter(backbone, NUM_CLASSES)
 
 
