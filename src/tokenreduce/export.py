@@ -347,8 +347,14 @@ def export_onnx(
     try:
         staged = staging / target.name
         program.save(staged)
-        session = ort_session(staged, provider)
-        diffs = {c.shape[0]: _max_diff(e, run_onnx(session, c)) for c, e in zip(checks, expected, strict=True)}
+        try:
+            session = ort_session(staged, provider)
+            diffs = {c.shape[0]: _max_diff(e, run_onnx(session, c)) for c, e in zip(checks, expected, strict=True)}
+        except ValueError:  # the provider is not available here (the message says which are)
+            raise
+        except Exception as err:  # an operator ONNX Runtime lacks on this provider, a graph it rejects
+            raise OnnxExportError(f"ONNX Runtime ({provider}) cannot run the export of {label}: {_cause(err)}; "
+                                  "nothing was written") from err
         del session
         bad = {b: d for b, d in diffs.items() if not d <= atol}
         if bad:
