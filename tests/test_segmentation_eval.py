@@ -231,3 +231,12 @@ def test_visualize_segmentation_draws_token_maps_and_masks(tmp_path, capsys):
     assert "outside the" in capsys.readouterr().err
     assert main(["visualize", "--method", "tome", "--out", str(tmp_path / "x.png")]) == 2
     assert "needs an IMAGE" in capsys.readouterr().err
+
+
+def test_ppt_calibration_keeps_the_restore_mode():
+    model = small_segmenter()
+    x = torch.randn(4, 1, SIDE, SIDE)
+    tr.apply(model.backbone, "ppt", restore="frozen")
+    tr.calibrate(model.backbone, "ppt", x)
+    assert tr.reducer(model.backbone).restore == "frozen"
+    assert model(x).shape == (4, CLASSES, SIDE, SIDE)

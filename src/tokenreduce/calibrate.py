@@ -92,9 +92,11 @@ def calibrate(
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"calibrate: batch_size must be an int >= 1, got {batch_size!r}")
 
+    restore = None
     if is_reduced(model):
         if trace_source is None:
             trace_source = context_of(model).trace_source
+        restore = reducer(model).restore  # the calibrated model gives the grid back as the applied one did
         if not params and reducer(model).name == "ppt":
             params = {k: v for k, v in reducer(model).config().items() if k != "threshold"}
             params["layers"] = tuple(params["layers"])
@@ -117,7 +119,7 @@ def calibrate(
         chosen.append(_quantile(variances, float(pool_fraction)))
 
     result: float | tuple[float, ...] = tuple(chosen) if per_layer else chosen[0]
-    apply(model, "ppt", trace_source=trace_source, **params, threshold=result)
+    apply(model, "ppt", trace_source=trace_source, restore=restore, **params, threshold=result)
     return result
 
 

@@ -132,6 +132,7 @@ class Cropr(Reducer):
     knob = "p"
     learned = True
     shipped = ("cropr",)
+    shipped_segmentation = "cropr_seg"
 
     @classmethod
     def training_task(cls) -> type:
