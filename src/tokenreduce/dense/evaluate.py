@@ -47,7 +47,7 @@ from ..eval.accuracy import (
 from ..methods import get_method
 from ..models import model_info
 from .metrics import bootstrap_miou, confusion_matrix, scores
-from .segmenter import LinearSegmenter
+from .segmenter import LinearSegmenter, load_segmenter_weights
 
 DEFAULT_BUDGET = 0.6
 """The budget of a default segmentation evaluation."""
@@ -154,12 +154,6 @@ def companion_weights(checkpoint: str | Path) -> Path | None:
     return path
 
 
-def _load_weights(model: nn.Module, path: Path) -> None:
-    from safetensors.torch import load_file
-
-    model.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()})
-
-
 def evaluate_segmentation_configs(
     model: LinearSegmenter,
     configs: list[Config],
@@ -215,7 +209,7 @@ def evaluate_segmentation_configs(
             rows.append({**row, "params": config.params, "skipped": reason})
             continue
         if weights is not None:
-            _load_weights(model, weights)
+            load_segmenter_weights(model, weights)
             row["weights"] = weights.name
         run_seeds = seed_list(config, seeds)
         seed_param = get_method(config.method).resolve(dict(config.params))[0].seed_param if run_seeds else None

@@ -110,14 +110,18 @@ def load_reference_segmenter(path: str | Path | None = None) -> LinearSegmenter:
     Raises:
         FileNotFoundError: no checkpoint at ``path`` (or none shipped).
     """
-    from safetensors.torch import load_file
-
     path = data_path(WEIGHTS_FILE) if path is None else Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"segmenter checkpoint {path} not found (is the package installed with its data?)")
     info_path = path.with_name(INFO_FILE)
     config = json.loads(info_path.read_text()).get("config") if info_path.is_file() else None
     model = build_reference_segmenter(config)
-    state = {k: v.float() for k, v in load_file(str(path)).items()}  # shipped in bf16 or fp32
-    model.load_state_dict(state)
+    load_segmenter_weights(model, path)
     return model.eval()
+
+
+def load_segmenter_weights(model: nn.Module, path: str | Path) -> None:
+    """Load a segmenter's safetensors weights (stored in bf16 or fp32) into ``model`` as fp32."""
+    from safetensors.torch import load_file
+
+    model.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()})

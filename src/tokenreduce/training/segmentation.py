@@ -31,6 +31,7 @@ from ..dense.segmenter import (
     LinearSegmenter,
     build_reference_segmenter,
     init_from_classifier,
+    load_segmenter_weights,
 )
 from ..models.reference import load_fashion_mnist, load_reference_model
 from .engine import TrainConfig, precision_label, train
@@ -112,9 +113,7 @@ def train_reference_segmenter(
     if init == "classifier":
         init_from_classifier(model, load_reference_model())
     elif init is not None:
-        from safetensors.torch import load_file
-
-        model.load_state_dict({k: v.float() for k, v in load_file(init).items()})
+        load_segmenter_weights(model, init)
     batch_items = canvases_per_batch * ITEMS_PER_CANVAS
     steps_per_epoch = len(train_x) // batch_items
     config = TrainConfig(
