@@ -15,6 +15,12 @@ alternately, medians of repeats.  Efficiency = speed-up × GMACs ratio, where th
 ratio is the *mean over the images* (what the method saves), not the padded
 count the batch actually ran (what the padding costs is part of the result).
 
+At batch 1 the row also gives the *ceiling*: the same model following the
+median image's per-block token counts by slicing alone
+(:mod:`tokenreduce.eval.ceiling`, no scoring or merging), timed in the same
+rounds.  Its efficiency is what those counts allow on this CPU (GEMMs with fewer
+rows run at lower FLOP rates); the gap to it is LTMP's own work.
+
     python benchmarks/ltmp_speed.py                      # targets 0.75 and 0.6, batch 32 and 1
     python benchmarks/ltmp_speed.py --targets 0.6 --batch-size 64
 """
@@ -32,6 +38,7 @@ import torch.nn.functional as F
 
 import tokenreduce as tr
 from tokenreduce.eval.accuracy import time_models
+from tokenreduce.eval.ceiling import schedule_only_model
 
 
 def blurred_noise(batch: int, size: int, max_sigma: float, seed: int = 0) -> torch.Tensor:
@@ -100,13 +107,15 @@ def main(argv: list[str] | None = None) -> int:
     base = timm.create_model(args.model, pretrained=False).eval()
     reduced = timm.create_model(args.model, pretrained=False).eval()
     reduced.load_state_dict(base.state_dict())
+    sliced = timm.create_model(args.model, pretrained=False).eval()
+    sliced.load_state_dict(base.state_dict())
     size = base.patch_embed.img_size[0]
     images = blurred_noise(args.batch_size, size, args.max_sigma)
     print(f"# {args.model}, fp32, cpu, {platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}")
     print(f"# images: white noise blurred with sigma ~ U[0, {args.max_sigma}] px; batch {args.batch_size}")
     print(f"{'target':>6} {'threshold':>9} {'GMACs ratio':>11} {'final tokens min/med/max':>24} "
-          f"{'bs speed-up':>11} {'eff.':>5} {'bs1 speed-up':>12} {'eff.':>5}")
+          f"{'bs speed-up':>11} {'eff.':>5} {'bs1 speed-up':>12} {'eff.':>5} {'ceiling eff.':>12}")
     for target in args.targets:
         threshold, ratio = find_threshold(reduced, images, target, args.bisection_steps)
         _, finals = reduced_ratio(reduced, images, threshold)
@@ -119,11 +128,17 @@ def main(argv: list[str] | None = None) -> int:
         median_image = images[by_count[len(finals) // 2]][None]
         with torch.no_grad():
             reduced(median_image)
-        one_ratio = tr.stats(reduced).ratio
-        one_ips = time_models({"base": base, "reduced": reduced}, median_image, repeats=args.latency_repeats)
+        one = tr.stats(reduced)
+        counts = [(round(b.tokens_in), round(b.tokens_out)) for b in one.blocks]
+        if tr.is_reduced(sliced):
+            tr.remove(sliced)
+        schedule_only_model(sliced, counts)
+        one_ips = time_models({"base": base, "reduced": reduced, "ceiling": sliced}, median_image,
+                              repeats=args.latency_repeats)
         one_speedup = one_ips["reduced"] / one_ips["base"]
+        ceiling = one_ips["ceiling"] / one_ips["base"] * one.ratio
         print(f"{target:>6.2f} {threshold:>9.4f} {ratio:>11.3f} {spread:>24} {batch_speedup:>10.2f}x "
-              f"{batch_speedup * ratio:>5.2f} {one_speedup:>11.2f}x {one_speedup * one_ratio:>5.2f}")
+              f"{batch_speedup * ratio:>5.2f} {one_speedup:>11.2f}x {one_speedup * one.ratio:>5.2f} {ceiling:>12.2f}")
         sys.stdout.flush()
     return 0
 

@@ -32,7 +32,9 @@ Two forms behind one reducer, chosen by the model's mode:
   is removed from attention with a −inf key bias (fused SDPA kept).  Every
   image's result equals running it alone; the cost is the padding's share of the
   MLP and attention work and one host synchronisation per block (to learn the
-  count).  With batch size 1 there is no padding at all.
+  count).  With batch size 1 there is no padding at all.  On the CPU the step after the
+  similarities runs as one fused kernel (:func:`~tokenreduce.ops.cpu_kernels.fused_ltmp_merge_prune`,
+  the same numbers) unless sources or restoration are tracked.
 
 Choices where the official code is ambiguous (documented, exposed):
 
@@ -59,7 +61,8 @@ from torch import Tensor, nn
 
 from ..budget import Schedule
 from ..ops.attention import AttentionNeeds, AttentionSignals, KeyMask
-from ..ops.gather import batched_scatter_add
+from ..ops.cpu_kernels import fused_ltmp_merge_prune
+from ..ops.gather import batched_gather, batched_scatter_add
 from ..ops.modes import no_grad
 from ..ops.prune import threshold_mask
 from ..ops.similarity import alternate, unit_rows
@@ -200,8 +203,7 @@ class LTMP(Reducer):
         form the similarities and the importances carry gradients, as in the official code.
         """
         p, n = state.num_prefix, state.num_tokens
-        metric_a, metric_b = alternate(unit_rows(signals.keys.float()))
-        sim = metric_a @ metric_b.transpose(-1, -2)  # B×NA×NB
+        sim = self._similarity(signals)
         pos = torch.arange(n, device=sim.device)
         ok_a = (pos[::2] >= p) & live[:, ::2]
         ok_b = (pos[1::2] >= p) & live[:, 1::2]
@@ -215,6 +217,12 @@ class LTMP(Reducer):
         return best, partner, importance
 
     @staticmethod
+    def _similarity(signals: AttentionSignals) -> Tensor:
+        """B×NA×NB cosine similarities of the head-averaged keys, A (even) to B (odd) positions, float32."""
+        metric_a, metric_b = alternate(unit_rows(signals.keys.float()))
+        return metric_a @ metric_b.transpose(-1, -2)
+
+    @staticmethod
     def _layout(n: int, p: int, device: torch.device) -> Tensor:
         """Positions in output order: prefix, then A (even) and B (odd) non-prefix positions."""
         pos = torch.arange(n, device=device)  # slices, not boolean masks: static sizes for torch.export
@@ -225,6 +233,13 @@ class LTMP(Reducer):
     ) -> TokenState:
         """Inference form: hard comparisons, merged and pruned tokens really removed (batch padded)."""
         x, p = state.x, state.num_prefix
+        if state.source is None and state.owner is None:  # the fused CPU kernel, where eligible: same numbers
+            fused = fused_ltmp_merge_prune(x, state.size, self._similarity(signals), signals.received, state.mask,
+                                           theta_m, theta_p, p)
+            if fused is not None:
+                out_x, size, mask, index = fused
+                pos = None if state.pos is None else batched_gather(state.pos, index)
+                return dataclasses.replace(state, x=out_x, size=size, mask=mask, pos=pos)
         bsz, n, _ = x.shape
         live = torch.ones(bsz, n, dtype=torch.bool, device=x.device) if state.mask is None else state.mask[..., 0] > 0
         best, partner, importance = self._scores(state, signals, live)

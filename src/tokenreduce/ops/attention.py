@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .gather import head_mean
-from .modes import fp32
+from .modes import fp32, tracing
 
 
 @dataclass(frozen=True)
@@ -284,15 +284,21 @@ def _head_probs(q: Tensor, k: Tensor, scale: float, bias: Tensor | None, head: i
     return logits.softmax(dim=-1)
 
 
+PROBS_CHUNK = 1 << 19
+"""Attention probabilities (elements) :func:`attention_and_received` holds at a time: whole images, all
+heads at once, as many images as fit (≥ 1).  At batch 1 that is one softmax per block instead of one per
+head; at large batches, chunks that stay in cache (~2 MB of float32)."""
+
+
 def attention_and_received(
     q: Tensor, k: Tensor, v: Tensor, scale: float, bias: Tensor | None, rows: Tensor
 ) -> tuple[Tensor, Tensor]:
-    """Explicit softmax attention, one head at a time, plus the attention each key receives.
+    """Explicit softmax attention plus the attention each key receives.
 
     Used at inference when a method needs all probabilities (LTMP's importance):
     the logits and softmax are computed once, in float32, and serve both the
-    output and :func:`received_attention`'s average; only one B×N×N head is held
-    at a time.
+    output and :func:`received_attention`'s average.  Images are processed in chunks
+    of at most :data:`PROBS_CHUNK` probabilities (every head of an image together).
 
     Args:
         q, k, v: B×H×N×d; bias: B×1×1×N or ``None``; rows: B×N query weights (live tokens).
@@ -300,17 +306,28 @@ def attention_and_received(
     Returns:
         ``(out, received)``: B×H×N×d in ``v``'s dtype, and B×N float32.
     """
-    heads = q.shape[1]
-    weights = rows.unsqueeze(1)  # B×1×N
-    outs, total = [], None
+    b, heads, n, d = q.shape
+    step = max(1, PROBS_CHUNK // max(heads * n * n, 1))
+    # a traced graph holds for every batch size: one chunk, no loop over a symbolic batch
+    chunks = [slice(None)] if tracing() or b <= step else [slice(i, i + step) for i in range(0, b, step)]
+    weights = rows.float().repeat(1, heads).unsqueeze(1)  # B×1×(H·N): every head's query rows
+    outs, totals = [], []
     with fp32(q.device.type):
-        for h in range(heads):
-            probs = _head_probs(q, k, scale, bias, h)
-            outs.append(probs.to(v.dtype) @ v[:, h])
-            share = weights @ probs
-            total = share if total is None else total + share
-        received = total.squeeze(1) / (heads * rows.sum(dim=1, keepdim=True))
-    return torch.stack(outs, dim=1), received
+        for chunk in chunks:
+            m = q[chunk].shape[0]
+            qc, kc = q[chunk].float().reshape(m * heads, n, d), k[chunk].float().reshape(m * heads, n, d)
+            if bias is None:  # scale and bias folded into one baddbmm
+                logits = torch.baddbmm(qc.new_zeros(1, 1, 1), qc, kc.transpose(1, 2), beta=0.0, alpha=scale)
+            else:
+                shift = bias[chunk].float().expand(m, heads, 1, n).reshape(m * heads, 1, n)
+                logits = torch.baddbmm(shift, qc, kc.transpose(1, 2), alpha=scale)
+            probs = logits.softmax(dim=-1)  # (m·H)×N×N
+            outs.append(torch.bmm(probs.to(v.dtype), v[chunk].reshape(m * heads, n, d)).view(m, heads, n, d))
+            totals.append(torch.bmm(weights[chunk], probs.view(m, heads * n, n)).squeeze(1))  # m×N
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)
+        total = totals[0] if len(totals) == 1 else torch.cat(totals)
+        received = total / (heads * rows.float().sum(dim=1, keepdim=True))
+    return out, received
 
 
 def mean_query_attention(

@@ -2,10 +2,13 @@
 
 At batch 1 on a CPU, a ToMe merge is ~30 small ATen ops whose fixed costs, not their
 arithmetic, make up most of its time (each costs 10–25 µs once the block's GEMMs have
-run, against 2–4 µs in a tight loop). ``csrc/bipartite_merge.cpp`` does the matching
-and the size-weighted merge in one call and gives the same numbers as the Python
-path (:func:`~tokenreduce.ops.matching.bipartite_soft_matching` +
-:func:`~tokenreduce.ops.merge.merge_wavg`).
+run, against 2–4 µs in a tight loop). Two kernels each do one such step in one call and
+give the same numbers as the Python path:
+
+* ``csrc/bipartite_merge.cpp``: ToMe's matching and size-weighted merge
+  (:func:`~tokenreduce.ops.matching.bipartite_soft_matching` + :func:`~tokenreduce.ops.merge.merge_wavg`);
+* ``csrc/ltmp_merge_prune.cpp``: LTMP's inference step after the similarities (threshold merge,
+  threshold prune, compaction of the padded batch; ``LTMP._reduce_hard``).
 
 The extension is compiled with :func:`torch.utils.cpp_extension.load` the first time a
 merge runs on the CPU in inference (about 30 s; cached in torch's extensions folder,
@@ -41,12 +44,13 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-__all__ = ["cpu_kernels_mode", "load_cpu_kernels", "set_cpu_kernels", "fused_bipartite_merge"]
+__all__ = ["cpu_kernels_mode", "load_cpu_kernels", "set_cpu_kernels", "fused_bipartite_merge", "fused_ltmp_merge_prune"]
 
 ENV_VAR = "TOKENREDUCE_CPU_KERNELS"
 MODES = ("auto", "on", "off")
 EXTENSION_NAME = "tokenreduce_cpu_kernels"
-SOURCE = Path(__file__).parent / "csrc" / "bipartite_merge.cpp"
+SOURCES = tuple(Path(__file__).parent / "csrc" / name
+                for name in ("module.cpp", "bipartite_merge.cpp", "ltmp_merge_prune.cpp"))
 
 logger = logging.getLogger(__name__)
 _lock = threading.Lock()
@@ -115,7 +119,7 @@ def load_cpu_kernels() -> ModuleType | None:
 
 
 def _build() -> ModuleType:
-    """Compile (or load the cached build of) ``csrc/bipartite_merge.cpp``."""
+    """Compile (or load the cached build of) the sources in ``csrc/``."""
     # torch.utils.cpp_extension logs a CUDA warning at import on CPU-only machines; it does not apply.
     cpp_logger = logging.getLogger("torch.utils.cpp_extension")
     level = cpp_logger.level
@@ -135,7 +139,7 @@ def _build() -> ModuleType:
     try:
         name, flags = build_options()
         _announce_first_build(cpp_extension, name)
-        return cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=flags)
+        return cpp_extension.load(name=name, sources=[str(path) for path in SOURCES], extra_cflags=flags)
     finally:
         os.environ["PATH"] = path
 
@@ -223,3 +227,32 @@ def fused_bipartite_merge(
         metric = metric.float()
     out_x, out_size, keep, remap = module.bipartite_merge_wavg(x, size, metric.detach(), r, num_prefix)
     return out_x, out_size, keep, remap
+
+
+def fused_ltmp_merge_prune(
+    x: Tensor, size: Tensor | None, sim: Tensor, importance: Tensor, mask: Tensor | None,
+    theta_merge: float, theta_prune: float, num_prefix: int,
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor] | None:
+    """LTMP's inference step after the similarities, in one kernel call (``LTMP._reduce_hard``'s numbers).
+
+    Args:
+        x: B×N×C float32 hidden states; size: B×N×1 float32 sizes or ``None`` (all ones);
+        sim: B×⌈N/2⌉×⌊N/2⌋ cosine similarities of the even (A) to the odd (B) positions (prefix and
+        dead tokens are masked by the kernel); importance: B×N attention received; mask: B×N×1 float32
+        live mask or ``None`` (all live); theta_merge, theta_prune: the block's thresholds;
+        num_prefix: protected leading tokens.
+
+    Returns:
+        ``(x, size, mask, index)``: B×M×C, B×M×1, B×M×1 live mask (``None`` when every row is live) and
+        B×M int64 input positions, M the largest live count in the batch; or ``None`` when the kernel is
+        not eligible or not available (the caller then takes the Python path).
+    """
+    if not kernel_eligible(x, size) or (mask is not None and mask.dtype != torch.float32):
+        return None
+    module = load_cpu_kernels()
+    if module is None:
+        return None
+    out_x, out_size, out_mask, index, all_live = module.ltmp_merge_prune(
+        x, size, sim.float().detach(), importance.float().detach(), mask, float(theta_merge), float(theta_prune),
+        num_prefix)
+    return out_x, out_size, None if bool(all_live) else out_mask, index

@@ -7,7 +7,9 @@
 // division by the summed size; built without FMA contraction), so the two give the
 // same numbers.
 //
-// Built on first use by tokenreduce/ops/cpu_kernels.py (torch.utils.cpp_extension.load).
+// Built on first use by tokenreduce/ops/cpu_kernels.py (torch.utils.cpp_extension.load); bound in module.cpp.
+
+#include "kernels.h"
 
 #include <torch/extension.h>
 
@@ -180,10 +182,4 @@ std::vector<at::Tensor> bipartite_merge_wavg(const at::Tensor& x_in, const c10::
     }
   });
   return {out, out_size, keep, remap};
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("bipartite_merge_wavg", &bipartite_merge_wavg, "Bipartite soft matching + size-weighted merge (ToMe)",
-        pybind11::arg("x"), pybind11::arg("size"), pybind11::arg("metric"), pybind11::arg("r"), pybind11::arg("p"),
-        pybind11::call_guard<pybind11::gil_scoped_release>());
 }

@@ -1,0 +1,199 @@
+// Fused CPU kernel: LTMP's inference step (threshold merge, threshold prune, compaction) in one call.
+//
+// The same rule and the same numbers as LTMP._reduce_hard in tokenreduce/methods/ltmp.py, which at
+// batch 1 is ~80 small ATen ops whose fixed costs outweigh their arithmetic. The cosine similarities
+// come in computed (one BMM in Python, so they are bit-identical); everything after them is here:
+//
+//   * every A token (even position) that is live and not a prefix token takes its best live, non-prefix
+//     B partner (odd position; first maximum, NaN first, as torch.max); it merges iff best > θ_merge;
+//   * B tokens: x_b' = (s_b·x_b + Σ_{a→b} s_a·x_a) / (s_b + Σ_{a→b} s_a), the sum in ascending a, as the
+//     Python path's index_add (built without FMA contraction, so products and sums round the same);
+//   * importance of a B token: the maximum over itself and the A tokens merged into it;
+//   * a token stays iff it is live, not merged away, and its importance > θ_prune (prefix tokens stay);
+//   * compaction: live tokens first, then dead ones, each in the layout order [prefix, A, B], cut to the
+//     largest live count in the batch.
+//
+// Built on first use by tokenreduce/ops/cpu_kernels.py (torch.utils.cpp_extension.load); bound in module.cpp.
+
+#include "kernels.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+// x: B×N×C float32; size: B×N×1 float32 or None (all ones); sim: B×NA×NB float32 cosine similarities of
+// the A (even) and B (odd) positions, prefix and dead tokens included (they are masked here); importance:
+// B×N float32; mask: B×N×1 float32 live mask (live: > 0) or None (all live); p: prefix tokens.
+// Returns (B×M×C x, B×M×1 sizes, B×M×1 float live mask, B×M int64 input positions, 0-d bool: every output
+// row is live).
+std::vector<at::Tensor> ltmp_merge_prune(const at::Tensor& x_in, const c10::optional<at::Tensor>& size_in,
+                                         const at::Tensor& sim_in, const at::Tensor& importance_in,
+                                         const c10::optional<at::Tensor>& mask_in, double theta_merge,
+                                         double theta_prune, int64_t p) {
+  TORCH_CHECK(x_in.dim() == 3 && sim_in.dim() == 3 && importance_in.dim() == 2,
+              "ltmp_merge_prune: x and sim must be 3-D, importance 2-D");
+  TORCH_CHECK(x_in.device().is_cpu() && sim_in.device().is_cpu() && importance_in.device().is_cpu(),
+              "ltmp_merge_prune: CPU tensors only");
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat && sim_in.scalar_type() == at::kFloat &&
+                  importance_in.scalar_type() == at::kFloat,
+              "ltmp_merge_prune: float32 tensors only");
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor sim = sim_in.contiguous();
+  const at::Tensor importance = importance_in.contiguous();
+  const int64_t batch = x.size(0), n = x.size(1), channels = x.size(2);
+  const int64_t na = (n + 1) / 2, nb = n / 2;
+  TORCH_CHECK(sim.size(0) == batch && sim.size(1) == na && sim.size(2) == nb,
+              "ltmp_merge_prune: sim must be B×ceil(N/2)×floor(N/2)");
+  TORCH_CHECK(importance.size(0) == batch && importance.size(1) == n, "ltmp_merge_prune: importance must be B×N");
+  TORCH_CHECK(p >= 0 && p <= n, "ltmp_merge_prune: bad prefix count");
+
+  at::Tensor size, mask;
+  const bool has_size = size_in.has_value() && size_in->defined();
+  const bool has_mask = mask_in.has_value() && mask_in->defined();
+  if (has_size) {
+    size = size_in->contiguous();
+    TORCH_CHECK(size.scalar_type() == at::kFloat && size.numel() == batch * n,
+                "ltmp_merge_prune: size must be a B×N×1 float32 tensor");
+  }
+  if (has_mask) {
+    mask = mask_in->contiguous();
+    TORCH_CHECK(mask.scalar_type() == at::kFloat && mask.numel() == batch * n,
+                "ltmp_merge_prune: mask must be a B×N×1 float32 tensor");
+  }
+  const float* x_data = x.data_ptr<float>();
+  const float* size_data = has_size ? size.data_ptr<float>() : nullptr;
+  const float* mask_data = has_mask ? mask.data_ptr<float>() : nullptr;
+  const float* sim_data = sim.data_ptr<float>();
+  const float* imp_data = importance.data_ptr<float>();
+  const float th_merge = static_cast<float>(theta_merge), th_prune = static_cast<float>(theta_prune);
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+
+  // The layout order: prefix positions, then the non-prefix even (A) and odd (B) positions.
+  std::vector<int64_t> layout;
+  layout.reserve(n);
+  for (int64_t t = 0; t < p; ++t) layout.push_back(t);
+  for (int64_t t = 2 * ((p + 1) / 2); t < n; t += 2) layout.push_back(t);
+  for (int64_t t = 2 * (p / 2) + 1; t < n; t += 2) layout.push_back(t);
+
+  // Phase 1, per image: decisions and the A tokens merging into every B token (linked lists, ascending a).
+  std::vector<uint8_t> alive(batch * n);
+  std::vector<int64_t> first(batch * std::max<int64_t>(nb, 1)), next(batch * std::max<int64_t>(na, 1));
+  std::vector<int64_t> count(batch);
+  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+    std::vector<uint8_t> live(n), merged(na);
+    std::vector<int64_t> partner(na), last(std::max<int64_t>(nb, 1));
+    for (int64_t img = begin; img < end; ++img) {
+      for (int64_t t = 0; t < n; ++t) live[t] = has_mask ? mask_data[img * n + t] > 0.f : 1;
+      const float* img_sim = sim_data + img * na * nb;
+      const float* imp = imp_data + img * n;
+      int64_t* img_first = first.data() + img * std::max<int64_t>(nb, 1);
+      int64_t* img_next = next.data() + img * std::max<int64_t>(na, 1);
+      std::fill(img_first, img_first + nb, int64_t{-1});
+      for (int64_t i = 0; i < na; ++i) {
+        float best = neg_inf;
+        int64_t best_j = 0;
+        if (2 * i >= p && live[2 * i] && nb > 0) {
+          const float* row = img_sim + i * nb;
+          for (int64_t j = 0; j < nb; ++j) {
+            const float value = (2 * j + 1 >= p && live[2 * j + 1]) ? row[j] : neg_inf;
+            if (j == 0) {
+              best = value;
+            } else if (std::isnan(best)) {
+              break;
+            } else if (std::isnan(value) || value > best) {
+              best = value;
+              best_j = j;
+            }
+          }
+        }
+        merged[i] = best > th_merge;
+        partner[i] = best_j;
+        img_next[i] = -1;
+        if (merged[i]) {
+          if (img_first[best_j] < 0) {
+            img_first[best_j] = i;
+          } else {
+            img_next[last[best_j]] = i;
+          }
+          last[best_j] = i;
+        }
+      }
+      uint8_t* img_alive = alive.data() + img * n;
+      for (int64_t i = 0; i < na; ++i) {
+        const int64_t t = 2 * i;
+        img_alive[t] = live[t] && !merged[i] && (imp[t] > th_prune || t < p);
+      }
+      for (int64_t j = 0; j < nb; ++j) {
+        const int64_t t = 2 * j + 1;
+        float group = imp[t];
+        for (int64_t i = img_first[j]; i >= 0; i = img_next[i]) {
+          const float value = imp[2 * i];
+          if (std::isnan(value) || value > group) group = value;
+        }
+        img_alive[t] = live[t] && (group > th_prune || t < p);
+      }
+      int64_t live_count = 0;
+      for (int64_t t = 0; t < n; ++t) live_count += img_alive[t];
+      count[img] = live_count;
+    }
+  });
+  const int64_t m_out = batch > 0 ? *std::max_element(count.begin(), count.end()) : 0;
+
+  // Phase 2, per image: the first M tokens of the compaction order, B tokens with their merges.
+  at::Tensor out = at::empty({batch, m_out, channels}, x.options());
+  at::Tensor out_size = at::empty({batch, m_out, 1}, x.options());
+  at::Tensor out_mask = at::empty({batch, m_out, 1}, x.options());
+  at::Tensor index = at::empty({batch, m_out}, x.options().dtype(at::kLong));
+  float* out_data = out.data_ptr<float>();
+  float* out_size_data = out_size.data_ptr<float>();
+  float* out_mask_data = out_mask.data_ptr<float>();
+  int64_t* index_data = index.data_ptr<int64_t>();
+  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> acc(channels);
+    for (int64_t img = begin; img < end; ++img) {
+      const uint8_t* img_alive = alive.data() + img * n;
+      const int64_t* img_first = first.data() + img * std::max<int64_t>(nb, 1);
+      const int64_t* img_next = next.data() + img * std::max<int64_t>(na, 1);
+      const float* img_x = x_data + img * n * channels;
+      const float* img_size = has_size ? size_data + img * n : nullptr;
+      auto size_of = [&](int64_t t) { return img_size != nullptr ? img_size[t] : 1.f; };
+      int64_t row = 0;
+      auto emit = [&](int64_t t) {
+        float* dst = out_data + (img * m_out + row) * channels;
+        const float* src = img_x + t * channels;
+        float total = size_of(t);
+        if (t % 2 == 0) {
+          std::copy(src, src + channels, dst);
+        } else {
+          std::fill(acc.begin(), acc.end(), 0.f);
+          float merged_size = 0.f;
+          for (int64_t i = img_first[t / 2]; i >= 0; i = img_next[i]) {
+            const float w = size_of(2 * i);
+            const float* a = img_x + 2 * i * channels;
+            for (int64_t c = 0; c < channels; ++c) acc[c] += w * a[c];
+            merged_size += w;
+          }
+          const float own = total;
+          total = own + merged_size;
+          for (int64_t c = 0; c < channels; ++c) dst[c] = (own * src[c] + acc[c]) / total;
+        }
+        out_size_data[img * m_out + row] = total;
+        out_mask_data[img * m_out + row] = img_alive[t] ? 1.f : 0.f;
+        index_data[img * m_out + row] = t;
+        ++row;
+      };
+      for (int64_t k = 0; k < n && row < m_out; ++k) {
+        if (img_alive[layout[k]]) emit(layout[k]);
+      }
+      for (int64_t k = 0; k < n && row < m_out; ++k) {
+        if (!img_alive[layout[k]]) emit(layout[k]);
+      }
+    }
+  });
+  bool all_live = true;
+  for (int64_t img = 0; img < batch; ++img) all_live = all_live && count[img] == m_out;
+  return {out, out_size, out_mask, index, at::scalar_tensor(all_live, at::kBool)};
+}

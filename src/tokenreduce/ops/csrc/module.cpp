@@ -1,0 +1,12 @@
+// Python bindings of the fused CPU kernels (tokenreduce/ops/cpu_kernels.py builds this extension).
+#include "kernels.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("bipartite_merge_wavg", &bipartite_merge_wavg, "Bipartite soft matching + size-weighted merge (ToMe)",
+        pybind11::arg("x"), pybind11::arg("size"), pybind11::arg("metric"), pybind11::arg("r"), pybind11::arg("p"),
+        pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("ltmp_merge_prune", &ltmp_merge_prune, "LTMP's threshold merge + prune + compaction (inference)",
+        pybind11::arg("x"), pybind11::arg("size"), pybind11::arg("sim"), pybind11::arg("importance"),
+        pybind11::arg("mask"), pybind11::arg("theta_merge"), pybind11::arg("theta_prune"), pybind11::arg("p"),
+        pybind11::call_guard<pybind11::gil_scoped_release>());
+}

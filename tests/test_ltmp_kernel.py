@@ -1,0 +1,150 @@
+"""LTMP's fused CPU kernel (ops/csrc/ltmp_merge_prune.cpp): a hand-worked padded batch on both paths,
+bit-equality with the PyTorch path, and when it is (not) used."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_vit
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_ltmp import _info
+
+import tokenreduce as tr
+from tokenreduce.methods.ltmp import LTMP, LTMPParams
+from tokenreduce.ops import cpu_kernels
+from tokenreduce.ops.attention import AttentionSignals
+from tokenreduce.state import TokenState
+
+
+@pytest.fixture
+def kernel_state():
+    """Restore the module's mode / build state after a test changes it."""
+    saved = (cpu_kernels._mode, cpu_kernels._module, cpu_kernels._failure)
+    yield
+    cpu_kernels._mode, cpu_kernels._module, cpu_kernels._failure = saved
+
+
+def _ltmp(merge: float, prune: float, num_patches: int = 4, num_prefix: int = 1) -> LTMP:
+    ltmp = LTMP(_info(num_patches=num_patches, num_prefix=num_prefix),
+                LTMPParams(merge_threshold=merge, prune_threshold=prune))
+    ltmp.training = False
+    return ltmp
+
+
+def _positions(batch: int, n: int) -> torch.Tensor:
+    return torch.arange(n).view(1, n, 1).expand(batch, n, 1)
+
+
+@pytest.mark.parametrize("mode", ["on", "off"])
+def test_hand_worked_padded_batch(kernel_state, mode):
+    cpu_kernels.set_cpu_kernels(mode)
+    # Class token + 4 patches; A = positions {0, 2, 4}, B = {1, 3}.
+    # Image 0: cos(2, 3) = 1 and cos(4, 1) = 0.98 > 0.9, so 2 → 3 and 4 → 1 merge.  Group importances:
+    # 1: max(0.1, 0.05) = 0.1 < 0.2, pruned; 3: max(0.05, 0.3) = 0.3, kept.  Live: [0, 3'].
+    # Image 1: every A·B cosine is 0, nothing merges, every importance 0.5: all five live.
+    keys = torch.tensor([
+        [[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [2.0, 2.0], [0.2, 1.0]],
+        [[1.0, 1.0], [1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]],
+    ])
+    received = torch.tensor([[0.5, 0.1, 0.3, 0.05, 0.05], [0.5] * 5])
+    x = torch.tensor([[10.0, 1.0, 2.0, 4.0, 8.0], [1.0, 2.0, 3.0, 4.0, 5.0]]).unsqueeze(-1)
+    state = TokenState(x, num_prefix=1, pos=_positions(2, 5))
+    out = _ltmp(0.9, 0.2).reduce(0, state, AttentionSignals(keys=keys, received=received))
+    # Padded to 5 rows: image 0 has its live tokens [0, 3'] first, then the dead ones in layout order
+    # [2, 4, 1'] (A tokens as they were, B token 1 with token 4 merged in: (1 + 8) / 2).
+    assert out.pos[..., 0].tolist() == [[0, 3, 2, 4, 1], [0, 2, 4, 1, 3]]
+    assert out.x[..., 0].tolist() == [[10.0, 3.0, 2.0, 8.0, 4.5], [1.0, 3.0, 5.0, 2.0, 4.0]]
+    assert out.size[..., 0].tolist() == [[1.0, 2.0, 1.0, 1.0, 2.0], [1.0] * 5]
+    assert out.mask[..., 0].tolist() == [[1.0, 1.0, 0.0, 0.0, 0.0], [1.0] * 5]
+
+
+def _random_case(batch, n, channels, dim, prefix, dead, with_size, merge, prune, seed):
+    g = torch.Generator().manual_seed(seed)
+    prefix = min(prefix, n)
+    x = torch.randn(batch, n, channels, generator=g)
+    keys = torch.randn(batch, n, dim, generator=g)
+    if n > 3:
+        keys[:, 3] = keys[:, 2]  # an exact cosine-1 pair, and a tie for the partner of position 2
+        keys[:, 1] = keys[:, 2] * 2
+    received = torch.rand(batch, n, generator=g) * 0.1
+    size = torch.randint(1, 4, (batch, n, 1), generator=g).float() if with_size else None
+    mask = None
+    if dead:
+        live = torch.rand(batch, n, generator=g) > 0.3
+        live[:, :prefix] = True
+        mask = live.unsqueeze(-1).float()
+    state = TokenState(x, size=size, num_prefix=prefix, mask=mask, pos=_positions(batch, n))
+    ltmp = _ltmp(merge, prune, num_patches=max(n - prefix, 1), num_prefix=prefix)
+    return ltmp, state, AttentionSignals(keys=keys, received=received)
+
+
+@settings(max_examples=80, deadline=None, derandomize=True)
+@given(
+    batch=st.integers(1, 4),
+    n=st.integers(1, 30),
+    channels=st.integers(1, 6),
+    dim=st.sampled_from([1, 3, 8]),
+    prefix=st.integers(0, 3),
+    dead=st.booleans(),
+    with_size=st.booleans(),
+    merge=st.floats(0.0, 1.0),
+    prune=st.sampled_from([0.0, 0.02, 0.05, 0.09]),
+    seed=st.integers(0, 2**16),
+)
+def test_kernel_equals_python_path_bit_for_bit(batch, n, channels, dim, prefix, dead, with_size, merge, prune, seed):
+    saved = cpu_kernels._mode
+    try:
+        outs = {}
+        for mode in ("on", "off"):
+            cpu_kernels.set_cpu_kernels(mode)  # "on" builds or fails (hypothesis takes no function-scoped fixture)
+            ltmp, state, signals = _random_case(batch, n, channels, dim, prefix, dead, with_size, merge, prune, seed)
+            outs[mode] = ltmp.reduce(0, state, signals)
+    finally:
+        cpu_kernels._mode = saved
+    fused, python = outs["on"], outs["off"]
+    assert torch.equal(fused.pos, python.pos)
+    assert torch.equal(fused.x, python.x)
+    assert torch.equal(fused.size, python.size)
+    assert (fused.mask is None) == (python.mask is None)
+    if fused.mask is not None:
+        assert torch.equal(fused.mask, python.mask)
+
+
+def test_kernel_is_used_only_where_it_gives_the_python_result(kernel_state, monkeypatch):
+    cpu_kernels.set_cpu_kernels("on")
+    real = cpu_kernels.load_cpu_kernels()
+    calls = []
+    monkeypatch.setattr(cpu_kernels, "_module", type("Spy", (), {"ltmp_merge_prune": staticmethod(
+        lambda *args: calls.append(1) or real.ltmp_merge_prune(*args))}))
+    ltmp, state, signals = _random_case(2, 9, 4, 3, 1, True, True, 0.5, 0.05, 0)
+    ltmp.reduce(0, state, signals)
+    assert len(calls) == 1  # eligible: CPU, float32, inference form, no sources or restoration
+
+    n = state.num_tokens
+    ltmp.reduce(0, TokenState(state.x, state.size, torch.eye(n).expand(2, n, n), 1, state.mask), signals)
+    ltmp.reduce(0, TokenState(state.x, state.size, None, 1, state.mask, owner=torch.arange(n).expand(2, n)),
+                signals)
+    ltmp.reduce(0, TokenState(state.x.bfloat16(), state.size, None, 1, state.mask), signals)
+    ltmp.training = True
+    ltmp.reduce(0, state, signals)
+    assert len(calls) == 1
+
+    ltmp.training = False
+    cpu_kernels.set_cpu_kernels("off")
+    ltmp.reduce(0, state, signals)
+    assert len(calls) == 1
+
+
+def test_reduced_model_gives_identical_logits_with_and_without_the_kernel(kernel_state):
+    images = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    images[1] = images[1].mean()  # a flat image merges far more than the others: a padded batch
+    model = tr.apply(make_vit(), "ltmp", untrained=True, merge_threshold=0.6, prune_threshold=0.004)
+    outputs, counts = {}, {}
+    for mode in ("on", "off"):
+        cpu_kernels.set_cpu_kernels(mode)
+        with torch.inference_mode():
+            outputs[mode] = model(images)
+        counts[mode] = [b.tokens_out for b in tr.stats(model).blocks]
+    assert counts["on"] == counts["off"] and counts["on"][-1] < 65
+    assert torch.equal(outputs["on"], outputs["off"])
