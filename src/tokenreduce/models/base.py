@@ -37,6 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops.attention import NO_NEEDS, AttentionNeeds, AttentionSignals, KeyMask, size_bias
+from ..ops.modes import tracing
 from ..state import TokenState
 from ..stats import LastForward
 from .pickling import reduce_as_stock, reduce_reduced_model
@@ -378,7 +379,9 @@ def run_block(block: nn.Module, x: Tensor, stock: Callable[[Tensor], Tensor]) ->
         # The MLP is per-token: run it on the live tokens of all images packed into
         # one ΣN×C matrix, so padding rows cost nothing; they keep their values.
         live = x.reshape(-1, x.shape[-1]).index_select(0, rows)
-        x = add_to_rows(x, rows, adapter.mlp(block, live))
+        # x was made in this block (by the attention residual or the reduction): without autograd the
+        # MLP residual can go into it in place, saving a copy of the padded B×N×C stream
+        x = add_to_rows(x, rows, adapter.mlp(block, live), in_place=not (x.requires_grad or tracing()))
     else:
         x = x + adapter.mlp(block, x)
     if ctx.restore is not None and i == ctx.last_block:
@@ -388,9 +391,13 @@ def run_block(block: nn.Module, x: Tensor, stock: Callable[[Tensor], Tensor]) ->
     return x
 
 
-def add_to_rows(x: Tensor, rows: Tensor, update: Tensor) -> Tensor:
-    """``x`` (B×N×C) plus ``update`` (ΣN×C) on the flattened ``rows``; other rows unchanged."""
+def add_to_rows(x: Tensor, rows: Tensor, update: Tensor, in_place: bool = False) -> Tensor:
+    """``x`` (B×N×C) plus ``update`` (ΣN×C) on the flattened ``rows``; other rows unchanged.
+
+    ``in_place``: add into ``x`` itself (only for a contiguous tensor nothing else holds)."""
     flat = x.reshape(-1, x.shape[-1])
+    if in_place and x.is_contiguous():
+        return flat.index_add_(0, rows, update.to(flat.dtype)).view_as(x)
     return flat.index_add(0, rows, update.to(flat.dtype)).view_as(x)
 
 
