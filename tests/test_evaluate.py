@@ -16,7 +16,7 @@ from PIL import Image
 
 import tokenreduce as tr
 from tokenreduce.cli import main
-from tokenreduce.eval.accuracy import Config, reference_checkpoint, shard_indices
+from tokenreduce.eval.accuracy import Config, evaluate_reference, reference_checkpoint, shard_indices
 from tokenreduce.eval.imagefolder import evaluate_imagefolder, subset_indices
 from tokenreduce.models.reference import PAD, load_reference_model, load_reference_testset, preprocess
 
@@ -221,3 +221,47 @@ def _classes(root: Path, n: int) -> Path:
         (root / f"c{c}").mkdir()
         Image.new("L", (32, 32)).save(root / f"c{c}" / "a.png")
     return root
+
+
+def test_finetuned_rows_run_with_their_own_weights_and_give_the_model_its_own_back(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from tokenreduce.checkpoint import save_reducer
+    from tokenreduce.eval.accuracy import finetuned_configs
+
+    # a "fine-tuned" model whose head always answers class 3, with a ToMe reducer, in the layout the table
+    # script writes (<name>/run/); a folder without the pair is ignored
+    tuned = load_reference_model()
+    with torch.no_grad():
+        tuned.head.weight.zero_()
+        tuned.head.bias.copy_(torch.arange(10.0) == 3)
+    run = tmp_path / "tome" / "run"
+    run.mkdir(parents=True)
+    save_file(tuned.state_dict(), str(run / "model.safetensors"))
+    save_reducer(tr.reducer(tr.apply(load_reference_model(), "tome", r=2)), run / "reducer.safetensors")
+    (tmp_path / "empty").mkdir()
+    configs = finetuned_configs(tmp_path)
+    assert [(c.method, c.label, c.weights) for c in configs] == [
+        ("tome", "tome fine-tuned [tome]", str(run / "model.safetensors"))]
+    with pytest.raises(FileNotFoundError, match="not found"):
+        finetuned_configs(tmp_path / "missing")
+
+    out = tmp_path / "eval.json"
+    args = ["evaluate", "--method", "tome", "--param", "r=2", "--finetuned", str(tmp_path), "--limit", "100",
+            "--repeats", "1", "--no-progress", "--json", str(out)]
+    assert main(args) == 0
+    assert "tome fine-tuned [tome]" in capsys.readouterr().out
+    rows = {r["label"]: r for r in json.loads(out.read_text())["rows"]}
+    _, labels = load_reference_testset(100)
+    assert rows["tome fine-tuned [tome]"]["top1"] == pytest.approx(float((labels == 3).float().mean()))
+    assert rows["tome(r=2)"]["top1"] > 0.6
+    assert rows["tome fine-tuned [tome]"]["params"] == {"r": 2, "prop_attn": True}
+
+    # the model gets its own weights back: a row after the fine-tuned one, and the model itself after the run
+    model = load_reference_model()
+    own = {k: v.clone() for k, v in model.state_dict().items()}
+    after = evaluate_reference([Config(None), *configs, Config("tome", {"r": 2})], model=model, limit=100,
+                               repeats=1, progress=False)
+    assert after[1]["top1"] == rows["tome fine-tuned [tome]"]["top1"]
+    assert after[2]["top1"] == rows["tome(r=2)"]["top1"]
+    assert all(torch.equal(v, own[k]) for k, v in model.state_dict().items())

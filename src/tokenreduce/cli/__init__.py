@@ -118,6 +118,10 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", type=positive_int, default=5,
                    help="timed forwards per model for images/s (default: %(default)s)")
     p.add_argument("--seeds", type=positive_int, default=3, metavar="N", help=SEEDS_HELP)
+    p.add_argument("--finetuned", metavar="DIR",
+                   help="also evaluate the fine-tuned models in DIR (sub-folders with model.safetensors + "
+                   "reducer.safetensors, as scripts/finetune_table.py and train --recipe write them), each with its "
+                   "own weights (default on the bundled test set: results/finetune_table when it exists)")
     p.add_argument("--task", choices=("classification", "segmentation"), default="classification",
                    help="segmentation: mIoU of a segmenter trained by the project (default: the bundled reference "
                    "segmenter on the bundled mosaics; DATA_DIR: a set in the ADE20k layout, images/ + annotations/) "

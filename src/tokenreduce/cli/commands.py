@@ -196,8 +196,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from ..distributed import init_distributed_from_env
     from ..eval.accuracy import (
         DEFAULT_BUDGETS,
+        FINETUNED_DIR,
         default_configs,
         evaluate_reference,
+        finetuned_configs,
         format_table,
         reference_checkpoint,
         reference_configs,
@@ -230,6 +232,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     else:  # every method at each budget (its paper default where it fits the model)
         budgets = DEFAULT_BUDGETS if args.budget is None else (args.budget,)
         configs = reference_configs(budgets) if data is None else default_configs(model_info(model), budgets)
+    finetuned = args.finetuned
+    if finetuned is None and data is None and not args.method and Path(FINETUNED_DIR).is_dir():
+        finetuned = FINETUNED_DIR
+    if finetuned is not None:
+        extra = finetuned_configs(finetuned)
+        print(f"fine-tuned models in {finetuned}: {len(extra)}", file=sys.stderr)
+        configs += extra
 
     with autocast(args.device, dtype):
         if data is None:

@@ -19,7 +19,9 @@ import copy
 import math
 import statistics
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -80,12 +82,17 @@ class Counts:
 
 @dataclass
 class Config:
-    """One row of an evaluation: a method (``None``: unreduced) with parameters and/or a budget."""
+    """One row of an evaluation: a method (``None``: unreduced) with parameters and/or a budget.
+
+    ``weights``: a state dict (safetensors) the model runs this row with instead of its own, e.g. a backbone
+    fine-tuned with the reduction on (:func:`finetuned_configs`); the model gets its own weights back after.
+    """
 
     method: str | None
     params: dict[str, Any] = field(default_factory=dict)
     budget: float | None = None
     label: str = ""
+    weights: str | None = None
 
     def __post_init__(self) -> None:
         if not self.label:
@@ -268,83 +275,112 @@ def evaluate_configs(
         if reason is not None:
             rows.append({**row, "params": config.params, "skipped": reason})
             continue
-        run_seeds = seed_list(config, seeds)
-        seed_param = get_method(config.method).resolve(dict(config.params))[0].seed_param if run_seeds else None
-        runs: list[Counts] = []
-        for seed in run_seeds or [None]:
-            run_params = dict(config.params) if seed is None else {**config.params, seed_param: seed}
-            if config.method is not None:
-                apply(model, config.method, budget=config.budget, **run_params)
-                applied = reducer(model)
-                if applied.needs_calibration(run_params):
-                    # a default tuned for another model (PPT's τ): calibrated on the timing batch
-                    value = applied.calibrate(model, timing_batch, config.budget, run_params)
-                    row["calibrated"] = list(value) if isinstance(value, tuple) else value
-            desc = config.label if seed is None else f"{config.label} seed {seed}"
-            counts = count_correct(
-                model,
-                make_batches(),
-                device=device,
-                reduced=config.method is not None,
-                progress=progress,
-                desc=desc,
-                total=num_batches,
-            ).all_reduce()
-            runs.append(counts)
-            if len(runs) == 1:  # schedule, GMACs and speed: the first (seed-0) run's
-                if config.method is None:
-                    params, analytic = {}, base_gmacs
-                else:
-                    params = stats(model).params
-                    try:
-                        analytic = gmacs(model, config.method, **_analytic_params(config.method, params))
-                    except NotImplementedError:  # data-dependent counts (LTMP): only the measured GMACs exist
-                        analytic = None
-                if config.method is None:  # one model: its speed-up is 1 by definition
-                    ips = dict.fromkeys(
-                        ("unreduced", "reduced"), time_models({"m": base}, timing_batch, repeats=repeats)["m"]
-                    )
-                else:
-                    ips = time_models({"unreduced": base, "reduced": model}, timing_batch, repeats=repeats)
-            remove(model)
-        first = runs[0]
-        correct1 = sum(c.correct1 for c in runs) / len(runs) if run_seeds else first.correct1
-        correct5 = sum(c.correct5 for c in runs) / len(runs) if run_seeds else first.correct5
-        top1 = correct1 / first.total if first.total else float("nan")
-        top5 = correct5 / first.total if first.total else float("nan")
+        if config.weights is not None:
+            row["weights"] = config.weights
+        with row_weights(model, config.weights):
+            rows.append(_evaluate_row(model, base, config, row, make_batches, timing_batch, num_batches, device,
+                                      repeats, progress, seeds, base_gmacs))
         if config.method is None:
-            base_top1 = top1
-        if run_seeds:
-            params = {k: v for k, v in params.items() if k != seed_param}
-        row.update(
-            params=params,
-            top1=top1,
-            top5=top5,
-            top1_ci95=list(wilson_interval(correct1, first.total)),
-            top5_ci95=list(wilson_interval(correct5, first.total)),
-            correct1=correct1,
-            correct5=correct5,
-            samples=first.total,
-            gmacs=first.gmacs,
-            gmacs_analytic=analytic,
-            gmacs_unreduced=base_gmacs,
-            images_per_s=ips["reduced"],
-            images_per_s_unreduced=ips["unreduced"],
-            speedup=ips["reduced"] / ips["unreduced"],
-        )
-        if run_seeds:
-            per_seed1 = [c.top1 for c in runs]
-            row.update(
-                seeds=run_seeds,
-                top1_per_seed=per_seed1,
-                top5_per_seed=[c.top5 for c in runs],
-                top1_std=statistics.stdev(per_seed1) if len(runs) > 1 else None,
-            )
-        rows.append(row)
+            base_top1 = rows[-1]["top1"]
     for row in rows:
         if "top1" in row and base_top1 is not None:
             row["delta_top1"] = row["top1"] - base_top1
     return rows
+
+
+@contextmanager
+def row_weights(model: nn.Module, path: str | None) -> Iterator[None]:
+    """Run a row with the weights in ``path`` (``None``: the model's own), restoring the model's own after."""
+    if path is None:
+        yield
+        return
+    from ..models.loading import load_weights
+
+    own = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    load_weights(model, path, name="the evaluated model")
+    try:
+        yield
+    finally:
+        model.load_state_dict(own)
+
+
+def _evaluate_row(
+    model: nn.Module, base: nn.Module, config: Config, row: dict[str, Any], make_batches: Any, timing_batch: Tensor,
+    num_batches: int | None, device: torch.device | str, repeats: int, progress: bool, seeds: int | None,
+    base_gmacs: float,
+) -> dict[str, Any]:
+    """One row of :func:`evaluate_configs` (accuracy over every seed, GMACs and speed of the first)."""
+    run_seeds = seed_list(config, seeds)
+    seed_param = get_method(config.method).resolve(dict(config.params))[0].seed_param if run_seeds else None
+    runs: list[Counts] = []
+    for seed in run_seeds or [None]:
+        run_params = dict(config.params) if seed is None else {**config.params, seed_param: seed}
+        if config.method is not None:
+            apply(model, config.method, budget=config.budget, **run_params)
+            applied = reducer(model)
+            if applied.needs_calibration(run_params):
+                # a default tuned for another model (PPT's τ): calibrated on the timing batch
+                value = applied.calibrate(model, timing_batch, config.budget, run_params)
+                row["calibrated"] = list(value) if isinstance(value, tuple) else value
+        desc = config.label if seed is None else f"{config.label} seed {seed}"
+        counts = count_correct(
+            model,
+            make_batches(),
+            device=device,
+            reduced=config.method is not None,
+            progress=progress,
+            desc=desc,
+            total=num_batches,
+        ).all_reduce()
+        runs.append(counts)
+        if len(runs) == 1:  # schedule, GMACs and speed: the first (seed-0) run's
+            if config.method is None:
+                params, analytic = {}, base_gmacs
+            else:
+                params = stats(model).params
+                try:
+                    analytic = gmacs(model, config.method, **_analytic_params(config.method, params))
+                except NotImplementedError:  # data-dependent counts (LTMP): only the measured GMACs exist
+                    analytic = None
+            if config.method is None:  # one model: its speed-up is 1 by definition
+                ips = dict.fromkeys(
+                    ("unreduced", "reduced"), time_models({"m": base}, timing_batch, repeats=repeats)["m"]
+                )
+            else:
+                ips = time_models({"unreduced": base, "reduced": model}, timing_batch, repeats=repeats)
+        remove(model)
+    first = runs[0]
+    correct1 = sum(c.correct1 for c in runs) / len(runs) if run_seeds else first.correct1
+    correct5 = sum(c.correct5 for c in runs) / len(runs) if run_seeds else first.correct5
+    top1 = correct1 / first.total if first.total else float("nan")
+    top5 = correct5 / first.total if first.total else float("nan")
+    if run_seeds:
+        params = {k: v for k, v in params.items() if k != seed_param}
+    row.update(
+        params=params,
+        top1=top1,
+        top5=top5,
+        top1_ci95=list(wilson_interval(correct1, first.total)),
+        top5_ci95=list(wilson_interval(correct5, first.total)),
+        correct1=correct1,
+        correct5=correct5,
+        samples=first.total,
+        gmacs=first.gmacs,
+        gmacs_analytic=analytic,
+        gmacs_unreduced=base_gmacs,
+        images_per_s=ips["reduced"],
+        images_per_s_unreduced=ips["unreduced"],
+        speedup=ips["reduced"] / ips["unreduced"],
+    )
+    if run_seeds:
+        per_seed1 = [c.top1 for c in runs]
+        row.update(
+            seeds=run_seeds,
+            top1_per_seed=per_seed1,
+            top5_per_seed=[c.top5 for c in runs],
+            top1_std=statistics.stdev(per_seed1) if len(runs) > 1 else None,
+        )
+    return row
 
 
 def _analytic_params(method: str, params: dict[str, Any]) -> dict[str, Any]:
@@ -386,6 +422,36 @@ def reference_configs(budgets: float | Iterable[float] = DEFAULT_BUDGETS) -> lis
     with torch.device("meta"):
         info = model_info(build_reference_model())
     return default_configs(info, (budgets,) if isinstance(budgets, (int, float)) else budgets, shipped=True)
+
+
+FINETUNED_DIR = "results/finetune_table"
+"""Where ``scripts/finetune_table.py`` writes its fine-tuned models (``tokenreduce evaluate`` lists them if present)."""
+
+
+def finetuned_configs(folder: str | Path) -> list[Config]:
+    """One row per fine-tuned model under ``folder``: every ``<name>/run/`` or ``<name>/`` sub-folder that holds
+    ``model.safetensors`` + ``reducer.safetensors`` (what ``tokenreduce train --recipe`` and
+    ``scripts/finetune_table.py`` write), run with its own weights and its reducer, labelled
+    ``"<method> fine-tuned [<name>]"``; in name order.
+
+    Raises:
+        FileNotFoundError: ``folder`` is not a folder.
+    """
+    from ..checkpoint import read_reducer
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"fine-tuned models folder {folder} not found")
+    configs = []
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+        for run in (sub / "run", sub):
+            weights, reducer_file = run / "model.safetensors", run / "reducer.safetensors"
+            if weights.is_file() and reducer_file.is_file():
+                method = read_reducer(reducer_file)[0]["method"]
+                configs.append(Config(method, {"checkpoint": str(reducer_file)}, label=f"{method} fine-tuned "
+                                      f"[{sub.name}]", weights=str(weights)))
+                break
+    return configs
 
 
 def reference_checkpoint(method: str, params: dict[str, Any], budget: float | None = None) -> str | None:
