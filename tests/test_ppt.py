@@ -276,3 +276,25 @@ def test_calibrate_errors():
         tr.calibrate(model, "ppt", (b for b in [images]))
     with pytest.raises(ValueError, match="no images"):
         tr.calibrate(model, "ppt", [], per_layer=False)
+
+
+@pytest.mark.parametrize("threshold", [float("inf"), 0.0])  # every image pools / every image prunes
+def test_a_single_branch_batch_computes_one_branch_with_the_same_result(threshold, monkeypatch):
+    import tokenreduce.methods.ppt as ppt_module
+    from tokenreduce.ops import merge as merge_module
+
+    model = tr.apply(make_vit(), "ppt", r=8, threshold=threshold, trace_source=True)
+    images = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    merges = []
+    real_merge = merge_module.bipartite_merge
+    monkeypatch.setattr(ppt_module, "bipartite_merge", lambda *a: merges.append(1) or real_merge(*a))
+    one_branch = _forward(model, images)
+    one_record = tr.last_forward(model)
+    assert len(merges) == (3 if threshold else 0)  # the merge runs only where every image pools
+    merges.clear()
+    monkeypatch.setattr(ppt_module, "tracing", lambda: True)  # as in a traced graph: both branches, selected
+    both = _forward(model, images)
+    assert len(merges) == 3
+    torch.testing.assert_close(one_branch, both, rtol=1e-5, atol=1e-6)
+    assert torch.equal(one_record.source, tr.last_forward(model).source)
+    assert torch.equal(one_record.size, tr.last_forward(model).size)

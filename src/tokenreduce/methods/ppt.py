@@ -20,7 +20,9 @@ default.  Mixed batches are handled without a loop over images: both candidate
 outputs are computed for the whole batch (same shape B×(N−r)×C) and each image
 takes one of them with ``torch.where`` — hidden states, sizes and sources alike,
 so source tracing is right for mixed batches (the official code's sub-batch
-write-back is not).
+write-back is not).  In eager mode a batch whose images all take the same branch
+computes only that one (one host synchronisation per reduction block); a traced
+graph (``torch.compile``, export) always holds both.
 
 Deviations from the official code (ppt_deit.py's ``pp_block_adaptive`` and
 ``PPTAttention``), by design:
@@ -41,6 +43,7 @@ scores have mean ``1/(N−P)``); :func:`tokenreduce.calibrate` picks one from da
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,6 +54,7 @@ from ..budget import Schedule, in_block_schedule
 from ..ops.attention import AttentionNeeds, AttentionSignals
 from ..ops.matching import max_merges
 from ..ops.merge import bipartite_merge
+from ..ops.modes import tracing
 from ..ops.prune import keep_topk
 from ..state import TokenState, select
 from .base import (
@@ -161,6 +165,12 @@ class PPT(Reducer):
         if self.recorded is not None:
             self.recorded[block].append(variance.detach())
         pool = variance < self.thresholds[block]
+        if not tracing():  # eager: a batch whose images all take one branch computes only that branch
+            if bool(pool.all()):
+                return bipartite_merge(state, signals.keys, r)
+            if not bool(pool.any()):  # sizes materialised, as the selection gives them
+                pruned = state.prefix_and_patches(keep_topk(scores, n - p - r))
+                return dataclasses.replace(pruned, size=pruned.sizes())
         pooled = bipartite_merge(state, signals.keys, r)
         pruned = state.prefix_and_patches(keep_topk(scores, n - p - r))
         return select_state(pool, pooled, pruned)

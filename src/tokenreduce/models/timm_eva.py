@@ -77,7 +77,15 @@ def identity_rope_row(table: Tensor) -> Tensor:
     return torch.cat([table.new_zeros(width // 2), table.new_ones(width - width // 2)])
 
 
-def rope_rows(table: Tensor, pos: Tensor, num_prefix: int) -> Tensor:
+def with_identity_row(table: Tensor) -> Tensor:
+    """``table`` (N0×2d, H×N0×2d or B×H'×N0×2d) as B'×H'×(1+N0)×2d with the identity rotation as row 0."""
+    if table.dim() not in (2, 3, 4):
+        raise ValueError(f"tokenreduce: unexpected rotary table of shape {tuple(table.shape)} (expected 2 to 4 dims)")
+    t = table.reshape((1,) * (4 - table.dim()) + tuple(table.shape))  # B'×H'×N0×2d
+    return torch.cat([identity_rope_row(table).expand(t.shape[0], t.shape[1], 1, -1), t], dim=2)
+
+
+def rope_rows(table: Tensor, pos: Tensor, num_prefix: int, padded: Tensor | None = None) -> Tensor:
     """The rotary rows of the current non-prefix tokens, gathered by their original positions.
 
     Args:
@@ -87,15 +95,14 @@ def rope_rows(table: Tensor, pos: Tensor, num_prefix: int) -> Tensor:
         pos: B×N×1 original sequence positions of the current tokens (prefix included), negative
             for a token with no position (:data:`~tokenreduce.state.NO_POSITION`).
         num_prefix: P leading (class / register) tokens, which are not rotated.
+        padded: :func:`with_identity_row` of ``table`` if already made (every block of a forward
+            gets the same table).
 
     Returns:
         B×H'×(N−P)×2d rows for the tokens after the prefix (H' = 1 for a shared table), the
         identity rotation for tokens with no position; broadcastable against B×H×(N−P)×d q / k.
     """
-    if table.dim() not in (2, 3, 4):
-        raise ValueError(f"tokenreduce: unexpected rotary table of shape {tuple(table.shape)} (expected 2 to 4 dims)")
-    t = table.reshape((1,) * (4 - table.dim()) + tuple(table.shape))  # B'×H'×N0×2d
-    t = torch.cat([identity_rope_row(table).expand(t.shape[0], t.shape[1], 1, -1), t], dim=2)  # row 0: identity
+    t = with_identity_row(table) if padded is None else padded  # row 0: identity
     index = (pos[:, num_prefix:, 0] - (num_prefix - 1)).clamp_min(0)  # B×M: table row + 1, or 0 (no position)
     b, m = index.shape
     heads, width = t.shape[1], t.shape[3]
@@ -112,7 +119,11 @@ def current_rope(ctx: ReductionContext, table: Tensor | None, num_prefix: int) -
     cached = ctx.scratch.get("rope_rows")
     if cached is not None and cached[0] is table and cached[1] is ctx.pos:
         return cached[2]
-    rows = rope_rows(table, ctx.pos, num_prefix)
+    padded = ctx.scratch.get("rope_padded")
+    if padded is None or padded[0] is not table:  # once per forward: timm passes every block one table
+        padded = (table, with_identity_row(table))
+        ctx.scratch["rope_padded"] = padded
+    rows = rope_rows(table, ctx.pos, num_prefix, padded[1])
     ctx.scratch["rope_rows"] = (table, ctx.pos, rows)
     return rows
 
