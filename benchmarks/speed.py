@@ -34,6 +34,7 @@ import torch
 
 import tokenreduce as tr
 from tokenreduce.eval.throughput import allow_many_compiled_models, compare_throughput
+from tokenreduce.methods import get_method
 from tokenreduce.ops import cpu_kernels
 
 DATA_DEPENDENT = {"ltmp"}  # its counts depend on trained thresholds and the images: timed on real data instead
@@ -89,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
                     baselines[bs] = torch.compile(copy.deepcopy(network).to(args.device))
                 try:
                     result[bs] = compare_throughput(
-                        model, method, budget=budget, batch_size=bs, repeats=repeats, warmup=1,
+                        model, method, params=untrained_if_learned(method), budget=budget, batch_size=bs,
+                        repeats=repeats, warmup=1,
                         dtype=args.dtype, device=args.device, progress=False, compile=args.compile,
                         ceiling=ceiling, baseline=baselines.get(bs),
                     )
@@ -112,6 +114,11 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json, "w") as f:
             json.dump({"machine": machine(), "rows": rows}, f, indent=2)
     return 0
+
+
+def untrained_if_learned(method: str) -> dict:
+    """``{"untrained": True}`` for a learned method (random weights: its parameters do not change its speed)."""
+    return {"untrained": True} if get_method(method).resolve({})[0].learned else {}
 
 
 def _ceil(row: dict) -> str:

@@ -28,3 +28,24 @@ def test_schedule_only_reaches_the_same_token_counts(method, params):
     assert out.shape == (2, model.num_classes)
     assert [(b.tokens_in, b.tokens_out) for b in tr.stats(sliced).blocks] == expected
     assert len(set(expected)) > 1
+
+
+@pytest.mark.parametrize(("method", "params"), [("tome", {"r": 4}), ("dynamicvit", {})])
+def test_ceiling_efficiency_is_taken_at_the_gmacs_the_slicing_copy_runs(method, params):
+    from tokenreduce.eval.throughput import compare_throughput
+
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64).eval()
+    row = compare_throughput(model, method, params={**params, "untrained": True}, batch_size=1, repeats=1,
+                             warmup=0, progress=False, ceiling=True)
+    reducer = tr.reducer(model)
+    tr.remove(model)
+    sliced = schedule_only_model(copy.deepcopy(model), reducer.schedule(reducer.info.num_tokens))
+    with torch.no_grad():
+        sliced(torch.randn(1, 3, 64, 64))
+    # the slicing copy runs the blocks only: DynamicViT's predictors are in the method's GMACs, not in its
+    assert row["ceiling_gmacs_ratio"] == pytest.approx(tr.stats(sliced).ratio, rel=1e-9)
+    if method == "dynamicvit":
+        assert row["ceiling_gmacs_ratio"] < row["gmacs_ratio"]
+    else:
+        assert row["ceiling_gmacs_ratio"] == pytest.approx(row["gmacs_ratio"], rel=1e-12)
+    assert row["ceiling_efficiency"] == pytest.approx(row["ceiling_speedup"] * row["ceiling_gmacs_ratio"])
