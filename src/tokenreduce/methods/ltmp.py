@@ -194,7 +194,9 @@ class LTMP(Reducer):
         with no_grad():
             return self._reduce_hard(state, signals, theta_m, theta_p)
 
-    def _scores(self, state: TokenState, signals: AttentionSignals, live: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _scores(
+        self, state: TokenState, signals: AttentionSignals, live: Tensor, sim: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """Best A→B cosine (B×NA), partner (B×NA) and received attention (B×N), in float32.
 
         Prefix A rows and dead rows score −inf; prefix and dead B columns are never partners.
@@ -203,7 +205,7 @@ class LTMP(Reducer):
         form the similarities and the importances carry gradients, as in the official code.
         """
         p, n = state.num_prefix, state.num_tokens
-        sim = self._similarity(signals)
+        sim = self._similarity(signals) if sim is None else sim  # B×NA×NB
         pos = torch.arange(n, device=sim.device)
         ok_a = (pos[::2] >= p) & live[:, ::2]
         ok_b = (pos[1::2] >= p) & live[:, 1::2]
@@ -233,16 +235,16 @@ class LTMP(Reducer):
     ) -> TokenState:
         """Inference form: hard comparisons, merged and pruned tokens really removed (batch padded)."""
         x, p = state.x, state.num_prefix
+        sim = self._similarity(signals)
         if state.source is None and state.owner is None:  # the fused CPU kernel, where eligible: same numbers
-            fused = fused_ltmp_merge_prune(x, state.size, self._similarity(signals), signals.received, state.mask,
-                                           theta_m, theta_p, p)
+            fused = fused_ltmp_merge_prune(x, state.size, sim, signals.received, state.mask, theta_m, theta_p, p)
             if fused is not None:
                 out_x, size, mask, index = fused
                 pos = None if state.pos is None else batched_gather(state.pos, index)
                 return dataclasses.replace(state, x=out_x, size=size, mask=mask, pos=pos)
         bsz, n, _ = x.shape
         live = torch.ones(bsz, n, dtype=torch.bool, device=x.device) if state.mask is None else state.mask[..., 0] > 0
-        best, partner, importance = self._scores(state, signals, live)
+        best, partner, importance = self._scores(state, signals, live, sim)
         merge = best > theta_m  # B×NA; −inf rows never merge
         size = state.sizes()
         w = merge.unsqueeze(-1).float() * size[:, ::2]  # B×NA×1 merge weights
