@@ -49,3 +49,9 @@ def test_ceiling_efficiency_is_taken_at_the_gmacs_the_slicing_copy_runs(method, 
     else:
         assert row["ceiling_gmacs_ratio"] == pytest.approx(row["gmacs_ratio"], rel=1e-12)
     assert row["ceiling_efficiency"] == pytest.approx(row["ceiling_speedup"] * row["ceiling_gmacs_ratio"])
+
+
+def test_schedule_only_refuses_a_reduced_model():
+    model = tr.apply(timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64).eval(), "tome", r=2)
+    with pytest.raises(ValueError, match="unreduced model"):
+        schedule_only_model(copy.deepcopy(model), [(17, 17)] * 12)

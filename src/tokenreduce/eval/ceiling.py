@@ -23,6 +23,7 @@ from torch import nn
 from ..budget import Schedule
 from ..methods.base import ModelInfo, Reducer
 from ..models import adapter_for, patch
+from ..models.base import is_patched
 from ..ops.attention import AttentionNeeds, AttentionSignals
 from ..state import TokenState
 
@@ -67,7 +68,14 @@ def _resize(state: TokenState, n: int) -> TokenState:
 
 
 def schedule_only_model(model: nn.Module, schedule: Schedule) -> nn.Module:
-    """Patch ``model`` (unreduced, in place) to follow ``schedule`` by slicing; returns it."""
+    """Patch ``model`` (unreduced, in place) to follow ``schedule`` by slicing; returns it.
+
+    Raises:
+        ValueError: ``model`` is already reduced (a copy of a reduced model is reduced too).
+    """
+    if is_patched(model):
+        raise ValueError("schedule_only_model needs an unreduced model; call tokenreduce.remove(model) first "
+                         "(a deep copy of a reduced model is reduced as well)")
     adapter = adapter_for(model)
     patch(model, adapter, ScheduleOnly(adapter.model_info(model), schedule), ScheduleOnly.name)
     return model
