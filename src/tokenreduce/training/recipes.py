@@ -265,12 +265,10 @@ register(Recipe(
            "repeated augmentation (RASampler) is not reproduced"),
 ))
 
-register(Recipe(
+register(dataclasses.replace(  # BAT's logs show EViT's fine-tune: EViT's recipe under BAT's name
+    RECIPES["evit"],
     name="bat", paper="BAT, Beyond Attentive Tokens (Long et al., CVPR 2023)",
     source="BWLONG/BeyondAttentiveTokens log/Ours-0.2..0.6.log (no training code is published)",
-    epochs=30, batch_size=1024, lr=2e-5, lr_batch=512, min_lr=2e-6, warmup_epochs=0, weight_decay=1e-6,
-    ema_decay=0.99996, drop_path=0.1, train_mode=False, color_jitter=0.4, keep_rate_hold_epochs=10,
-    keep_rate_shrink_epochs=0, **_DEIT_FAMILY,
     notes=("the logs show EViT's fine-tune (1251 steps per epoch = batch 1024, lr 4e-5 without warm-up, cosine "
            "to 2e-6 over 30 epochs); everything else is EViT's script, assumed, keep-rate hold included",),
 ))
