@@ -17,9 +17,9 @@ request:
 * ``values``: the value vectors, B×H×N×d;
 * ``probs``: the full attention probabilities B×H×N×N (forces the explicit path);
 * ``received``: the attention each key receives, averaged over heads and live
-  query rows, B×N float32 (LTMP's importance; differentiable in training).  With
-  the fused kernel it is computed one head at a time, so no B×H×N×N tensor is ever
-  held.
+  query rows, B×N float32 (LTMP's importance; differentiable in training).  At
+  inference it comes with the output from one explicit softmax over chunks of images
+  (:func:`attention_and_received`, about 2 MB of probabilities at a time).
 
 A live-token mask (B×N×1) removes keys: hard masks (padding in batched
 inference) become a ``−inf`` additive bias and keep the fused kernel; soft masks
@@ -223,8 +223,8 @@ def attend(
     if needs.received or (needs.cls_attn and not class_token):
         rows = key_mask.mask[..., 0].float() if key_mask is not None else q.new_ones(b, n, dtype=torch.float32)
     if needs.received and not (needs.probs or soft or training):
-        # The method needs every probability anyway: one explicit pass per head
-        # gives the output and the received attention (no second QKᵀ).
+        # The method needs every probability anyway: one explicit pass gives the
+        # output and the received attention (no second QKᵀ).
         out, received = attention_and_received(q, k, v, scale, bias, rows)
     elif needs.probs or soft or not fused:
         logits = (q * scale) @ k.transpose(-2, -1)
