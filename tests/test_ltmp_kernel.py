@@ -148,3 +148,29 @@ def test_reduced_model_gives_identical_logits_with_and_without_the_kernel(kernel
         counts[mode] = [b.tokens_out for b in tr.stats(model).blocks]
     assert counts["on"] == counts["off"] and counts["on"][-1] < 65
     assert torch.equal(outputs["on"], outputs["off"])
+
+
+def test_a_zero_prune_threshold_skips_the_attention_probabilities_at_inference(kernel_state, monkeypatch):
+    import tokenreduce.ops.attention as attention
+
+    calls = []
+    real = attention.attention_and_received
+    monkeypatch.setattr(attention, "attention_and_received", lambda *a: calls.append(1) or real(*a))
+    images = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    thresholds = [0.0] * 6 + [1e-12] * 6  # blocks 0-5 cannot prune; 6-11 can (but prune nothing here)
+    model = tr.apply(make_vit(), "ltmp", untrained=True, merge_threshold=0.6, prune_threshold=tuple(thresholds))
+    with torch.inference_mode():
+        fast = model(images)
+    counts = [b.tokens_out for b in tr.stats(model).blocks]
+    assert len(calls) == 6  # the explicit pass only where the threshold is positive
+    calls.clear()
+    model = tr.apply(make_vit(), "ltmp", untrained=True, merge_threshold=0.6, prune_threshold=1e-12)
+    with torch.inference_mode():
+        explicit = model(images)
+    assert len(calls) == 12
+    assert [b.tokens_out for b in tr.stats(model).blocks] == counts and counts[-1] < 65
+    torch.testing.assert_close(fast, explicit, atol=1e-5, rtol=1e-5)
+    model.train()  # the training form needs the probabilities in every block (its gradients)
+    calls.clear()
+    model(images)
+    assert tr.reducer(model).needs(0).received

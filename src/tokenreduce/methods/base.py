@@ -77,6 +77,9 @@ class Reducer:
     shipped_segmentation: ClassVar[str | None] = None  # the reducer checkpoint shipped for the reference segmenter
     prop_attn: bool = False
     training: bool = False  # set by the adapter at every forward (the model's ``training`` flag)
+    needs_vary: ClassVar[bool] = False
+    """Whether :meth:`needs` depends on the reducer's state (its training flag, its learned values): the
+    reduced model then asks for it again at every forward instead of once when the method is applied."""
     rejoins: bool = False
     """Whether the pruned tokens rejoin before the last block (last-layer fusion: Cropr's ``llf``); the
     reduction context then archives pruned tokens and rejoins them (:meth:`TokenState.rejoin`)."""

@@ -46,6 +46,9 @@ Choices where the official code is ambiguous (documented, exposed):
   form cannot see); this keeps training and inference consistent (docs/methods.md#ltmp).
   Which rows count carries no gradient (the official average has no such path).
 * In the training form, already-removed tokens neither merge nor receive merges.
+* At inference a block whose prune threshold is exactly 0 prunes nothing and skips the attention
+  probabilities (fused attention kernel): a token's received attention is a mean of softmax
+  probabilities, positive unless it underflows to 0, where the official rule would prune it.
 """
 
 from __future__ import annotations
@@ -63,7 +66,7 @@ from ..budget import Schedule
 from ..ops.attention import AttentionNeeds, AttentionSignals, KeyMask
 from ..ops.cpu_kernels import fused_ltmp_merge_prune
 from ..ops.gather import batched_gather, batched_scatter_add
-from ..ops.modes import no_grad
+from ..ops.modes import no_grad, tracing
 from ..ops.prune import threshold_mask
 from ..ops.similarity import alternate, unit_rows
 from ..state import TokenState
@@ -174,7 +177,14 @@ class LTMP(Reducer):
         out["prune_threshold"] = [round(v, 6) for v in self.module.prune_threshold.tolist()]
         return out
 
+    needs_vary = True  # a block whose prune threshold is 0 needs no attention probabilities at inference
+
     def needs(self, block: int) -> AttentionNeeds:
+        """Keys always; the attention received (all probabilities, no fused kernel) unless, at inference, the
+        block's prune threshold is 0: received attention is positive (softmax), so nothing can be pruned."""
+        if not (self.training or tracing() or self._module is None):
+            if float(self._module.prune_threshold.detach()[block]) <= 0.0:
+                return AttentionNeeds(keys=True)
         return AttentionNeeds(keys=True, received=True)
 
     def key_mask(self, mask: Tensor) -> KeyMask:
@@ -189,6 +199,9 @@ class LTMP(Reducer):
     def reduce(self, block: int, state: TokenState, signals: AttentionSignals) -> TokenState:
         module = self.module
         theta_m, theta_p = module.merge_threshold[block], module.prune_threshold[block]
+        if signals.received is None:  # prune threshold 0 (see needs): every token's importance passes it
+            signals = dataclasses.replace(signals, received=state.x.new_full(state.x.shape[:2], torch.inf,
+                                                                              dtype=torch.float32))
         if self.training:
             return self._reduce_soft(state, signals, theta_m, theta_p)
         with no_grad():

@@ -90,6 +90,8 @@ class ReductionContext:
         """Reset for a new forward whose first block receives ``x`` (B×N×C)."""
         b, n, _ = x.shape
         self.reducer.training = training
+        if self.reducer.needs_vary:
+            self.needs = [self.reducer.needs(i) for i in range(self.info.depth)]
         module = self.reducer.module
         if module is not None:  # learned parameters follow the activations (the model may have moved)
             first = next(module.parameters(), None)
