@@ -6,6 +6,8 @@ import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
+from tokenreduce.ops import cpu_kernels
+
 # The tests run tiny tensors: one intra-op thread is fastest and keeps parallel runs from oversubscribing.
 torch.set_num_threads(1)
 
@@ -36,3 +38,11 @@ def free_port() -> str:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return str(s.getsockname()[1])
+
+
+@pytest.fixture
+def kernel_state():
+    """Restore the module's mode / build state after a test changes it."""
+    saved = (cpu_kernels._mode, cpu_kernels._module, cpu_kernels._failure)
+    yield
+    cpu_kernels._mode, cpu_kernels._module, cpu_kernels._failure = saved

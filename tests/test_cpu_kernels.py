@@ -24,14 +24,6 @@ X = torch.tensor([[[10.0], [1.0], [2.0], [4.0], [8.0]]])
 
 
 @pytest.fixture
-def kernel_state():
-    """Restore the module's mode / build state after a test changes it."""
-    saved = (cpu_kernels._mode, cpu_kernels._module, cpu_kernels._failure)
-    yield
-    cpu_kernels._mode, cpu_kernels._module, cpu_kernels._failure = saved
-
-
-@pytest.fixture
 def fused(kernel_state):
     """Mode "on": the kernel is built (or the test fails) and used wherever eligible."""
     cpu_kernels.set_cpu_kernels("on")

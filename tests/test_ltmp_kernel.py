@@ -17,14 +17,6 @@ from tokenreduce.ops.attention import AttentionSignals
 from tokenreduce.state import TokenState
 
 
-@pytest.fixture
-def kernel_state():
-    """Restore the module's mode / build state after a test changes it."""
-    saved = (cpu_kernels._mode, cpu_kernels._module, cpu_kernels._failure)
-    yield
-    cpu_kernels._mode, cpu_kernels._module, cpu_kernels._failure = saved
-
-
 def _ltmp(merge: float, prune: float, num_patches: int = 4, num_prefix: int = 1) -> LTMP:
     ltmp = LTMP(_info(num_patches=num_patches, num_prefix=num_prefix),
                 LTMPParams(merge_threshold=merge, prune_threshold=prune))

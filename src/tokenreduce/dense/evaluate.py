@@ -39,6 +39,7 @@ from ..eval.accuracy import (
     Config,
     _analytic_params,
     default_configs,
+    row_weights,
     seed_list,
     shard_indices,
     skip_reason,
@@ -193,7 +194,6 @@ def evaluate_segmentation_configs(
     num_classes = model.num_classes
     dec = decoder_gmacs(model, tuple(timing_batch.shape[-2:]))
     base_gmacs = gmacs(backbone) + dec
-    stock_state = {k: v.clone() for k, v in model.state_dict().items()}
     rows: list[dict[str, Any]] = []
     base_miou: float | None = None
     for config in configs:
@@ -209,45 +209,43 @@ def evaluate_segmentation_configs(
             rows.append({**row, "params": config.params, "skipped": reason})
             continue
         if weights is not None:
-            load_segmenter_weights(model, weights)
             row["weights"] = weights.name
-        run_seeds = seed_list(config, seeds)
-        seed_param = get_method(config.method).resolve(dict(config.params))[0].seed_param if run_seeds else None
-        runs: list[Confusions] = []
-        for seed in run_seeds or [None]:
-            run_params = dict(config.params) if seed is None else {**config.params, seed_param: seed}
-            if config.method is not None:
-                apply(backbone, config.method, budget=config.budget, restore=restore, **run_params)
-                method = applied_reducer(backbone)
-                if method.needs_calibration(run_params):
-                    # a default tuned for another model (PPT's τ): calibrated on the timing batch
-                    value = method.calibrate(backbone, timing_batch, config.budget, run_params)
-                    row["calibrated"] = list(value) if isinstance(value, tuple) else value
+        with row_weights(model, weights, load_segmenter_weights):
+            run_seeds = seed_list(config, seeds)
+            seed_param = get_method(config.method).resolve(dict(config.params))[0].seed_param if run_seeds else None
+            runs: list[Confusions] = []
+            for seed in run_seeds or [None]:
+                run_params = dict(config.params) if seed is None else {**config.params, seed_param: seed}
+                if config.method is not None:
+                    apply(backbone, config.method, budget=config.budget, restore=restore, **run_params)
+                    method = applied_reducer(backbone)
+                    if method.needs_calibration(run_params):
+                        # a default tuned for another model (PPT's τ): calibrated on the timing batch
+                        value = method.calibrate(backbone, timing_batch, config.budget, run_params)
+                        row["calibrated"] = list(value) if isinstance(value, tuple) else value
 
-                def gmacs_of() -> float:
-                    return stats(backbone).gmacs + dec
-            else:
-
-                def gmacs_of() -> float:
-                    return base_gmacs
-            desc = config.label if seed is None else f"{config.label} seed {seed}"
-            runs.append(score_batches(model, make_batches(), num_classes, gmacs_of=gmacs_of, device=device,
-                                      progress=progress, desc=desc, total=num_batches).gathered())
-            if len(runs) == 1:
-                if config.method is None:
-                    params, analytic = {}, base_gmacs
-                    speed = time_models({"m": base}, timing_batch, repeats=repeats)["m"]
-                    ips = {"unreduced": speed, "reduced": speed}
+                    def gmacs_of() -> float:
+                        return stats(backbone).gmacs + dec
                 else:
-                    params = stats(backbone).params
-                    try:
-                        analytic = gmacs(backbone, config.method, **_analytic_params(config.method, params)) + dec
-                    except NotImplementedError:  # data-dependent counts (LTMP)
-                        analytic = None
-                    ips = time_models({"unreduced": base, "reduced": model}, timing_batch, repeats=repeats)
-            remove(backbone)
-        if weights is not None:
-            model.load_state_dict(stock_state)
+
+                    def gmacs_of() -> float:
+                        return base_gmacs
+                desc = config.label if seed is None else f"{config.label} seed {seed}"
+                runs.append(score_batches(model, make_batches(), num_classes, gmacs_of=gmacs_of, device=device,
+                                          progress=progress, desc=desc, total=num_batches).gathered())
+                if len(runs) == 1:
+                    if config.method is None:
+                        params, analytic = {}, base_gmacs
+                        speed = time_models({"m": base}, timing_batch, repeats=repeats)["m"]
+                        ips = {"unreduced": speed, "reduced": speed}
+                    else:
+                        params = stats(backbone).params
+                        try:
+                            analytic = gmacs(backbone, config.method, **_analytic_params(config.method, params)) + dec
+                        except NotImplementedError:  # data-dependent counts (LTMP)
+                            analytic = None
+                        ips = time_models({"unreduced": base, "reduced": model}, timing_batch, repeats=repeats)
+                remove(backbone)
         first = runs[0]
         per_run = [scores(r.stacked().sum(0)) for r in runs]
         miou = statistics.fmean(s.miou for s in per_run)

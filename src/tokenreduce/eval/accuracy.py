@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import math
 import statistics
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -289,15 +289,24 @@ def evaluate_configs(
 
 
 @contextmanager
-def row_weights(model: nn.Module, path: str | None) -> Iterator[None]:
-    """Run a row with the weights in ``path`` (``None``: the model's own), restoring the model's own after."""
+def row_weights(
+    model: nn.Module, path: str | Path | None, load: Callable[[nn.Module, str | Path], None] | None = None
+) -> Iterator[None]:
+    """Run a row with the weights in ``path`` (``None``: the model's own), restoring the model's own after.
+
+    ``load(model, path)`` reads them in (default: :func:`~tokenreduce.models.loading.load_weights`, strict).
+    """
     if path is None:
         yield
         return
-    from ..models.loading import load_weights
+    if load is None:
+        from ..models.loading import load_weights
+
+        def load(target: nn.Module, source: str | Path) -> None:
+            load_weights(target, source, name="the evaluated model")
 
     own = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    load_weights(model, path, name="the evaluated model")
+    load(model, path)
     try:
         yield
     finally:

@@ -166,9 +166,10 @@ class PPT(Reducer):
             self.recorded[block].append(variance.detach())
         pool = variance < self.thresholds[block]
         if not tracing():  # eager: a batch whose images all take one branch computes only that branch
-            if bool(pool.all()):
+            pooling = int(pool.sum())  # one host sync
+            if pooling == pool.numel():
                 return bipartite_merge(state, signals.keys, r)
-            if not bool(pool.any()):  # sizes materialised, as the selection gives them
+            if pooling == 0:  # sizes materialised, as the selection gives them
                 pruned = state.prefix_and_patches(keep_topk(scores, n - p - r))
                 return dataclasses.replace(pruned, size=pruned.sizes())
         pooled = bipartite_merge(state, signals.keys, r)
