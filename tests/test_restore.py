@@ -285,6 +285,45 @@ def test_cropr_llf_is_the_generic_rejoin_and_keeps_rotary_positions():
     assert torch.equal(record.pos[..., 0].sort(dim=1).values, torch.arange(17).expand(3, 17))  # each rejoined once
 
 
+def test_archive_without_owner_map_rejoins_exactly_what_the_tracked_state_rejoins():
+    # Cropr's llf without restore= archives pruned tokens but keeps no owner map; the rejoined sequence must
+    # equal the one the owner-tracked state rejoins: survivors, then each pruning's tokens in `dropped` order
+    x = torch.arange(2 * 6 * 1, dtype=torch.float32).view(2, 6, 1)
+    pos = torch.arange(6).view(1, 6, 1).expand(2, 6, 1)
+    keep, drop = torch.tensor([[4, 0], [1, 2]]), torch.tensor([[2, 3, 1], [4, 0, 3]])  # patch positions
+    plain = TokenState(x, pos=pos, archives=True)
+    with_owner = tracked(x, pos=pos)
+    results = []
+    for state in (plain, with_owner):
+        state = state.prefix_and_patches(torch.cat([keep, drop[:, :1]], 1), drop[:, 1:])
+        state = state.prefix_and_patches(torch.tensor([[0, 2], [2, 1]]))  # no `dropped`: position order
+        results.append(state.rejoin())
+    plain_out, tracked_out = results
+    assert plain_out.owner is None and plain_out.archive == () and tracked_out.archive == ()
+    assert torch.equal(plain_out.x, tracked_out.x) and torch.equal(plain_out.pos, tracked_out.pos)
+    assert torch.equal(plain_out.sizes(), tracked_out.sizes())
+    # image 0: patches 4, 0, 2 kept (3, 1 archived); then patches 4, 2 kept (0 archived); then the archive
+    assert plain_out.pos[0, :, 0].tolist() == [0, 5, 3, 4, 2, 1]
+    # a live mask cannot be archived without an owner map: a clear error, not a wrong rejoin
+    masked = TokenState(x, mask=torch.ones(2, 6, 1), archives=True)
+    with pytest.raises(RuntimeError, match="owner map"):
+        masked.prefix_and_patches(keep)
+    with pytest.raises(RuntimeError, match="owner map"):
+        plain.masked(torch.ones(2, 6, 1))
+
+
+def test_cropr_llf_without_restore_gives_the_logits_of_the_owner_tracked_run(images):
+    # restore="fusion" tracks the owner map; the default llf only archives; the class token sees the same tokens
+    torch.manual_seed(0)
+    archived = tr.apply(make_vit(), "cropr", untrained=True, p=4)
+    tracked_model = tr.apply(make_vit(), "cropr", untrained=True, p=4, restore="fusion")
+    tracked_model.load_state_dict(archived.state_dict())
+    tr.reducer(tracked_model).module.load_state_dict(tr.reducer(archived).module.state_dict())
+    with torch.no_grad():
+        assert torch.equal(archived(images), tracked_model(images))
+    assert tr.last_forward(archived).block_tokens[-1] == (65, 65)
+
+
 def test_remove_is_still_bit_exact_after_restoration(images):
     stock = make_vit()
     with torch.no_grad():

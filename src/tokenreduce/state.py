@@ -41,6 +41,10 @@ is asked for; ``None`` / empty otherwise, at no cost):
 * ``orphans``: some current token may stand for no original token (EViT's fused token, whose
   patches keep their own frozen features): archived rows then get a mask computed from
   ``owner`` instead of the static "every row is owned".
+* ``archives``: pruned tokens are archived although no owner map is tracked (last-layer fusion
+  without restoration, Cropr's ``llf`` at its default): they rejoin, but nothing maps the original
+  grid onto them, which saves the owner map's upkeep at every reduction.  Only plain pruning (no
+  live mask) is supported this way; a masked reduction raises.
 
 :meth:`TokenState.restore` puts the original grid back (B×N0×C, original order) and
 :meth:`TokenState.rejoin` brings the archived tokens back into the sequence (last-layer fusion).
@@ -74,6 +78,7 @@ class TokenState:
             archive rows (``< 0``: row ``−1 − owner``), or ``None`` when restoration is not tracked.
         archive: the pruned tokens (prefix-free states, frozen when pruned), in archive-row order.
         orphans: whether a current token may stand for no original token (module docstring).
+        archives: archive pruned tokens without an owner map (module docstring).
     """
 
     x: Tensor
@@ -85,6 +90,7 @@ class TokenState:
     owner: Tensor | None = None
     archive: tuple[TokenState, ...] = ()
     orphans: bool = False
+    archives: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -132,9 +138,12 @@ class TokenState:
         A carried ``mask`` counts too: a kept token whose mask is 0 is dead (padding), and if it
         still stood for original tokens it is archived as pruned (LTMP's compaction).
         """
-        out = replace(self._rows(index, self.num_prefix), archive=self.archive, orphans=self.orphans)
+        out = replace(self._rows(index, self.num_prefix), archive=self.archive, orphans=self.orphans,
+                      archives=self.archives)
         if self.owner is None:
-            return out
+            if not self.archives or into is not None or index.shape[1] == self.num_tokens:
+                return out
+            return replace(out, archive=(*self.archive, self._pruned_rows(index, dropped)))
         owner, archive = self._follow_selection(index, dropped, into)
         return replace(out, owner=owner, archive=archive)
 
@@ -202,9 +211,26 @@ class TokenState:
         now dead (mask 0) is pruned in place, archived with its current feature (DynamicViT's training form)."""
         out = replace(self, mask=mask)
         if self.owner is None:
+            if self.archives:
+                raise RuntimeError("TokenState.masked: archiving pruned tokens without an owner map supports "
+                                   "plain pruning only (track restoration for masked reductions)")
             return out
         owner, archive = out._follow_selection(None, None, None)
         return replace(out, owner=owner, archive=archive)
+
+    def _pruned_rows(self, index: Tensor, dropped: Tensor | None) -> TokenState:
+        """The archive chunk of a plain pruning without an owner map: the tokens outside ``index`` (B×K),
+        in ``dropped`` order when given (B×(N−K)), else in position order."""
+        if self.mask is not None:
+            raise RuntimeError("TokenState.gather: archiving pruned tokens without an owner map supports plain "
+                               "pruning only (no live mask); track restoration for masked reductions")
+        return self._rows(self._outside(index) if dropped is None else dropped, 0)
+
+    def _outside(self, index: Tensor) -> Tensor:
+        """B×(N−K) positions not in ``index`` (B×K, no repeats), in position order."""
+        b, n, k = self.x.shape[0], self.num_tokens, index.shape[1]
+        outside = torch.ones(b, n, dtype=torch.int8, device=index.device).scatter(1, index, 0)
+        return outside.argsort(dim=1, descending=True, stable=True)[:, : n - k]
 
     def _follow_selection(
         self, index: Tensor | None, dropped: Tensor | None, into: Tensor | None
@@ -232,8 +258,7 @@ class TokenState:
             if index is None or k == n:
                 return follow(owner, remap, n, k), archive
             if dropped is None:
-                outside = torch.ones(b, n, dtype=torch.int8, device=device).scatter(1, index, 0)
-                dropped = outside.argsort(dim=1, descending=True, stable=True)[:, : n - k]
+                dropped = self._outside(index)
             chunk = self._rows(dropped, 0)
             if self.orphans:  # a row standing for no original token must not rejoin
                 chunk = replace(chunk, mask=owned(owner, n).gather(1, dropped).unsqueeze(-1).to(self.x.dtype))
@@ -295,6 +320,8 @@ class TokenState:
         pos = None if self.pos is None else torch.cat([c.pos for c in chunks], dim=1)
         out = self.append(torch.cat([c.x for c in chunks], dim=1), torch.cat([c.sizes() for c in chunks], dim=1),
                           source, pos, mask)
+        if self.owner is None:  # archived without an owner map: nothing to renumber
+            return replace(out, archive=())
         n = self.num_tokens
         owner = torch.where(self.owner >= 0, self.owner, n - 1 - self.owner)
         return replace(out, owner=owner, archive=())

@@ -72,7 +72,8 @@ class ReductionContext:
         self.enabled = True  # False: the model runs its stock forward (e.g. as its own distillation teacher)
         self.restore: str | None = reducer.restore  # None, "frozen" or "fusion" (tokenreduce.apply's restore=)
         self.fusion = reducer.restore == "fusion" or reducer.rejoins  # archived tokens rejoin before the last block
-        self.track_owner = reducer.restore is not None or self.fusion
+        self.track_owner = reducer.restore is not None  # the grid is restored at the end: map it
+        self.archives = self.fusion and not self.track_owner  # pruned tokens only rejoin: no owner map needed
         self.last_block = depth - 1
         self.owner: Tensor | None = None
         self.archive: tuple[TokenState, ...] = ()
@@ -146,7 +147,7 @@ class ReductionContext:
 
     def state(self, x: Tensor) -> TokenState:
         return TokenState(x, self.size, self.source, self.info.num_prefix, self.mask, self.pos, self.owner,
-                          self.archive, self.orphans)
+                          self.archive, self.orphans, self.archives)
 
     def update(self, state: TokenState) -> Tensor:
         if self.track_pos and state.pos is None:

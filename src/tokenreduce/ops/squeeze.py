@@ -101,7 +101,7 @@ def squeeze_state(
     p = state.num_prefix
     patches = state.x[:, p:]
     dropped = batched_gather(patches, drop_index)
-    if state.owner is None:
+    if state.owner is None and not state.archives:
         kept = state.prefix_and_patches(keep_index)
         host, weight = squeeze_hosts(dropped, kept.x[:, p:], temperature)
     else:  # the hosts first: the guests' original tokens follow them there
