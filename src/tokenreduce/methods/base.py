@@ -214,7 +214,13 @@ class Reducer:
 
     # -- the forward hooks ----------------------------------------------------------
     def needs(self, block: int) -> AttentionNeeds | None:
+        """What block ``block``'s attention must return besides its output (``None``: nothing)."""
         return None
+
+    def needs_per_block(self) -> list[AttentionNeeds | None]:
+        """:meth:`needs` for every block (what the reduced model asks for, once or per forward with
+        :attr:`needs_vary`); a method whose answers read learned values may read them all at once."""
+        return [self.needs(i) for i in range(self.info.depth)]
 
     def reduce(self, block: int, state: TokenState, signals: AttentionSignals) -> TokenState:
         return state

@@ -182,10 +182,15 @@ class LTMP(Reducer):
     def needs(self, block: int) -> AttentionNeeds:
         """Keys always; the attention received (all probabilities, no fused kernel) unless, at inference, the
         block's prune threshold is 0: received attention is positive (softmax), so nothing can be pruned."""
-        if not (self.training or tracing() or self._module is None):
-            if float(self._module.prune_threshold.detach()[block]) <= 0.0:
-                return AttentionNeeds(keys=True)
-        return AttentionNeeds(keys=True, received=True)
+        return self.needs_per_block()[block]
+
+    def needs_per_block(self) -> list[AttentionNeeds]:
+        """:meth:`needs` for every block, reading the prune thresholds with one host transfer."""
+        everything = AttentionNeeds(keys=True, received=True)
+        if self.training or tracing() or self._module is None:
+            return [everything] * self.info.depth
+        thresholds = self._module.prune_threshold.detach().tolist()
+        return [AttentionNeeds(keys=True) if theta <= 0.0 else everything for theta in thresholds]
 
     def key_mask(self, mask: Tensor) -> KeyMask:
         return KeyMask(mask, soft=self.training, eps=1e-5)

@@ -56,7 +56,7 @@ class ReductionContext:
         self.method = method
         self.trace_source = trace_source
         depth = self.info.depth
-        self.needs = [reducer.needs(i) for i in range(depth)]
+        self.needs = reducer.needs_per_block()
         self.has_before = [reducer.has_before_block(i) for i in range(depth)]
         self.size: Tensor | None = None
         self.source: Tensor | None = None
@@ -92,7 +92,7 @@ class ReductionContext:
         b, n, _ = x.shape
         self.reducer.training = training
         if self.reducer.needs_vary:
-            self.needs = [self.reducer.needs(i) for i in range(self.info.depth)]
+            self.needs = self.reducer.needs_per_block()
         module = self.reducer.module
         if module is not None:  # learned parameters follow the activations (the model may have moved)
             first = next(module.parameters(), None)
