@@ -29,21 +29,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..api import apply, gmacs, remove, stats
-from ..api import reducer as applied_reducer
+from ..api import gmacs, remove, stats
 from ..checkpoint import read_reducer
 from ..distributed import rank_world
 from ..eval.accuracy import (
     DEFAULT_SEEDS,
     UNREDUCED,
     Config,
-    _analytic_params,
     default_configs,
     row_weights,
-    seed_list,
+    run_config,
     shard_indices,
     skip_reason,
-    time_models,
 )
 from ..methods import get_method
 from ..models import model_info
@@ -210,55 +207,31 @@ def evaluate_segmentation_configs(
             continue
         if weights is not None:
             row["weights"] = weights.name
+        reduced = config.method is not None
+
+        def score(desc: str, reduced: bool = reduced) -> Confusions:
+            def gmacs_of() -> float:
+                return stats(backbone).gmacs + dec if reduced else base_gmacs
+
+            return score_batches(model, make_batches(), num_classes, gmacs_of=gmacs_of, device=device,
+                                 progress=progress, desc=desc, total=num_batches).gathered()
+
         with row_weights(model, weights, load_segmenter_weights):
-            run_seeds = seed_list(config, seeds)
-            seed_param = get_method(config.method).resolve(dict(config.params))[0].seed_param if run_seeds else None
-            runs: list[Confusions] = []
-            for seed in run_seeds or [None]:
-                run_params = dict(config.params) if seed is None else {**config.params, seed_param: seed}
-                if config.method is not None:
-                    apply(backbone, config.method, budget=config.budget, restore=restore, **run_params)
-                    method = applied_reducer(backbone)
-                    if method.needs_calibration(run_params):
-                        # a default tuned for another model (PPT's τ): calibrated on the timing batch
-                        value = method.calibrate(backbone, timing_batch, config.budget, run_params)
-                        row["calibrated"] = list(value) if isinstance(value, tuple) else value
-
-                    def gmacs_of() -> float:
-                        return stats(backbone).gmacs + dec
-                else:
-
-                    def gmacs_of() -> float:
-                        return base_gmacs
-                desc = config.label if seed is None else f"{config.label} seed {seed}"
-                runs.append(score_batches(model, make_batches(), num_classes, gmacs_of=gmacs_of, device=device,
-                                          progress=progress, desc=desc, total=num_batches).gathered())
-                if len(runs) == 1:
-                    if config.method is None:
-                        params, analytic = {}, base_gmacs
-                        speed = time_models({"m": base}, timing_batch, repeats=repeats)["m"]
-                        ips = {"unreduced": speed, "reduced": speed}
-                    else:
-                        params = stats(backbone).params
-                        try:
-                            analytic = gmacs(backbone, config.method, **_analytic_params(config.method, params)) + dec
-                        except NotImplementedError:  # data-dependent counts (LTMP)
-                            analytic = None
-                        ips = time_models({"unreduced": base, "reduced": model}, timing_batch, repeats=repeats)
-                remove(backbone)
+            measured = run_config(config, row, target=backbone, timed=model, base=base, score=score,
+                                  timing_batch=timing_batch, repeats=repeats, seeds=seeds, unreduced_gmacs=base_gmacs,
+                                  extra_gmacs=dec, apply_kwargs={"restore": restore})
+        runs = measured.scores
         first = runs[0]
         per_run = [scores(r.stacked().sum(0)) for r in runs]
         miou = statistics.fmean(s.miou for s in per_run)
-        if config.method is None:
+        if not reduced:
             base_miou = miou
-        if run_seeds:
-            params = {k: v for k, v in params.items() if k != seed_param}
-            row.update(seeds=run_seeds, miou_per_seed=[s.miou for s in per_run],
+        if measured.seeds:
+            row.update(seeds=measured.seeds, miou_per_seed=[s.miou for s in per_run],
                        miou_std=statistics.stdev([s.miou for s in per_run]) if len(runs) > 1 else None)
         interval = (bootstrap_miou(first.stacked(), rounds=bootstrap_rounds) if first.images > 1
                     else (float("nan"), float("nan")))
         row.update(
-            params=params,
             miou=miou,
             miou_ci95=list(interval),
             miou_foreground=statistics.fmean(s.miou_foreground for s in per_run),
@@ -266,11 +239,7 @@ def evaluate_segmentation_configs(
             iou=list(per_run[0].iou),
             images=first.images,
             gmacs=first.gmacs_sum / max(first.images, 1),
-            gmacs_analytic=analytic,
-            gmacs_unreduced=base_gmacs,
-            images_per_s=ips["reduced"],
-            images_per_s_unreduced=ips["unreduced"],
-            speedup=ips["reduced"] / ips["unreduced"],
+            **measured.common_fields(base_gmacs),
         )
         rows.append(row)
     for row in rows:

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -36,6 +36,8 @@ from ..methods.base import ModelInfo
 from ..models import model_info
 from ..training.tasks import logits_of
 from .throughput import TimingResult, _timer, interleaved_seconds
+
+Score = TypeVar("Score")
 
 UNREDUCED = "unreduced"
 
@@ -313,78 +315,121 @@ def row_weights(
         model.load_state_dict(own)
 
 
+@dataclass
+class ConfigRuns(Generic[Score]):
+    """What :func:`run_config` measured for one config.
+
+    Attributes:
+        scores: one score per seed run (one in all for an unseeded config), in seed order.
+        seeds: the seeds run (:func:`seed_list`), or ``None`` for one unseeded run.
+        params: the first run's resolved parameters (``{}`` unreduced), without the seed of a seeded config.
+        gmacs_analytic: the first run's GMACs by formula (plus the caller's extra), or ``None`` when the
+            counts are data-dependent (LTMP).
+        images_per_s: ``{"unreduced": …, "reduced": …}`` from the first run, timed alternately.
+    """
+
+    scores: list[Score]
+    seeds: list[int] | None
+    params: dict[str, Any]
+    gmacs_analytic: float | None
+    images_per_s: dict[str, float]
+
+    def common_fields(self, unreduced_gmacs: float) -> dict[str, Any]:
+        """The row fields every evaluation reports alike: params, GMACs and speed."""
+        ips = self.images_per_s
+        return {"params": self.params, "gmacs_analytic": self.gmacs_analytic, "gmacs_unreduced": unreduced_gmacs,
+                "images_per_s": ips["reduced"], "images_per_s_unreduced": ips["unreduced"],
+                "speedup": ips["reduced"] / ips["unreduced"]}
+
+
+def run_config(
+    config: Config, row: dict[str, Any], *, target: nn.Module, timed: nn.Module, base: nn.Module,
+    score: Callable[[str], Score], timing_batch: Tensor, repeats: int, seeds: int, unreduced_gmacs: float,
+    extra_gmacs: float = 0.0, apply_kwargs: dict[str, Any] | None = None,
+) -> ConfigRuns[Score]:
+    """One evaluation row's runs: ``config``'s method applied to ``target`` once per seed (:func:`seed_list`),
+    each run scored by ``score(description)``; the first run's GMACs and speed.
+
+    Args:
+        config: the row's method, parameters and budget (``method=None``: the unreduced model).
+        row: the row being built; a calibrated default is recorded in it (``calibrated``).
+        target: the module the method is applied to (the model, or a segmenter's backbone); left unreduced.
+        timed: the model timed against ``base`` (the one ``target`` is part of); ``base``: an unreduced copy.
+        score: scores the currently applied run over the data; its argument labels the progress bar.
+        timing_batch: B×C×H×W on which images/s are measured (and calibration, where a default needs it).
+        repeats: timed forwards per model (medians); seeds: seeds a seeded method is run over.
+        unreduced_gmacs: the unreduced model's GMACs (the unreduced row's analytic count).
+        extra_gmacs: GMACs outside ``target`` that every run adds (a segmenter's decoder).
+        apply_kwargs: further :func:`~tokenreduce.apply` arguments (``restore=``).
+    """
+    run_seeds = seed_list(config, seeds)
+    seed_param = get_method(config.method).resolve(dict(config.params))[0].seed_param if run_seeds else None
+    scores: list[Score] = []
+    params: dict[str, Any] = {}
+    analytic: float | None = unreduced_gmacs
+    ips: dict[str, float] = {}
+    for seed in run_seeds or [None]:
+        run_params = dict(config.params) if seed is None else {**config.params, seed_param: seed}
+        try:
+            if config.method is not None:
+                apply(target, config.method, budget=config.budget, **(apply_kwargs or {}), **run_params)
+                applied = reducer(target)
+                if applied.needs_calibration(run_params):
+                    # a default tuned for another model (PPT's τ): calibrated on the timing batch
+                    value = applied.calibrate(target, timing_batch, config.budget, run_params)
+                    row["calibrated"] = list(value) if isinstance(value, tuple) else value
+            scores.append(score(config.label if seed is None else f"{config.label} seed {seed}"))
+            if len(scores) == 1:  # schedule, GMACs and speed: the first (seed-0) run's
+                if config.method is None:  # one model: its speed-up is 1 by definition
+                    ips = dict.fromkeys(("unreduced", "reduced"),
+                                        time_models({"m": base}, timing_batch, repeats=repeats)["m"])
+                else:
+                    params = stats(target).params
+                    try:
+                        analytic = gmacs(target, config.method, **_analytic_params(config.method, params))
+                        analytic += extra_gmacs
+                    except NotImplementedError:  # data-dependent counts (LTMP): only the measured GMACs exist
+                        analytic = None
+                    ips = time_models({"unreduced": base, "reduced": timed}, timing_batch, repeats=repeats)
+        finally:
+            remove(target)
+    if run_seeds:
+        params = {k: v for k, v in params.items() if k != seed_param}
+    return ConfigRuns(scores, run_seeds, params, analytic, ips)
+
+
 def _evaluate_row(
     model: nn.Module, base: nn.Module, config: Config, row: dict[str, Any], make_batches: Any, timing_batch: Tensor,
-    num_batches: int | None, device: torch.device | str, repeats: int, progress: bool, seeds: int | None,
+    num_batches: int | None, device: torch.device | str, repeats: int, progress: bool, seeds: int,
     base_gmacs: float,
 ) -> dict[str, Any]:
     """One row of :func:`evaluate_configs` (accuracy over every seed, GMACs and speed of the first)."""
-    run_seeds = seed_list(config, seeds)
-    seed_param = get_method(config.method).resolve(dict(config.params))[0].seed_param if run_seeds else None
-    runs: list[Counts] = []
-    for seed in run_seeds or [None]:
-        run_params = dict(config.params) if seed is None else {**config.params, seed_param: seed}
-        if config.method is not None:
-            apply(model, config.method, budget=config.budget, **run_params)
-            applied = reducer(model)
-            if applied.needs_calibration(run_params):
-                # a default tuned for another model (PPT's τ): calibrated on the timing batch
-                value = applied.calibrate(model, timing_batch, config.budget, run_params)
-                row["calibrated"] = list(value) if isinstance(value, tuple) else value
-        desc = config.label if seed is None else f"{config.label} seed {seed}"
-        counts = count_correct(
-            model,
-            make_batches(),
-            device=device,
-            reduced=config.method is not None,
-            progress=progress,
-            desc=desc,
-            total=num_batches,
-        ).all_reduce()
-        runs.append(counts)
-        if len(runs) == 1:  # schedule, GMACs and speed: the first (seed-0) run's
-            if config.method is None:
-                params, analytic = {}, base_gmacs
-            else:
-                params = stats(model).params
-                try:
-                    analytic = gmacs(model, config.method, **_analytic_params(config.method, params))
-                except NotImplementedError:  # data-dependent counts (LTMP): only the measured GMACs exist
-                    analytic = None
-            if config.method is None:  # one model: its speed-up is 1 by definition
-                ips = dict.fromkeys(
-                    ("unreduced", "reduced"), time_models({"m": base}, timing_batch, repeats=repeats)["m"]
-                )
-            else:
-                ips = time_models({"unreduced": base, "reduced": model}, timing_batch, repeats=repeats)
-        remove(model)
+
+    def score(desc: str) -> Counts:
+        return count_correct(model, make_batches(), device=device, reduced=config.method is not None,
+                             progress=progress, desc=desc, total=num_batches).all_reduce()
+
+    measured = run_config(config, row, target=model, timed=model, base=base, score=score, timing_batch=timing_batch,
+                          repeats=repeats, seeds=seeds, unreduced_gmacs=base_gmacs)
+    runs = measured.scores
     first = runs[0]
-    correct1 = sum(c.correct1 for c in runs) / len(runs) if run_seeds else first.correct1
-    correct5 = sum(c.correct5 for c in runs) / len(runs) if run_seeds else first.correct5
-    top1 = correct1 / first.total if first.total else float("nan")
-    top5 = correct5 / first.total if first.total else float("nan")
-    if run_seeds:
-        params = {k: v for k, v in params.items() if k != seed_param}
+    correct1 = sum(c.correct1 for c in runs) / len(runs)
+    correct5 = sum(c.correct5 for c in runs) / len(runs)
     row.update(
-        params=params,
-        top1=top1,
-        top5=top5,
+        top1=correct1 / first.total if first.total else float("nan"),
+        top5=correct5 / first.total if first.total else float("nan"),
         top1_ci95=list(wilson_interval(correct1, first.total)),
         top5_ci95=list(wilson_interval(correct5, first.total)),
         correct1=correct1,
         correct5=correct5,
         samples=first.total,
         gmacs=first.gmacs,
-        gmacs_analytic=analytic,
-        gmacs_unreduced=base_gmacs,
-        images_per_s=ips["reduced"],
-        images_per_s_unreduced=ips["unreduced"],
-        speedup=ips["reduced"] / ips["unreduced"],
+        **measured.common_fields(base_gmacs),
     )
-    if run_seeds:
+    if measured.seeds:
         per_seed1 = [c.top1 for c in runs]
         row.update(
-            seeds=run_seeds,
+            seeds=measured.seeds,
             top1_per_seed=per_seed1,
             top5_per_seed=[c.top5 for c in runs],
             top1_std=statistics.stdev(per_seed1) if len(runs) > 1 else None,
