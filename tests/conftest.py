@@ -46,3 +46,17 @@ def kernel_state():
     saved = (cpu_kernels._mode, cpu_kernels._module, cpu_kernels._failure)
     yield
     cpu_kernels._mode, cpu_kernels._module, cpu_kernels._failure = saved
+
+
+def write_fashion_mnist(folder, split: str, images: torch.Tensor, labels: torch.Tensor) -> None:
+    """Fashion-MNIST's gzipped idx files for ``split`` ("train" / "t10k") in ``folder``: uint8 N×28×28 images,
+    labels N (0…9)."""
+    import gzip
+
+    n, h, w = images.shape
+    header = b"".join(v.to_bytes(4, "big") for v in (2051, n, h, w))
+    pixels = images.to(torch.uint8).numpy().tobytes()
+    (folder / f"{split}-images-idx3-ubyte.gz").write_bytes(gzip.compress(header + pixels))
+    header = b"".join(v.to_bytes(4, "big") for v in (2049, n))
+    classes = labels.to(torch.uint8).numpy().tobytes()
+    (folder / f"{split}-labels-idx1-ubyte.gz").write_bytes(gzip.compress(header + classes))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import json
 import math
 import os
@@ -14,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import free_port, make_vit
+from conftest import free_port, make_vit, write_fashion_mnist
 from safetensors.torch import load_file
 from torch.utils.data import TensorDataset
 
@@ -274,12 +273,9 @@ def _idx_folder(root: Path, n: int = 32) -> Path:
     """A Fashion-MNIST-shaped folder of gzipped idx files with ``n`` random training images."""
     root.mkdir(parents=True)
     rng = np.random.default_rng(0)
-    images = rng.integers(0, 255, (n, 28, 28), dtype=np.uint8)
-    labels = rng.integers(0, 10, n, dtype=np.uint8)
-    header = (2051).to_bytes(4, "big") + n.to_bytes(4, "big") + (28).to_bytes(4, "big") * 2
-    (root / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(header + images.tobytes()))
-    label_header = (2049).to_bytes(4, "big") + n.to_bytes(4, "big")
-    (root / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(label_header + labels.tobytes()))
+    images = torch.from_numpy(rng.integers(0, 255, (n, 28, 28), dtype=np.uint8))
+    labels = torch.from_numpy(rng.integers(0, 10, n, dtype=np.uint8))
+    write_fashion_mnist(root, "train", images, labels)
     return root
 
 

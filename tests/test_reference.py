@@ -6,6 +6,7 @@ import hashlib
 
 import pytest
 import torch
+from conftest import write_fashion_mnist
 from timm.models.vision_transformer import VisionTransformer
 
 import tokenreduce as tr
@@ -88,17 +89,6 @@ def test_preprocessing_and_augmentation_frame_images_alike():
     torch.testing.assert_close(a, expected)
 
 
-def _write_idx(folder, split: str, images: torch.Tensor, labels: torch.Tensor) -> None:
-    import gzip
-
-    n, h, w = images.shape
-    header = b"".join(v.to_bytes(4, "big") for v in (2051, n, h, w))
-    (folder / f"{split}-images-idx3-ubyte.gz").write_bytes(gzip.compress(header + images.numpy().tobytes()))
-    header = b"".join(v.to_bytes(4, "big") for v in (2049, n))
-    label_bytes = labels.to(torch.uint8).numpy().tobytes()
-    (folder / f"{split}-labels-idx1-ubyte.gz").write_bytes(gzip.compress(header + label_bytes))
-
-
 def test_train_reference_exports_a_checkpoint_that_loads_with_its_recorded_width(tmp_path):
     """The training recipe end to end on a few synthetic idx images: weights + JSON written, the
     JSON records the width actually trained, and ``load_reference_model`` rebuilds that width."""
@@ -107,8 +97,8 @@ def test_train_reference_exports_a_checkpoint_that_loads_with_its_recorded_width
     gen = torch.Generator().manual_seed(0)
     labels = torch.arange(64) % 10
     images = (torch.rand(64, 28, 28, generator=gen) * 60 + labels.view(-1, 1, 1) * 19).to(torch.uint8)
-    _write_idx(tmp_path, "train", images, labels)
-    _write_idx(tmp_path, "t10k", images[:20], labels[:20])
+    write_fashion_mnist(tmp_path, "train", images, labels)
+    write_fashion_mnist(tmp_path, "t10k", images[:20], labels[:20])
     info = train_reference(
         str(tmp_path), str(tmp_path / "run"), epochs=1, batch_size=32, embed_dim=32, label_smoothing=0.0,
         max_shift=1, compile=False, progress=False, threads=None,

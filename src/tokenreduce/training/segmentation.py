@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import platform
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,17 @@ from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
 from ..dense.metrics import confusion_matrix, scores
-from ..dense.mosaic import CANVAS, CELL, FILL_PROB, IGNORE_INDEX, MAX_OFFSET, NUM_CLASSES, THRESHOLD, MosaicComposer
+from ..dense.mosaic import (
+    CANVAS,
+    CELL,
+    FILL_PROB,
+    IGNORE_INDEX,
+    MAX_OFFSET,
+    NUM_CLASSES,
+    THRESHOLD,
+    MosaicComposer,
+    mosaic_testset,
+)
 from ..dense.mosaic import preprocess as preprocess_canvas
 from ..dense.segmenter import (
     INFO_FILE,
@@ -75,6 +86,54 @@ def evaluate_segmenter(model: nn.Module, canvas: Tensor, target: Tensor, batch_s
     return {"miou": s.miou, "miou_foreground": s.miou_foreground, "pixel_accuracy": s.pixel_accuracy}
 
 
+@dataclass(frozen=True)
+class _MosaicRun:
+    """What both segmenter trainers set up the same way: the training items, the evaluation set, the step size."""
+
+    train_set: TensorDataset
+    test_canvas: Tensor
+    test_target: Tensor
+    eval_subset: tuple[Tensor, Tensor]
+    batch_items: int
+    steps_per_epoch: int
+
+    @classmethod
+    def prepare(cls, data_dir: str, canvases_per_batch: int, eval_canvases: int, seed: int,
+                threads: int | None) -> _MosaicRun:
+        """Set the threads, load the training items and the evaluation mosaics, then seed the RNG."""
+        if threads:
+            torch.set_num_threads(threads)
+        train_x, train_y = load_fashion_mnist(data_dir, "train")
+        test_canvas, test_target = mosaic_testset()
+        torch.manual_seed(seed)
+        batch_items = canvases_per_batch * ITEMS_PER_CANVAS
+        return cls(TensorDataset(train_x, train_y), test_canvas, test_target,
+                   (test_canvas[:eval_canvases], test_target[:eval_canvases]), batch_items,
+                   len(train_x) // batch_items)
+
+    def config(self, out_dir: str, *, epochs: int, lr: float, weight_decay: float, warmup_epochs: float, seed: int,
+               resume: bool, stop_at_step: int | None, compile: bool, amp: bool, progress: bool,
+               extra: dict[str, Any]) -> TrainConfig:
+        """The engine's configuration: no clipping, a checkpoint every 100 steps, a log line every 20."""
+        return TrainConfig(
+            out_dir=out_dir, epochs=epochs, batch_size=self.batch_items, lr=lr, weight_decay=weight_decay,
+            warmup_steps=round(warmup_epochs * self.steps_per_epoch), grad_clip=None, seed=seed,
+            checkpoint_every=100, log_every=20, resume=resume, stop_at_step=stop_at_step, compile=compile, amp=amp,
+            progress=progress, extra=extra,
+        )
+
+    def score_all(self, model: nn.Module) -> dict[str, Any]:
+        """The eval-mode model on every evaluation canvas."""
+        model.eval()
+        return {**evaluate_segmenter(model, self.test_canvas, self.test_target), "canvases": len(self.test_canvas)}
+
+
+def _save_weights(model: nn.Module, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+
+
 def train_reference_segmenter(
     data_dir: str = DEFAULT_DATA,
     out_dir: str = "runs/segmenter",
@@ -102,42 +161,18 @@ def train_reference_segmenter(
     one pass over the 60k training items (15k canvases).  After every epoch the first ``eval_canvases``
     canvases of the evaluation set are scored; the export is scored on all of them.
     """
-    from ..dense.mosaic import mosaic_testset
-
-    if threads:
-        torch.set_num_threads(threads)
-    train_x, train_y = load_fashion_mnist(data_dir, "train")
-    test_canvas, test_target = mosaic_testset()
-    torch.manual_seed(seed)
+    run = _MosaicRun.prepare(data_dir, canvases_per_batch, eval_canvases, seed, threads)
     model = build_reference_segmenter()
     if init == "classifier":
         init_from_classifier(model, load_reference_model())
     elif init is not None:
         load_segmenter_weights(model, init)
-    batch_items = canvases_per_batch * ITEMS_PER_CANVAS
-    steps_per_epoch = len(train_x) // batch_items
-    config = TrainConfig(
-        out_dir=out_dir,
-        epochs=epochs,
-        batch_size=batch_items,
-        lr=lr,
-        weight_decay=weight_decay,
-        warmup_steps=round(warmup_epochs * steps_per_epoch),
-        grad_clip=None,
-        seed=seed,
-        checkpoint_every=100,
-        log_every=20,
-        resume=resume,
-        stop_at_step=stop_at_step,
-        compile=compile,
-        amp=amp,
-        progress=progress,
-        extra={"task": "segmentation", "init": init},
-    )
-    subset = (test_canvas[:eval_canvases], test_target[:eval_canvases])
+    config = run.config(out_dir, epochs=epochs, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
+                        seed=seed, resume=resume, stop_at_step=stop_at_step, compile=compile, amp=amp,
+                        progress=progress, extra={"task": "segmentation", "init": init})
     with unfused_attention(model):
-        result = train(model, SegmentationTask(), TensorDataset(train_x, train_y), config,
-                       evaluate=lambda m: evaluate_segmenter(m, *subset))
+        result = train(model, SegmentationTask(), run.train_set, config,
+                       evaluate=lambda m: evaluate_segmenter(m, *run.eval_subset))
     out = Path(out_dir)
     info = {
         "model": "tokenreduce.dense.segmenter.LinearSegmenter(timm VisionTransformer)",
@@ -164,11 +199,8 @@ def train_reference_segmenter(
         **PROVENANCE,
     }
     if result.complete:
-        model.eval()
-        info["eval"] = {**evaluate_segmenter(model, test_canvas, test_target), "canvases": len(test_canvas)}
-        from safetensors.torch import save_file
-
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / WEIGHTS_FILE))
+        info["eval"] = run.score_all(model)
+        _save_weights(model, out / WEIGHTS_FILE)
         (out / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
     return info
 
@@ -239,7 +271,8 @@ class CroprSegmentationTask:
                         for a in aux), torch.zeros(()))
         with torch.no_grad():
             acc = (logits.argmax(1) == target).float().mean().item()
-        return main + aux_loss, {"main_loss": float(main.detach()), "aux_loss": float(aux_loss) / max(len(aux), 1),
+        aux_mean = float(aux_loss.detach()) / max(len(aux), 1)
+        return main + aux_loss, {"main_loss": float(main.detach()), "aux_loss": aux_mean,
                                  "p": float(self.reducer.p_override), "pixel_acc": acc}
 
 
@@ -271,48 +304,35 @@ def train_cropr_segmenter(
     from ..api import apply, remove
     from ..api import reducer as applied
     from ..checkpoint import save_reducer
-    from ..dense.mosaic import mosaic_testset
     from ..dense.segmenter import load_reference_segmenter
 
-    if threads:
-        torch.set_num_threads(threads)
-    train_x, train_y = load_fashion_mnist(data_dir, "train")
-    test_canvas, test_target = mosaic_testset()
-    torch.manual_seed(seed)
+    run = _MosaicRun.prepare(data_dir, canvases_per_batch, eval_canvases, seed, threads)
     model = load_reference_segmenter(segmenter_weights).train()
     num_patches = model.backbone.patch_embed.num_patches
     apply(model.backbone, "cropr", budget=budget, untrained=True, num_queries=num_patches, aux="segmentation",
           num_classes=NUM_CLASSES, restore="frozen")
     cropr = applied(model.backbone)
-    batch_items = canvases_per_batch * ITEMS_PER_CANVAS
-    steps_per_epoch = len(train_x) // batch_items
-    task = CroprSegmentationTask(cropr, steps_per_epoch * epochs, curriculum=curriculum)
-    config = TrainConfig(
-        out_dir=out_dir, epochs=epochs, batch_size=batch_items, lr=lr, weight_decay=weight_decay,
-        warmup_steps=round(warmup_epochs * steps_per_epoch), grad_clip=None, seed=seed, checkpoint_every=100,
-        log_every=20, resume=resume, stop_at_step=stop_at_step, compile=compile, amp=False, progress=progress,
-        extra={"task": "cropr-segmentation", "params": cropr.config(), "init": str(segmenter_weights)},
-    )
-    subset = (test_canvas[:eval_canvases], test_target[:eval_canvases])
+    task = CroprSegmentationTask(cropr, run.steps_per_epoch * epochs, curriculum=curriculum)
+    config = run.config(out_dir, epochs=epochs, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
+                        seed=seed, resume=resume, stop_at_step=stop_at_step, compile=compile, amp=False,
+                        progress=progress,
+                        extra={"task": "cropr-segmentation", "params": cropr.config(), "init": str(segmenter_weights)})
 
     def evaluate(m: nn.Module) -> dict[str, float]:
         cropr.p_override = None
-        return evaluate_segmenter(m, *subset)
+        return evaluate_segmenter(m, *run.eval_subset)
 
     with unfused_attention(model):
-        result = train(model, task, TensorDataset(train_x, train_y), config, evaluate=evaluate)
+        result = train(model, task, run.train_set, config, evaluate=evaluate)
     cropr.p_override = None
     summary: dict[str, Any] = {"complete": result.complete, "steps": result.step, "params": cropr.config(),
                                "per_epoch_eval": result.evals, "wall_time_s": round(result.wall_time_s, 1),
                                "command": command or "scripts/train_segmenter.py --cropr"}
     if result.complete:
-        from safetensors.torch import save_file
-
-        model.eval()
-        summary["eval"] = {**evaluate_segmenter(model, test_canvas, test_target), "canvases": len(test_canvas)}
+        summary["eval"] = run.score_all(model)
         out = Path(out_dir)
         remove(model.backbone)
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / CROPR_WEIGHTS_FILE))
+        _save_weights(model, out / CROPR_WEIGHTS_FILE)
         save_reducer(cropr, out / f"{CROPR_REDUCER}.safetensors",
                      extra={"model_weights": CROPR_WEIGHTS_FILE, "task": "segmentation", "training": summary})
     return summary
