@@ -8,8 +8,11 @@ backbone with the reduction on under the method's paper recipe (``tokenreduce.tr
 recipe="paper")``) on the 60,000 Fashion-MNIST training images, shortened to ``--minutes-per-method``
 of wall clock, then the fine-tuned top-1.  The recipe keeps its shape when shortened: every epoch
 takes fewer steps (``epoch_steps``), so warm-up, cosine and EViT's keep-rate hold stay where the
-paper puts them in the run; a recipe with more epochs than the budget has steps runs one step per
-epoch at a smaller batch (the learning rate follows the batch as the recipe scales it).
+paper puts them in the run.  Steps take the recipe's batch, or ``--batch-size`` images when that is
+smaller (a short run then makes many small steps rather than a few of the paper's 1024-image ones); a
+recipe with more epochs than the budget has steps runs one step per epoch at a smaller batch still.
+The learning rate follows the batch as the recipe scales it.  ``--set KEY=VALUE`` overrides a value of
+every method's recipe.
 
 Resumable per method: a method with ``OUT/<method>/result.json`` is skipped, and an interrupted
 fine-tune continues from its checkpoint with the plan it started with.  Writes
@@ -41,7 +44,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 import tokenreduce as tr
-from tokenreduce.cli.options import fraction, positive_float, positive_int
+from tokenreduce.cli.options import fraction, parse_param, positive_float, positive_int
 from tokenreduce.eval.accuracy import Config, evaluate_reference, reference_checkpoint
 from tokenreduce.methods import REGISTRY, get_method
 from tokenreduce.models.reference import load_fashion_mnist, load_reference_model
@@ -64,6 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=positive_int, help="evaluate on the first N test images only")
     p.add_argument("--fresh-reducers", action="store_true",
                    help="start learned methods from fresh parameters, as the papers do, instead of the shipped ones")
+    p.add_argument("--batch-size", type=positive_int,
+                   help="images per step, when the recipe's batch is larger: a short run gets more optimiser steps "
+                   "(the learning rate follows the batch as the recipe scales it; default: the recipe's batch)")
+    p.add_argument("--set", dest="recipe_set", action="append", type=parse_param, default=[], metavar="KEY=VALUE",
+                   help="override a value of every method's recipe (e.g. lr=1e-3), as `tokenreduce train --set`")
     p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
@@ -92,23 +100,25 @@ def start_params(method: str, budget: float, fresh: bool) -> dict[str, Any]:
 
 def plan_run(method: str, folder: Path, data: TensorDataset, params: dict[str, Any], args: argparse.Namespace,
              ) -> dict[str, Any]:
-    """Time a few steps, then choose the steps per epoch at the recipe's batch (or a smaller batch) that fit."""
+    """Time a few steps, then choose the steps per epoch at ``--batch-size`` (the recipe's batch when smaller; a
+    smaller one still when not every epoch gets a step) that fit."""
     plan_path = folder / "plan.json"
     if plan_path.is_file():
         return json.loads(plan_path.read_text())
-    recipe = resolve_recipe("paper", get_method(method).resolve({})[0])
+    overrides = dict(args.recipe_set)
+    recipe = resolve_recipe("paper", get_method(method).resolve({})[0], overrides)
     start = time.perf_counter()
     probe = folder / "probe"
     tr.train(load_reference_model(), method, data, out_dir=str(probe), recipe="paper", budget=args.budget,
              batch_size=min(PROBE_BATCH, recipe.batch_size), transform=reference_augmentation(),
              max_steps=PROBE_STEPS, log_every=1, progress=False,
-             checkpoint_every=10**9, seed=args.seed, **params)
+             checkpoint_every=10**9, seed=args.seed, **overrides, **params)
     steps = [json.loads(line) for line in (probe / "metrics.jsonl").read_text().splitlines()]
     rates = [s["images_per_s"] for s in steps if s["event"] == "step"][1:]  # the first step pays the warm-up
     seconds_per_image = 1.0 / statistics.median(rates)
     left = args.minutes_per_method * 60.0 - (time.perf_counter() - start)
     images = max(left, 0.0) * 0.9 / seconds_per_image  # 10% for checkpoints and the EMA
-    batch = recipe.batch_size
+    batch = min(recipe.batch_size, args.batch_size or recipe.batch_size)
     fit = int(images // batch)
     if fit >= recipe.epochs:
         plan = {"batch_size": batch, "epoch_steps": min(fit // recipe.epochs, len(data) // batch)}
@@ -142,7 +152,7 @@ def run_method(method: str, data: TensorDataset, args: argparse.Namespace, out: 
     out_files = tr.train(model, method, data, out_dir=str(run), recipe="paper", budget=args.budget,
                          batch_size=plan["batch_size"], epoch_steps=plan["epoch_steps"], resume=resume,
                          transform=reference_augmentation(), progress=progress, seed=args.seed,
-                         checkpoint_every=50, **params)
+                         checkpoint_every=50, **dict(args.recipe_set), **params)
     minutes = out_files["result"].wall_time_s / 60.0
     tr.remove(model)
     tuned = evaluate(model, Config(method, {"checkpoint": out_files["checkpoint"]}), args.limit, progress)

@@ -1,0 +1,50 @@
+"""``scripts/finetune_table.py`` end to end on a few real items: probe, plan, fine-tune, table; a rerun resumes."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+from conftest import write_fashion_mnist
+
+from tokenreduce.methods import get_method
+from tokenreduce.models.reference import load_reference_testset
+from tokenreduce.training.recipes import resolve_recipe
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "finetune_table.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("finetune_table", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_finetune_table_plans_within_its_budget_and_a_rerun_reuses_the_result(tmp_path, capsys):
+    images, labels = load_reference_testset(limit=256)
+    data = tmp_path / "fashion"
+    data.mkdir()
+    write_fashion_mnist(data, "train", images, labels)
+    out = tmp_path / "table"
+    argv = ["--methods", "tome", "--minutes-per-method", "0.1", "--limit", "64", "--batch-size", "16",
+            "--data-dir", str(data), "--out", str(out), "--no-progress", "--threads", "2", "--set", "mixup=0.0",
+            "--set", "lr=1e-3"]
+    script = load_script()
+    assert script.main(argv) == 0
+    table = json.loads((out / "finetune_table.json").read_text())
+    (row,) = table["rows"]
+    recipe = resolve_recipe("paper", get_method("tome").resolve({})[0])
+    plan = row["plan"]
+    assert plan["batch_size"] <= 16 and plan["epochs"] == recipe.epochs
+    assert row["steps"] == plan["epochs"] * plan["epoch_steps"]  # every epoch of the recipe ran, shortened
+    assert row["recipe"]["mixup"] == 0.0 and row["recipe"]["lr"] == 1e-3 != recipe.lr  # --set reaches the run
+    assert row["samples"] == 64 and 0.0 <= row["finetuned_top1"] <= 1.0
+    assert row["gmacs"] <= 0.6 * row["gmacs_unreduced"] * (1 + 1e-9)
+    assert Path(row["model"]).is_file() and Path(row["reducer"]).is_file()
+    printed = capsys.readouterr().out
+    assert "tome" in printed and f"{100 * row['finetuned_top1']:.2f}%" in printed
+    assert script.main(argv) == 0  # done earlier: read back, not trained again
+    assert json.loads((out / "finetune_table.json").read_text())["rows"] == [row]
+    assert "done earlier" in capsys.readouterr().err
