@@ -152,6 +152,26 @@ def test_tome_r_schedules():
     assert parse_r((4, -1), 12) == [8, 7, 6, 5, 5, 4, 3, 2, 2, 1, 0, 0]
     assert parse_r((4, 1), 12) == [0, 0, 1, 2, 2, 3, 4, 5, 5, 6, 7, 8]
     assert parse_r([5, 4], 4) == [5, 4, 0, 0]
+    assert parse_r(4, 12, inflection=-1.0) == [8, 7, 6, 5, 5, 4, 3, 2, 2, 1, 0, 0]  # the same schedule, split
+
+
+def test_tome_budget_keeps_the_inflection_it_is_given(vit, images):
+    import tokenreduce as tr
+
+    model = tr.apply(vit, "tome", budget=0.6, inflection=-1.0)
+    with torch.no_grad():
+        model(images)
+    s = tr.stats(model)
+    per_block = [b.tokens_in - b.tokens_out for b in s.blocks]
+    assert per_block == sorted(per_block, reverse=True) and per_block[0] > per_block[-1]  # decreasing merges
+    assert s.gmacs <= 0.6 * s.gmacs_unreduced * (1 + 1e-9)
+    r = s.params["r"]  # the least-reducing int r whose decreasing schedule fits
+    assert tr.gmacs(vit, "tome", r=r - 1, inflection=-1.0) > 0.6 * s.gmacs_unreduced
+    tr.remove(model)
+    with pytest.raises(ValueError, match="one place"):
+        tr.apply(vit, "tome", r=(4, -1.0), inflection=-1.0)
+    with pytest.raises(ValueError, match=r"inflection must be a number in \[-1, 1\]"):
+        tr.apply(vit, "tome", inflection=2)
 
 
 def test_batched_gather_and_scatter_add_match_their_definitions_per_image():

@@ -370,6 +370,17 @@ def one_of(*choices: str) -> Check:
     return check
 
 
+def number_in(low: float, high: float) -> Check:
+    """One number in [low, high]."""
+
+    def check(key: str, value: Any) -> float:
+        if not _is_number(value) or not low <= value <= high:
+            raise ValueError(f"{key} must be a number in [{low:g}, {high:g}], got {value!r}")
+        return float(value)
+
+    return check
+
+
 def numbers_in(low: float, high: float) -> Check:
     """One number in [low, high], or a sequence of them (returned as a tuple)."""
 

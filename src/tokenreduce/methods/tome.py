@@ -15,7 +15,7 @@ from ..ops.attention import AttentionNeeds, AttentionSignals
 from ..ops.matching import max_merges
 from ..ops.merge import bipartite_merge
 from ..state import TokenState
-from .base import ModelInfo, Params, Reducer, boolean, checked, merge_count_values
+from .base import ModelInfo, Params, Reducer, boolean, checked, merge_count_values, number_in
 
 RSpec = int | tuple[int, float] | list[int]
 
@@ -31,18 +31,26 @@ class ToMeParams(Params):
             (shorter lists are padded with zeros).  Official DeiT-S/T setting: 13.
         prop_attn: proportional attention (``log size`` added to the key logits).
             True for off-the-shelf supervised models (ToMe's recommendation).
+        inflection: the schedule's inflection for an int ``r``, as in ``(r, inflection)``: ``r=12,
+            inflection=-1`` is ``r=(12, -1.0)``.  Separate so that a ``budget`` (which sets the int
+            ``r``) can keep a schedule shape: ``budget=0.6, inflection=-1`` is the decreasing schedule
+            that fits 0.6 of the GMACs.  0: the constant schedule.
     """
 
     r: RSpec = 13  # its form and length are checked against the depth by parse_r
     prop_attn: bool = checked(True, boolean)
+    inflection: float = checked(0.0, number_in(-1.0, 1.0))
 
 
-def parse_r(r: RSpec, depth: int) -> list[int]:
-    """Expand ToMe's ``r`` specification into one merge count per block."""
+def parse_r(r: RSpec, depth: int, inflection: float = 0.0) -> list[int]:
+    """Expand ToMe's ``r`` specification into one merge count per block (``inflection`` shapes an int ``r``)."""
     if isinstance(r, bool):
         raise ValueError(f"tome: r must be an int, (r, inflection) or a list of ints, got {r!r}")
+    if inflection != 0.0 and not isinstance(r, int):
+        raise ValueError(f"tome: inflection={inflection:g} shapes an int r; r={r!r} already sets the schedule "
+                         f"(give the inflection in one place)")
     if isinstance(r, int):
-        r, inflection = r, 0.0
+        pass
     elif isinstance(r, tuple) and len(r) == 2:
         r, inflection = r
         if not isinstance(r, int) or not isinstance(inflection, (int, float)) or not -1 <= inflection <= 1:
@@ -76,7 +84,7 @@ class ToMe(Reducer):
 
     def __init__(self, info: ModelInfo, params: ToMeParams) -> None:
         super().__init__(info, params)
-        self.r_per_block = parse_r(params.r, info.depth)
+        self.r_per_block = parse_r(params.r, info.depth, params.inflection)
         self.prop_attn = bool(params.prop_attn)
 
     def needs(self, block: int) -> AttentionNeeds | None:
