@@ -146,6 +146,11 @@ def test_evaluation_rows_show_paper_defaults_only_on_their_grid():
             continue
         assert small_rows == [f"{name}@0.75", f"{name}@0.6"]
         assert deit_rows == [f"{name} (default)", f"{name}@0.75", f"{name}@0.6"]
+        dense = cls.evaluation_rows(small, (0.6,), "segmentation")
+        if name == "tome":  # the decreasing schedule, which scores higher under a dense head
+            assert dense == [("tome@0.6", {}, 0.6), ("tome@0.6 decreasing", {"inflection": -1.0}, 0.6)]
+        else:
+            assert dense == cls.evaluation_rows(small, (0.6,))
 
 
 def test_ppt_asks_for_calibration_off_its_home_model():

@@ -121,7 +121,7 @@ def segmentation_configs(backbone: nn.Module, budgets: Iterable[float] = (DEFAUL
     """The unreduced row and every method's default rows (:func:`~tokenreduce.eval.accuracy.default_configs`);
     with ``shipped`` a learned method runs from the reducer its class ships for the reference segmenter
     (:meth:`~tokenreduce.methods.base.Reducer.shipped_segmentation_checkpoint`)."""
-    configs = default_configs(model_info(backbone), budgets)
+    configs = default_configs(model_info(backbone), budgets, task="segmentation")
     if not shipped:
         return configs
     out = []

@@ -448,9 +448,9 @@ DEFAULT_BUDGETS = (0.75, 0.6)
 
 def default_configs(
     info: ModelInfo, budgets: Iterable[float] = DEFAULT_BUDGETS, *, shipped: bool = False,
-    names: Iterable[str] | None = None,
+    names: Iterable[str] | None = None, task: str = "classification",
 ) -> list[Config]:
-    """The unreduced model, then every method's default-evaluation rows
+    """The unreduced model, then every method's default-evaluation rows for ``task``
     (:meth:`~tokenreduce.methods.base.Reducer.evaluation_rows`) on a model described by ``info``.
 
     With ``shipped`` (the bundled reference model) learned methods run from the reducer checkpoints
@@ -460,7 +460,7 @@ def default_configs(
     configs = [Config(None)]
     for name in names if names is not None else methods():
         cls = get_method(name)
-        for label, params, budget in cls.evaluation_rows(info, budgets):
+        for label, params, budget in cls.evaluation_rows(info, budgets, task):
             checkpoint = cls.shipped_checkpoint(params, budget) if shipped and cls.learned else None
             if checkpoint is not None:
                 params = {**params, "checkpoint": str(checkpoint)}

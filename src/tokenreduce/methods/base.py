@@ -116,9 +116,11 @@ class Reducer:
         return cls.paper_patches is None or info.num_patches == cls.paper_patches
 
     @classmethod
-    def evaluation_rows(cls, info: ModelInfo, budgets: Sequence[float]) -> list[EvaluationRow]:
+    def evaluation_rows(cls, info: ModelInfo, budgets: Sequence[float], task: str = "classification",
+                        ) -> list[EvaluationRow]:
         """``(label, params, budget)`` rows of a default evaluation on a model: the paper default where
-        it fits the model, then one row per budget."""
+        it fits the model, then one row per budget.  ``task``: ``"classification"`` or ``"segmentation"``
+        (a method may show a setting that matters for one task only)."""
         rows: list[EvaluationRow] = []
         if cls.paper_default_fits(info):
             rows.append((f"{cls.name} (default)", {}, None))

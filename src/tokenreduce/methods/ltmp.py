@@ -130,7 +130,8 @@ class LTMP(Reducer):
     budget_sets_schedule = False
 
     @classmethod
-    def evaluation_rows(cls, info: ModelInfo, budgets: Sequence[float]) -> list[tuple[str, dict[str, Any], None]]:
+    def evaluation_rows(cls, info: ModelInfo, budgets: Sequence[float], task: str = "classification",
+                        ) -> list[tuple[str, dict[str, Any], None]]:
         """One row per budget, as the training target (LTMP's counts depend on the images, so its
         budget is what its thresholds were trained for, not a schedule)."""
         return [(f"ltmp (target {b:g})", {"target": b}, None) for b in budgets]

@@ -8,6 +8,7 @@ on the keys) is on by default.  See docs/methods.md#tome.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..budget import Schedule, in_block_schedule
@@ -15,7 +16,7 @@ from ..ops.attention import AttentionNeeds, AttentionSignals
 from ..ops.matching import max_merges
 from ..ops.merge import bipartite_merge
 from ..state import TokenState
-from .base import ModelInfo, Params, Reducer, boolean, checked, merge_count_values, number_in
+from .base import EvaluationRow, ModelInfo, Params, Reducer, boolean, checked, merge_count_values, number_in
 
 RSpec = int | tuple[int, float] | list[int]
 
@@ -98,6 +99,17 @@ class ToMe(Reducer):
         return in_block_schedule(
             num_tokens, len(r_per_block), lambda block, n: n - min(r_per_block[block], max_merges(n, p))
         )
+
+    @classmethod
+    def evaluation_rows(cls, info: ModelInfo, budgets: Sequence[float], task: str = "classification",
+                        ) -> list[EvaluationRow]:
+        """The usual rows; for segmentation also the decreasing schedule at every budget: under a dense head a
+        patch merged early has more blocks left to refine its group's feature, and it scores higher there
+        (docs/segmentation.md#results)."""
+        rows = super().evaluation_rows(info, budgets, task)
+        if task == "segmentation":
+            rows += [(f"{cls.name}@{b:g} decreasing", {"inflection": -1.0}, b) for b in budgets]
+        return rows
 
     @classmethod
     def knob_values(cls, info: ModelInfo, base: ToMeParams) -> range:
