@@ -1,12 +1,13 @@
-"""The fused CPU merge kernel against the PyTorch merge ops, side by side in one process.
+"""The fused CPU kernels against the PyTorch ops, side by side in one process.
 
-For every method that merges with bipartite matching (ToMe, PPT, BAT), at its default
-and at ``--budget``, this times the unreduced DeiT-S and the reduced model with the
-kernel on and off (``tokenreduce.ops.cpu_kernels.set_cpu_kernels``), the three taking
-turns forward after forward, and prints medians, the kernel's speed-up over the
-PyTorch ops, and both efficiencies (speed-up over the unreduced model × GMACs ratio).
+For every fixed-schedule method with a fused step (ToMe, PPT and BAT merge with bipartite
+matching; eTPS and dTPS squeeze), at its default and at ``--budget``, this times the unreduced
+DeiT-S and the reduced model with the kernels on and off
+(``tokenreduce.ops.cpu_kernels.set_cpu_kernels``), the three taking turns forward after forward,
+and prints medians, the kernel's speed-up over the PyTorch ops, and both efficiencies (speed-up
+over the unreduced model × GMACs ratio).
 
-    python benchmarks/cpu_kernel.py                          # batch 1 and 32, ~6 minutes on 2 cores
+    python benchmarks/cpu_kernel.py                          # batch 1 and 32, ~10 minutes on 2 cores
     python benchmarks/cpu_kernel.py --batch-sizes 1 --repeats 101 --methods tome
     python benchmarks/cpu_kernel.py --op-only                # the merge step alone, in a tight loop
 """
@@ -28,7 +29,8 @@ from tokenreduce.ops import cpu_kernels
 from tokenreduce.ops.merge import bipartite_merge
 from tokenreduce.state import TokenState
 
-MERGING_METHODS = ("tome", "ppt", "bat")
+KERNEL_METHODS = ("tome", "ppt", "bat", "tps", "dtps")
+"""The fixed-schedule methods with a fused step: bipartite merging (ToMe, PPT, BAT) and the squeeze (eTPS, dTPS)."""
 
 
 def median_seconds(runs: list[tuple[str, Callable[[], object], str]], repeats: int) -> dict[str, float]:
@@ -79,7 +81,7 @@ def op_only(threads: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="deit_small_patch16_224")
-    parser.add_argument("--methods", nargs="+", default=list(MERGING_METHODS), choices=MERGING_METHODS)
+    parser.add_argument("--methods", nargs="+", default=list(KERNEL_METHODS), choices=KERNEL_METHODS)
     parser.add_argument("--budget", type=float, default=0.6)
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 32])
     parser.add_argument("--repeats", type=int, default=None, help="default: 51 at batch 1, 7 above")

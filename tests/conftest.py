@@ -48,6 +48,20 @@ def kernel_state():
     cpu_kernels._mode, cpu_kernels._module, cpu_kernels._failure = saved
 
 
+def run_with_and_without_kernels(model, images: torch.Tensor) -> dict[str, tuple[torch.Tensor, list[int]]]:
+    """``{"on": (logits, tokens out of every block), "off": ...}``: ``model`` (reduced) on ``images`` with the fused CPU
+    kernels on and off (use with the ``kernel_state`` fixture, which restores the mode)."""
+    import tokenreduce as tr
+
+    runs = {}
+    for mode in ("on", "off"):
+        cpu_kernels.set_cpu_kernels(mode)
+        with torch.inference_mode():
+            logits = model(images)
+        runs[mode] = (logits, [b.tokens_out for b in tr.stats(model).blocks])
+    return runs
+
+
 def write_fashion_mnist(folder, split: str, images: torch.Tensor, labels: torch.Tensor) -> None:
     """Fashion-MNIST's gzipped idx files for ``split`` ("train" / "t10k") in ``folder``: uint8 N×28×28 images,
     labels N (0…9)."""

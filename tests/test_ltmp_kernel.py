@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_vit
+from conftest import make_vit, run_with_and_without_kernels
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_ltmp import _info
@@ -132,14 +132,10 @@ def test_reduced_model_gives_identical_logits_with_and_without_the_kernel(kernel
     images = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(3))
     images[1] = images[1].mean()  # a flat image merges far more than the others: a padded batch
     model = tr.apply(make_vit(), "ltmp", untrained=True, merge_threshold=0.6, prune_threshold=0.004)
-    outputs, counts = {}, {}
-    for mode in ("on", "off"):
-        cpu_kernels.set_cpu_kernels(mode)
-        with torch.inference_mode():
-            outputs[mode] = model(images)
-        counts[mode] = [b.tokens_out for b in tr.stats(model).blocks]
-    assert counts["on"] == counts["off"] and counts["on"][-1] < 65
-    assert torch.equal(outputs["on"], outputs["off"])
+    runs = run_with_and_without_kernels(model, images)
+    (on, counts_on), (off, counts_off) = runs["on"], runs["off"]
+    assert counts_on == counts_off and counts_on[-1] < 65
+    assert torch.equal(on, off)
 
 
 def test_a_zero_prune_threshold_skips_the_attention_probabilities_at_inference(kernel_state, monkeypatch):

@@ -44,13 +44,16 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-__all__ = ["cpu_kernels_mode", "load_cpu_kernels", "set_cpu_kernels", "fused_bipartite_merge", "fused_ltmp_merge_prune"]
+__all__ = ["cpu_kernels_mode", "load_cpu_kernels", "set_cpu_kernels", "fused_bipartite_merge", "fused_ltmp_merge_prune",
+           "fused_squeeze"]
 
 ENV_VAR = "TOKENREDUCE_CPU_KERNELS"
 MODES = ("auto", "on", "off")
 EXTENSION_NAME = "tokenreduce_cpu_kernels"
 SOURCES = tuple(Path(__file__).parent / "csrc" / name
-                for name in ("module.cpp", "bipartite_merge.cpp", "ltmp_merge_prune.cpp"))
+                for name in ("module.cpp", "bipartite_merge.cpp", "ltmp_merge_prune.cpp", "squeeze.cpp"))
+HEADERS = tuple(Path(__file__).parent / "csrc" / name for name in ("kernels.h", "rows.h"))
+"""Headers the sources include (a change to one forces a rebuild: :func:`build_options`)."""
 
 logger = logging.getLogger(__name__)
 _lock = threading.Lock()
@@ -154,7 +157,10 @@ def build_options() -> tuple[str, list[str]]:
     it was not built for. The name also carries the torch version: a build links against
     one torch's ABI, and torch does not rebuild a cached one when torch is upgraded.
     """
-    flags = ["-O3", "-ffp-contract=off"]
+    # torch rebuilds a cached extension when its sources or flags change, not its headers: the headers'
+    # hash goes into a flag
+    headers = hashlib.sha1(b"".join(path.read_bytes() for path in HEADERS)).hexdigest()[:12]
+    flags = ["-O3", "-ffp-contract=off", f"-DTOKENREDUCE_HEADERS_{headers}"]
     name = f"{EXTENSION_NAME}_torch{re.sub(r'[^0-9A-Za-z]', '_', torch.__version__)}"
     if sys.platform.startswith("linux") and platform.machine() in ("x86_64", "AMD64"):
         fingerprint = _cpu_fingerprint()
@@ -256,3 +262,27 @@ def fused_ltmp_merge_prune(
         x, size, sim.float().detach(), importance.float().detach(), mask, float(theta_merge), float(theta_prune),
         num_prefix)
     return out_x, out_size, None if bool(all_live) else out_mask, index
+
+
+def fused_squeeze(
+    x: Tensor, size: Tensor | None, keep_index: Tensor, drop_index: Tensor, num_prefix: int, temperature: float,
+) -> tuple[Tensor, Tensor] | None:
+    """TPS's squeeze (:func:`~tokenreduce.ops.squeeze.squeeze_state` without restoration) in one kernel call.
+
+    Args:
+        x: B×N×C float32 hidden states; size: B×N×1 float32 sizes or ``None`` (all ones);
+        keep_index: B×K and drop_index: B×M patch positions (counted after the prefix), disjoint, K ≥ 1;
+        num_prefix: protected leading tokens; temperature: T > 0.
+
+    Returns:
+        ``(x, size)``: B×(P+K)×C and B×(P+K)×1, or ``None`` when the kernel is not eligible or not
+        available (the caller then takes the Python path).
+    """
+    if not kernel_eligible(x, size):
+        return None
+    module = load_cpu_kernels()
+    if module is None:
+        return None
+    out_x, out_size = module.squeeze_tokens(x, size, keep_index.long(), drop_index.long(), num_prefix,
+                                            float(temperature))
+    return out_x, out_size

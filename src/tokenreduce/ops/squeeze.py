@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from .cpu_kernels import fused_squeeze
 from .gather import batched_gather, batched_scatter_add
 from .similarity import unit_rows
 
@@ -99,6 +100,11 @@ def squeeze_state(
         tracked, a guest's original tokens follow it to its host.
     """
     p = state.num_prefix
+    if (state.owner is None and not state.archives and state.source is None and state.mask is None
+            and state.pos is None):  # the fused CPU kernel, where eligible: the same rule in one call
+        fused = fused_squeeze(state.x, state.size, keep_index, drop_index, p, temperature)
+        if fused is not None:
+            return replace(state, x=fused[0], size=fused[1])
     patches = state.x[:, p:]
     dropped = batched_gather(patches, drop_index)
     if state.owner is None and not state.archives:

@@ -10,6 +10,7 @@
 // Built on first use by tokenreduce/ops/cpu_kernels.py (torch.utils.cpp_extension.load); bound in module.cpp.
 
 #include "kernels.h"
+#include "rows.h"
 
 #include <torch/extension.h>
 
@@ -22,20 +23,13 @@
 
 namespace {
 
-constexpr float kEps = 1e-6f;
+using tokenreduce::first_argmax;
+using tokenreduce::normalise;
 
 // `a` ranks before `b` in a descending sort that, like torch.sort, puts NaN first.
 inline bool ranks_before(float a, float b) {
   if (std::isnan(a)) return !std::isnan(b);
   return a > b;
-}
-
-// Writes metric[pos] / max(|metric[pos]|, eps) (D floats) to `out`.
-inline void normalise(const float* row, int64_t dim, float* out) {
-  float sum_sq = 0.f;
-  for (int64_t d = 0; d < dim; ++d) sum_sq += row[d] * row[d];
-  const float denom = std::max(std::sqrt(sum_sq), kEps);
-  for (int64_t d = 0; d < dim; ++d) out[d] = row[d] / denom;
 }
 
 }  // namespace
@@ -110,15 +104,8 @@ std::vector<at::Tensor> bipartite_merge_wavg(const at::Tensor& x_in, const c10::
       const float* img_scores = score_data + img * na * nb;
       for (int64_t i = 0; i < na; ++i) {
         const float* row = img_scores + i * nb;
-        int64_t best = 0;
-        float best_value = row[0];
-        for (int64_t j = 1; j < nb && !std::isnan(best_value); ++j) {
-          if (std::isnan(row[j]) || row[j] > best_value) {
-            best_value = row[j];
-            best = j;
-          }
-        }
-        node_max[i] = best_value;
+        const int64_t best = first_argmax(row, nb);
+        node_max[i] = row[best];
         node_idx[i] = best;
       }
       // Edges strongest first; ties by position (a stable descending argsort).

@@ -14,3 +14,8 @@ std::vector<at::Tensor> ltmp_merge_prune(const at::Tensor& x_in, const c10::opti
                                          const at::Tensor& sim_in, const at::Tensor& importance_in,
                                          const c10::optional<at::Tensor>& mask_in, double theta_merge,
                                          double theta_prune, int64_t p);
+
+// TPS's squeeze, inference form: host choice, weighted merge, sizes (squeeze.cpp).
+std::vector<at::Tensor> squeeze_tokens(const at::Tensor& x_in, const c10::optional<at::Tensor>& size_in,
+                                       const at::Tensor& keep_in, const at::Tensor& drop_in, int64_t p,
+                                       double temperature);
