@@ -255,7 +255,7 @@ def test_finetuned_rows_run_with_their_own_weights_and_give_the_model_its_own_ba
     _, labels = load_reference_testset(100)
     assert rows["tome fine-tuned [tome]"]["top1"] == pytest.approx(float((labels == 3).float().mean()))
     assert rows["tome(r=2)"]["top1"] > 0.6
-    assert rows["tome fine-tuned [tome]"]["params"] == {"r": 2, "prop_attn": True}
+    assert rows["tome fine-tuned [tome]"]["params"] == {"r": 2, "prop_attn": True, "inflection": 0.0}
 
     # the model gets its own weights back: a row after the fine-tuned one, and the model itself after the run
     model = load_reference_model()
