@@ -155,7 +155,7 @@ def evaluate_imagefolder(
     transform = create_transform(**data_config, is_training=False)
     img_mode = "L" if data_config["input_size"][0] == 1 else "RGB"
     dataset = SkippingImageFolder(data, transform, img_mode)
-    num_classes = getattr(model, "num_classes", None)
+    num_classes = model_info(model).num_classes  # the family says how many its head predicts
     if num_classes != len(dataset.class_to_idx):
         raise ValueError(
             f"{data} has {len(dataset.class_to_idx)} class folders but {model_name} predicts {num_classes} classes; "

@@ -48,20 +48,13 @@ def model_info(model: nn.Module) -> ModelInfo:
 
 def timm_data_config(model: nn.Module, overrides: dict | None = None) -> dict:
     """timm's data config for ``model`` (input size, crop, interpolation, mean/std), for reading images
-    through timm's pipeline.
+    through timm's pipeline; the model's family decides it (a Hugging Face model's comes from its image
+    processor's settings, :func:`tokenreduce.models.hf.processor_data_config`).
 
     Raises:
-        ValueError: the model's family preprocesses with its own image processor (Hugging Face models).
+        ValueError: the family cannot say how to read images for this model (the message says why).
     """
-    import timm.data
-
-    adapter = adapter_for(model)
-    if not adapter.timm_data_pipeline:
-        raise ValueError(
-            f"reading images for a {adapter.name} model needs its own image processor, which the command line does "
-            "not run; preprocess the images yourself and use the Python API (tokenreduce.apply, tokenreduce.visualize)"
-        )
-    return timm.data.resolve_data_config(overrides or {}, model=model)
+    return adapter_for(model).data_config(model, overrides)
 
 
 __all__ = [

@@ -249,8 +249,13 @@ class FamilyAdapter:
     """What the family covers, for the error that lists supported families."""
     model_members: ClassVar[dict[str, Any]] = {}
     """Members of the generated model class (size-aware pooling, refusals, ``_apply``)."""
-    timm_data_pipeline: ClassVar[bool] = True
-    """Whether timm's data pipeline (``resolve_data_config``) can preprocess images for the family's models."""
+    @classmethod
+    def data_config(cls, model: nn.Module, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+        """How to read images for ``model``, as timm's data config (input size, interpolation, mean / std,
+        crop): timm's ``resolve_data_config`` for timm models."""
+        import timm.data
+
+        return timm.data.resolve_data_config(overrides or {}, model=model)
 
     # -- the model ---------------------------------------------------------------------------------
     @classmethod

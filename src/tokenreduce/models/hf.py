@@ -44,6 +44,7 @@ cannot honour and, for heads that average the tokens, weights them by size (see 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -386,7 +387,31 @@ class HFAdapter(FamilyAdapter):
         reduced tokens (a head that averages them), else ``None`` (the stock forward runs)."""
         return None
 
-    timm_data_pipeline = False  # preprocessing is the model's image processor's, not timm's
+    @classmethod
+    def data_config(cls, model: nn.Module, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+        """timm's data config equivalent to the model's image processor, read from the
+        ``preprocessor_config.json`` beside its weights (``processor.save_pretrained(DIR)``;
+        :func:`processor_data_config`); ``overrides`` (timm's keys) win.
+
+        Raises:
+            ValueError: no processor settings beside the model, or settings timm's pipeline cannot follow.
+        """
+        import json
+        from pathlib import Path
+
+        source = getattr(cls.backbone(model).config, "_name_or_path", "") or getattr(model.config, "_name_or_path", "")
+        settings = Path(source) / PROCESSOR_FILE if source else None
+        if settings is None or not settings.is_file():
+            raise ValueError(
+                f"reading images for this {cls.name} model needs its image processor's settings, {PROCESSOR_FILE} in "
+                f"the model's directory ({source or 'unknown: the model was not loaded from one'}); save them there "
+                "with processor.save_pretrained(DIR), or preprocess the images yourself and use the Python API"
+            )
+        try:
+            config = processor_data_config(json.loads(settings.read_text()), cls.input_size(model))
+        except ValueError as err:
+            raise ValueError(f"{settings}: {err}") from err
+        return {**config, **(overrides or {})}
 
     final_norm_name: ClassVar[str | None] = "layernorm"
     """The backbone's norm on the final tokens (``None``: the tokens leaving the last layer are final)."""
@@ -454,6 +479,71 @@ def split_heads(x: Tensor, head_dim: int) -> Tensor:
 
 HF_PREFIX = "hf:"
 """Model names ``hf:DIR_OR_ID`` are Hugging Face models (:func:`load_hf_model`)."""
+
+
+PROCESSOR_FILE = "preprocessor_config.json"
+"""The image processor's settings in a ``save_pretrained`` directory."""
+
+PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
+"""PIL's resampling filters (an image processor's ``resample``) by timm's interpolation names."""
+
+
+def _height_width(value: Any, what: str) -> tuple[int, int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value, value
+    if isinstance(value, dict) and "height" in value and "width" in value:
+        return int(value["height"]), int(value["width"])
+    raise ValueError(f"unsupported {what} {value!r} (expected {{'height': H, 'width': W}})")
+
+
+def processor_data_config(settings: Mapping[str, Any], input_size: tuple[int, int, int]) -> dict[str, Any]:
+    """timm's data config that reads images as an HF image processor with ``settings`` does.
+
+    ``size={'height', 'width'}`` (ViT, DeiT, SigLIP) resizes each edge: timm's ``squash`` crop mode;
+    ``size={'shortest_edge'}`` with a centre crop (CLIP, DINOv2) keeps the aspect ratio: ``center`` with
+    ``crop_pct = crop / shortest edge``.  Pixels are scaled by 1/255 and normalised with the processor's
+    mean and std.  Resizing agrees with the processor's to a pixel level here and there (two resize
+    implementations); images already at the model's size give the same tensor.
+
+    Args:
+        settings: the processor's ``to_dict()`` / ``preprocessor_config.json``.
+        input_size: the model's (C, H, W).
+
+    Raises:
+        ValueError: settings timm's pipeline cannot follow (no resize, another rescale factor, a shortest-edge
+            resize without a crop, a longest-edge resize), or an output size other than the model's.
+    """
+    channels, height, width = input_size
+    if not settings.get("do_rescale", True) or not math.isclose(settings.get("rescale_factor", 1 / 255), 1 / 255):
+        raise ValueError(f"do_rescale={settings.get('do_rescale')!r}, "
+                         f"rescale_factor={settings.get('rescale_factor')!r}: timm's pipeline scales pixels by 1/255")
+    if not settings.get("do_resize", True):
+        raise ValueError("do_resize=False: the images would have to come at the model's size")
+    size = settings.get("size")
+    crop = _height_width(settings["crop_size"], "crop_size") if settings.get("do_center_crop") else None
+    if isinstance(size, dict) and "shortest_edge" in size:
+        if crop is None:
+            raise ValueError("resizing the shortest edge without a centre crop gives images of varying shapes")
+        edge = int(size["shortest_edge"])
+        out, mode, crop_pct = crop, "center", crop[0] / edge
+        if math.floor(crop[0] / crop_pct) != edge:  # timm resizes to floor(size / crop_pct): keep it at the edge
+            crop_pct = crop[0] / (edge + 0.5)
+    else:
+        resized = _height_width(size, "size")
+        out, mode = crop or resized, "squash"
+        crop_pct = crop[0] / resized[0] if crop else 1.0
+    if out != (height, width):
+        raise ValueError(f"the processor makes {out[0]}×{out[1]} images but the model takes {height}×{width}")
+    resample = settings.get("resample", 2)
+    if resample not in PIL_RESAMPLE:
+        raise ValueError(f"unsupported resample={resample!r}")
+    normalise = settings.get("do_normalize", True)
+    mean = tuple(float(v) for v in settings.get("image_mean", ())) if normalise else (0.0,) * channels
+    std = tuple(float(v) for v in settings.get("image_std", ())) if normalise else (1.0,) * channels
+    if len(mean) != channels or len(std) != channels:
+        raise ValueError(f"image_mean / image_std need {channels} values, got {mean} / {std}")
+    return {"input_size": (channels, height, width), "interpolation": PIL_RESAMPLE[resample], "mean": mean,
+            "std": std, "crop_pct": crop_pct, "crop_mode": mode}
 
 
 def load_hf_model(source: str, *, img_size: int | None = None, model_kwargs: Mapping[str, Any] | None = None
