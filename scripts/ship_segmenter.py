@@ -6,7 +6,9 @@
 (``segmenter_cropr.safetensors`` + ``cropr_seg.safetensors``).  Tensors are stored in bf16 (the
 package stays small) and loaded as fp32.  The segmenter's JSON records the scores of the bf16 weights
 on all 3,140 evaluation mosaics (``eval``) and on the first 500 (``eval_subset``, which the test suite
-checks), and the fp32 training result's (``eval_fp32_weights``).
+checks), and the fp32 training result's (``eval_fp32_weights``); the Cropr reducer's metadata records the
+shipped pair's scores the same way (``--cropr`` reads the segmenter shipped in ``--data``, for the
+unreduced baseline it was trained from).
 
     python scripts/ship_segmenter.py --segmenter runs/segmenter2 --cropr runs/cropr_segmenter2
 """
@@ -33,14 +35,14 @@ SUBSET = 500
 STORAGE = "tensors stored in bf16 (rounded from the fp32 training result), loaded into fp32"
 
 
-def to_bf16(source: Path, dest: Path) -> None:
+def to_bf16(source: Path, dest: Path, extra: dict | None = None) -> None:
     """``source`` (safetensors) with every floating tensor in bf16, its metadata kept (a reducer checkpoint's
-    ``extra`` says how it is stored), written to ``dest``."""
+    ``extra`` says how it is stored, plus ``extra``), written to ``dest``."""
     with safe_open(str(source), framework="pt") as f:
         metadata = f.metadata()
     if metadata and "tokenreduce" in metadata:
         record = json.loads(metadata["tokenreduce"])
-        record["extra"] = {**record.get("extra", {}), "storage": STORAGE}
+        record["extra"] = {**record.get("extra", {}), "storage": STORAGE, **(extra or {})}
         metadata = {**metadata, "tokenreduce": json.dumps(record)}
     tensors = {k: v.bfloat16() if v.is_floating_point() else v for k, v in load_file(str(source)).items()}
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -63,11 +65,26 @@ def ship_segmenter(folder: Path, data: Path) -> dict:
     return info
 
 
-def ship_cropr(folder: Path, data: Path) -> None:
-    for name in (CROPR_WEIGHTS_FILE, f"{CROPR_REDUCER}.safetensors"):
+def ship_cropr(folder: Path, data: Path) -> dict:
+    """The Cropr-fine-tuned segmenter and its reducer in bf16; the reducer records the shipped pair's scores
+    (``restore="frozen"``, last-layer fusion) on all evaluation canvases and on the tested subset."""
+    import tokenreduce as tr
+    from tokenreduce.dense.segmenter import load_segmenter_weights
+
+    reducer_name = f"{CROPR_REDUCER}.safetensors"
+    for name in (CROPR_WEIGHTS_FILE, reducer_name):
         if not (folder / name).is_file():
             raise SystemExit(f"{folder} has no {name} (a complete `train_segmenter.py --cropr` run writes it)")
-        to_bf16(folder / name, data / "reducers" / name)
+    to_bf16(folder / CROPR_WEIGHTS_FILE, data / "reducers" / CROPR_WEIGHTS_FILE)
+    to_bf16(folder / reducer_name, data / "reducers" / reducer_name)
+    model = load_reference_segmenter(data / WEIGHTS_FILE)
+    load_segmenter_weights(model, data / "reducers" / CROPR_WEIGHTS_FILE)
+    tr.apply(model.backbone, "cropr", checkpoint=str(data / "reducers" / reducer_name), restore="frozen")
+    canvas, target = mosaic_testset()
+    scores = {"eval": {**evaluate_segmenter(model, canvas, target), "canvases": len(canvas)},
+              "eval_subset": {**evaluate_segmenter(model, canvas[:SUBSET], target[:SUBSET]), "canvases": SUBSET}}
+    to_bf16(folder / reducer_name, data / "reducers" / reducer_name, extra=scores)
+    return scores
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,8 +99,9 @@ def main(argv: list[str] | None = None) -> int:
         info = ship_segmenter(args.segmenter, args.data)
         print(json.dumps({k: info[k] for k in ("eval", "eval_subset", "eval_fp32_weights")}, indent=2))
     if args.cropr is not None:
-        ship_cropr(args.cropr, args.data)
+        scores = ship_cropr(args.cropr, args.data)
         print(f"shipped {CROPR_WEIGHTS_FILE} and {CROPR_REDUCER}.safetensors into {args.data / 'reducers'}")
+        print(json.dumps(scores, indent=2))
     return 0
 
 

@@ -200,7 +200,7 @@ def time_models(models: dict[str, nn.Module], x: Tensor, *, repeats: int = 5, wa
     real images.
     """
     timers = {name: _timer(m, x, "fp32") for name, m in models.items()}
-    seconds = interleaved_seconds(timers, repeats, warmup=warmup)
+    seconds = interleaved_seconds(timers, repeats, warmup=warmup, alternate_order=True)  # no model always first
     return {name: TimingResult(x.shape[0], s).images_per_second for name, s in seconds.items()}
 
 
