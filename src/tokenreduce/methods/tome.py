@@ -50,9 +50,7 @@ def parse_r(r: RSpec, depth: int, inflection: float = 0.0) -> list[int]:
     if inflection != 0.0 and not isinstance(r, int):
         raise ValueError(f"tome: inflection={inflection:g} shapes an int r; r={r!r} already sets the schedule "
                          f"(give the inflection in one place)")
-    if isinstance(r, int):
-        pass
-    elif isinstance(r, tuple) and len(r) == 2:
+    if isinstance(r, tuple) and len(r) == 2:
         r, inflection = r
         if not isinstance(r, int) or not isinstance(inflection, (int, float)) or not -1 <= inflection <= 1:
             raise ValueError(f"tome: (r, inflection) needs an int r and inflection in [-1, 1], got {(r, inflection)!r}")
@@ -63,7 +61,7 @@ def parse_r(r: RSpec, depth: int, inflection: float = 0.0) -> list[int]:
         if any(v < 0 for v in values):
             raise ValueError(f"tome: r values must be >= 0, got {values!r}")
         return values + [0] * (depth - len(values))
-    else:
+    elif not isinstance(r, int):
         raise ValueError(f"tome: r must be an int, (r, inflection) or a list of ints, got {r!r}")
     if r < 0:
         raise ValueError(f"tome: r must be >= 0, got {r}")

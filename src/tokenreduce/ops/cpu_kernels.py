@@ -207,6 +207,12 @@ def kernel_eligible(x: Tensor, size: Tensor | None) -> bool:
     return not (torch.is_grad_enabled() and (x.requires_grad or (size is not None and size.requires_grad)))
 
 
+def _kernels_for(x: Tensor, size: Tensor | None) -> ModuleType | None:
+    """The built kernels when they may replace the Python path for ``x`` and ``size``
+    (:func:`kernel_eligible`), else ``None`` (not eligible, off, or not built)."""
+    return load_cpu_kernels() if kernel_eligible(x, size) else None
+
+
 def fused_bipartite_merge(
     x: Tensor, size: Tensor | None, metric: Tensor, r: int, num_prefix: int
 ) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
@@ -224,9 +230,7 @@ def fused_bipartite_merge(
         :meth:`~tokenreduce.ops.matching.BipartiteMatch.remap`), or ``None`` when the kernel is not
         eligible or not available (the caller then takes the Python path).
     """
-    if not kernel_eligible(x, size):
-        return None
-    module = load_cpu_kernels()
+    module = _kernels_for(x, size)
     if module is None:
         return None
     if metric.dtype != torch.float32:
@@ -253,9 +257,7 @@ def fused_ltmp_merge_prune(
         B×M int64 input positions, M the largest live count in the batch; or ``None`` when the kernel is
         not eligible or not available (the caller then takes the Python path).
     """
-    if not kernel_eligible(x, size) or (mask is not None and mask.dtype != torch.float32):
-        return None
-    module = load_cpu_kernels()
+    module = None if mask is not None and mask.dtype != torch.float32 else _kernels_for(x, size)
     if module is None:
         return None
     out_x, out_size, out_mask, index, all_live = module.ltmp_merge_prune(
@@ -278,9 +280,7 @@ def fused_squeeze(
         ``(x, size)``: B×(P+K)×C and B×(P+K)×1, or ``None`` when the kernel is not eligible or not
         available (the caller then takes the Python path).
     """
-    if not kernel_eligible(x, size):
-        return None
-    module = load_cpu_kernels()
+    module = _kernels_for(x, size)
     if module is None:
         return None
     out_x, out_size = module.squeeze_tokens(x, size, keep_index.long(), drop_index.long(), num_prefix,
