@@ -44,11 +44,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cropr", metavar="WEIGHTS", help="fine-tune these segmenter weights end to end with Cropr")
     p.add_argument("--budget", type=positive_float, default=0.6, help="with --cropr: fraction of the GMACs kept")
     p.add_argument("--curriculum", type=float, default=0.5, help="with --cropr: fraction of steps p rises over")
+    p.add_argument("--cropr-init", metavar="REDUCER",
+                   help="with --cropr: continue from this trained Cropr reducer (trained with those weights)")
     args = p.parse_args(argv)
     if args.cropr:
         summary = train_cropr_segmenter(
             args.cropr, args.data_dir, args.out, budget=args.budget, epochs=args.epochs, lr=args.lr,
             canvases_per_batch=args.canvases_per_batch, curriculum=args.curriculum, seed=args.seed,
+            reducer_init=args.cropr_init,
             threads=args.threads, stop_at_step=args.stop_at_step, resume=args.resume, command=command_line(),
         )
         print(json.dumps({k: summary[k] for k in ("complete", "params", "eval") if k in summary}, indent=2))

@@ -77,6 +77,8 @@ def test_default_run_every_method_with_analytic_gmacs(tmp_path, capsys):
             assert row["samples"] == 40 and 0 <= row["top1"] <= row["top5"] <= 1
             assert row["delta_top1"] == pytest.approx(row["top1"] - rows["unreduced"]["top1"])
             assert row["images_per_s"] > 0 and row["speedup"] > 0
+            # one timed round: the median of the per-round ratios is that round's ratio
+            assert row["speedup"] == pytest.approx(row["images_per_s"] / row["images_per_s_unreduced"])
             if name == "ltmp":  # data-dependent counts: measured GMACs only
                 assert row["gmacs_analytic"] is None and 0 < row["gmacs"] < row["gmacs_unreduced"]
                 continue

@@ -8,6 +8,7 @@ import torch
 from conftest import write_fashion_mnist
 
 import tokenreduce as tr
+from tokenreduce.checkpoint import read_reducer
 from tokenreduce.dense import evaluate as dense_evaluate
 from tokenreduce.dense.mosaic import mosaic_testset
 from tokenreduce.dense.segmenter import load_reference_segmenter
@@ -47,3 +48,14 @@ def test_reference_then_cropr_segmenter_training_write_what_evaluation_loads(sma
         masks = model(segmentation.preprocess_canvas(canvas[:2])).argmax(1)
     assert masks.shape == (2, 56, 56)
     assert tr.stats(model.backbone).gmacs <= 0.6 * tr.stats(model.backbone).gmacs_unreduced + 1e-9
+
+    # a continuation starts from the trained reducer (not fresh queries) and keeps the first run's record
+    again = segmentation.train_cropr_segmenter(
+        str(data / "cropr" / segmentation.CROPR_WEIGHTS_FILE), str(data), str(data / "cropr2"),
+        reducer_init=str(reducer_file), curriculum=0.0, lr=1e-9, **common)
+    assert again["complete"] and again["previous_phase"]["steps"] == 4
+    first = read_reducer(reducer_file)[1]
+    second = read_reducer(data / "cropr2" / f"{segmentation.CROPR_REDUCER}.safetensors")[1]
+    assert first.keys() == second.keys()
+    for name, value in first.items():
+        torch.testing.assert_close(second[name], value, atol=1e-4, rtol=0)  # 4 steps at the 1e-5 rate floor

@@ -8,7 +8,7 @@ import pytest
 from conftest import make_vit
 from torch import nn
 
-from tokenreduce.eval.throughput import compare_throughput
+from tokenreduce.eval.throughput import compare_throughput, paired_speedup
 
 
 class CountingWrapper(nn.Module):
@@ -41,3 +41,14 @@ def test_shared_baseline_must_be_in_eval_mode():
     with pytest.raises(ValueError, match="eval mode"):
         compare_throughput(copy.deepcopy(network), "evit", batch_size=1, repeats=1, progress=False,
                            baseline=copy.deepcopy(network).train())
+
+
+def test_paired_speedup_is_the_median_of_the_per_round_ratios():
+    # rounds: ratios 1, 2 and 0.5 → median 1; the ratio of the medians (1 / 2) would say 0.5
+    assert paired_speedup([1.0, 10.0, 1.0], [1.0, 5.0, 2.0]) == pytest.approx(1.0)
+    # a machine that slows down 3× over the run: every round is 2× faster reduced
+    assert paired_speedup([2.0, 4.0, 6.0], [1.0, 2.0, 3.0]) == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="same number"):
+        paired_speedup([1.0], [1.0, 2.0])
+    with pytest.raises(ValueError, match="same number"):
+        paired_speedup([], [])

@@ -115,7 +115,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--crop-pct", type=fraction, metavar="F", help="override the model's crop_pct")
     p.add_argument("--limit", type=positive_int, metavar="N", help="evaluate N images only (a fixed-seed sample)")
-    p.add_argument("--repeats", type=positive_int, default=5,
+    p.add_argument("--repeats", type=positive_int, default=9,
                    help="timed forwards per model for images/s (default: %(default)s)")
     p.add_argument("--seeds", type=positive_int, default=3, metavar="N", help=SEEDS_HELP)
     p.add_argument("--finetuned", metavar="DIR",

@@ -35,7 +35,7 @@ from ..methods import get_method
 from ..methods.base import ModelInfo
 from ..models import model_info
 from ..training.tasks import logits_of
-from .throughput import TimingResult, _timer, interleaved_seconds
+from .throughput import TimingResult, _timer, interleaved_seconds, paired_speedup
 
 Score = TypeVar("Score")
 
@@ -204,6 +204,20 @@ def time_models(models: dict[str, nn.Module], x: Tensor, *, repeats: int = 5, wa
     return {name: TimingResult(x.shape[0], s).images_per_second for name, s in seconds.items()}
 
 
+def time_against(base: nn.Module, reduced: nn.Module, x: Tensor, *, repeats: int = 9,
+                 warmup: int = 1) -> dict[str, float]:
+    """Images/s of ``base`` and ``reduced`` on the batch ``x`` (B×C×H×W), timed alternately (medians),
+    and the speed-up as the median of the per-round ratios (:func:`~.throughput.paired_speedup`).
+
+    Returns:
+        ``{"unreduced": images/s, "reduced": images/s, "speedup": ratio}``.
+    """
+    seconds = interleaved_seconds({"unreduced": _timer(base, x, "fp32"), "reduced": _timer(reduced, x, "fp32")},
+                                  repeats, warmup=warmup, alternate_order=True)
+    ips = {name: TimingResult(x.shape[0], s).images_per_second for name, s in seconds.items()}
+    return {**ips, "speedup": paired_speedup(seconds["unreduced"], seconds["reduced"])}
+
+
 def skip_reason(model: nn.Module, config: Config) -> str | None:
     """Why ``config`` cannot run on ``model`` (``None``: it can).  Never raises for a bad method config."""
     if config.method is None:
@@ -231,7 +245,7 @@ def evaluate_configs(
     timing_batch: Tensor,
     num_batches: int | None = None,
     device: torch.device | str = "cpu",
-    repeats: int = 5,
+    repeats: int = 9,
     progress: bool = True,
     seeds: int = DEFAULT_SEEDS,
 ) -> list[dict[str, Any]]:
@@ -325,7 +339,8 @@ class ConfigRuns(Generic[Score]):
         params: the first run's resolved parameters (``{}`` unreduced), without the seed of a seeded config.
         gmacs_analytic: the first run's GMACs by formula (plus the caller's extra), or ``None`` when the
             counts are data-dependent (LTMP).
-        images_per_s: ``{"unreduced": …, "reduced": …}`` from the first run, timed alternately.
+        images_per_s: ``{"unreduced": …, "reduced": …, "speedup": …}`` from the first run, timed
+            alternately (:func:`time_against`).
     """
 
     scores: list[Score]
@@ -339,7 +354,7 @@ class ConfigRuns(Generic[Score]):
         ips = self.images_per_s
         return {"params": self.params, "gmacs_analytic": self.gmacs_analytic, "gmacs_unreduced": unreduced_gmacs,
                 "images_per_s": ips["reduced"], "images_per_s_unreduced": ips["unreduced"],
-                "speedup": ips["reduced"] / ips["unreduced"]}
+                "speedup": ips["speedup"]}
 
 
 def run_config(
@@ -381,8 +396,8 @@ def run_config(
             scores.append(score(config.label if seed is None else f"{config.label} seed {seed}"))
             if len(scores) == 1:  # schedule, GMACs and speed: the first (seed-0) run's
                 if config.method is None:  # one model: its speed-up is 1 by definition
-                    ips = dict.fromkeys(("unreduced", "reduced"),
-                                        time_models({"m": base}, timing_batch, repeats=repeats)["m"])
+                    one = time_models({"m": base}, timing_batch, repeats=repeats)["m"]
+                    ips = {"unreduced": one, "reduced": one, "speedup": 1.0}
                 else:
                     params = stats(target).params
                     try:
@@ -390,7 +405,7 @@ def run_config(
                         analytic += extra_gmacs
                     except NotImplementedError:  # data-dependent counts (LTMP): only the measured GMACs exist
                         analytic = None
-                    ips = time_models({"unreduced": base, "reduced": timed}, timing_batch, repeats=repeats)
+                    ips = time_against(base, timed, timing_batch, repeats=repeats)
         finally:
             remove(target)
     if run_seeds:
@@ -527,7 +542,7 @@ def evaluate_reference(
     *,
     limit: int | None = None,
     batch_size: int = 250,
-    repeats: int = 5,
+    repeats: int = 9,
     checkpoint: str | None = None,
     progress: bool = True,
     model: nn.Module | None = None,

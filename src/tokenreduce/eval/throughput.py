@@ -106,6 +106,19 @@ def interleaved_seconds(
     return seconds
 
 
+def paired_speedup(base_seconds: list[float], reduced_seconds: list[float]) -> float:
+    """Speed-up of a reduced model over its base from alternate timings: the median, over rounds,
+    of ``base_i / reduced_i``.
+
+    The two timings of a round are taken back to back, so load that drifts on a shared machine
+    cancels in each ratio, where a ratio of two medians can pair a fast round of one with a slow
+    round of the other.
+    """
+    if len(base_seconds) != len(reduced_seconds) or not base_seconds:
+        raise ValueError("paired_speedup needs the same number (≥ 1) of timings of both models")
+    return statistics.median(b / r for b, r in zip(base_seconds, reduced_seconds, strict=True))
+
+
 def wall_clock(fn: Callable[[], Any]) -> Callable[[], float]:
     """``fn`` as a run for :func:`interleaved_seconds`: calls it and returns the wall-clock seconds."""
 

@@ -288,6 +288,7 @@ def train_cropr_segmenter(
     weight_decay: float = 0.05,
     warmup_epochs: float = 0.25,
     curriculum: float = 0.5,
+    reducer_init: str | Path | None = None,
     seed: int = 0,
     eval_canvases: int = 500,
     compile: bool = False,
@@ -300,23 +301,31 @@ def train_cropr_segmenter(
     """Fine-tune the reference segmenter end to end with Cropr (segmentation form, last-layer fusion) at
     ``budget`` of the unreduced GMACs, and export the segmenter weights plus the reducer checkpoint into
     ``out_dir`` (``segmenter_cropr.safetensors``, ``cropr_seg.safetensors``).  Returns a summary.
+
+    ``reducer_init`` continues from a trained Cropr segmentation reducer (its queries, scorers and
+    auxiliary heads; pass the segmenter weights it was trained with as ``segmenter_weights``), with
+    ``curriculum=0`` usually; without it the Cropr modules start from scratch.
     """
     from ..api import apply, remove
     from ..api import reducer as applied
-    from ..checkpoint import save_reducer
+    from ..checkpoint import read_reducer, save_reducer
     from ..dense.segmenter import load_reference_segmenter
 
     run = _MosaicRun.prepare(data_dir, canvases_per_batch, eval_canvases, seed, threads)
     model = load_reference_segmenter(segmenter_weights).train()
     num_patches = model.backbone.patch_embed.num_patches
-    apply(model.backbone, "cropr", budget=budget, untrained=True, num_queries=num_patches, aux="segmentation",
-          num_classes=NUM_CLASSES, restore="frozen")
+    if reducer_init is not None:
+        apply(model.backbone, "cropr", checkpoint=reducer_init, budget=budget, restore="frozen")
+    else:
+        apply(model.backbone, "cropr", budget=budget, untrained=True, num_queries=num_patches,
+              aux="segmentation", num_classes=NUM_CLASSES, restore="frozen")
     cropr = applied(model.backbone)
     task = CroprSegmentationTask(cropr, run.steps_per_epoch * epochs, curriculum=curriculum)
     config = run.config(out_dir, epochs=epochs, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
                         seed=seed, resume=resume, stop_at_step=stop_at_step, compile=compile, amp=False,
                         progress=progress,
-                        extra={"task": "cropr-segmentation", "params": cropr.config(), "init": str(segmenter_weights)})
+                        extra={"task": "cropr-segmentation", "params": cropr.config(), "init": str(segmenter_weights),
+                               "reducer_init": None if reducer_init is None else str(reducer_init)})
 
     def evaluate(m: nn.Module) -> dict[str, float]:
         cropr.p_override = None
@@ -328,6 +337,8 @@ def train_cropr_segmenter(
     summary: dict[str, Any] = {"complete": result.complete, "steps": result.step, "params": cropr.config(),
                                "per_epoch_eval": result.evals, "wall_time_s": round(result.wall_time_s, 1),
                                "command": command or "scripts/train_segmenter.py --cropr"}
+    if reducer_init is not None:  # keep the record of the run this one continues
+        summary["previous_phase"] = read_reducer(reducer_init)[0].get("extra", {}).get("training")
     if result.complete:
         summary["eval"] = run.score_all(model)
         out = Path(out_dir)
