@@ -300,6 +300,43 @@ def test_hidden_states_hold_every_layers_reduced_tokens(name):
     assert counts[0] > counts[-1]
 
 
+@pytest.mark.parametrize("family", ["vit", "dinov2"])
+@pytest.mark.parametrize("method,params", [("tome", {"r": 6}), ("evit", {}), ("cropr", {"p": 4})])
+def test_restored_hidden_states_match_timms_restored_intermediates(family, method, params):
+    """With restoration every ``hidden_states`` entry is the full grid, and it is the grid timm's
+    ``forward_intermediates`` restores from the same weights (an independent entry point and model)."""
+    timm_model, hf_model = PAIRS[family]()
+    x = _images(3)
+    for model in (timm_model, hf_model):
+        torch.manual_seed(0)
+        tr.apply(model, method, untrained=True, restore="frozen", **params)
+    module = tr.reducer(timm_model).module
+    if module is not None:
+        tr.reducer(hf_model).module.load_state_dict(module.state_dict())
+    depth, prefix = len(timm_model.blocks), timm_model.num_prefix_tokens
+    with torch.no_grad():
+        out = hf_model(x, output_hidden_states=True)
+        grids = timm_model.forward_intermediates(x, indices=depth, norm=False, output_fmt="NLC",
+                                                 intermediates_only=True)
+    assert len(out.hidden_states) == depth + 1
+    n0 = out.hidden_states[0].shape[1]
+    assert all(h.shape == (3, n0, 64) for h in out.hidden_states)  # the full grid at every layer
+    assert min(m for _, m in tr.last_forward(hf_model).block_tokens) < n0  # while the layers ran reduced
+    for layer, grid in enumerate(grids):
+        torch.testing.assert_close(out.hidden_states[layer + 1][:, prefix:], grid, atol=1e-4, rtol=1e-4)
+
+
+def test_restored_hidden_states_at_zero_reduction_are_the_stock_ones():
+    model = small_config_model("ViTModel")
+    with torch.no_grad():
+        stock = model(_images(), output_hidden_states=True).hidden_states
+        tr.apply(model, "tome", r=0, restore="frozen")
+        restored = model(_images(), output_hidden_states=True).hidden_states
+    assert len(restored) == len(stock)
+    for a, b in zip(restored, stock, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("kwargs,error", [
     ({"output_attentions": True}, "output_attentions"),
     ({"head_mask": torch.ones(4, 4)}, "head_mask"),

@@ -30,7 +30,8 @@ requested block while the stream itself stays reduced.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -178,6 +179,17 @@ class ReductionContext:
         self.size = self.source = self.mask = None
         self.pos, self.owner, self.archive, self.orphans = self.pos_start, None, (), False
         return grid
+
+    @contextmanager
+    def capturing(self, blocks: frozenset[int]) -> Iterator[None]:
+        """While inside: the blocks in ``blocks`` return their restored grid (B×N0×C, :meth:`capture_grid`)
+        and the next block carries on with the reduced stream (:meth:`resume`)."""
+        self.captures += 1
+        previous, self.capture, self.stash = self.capture, blocks, None
+        try:
+            yield
+        finally:
+            self.capture, self.stash = previous, None
 
     def capture_grid(self, x: Tensor) -> Tensor:
         """A grid entry point asked for this block's output: return it restored (B×N0×C) and keep the
@@ -526,13 +538,8 @@ def grid_entry_point(name: str, capture: CaptureBlocks | None = None) -> Callabl
                     f"entry point tokenreduce can restore, so its result would hold reduced tokens"
                 )
             return out
-        blocks = frozenset(int(i) for i in capture(self, args, kwargs))
-        ctx.captures += 1
-        previous, ctx.capture, ctx.stash = ctx.capture, blocks, None
-        try:
+        with ctx.capturing(frozenset(int(i) for i in capture(self, args, kwargs))):
             return stock(self, *args, **kwargs)
-        finally:
-            ctx.capture, ctx.stash = previous, None
 
     entry.__name__ = name
     return entry

@@ -35,6 +35,10 @@ cannot honour and, for heads that average the tokens, weights them by size (see 
 * ``hidden_states`` (``output_hidden_states=True``): entry 0 is the embedding output (all tokens),
   entry ``i + 1`` the tokens leaving layer ``i`` after that layer's reductions, so their lengths
   shrink (and may carry padding rows, as above; the masks of intermediate layers are not kept).
+  With restoration (``tokenreduce.apply(..., restore="frozen" | "fusion")``) every entry is the
+  full grid instead, B×N0×C in the original order: each layer's output restored as the last one's
+  is (merged tokens copied to their patches, pruned ones as they were when pruned), while the
+  layers themselves still run on the reduced tokens.
 * ``attentions`` (``output_attentions=True``), ``head_mask`` and ``attention_mask`` are refused
   with an error: the fused kernel computes no attention probabilities, and a mask over the original
   tokens no longer lines up with the reduced ones.
@@ -198,7 +202,11 @@ def _model_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
         raise NotImplementedError("tokenreduce: head_mask is not supported on a reduced model")
     forward = adapter.reduced_forward(self._tr_base)
     if forward is None:
-        return self._tr_base.forward(self, *args, **kwargs)
+        forward = self._tr_base.forward
+    if ctx.restore is not None and _wants(self, kwargs, "output_hidden_states"):
+        # every layer's recorded output is its restored grid; the last one's is restored anyway
+        with ctx.capturing(frozenset(range(ctx.last_block))):
+            return forward(self, *args, **kwargs)
     return forward(self, *args, **kwargs)
 
 
