@@ -52,6 +52,20 @@ def _main_output(out) -> torch.Tensor:
     return out.last_hidden_state
 
 
+def _apply_both(timm_model, hf_model, method: str, params: dict, aux_heads: bool = True, **kwargs) -> None:
+    """``method`` on both models, a learned one with the same parameters on both sides (without Cropr's
+    training-only auxiliary heads when ``aux_heads`` is false)."""
+    for model in (timm_model, hf_model):
+        torch.manual_seed(0)
+        tr.apply(model, method, untrained=True, **params, **kwargs)
+    module = tr.reducer(timm_model).module
+    if module is not None:
+        state = module.state_dict()
+        if not aux_heads:
+            state = {k: v for k, v in state.items() if ".head." not in k}
+        tr.reducer(hf_model).module.load_state_dict(state, strict=aux_heads)
+
+
 # -- cross-framework parity ----------------------------------------------------------------------
 
 
@@ -72,16 +86,8 @@ def test_unreduced_models_match_across_frameworks(pair):
 def test_every_method_gives_the_same_outputs_in_timm_and_transformers(pair, method, params):
     family, timm_model, hf_model = pair
     x = _images(4)
-    torch.manual_seed(0)
-    tr.apply(timm_model, method, untrained=True, **params)
-    torch.manual_seed(0)
-    tr.apply(hf_model, method, untrained=True, **params)
-    module = tr.reducer(timm_model).module
-    if module is not None:  # the same learned parameters on both sides
-        state = module.state_dict()
-        if family == "clip":  # timm's head is CLIP's projection (no classes): Cropr's training-only aux heads differ
-            state = {k: v for k, v in state.items() if ".head." not in k}
-        tr.reducer(hf_model).module.load_state_dict(state, strict=family != "clip")
+    # timm's CLIP head is CLIP's projection (no classes): Cropr's training-only aux heads differ
+    _apply_both(timm_model, hf_model, method, params, aux_heads=family != "clip")
     try:
         with torch.no_grad():
             expected, got = timm_model(x), hf_output(family, hf_model(x))
@@ -307,12 +313,7 @@ def test_restored_hidden_states_match_timms_restored_intermediates(family, metho
     ``forward_intermediates`` restores from the same weights (an independent entry point and model)."""
     timm_model, hf_model = PAIRS[family]()
     x = _images(3)
-    for model in (timm_model, hf_model):
-        torch.manual_seed(0)
-        tr.apply(model, method, untrained=True, restore="frozen", **params)
-    module = tr.reducer(timm_model).module
-    if module is not None:
-        tr.reducer(hf_model).module.load_state_dict(module.state_dict())
+    _apply_both(timm_model, hf_model, method, params, restore="frozen")
     depth, prefix = len(timm_model.blocks), timm_model.num_prefix_tokens
     with torch.no_grad():
         out = hf_model(x, output_hidden_states=True)
@@ -456,16 +457,56 @@ def test_training_a_backbone_without_classifier_says_so(tmp_path):
 # -- refusals and the optional dependency -------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name,error", [
-    ("ViTForMaskedImageModeling", "patch grid"),
-    ("Dinov2Backbone", "patch grid"),
-])
-def test_classes_that_need_the_patch_grid_are_refused(name, error):
+def test_masked_image_modelling_is_refused():
+    config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                                    patch_size=8)
+    with pytest.raises(TypeError, match="patch grid"):
+        tr.apply(transformers.ViTForMaskedImageModeling(config), "tome")
 
-    config = (transformers.ViTConfig if name.startswith("ViT") else transformers.Dinov2Config)(
-        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8)
-    with pytest.raises(TypeError, match=error):
-        tr.apply(getattr(transformers, name)(config), "tome")
+
+def test_dinov2_backbone_needs_restoration():
+    model = small_config_model("Dinov2Backbone")
+    with pytest.raises(ValueError, match="restore='frozen'"):
+        tr.apply(model, "tome")
+    assert not tr.is_reduced(model)
+
+
+def _dinov2_backbone_pair():
+    """timm's DINOv2-like ViT and an HF ``Dinov2Backbone`` (every stage out, final norm applied) with its
+    weights (the backbone's state dict is ``Dinov2Model``'s)."""
+    timm_model, hf_model = dinov2_pair()
+    stages = [f"stage{i}" for i in range(1, len(timm_model.blocks) + 1)]
+    config = {k: v for k, v in hf_model.config.to_dict().items() if k not in ("out_features", "out_indices")}
+    backbone = transformers.Dinov2Backbone(transformers.Dinov2Config(**config, out_features=stages)).eval()
+    backbone.load_state_dict(hf_model.state_dict())
+    return timm_model, backbone
+
+
+def test_dinov2_backbone_at_zero_reduction_gives_the_stock_feature_maps():
+    _, backbone = _dinov2_backbone_pair()
+    x = _images()
+    with torch.no_grad():
+        stock = backbone(x).feature_maps
+        tr.apply(backbone, "tome", r=0, restore="frozen")
+        restored = backbone(x).feature_maps
+    for a, b in zip(restored, stock, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method,params", [("tome", {"r": 6}), ("evit", {}), ("cropr", {"p": 4})])
+def test_reduced_dinov2_backbone_feature_maps_match_timms_restored_intermediates(method, params):
+    timm_model, backbone = _dinov2_backbone_pair()
+    x = _images(3)
+    _apply_both(timm_model, backbone, method, params, restore="frozen")
+    with torch.no_grad():
+        maps = backbone(x).feature_maps
+        grids = timm_model.forward_intermediates(x, indices=len(timm_model.blocks), norm=True,
+                                                 intermediates_only=True)  # B×C×H×W, final norm applied
+    assert min(m for _, m in tr.last_forward(backbone).block_tokens) < 65  # the layers ran reduced
+    assert len(maps) == len(grids) == 12
+    for got, want in zip(maps, grids, strict=True):
+        assert got.shape == (3, 64, 8, 8)
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
 def test_two_tower_clip_says_to_reduce_its_vision_tower():

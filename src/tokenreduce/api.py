@@ -102,6 +102,10 @@ def apply(
     if is_patched(model):
         unpatch(model)
     adapter = adapter_for(model)
+    grid_reason = adapter.grid_reason(model)
+    if grid_reason is not None and restore is None:
+        raise ValueError(f"{type(model).__name__} can only be reduced with the full token grid restored "
+                         f"({grid_reason}): pass restore='frozen' (or 'fusion')")
     info = adapter.model_info(model)
     if checkpoint is not None:
         meta, tensors = read_reducer(checkpoint)

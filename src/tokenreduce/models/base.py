@@ -271,6 +271,12 @@ class FamilyAdapter:
 
     # -- the model ---------------------------------------------------------------------------------
     @classmethod
+    def grid_reason(cls, model: nn.Module) -> str | None:
+        """Why ``model``'s own forward needs the full token grid after every block (then it can only be
+        reduced with restoration, ``tokenreduce.apply(..., restore=...)``), or ``None``: it does not."""
+        return None
+
+    @classmethod
     def matches(cls, model: nn.Module) -> bool:
         """Whether ``model`` belongs to this family (its class, not its configuration)."""
         raise NotImplementedError

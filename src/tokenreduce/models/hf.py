@@ -203,7 +203,8 @@ def _model_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     forward = adapter.reduced_forward(self._tr_base)
     if forward is None:
         forward = self._tr_base.forward
-    if ctx.restore is not None and _wants(self, kwargs, "output_hidden_states"):
+    if ctx.restore is not None and (_wants(self, kwargs, "output_hidden_states")
+                                    or type(self)._tr_base.__name__ in adapter.grid_classes):
         # every layer's recorded output is its restored grid; the last one's is restored anyway
         with ctx.capturing(frozenset(range(ctx.last_block))):
             return forward(self, *args, **kwargs)
@@ -276,6 +277,9 @@ class HFAdapter(FamilyAdapter):
     """Supported model class names → attribute path from the model to its backbone (embeddings, layers)."""
     refused: ClassVar[dict[str, str]] = {}
     """Model class names of the family that cannot be reduced → why."""
+    grid_classes: ClassVar[dict[str, str]] = {}
+    """Supported model class names whose forward reads every layer's output as the patch grid → what
+    reads it (:meth:`grid_reason`: reduced only with restoration, every layer's output restored)."""
     layers_path: ClassVar[str] = "layers"
     """Attribute path from the backbone to its ``nn.ModuleList`` of layers."""
     layer_class: ClassVar[str] = ""
@@ -294,6 +298,10 @@ class HFAdapter(FamilyAdapter):
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
         return stock_class(model).__module__.startswith(cls.module_prefix)
+
+    @classmethod
+    def grid_reason(cls, model: nn.Module) -> str | None:
+        return cls.grid_classes.get(stock_class(model).__name__)
 
     @classmethod
     def supported_classes(cls) -> str:

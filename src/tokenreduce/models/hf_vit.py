@@ -12,8 +12,13 @@ Supported classes (transformers >= 5.18):
   which on a reduced model weights every token by how many patches it stands for (and by its
   live mask), as the stock mean weighted every patch once.
 
-Refused: the masked-image-modeling heads and ``Dinov2Backbone`` (they reshape the tokens into the
-patch grid, which reduced tokens no longer fill), and ``Dinov2WithRegisters`` (another module).
+* ``Dinov2Backbone`` (``hf-dinov2``), the feature-map backbone of dense heads (DPT, Depth Anything):
+  its feature maps reshape every stage's tokens into the patch grid, so it is reduced only with
+  restoration (``tokenreduce.apply(..., restore="frozen" | "fusion")``); every stage's output is
+  then the restored grid while the layers run on the reduced tokens.
+
+Refused: the masked-image-modeling heads (they reshape the tokens into the patch grid, which
+reduced tokens no longer fill) and ``Dinov2WithRegisters`` (another module).
 What the model's outputs hold after reduction (``last_hidden_state``, ``hidden_states``, refused
 arguments) is described in :mod:`tokenreduce.models.hf`.
 """
@@ -96,10 +101,10 @@ class HFDinov2(HFAdapter):
     """Hugging Face DINOv2 (LayerScale, drop path; a class token and patch tokens, no registers)."""
 
     name = "hf-dinov2"
-    description = "Hugging Face Dinov2Model, Dinov2ForImageClassification (transformers >= 5.18)"
+    description = "Hugging Face Dinov2Model, Dinov2ForImageClassification, Dinov2Backbone (transformers >= 5.18)"
     module_prefix = "transformers.models.dinov2."
-    classes = {"Dinov2Model": "", "Dinov2ForImageClassification": "dinov2"}
-    refused = {"Dinov2Backbone": _GRID}
+    classes = {"Dinov2Model": "", "Dinov2ForImageClassification": "dinov2", "Dinov2Backbone": ""}
+    grid_classes = {"Dinov2Backbone": "its feature maps reshape every stage's tokens into the patch grid"}
     layers_path = "encoder.layer"
     layer_class = "Dinov2Layer"
     norm1_name = "norm1"
