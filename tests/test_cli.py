@@ -14,6 +14,8 @@ from tokenreduce.cli import build_parser, load_model, main, parse_param
 
 def test_parse_param_literals():
     assert parse_param("r=13") == ("r", 13)
+    assert parse_param("prop_attn=false") == ("prop_attn", False) and parse_param("llf=TRUE") == ("llf", True)
+    assert parse_param("seed=none") == ("seed", None) and parse_param("name=falsey") == ("name", "falsey")
     assert parse_param("layers=3,6,9") == ("layers", (3, 6, 9))
     assert parse_param("layers=[3,6]") == ("layers", (3, 6))
     assert parse_param("r=(8,-0.5)") == ("r", (8, -0.5))

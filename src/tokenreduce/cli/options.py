@@ -28,14 +28,16 @@ DTYPE_SHORT = {"bfloat16": "bf16", "float16": "fp16"}
 
 
 def parse_param(text: str) -> tuple[str, Any]:
-    """``"r=13"`` → ``("r", 13)``; values are Python literals (``layers=3,6,9`` → a tuple), else strings."""
+    """``"r=13"`` → ``("r", 13)``; values are Python literals (``layers=3,6,9`` → a tuple), ``true`` /
+    ``false`` / ``none`` in any case the booleans and ``None``, else strings."""
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
     key, raw = text.split("=", 1)
     if not key.strip():
         raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    words = {"true": True, "false": False, "none": None}
     try:
-        value = ast.literal_eval(raw)
+        value = words[raw.strip().lower()] if raw.strip().lower() in words else ast.literal_eval(raw)
     except (ValueError, SyntaxError):
         value = raw
     if isinstance(value, list):
