@@ -327,15 +327,21 @@ def test_restored_hidden_states_match_timms_restored_intermediates(family, metho
         torch.testing.assert_close(out.hidden_states[layer + 1][:, prefix:], grid, atol=1e-4, rtol=1e-4)
 
 
-def test_restored_hidden_states_at_zero_reduction_are_the_stock_ones():
-    model = small_config_model("ViTModel")
+@pytest.mark.parametrize("name", ["ViTModel", "DeiTForImageClassificationWithTeacher", "CLIPVisionModel",
+                                  "SiglipVisionModel"])
+def test_restored_hidden_states_are_the_stock_ones_at_zero_reduction_and_full_grids_when_reduced(name):
+    model = small_config_model(name)
     with torch.no_grad():
         stock = model(_images(), output_hidden_states=True).hidden_states
         tr.apply(model, "tome", r=0, restore="frozen")
         restored = model(_images(), output_hidden_states=True).hidden_states
-    assert len(restored) == len(stock)
+        tr.apply(model, "tome", r=6, restore="frozen")
+        reduced = model(_images(), output_hidden_states=True).hidden_states
+    assert len(restored) == len(stock) == len(reduced)
     for a, b in zip(restored, stock, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert all(h.shape == stock[0].shape for h in reduced)
+    assert tr.last_forward(model).block_tokens[-1][1] < stock[0].shape[1]
 
 
 @pytest.mark.parametrize("kwargs,error", [
