@@ -9,7 +9,8 @@ ends a session early with a checkpoint; ``--resume`` continues it exactly.
 ``--cropr WEIGHTS`` fine-tunes a trained segmenter end to end with Token Cropr (segmentation form,
 one query per patch, per-query auxiliary heads, last-layer fusion, p curriculum over the first half)
 at ``--budget`` of the unreduced GMACs, and exports ``segmenter_cropr.safetensors`` +
-``cropr_seg.safetensors`` (the reducer, naming the weights it was trained with).
+``cropr_seg.safetensors`` (the reducer, naming the weights it was trained with).  ``--cropr-init REDUCER``
+continues from such a reducer (with ``--cropr`` the weights it was trained with; usually ``--curriculum 0``).
 
     OMP_WAIT_POLICY=PASSIVE python scripts/train_segmenter.py --out runs/segmenter
     OMP_WAIT_POLICY=PASSIVE python scripts/train_segmenter.py --cropr runs/segmenter/segmenter_vit.safetensors \
