@@ -35,9 +35,9 @@ def parse_param(text: str) -> tuple[str, Any]:
     key, raw = text.split("=", 1)
     if not key.strip():
         raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
-    words = {"true": True, "false": False, "none": None}
+    words, word = {"true": True, "false": False, "none": None}, raw.strip().lower()
     try:
-        value = words[raw.strip().lower()] if raw.strip().lower() in words else ast.literal_eval(raw)
+        value = words[word] if word in words else ast.literal_eval(raw)
     except (ValueError, SyntaxError):
         value = raw
     if isinstance(value, list):

@@ -192,6 +192,12 @@ def count_correct(
     return counts
 
 
+def _alternate_seconds(models: dict[str, nn.Module], x: Tensor, repeats: int, warmup: int) -> dict[str, list[float]]:
+    """Seconds per forward of every model on ``x``, the models taking turns (order alternating per round)."""
+    timers = {name: _timer(m, x, "fp32") for name, m in models.items()}
+    return interleaved_seconds(timers, repeats, warmup=warmup, alternate_order=True)  # no model always first
+
+
 def time_models(models: dict[str, nn.Module], x: Tensor, *, repeats: int = 5, warmup: int = 1) -> dict[str, float]:
     """Images/s of several models on the same batch ``x`` (B×C×H×W), timed alternately; medians.
 
@@ -199,8 +205,7 @@ def time_models(models: dict[str, nn.Module], x: Tensor, *, repeats: int = 5, wa
     ``tokenreduce benchmark``) but on a real batch, so data-dependent methods see
     real images.
     """
-    timers = {name: _timer(m, x, "fp32") for name, m in models.items()}
-    seconds = interleaved_seconds(timers, repeats, warmup=warmup, alternate_order=True)  # no model always first
+    seconds = _alternate_seconds(models, x, repeats, warmup)
     return {name: TimingResult(x.shape[0], s).images_per_second for name, s in seconds.items()}
 
 
@@ -212,8 +217,7 @@ def time_against(base: nn.Module, reduced: nn.Module, x: Tensor, *, repeats: int
     Returns:
         ``{"unreduced": images/s, "reduced": images/s, "speedup": ratio}``.
     """
-    seconds = interleaved_seconds({"unreduced": _timer(base, x, "fp32"), "reduced": _timer(reduced, x, "fp32")},
-                                  repeats, warmup=warmup, alternate_order=True)
+    seconds = _alternate_seconds({"unreduced": base, "reduced": reduced}, x, repeats, warmup)
     ips = {name: TimingResult(x.shape[0], s).images_per_second for name, s in seconds.items()}
     return {**ips, "speedup": paired_speedup(seconds["unreduced"], seconds["reduced"])}
 
