@@ -102,6 +102,28 @@ def test_every_method_gives_the_same_outputs_in_timm_and_transformers(pair, meth
         tr.remove(hf_model)
 
 
+def test_ltmp_padded_batches_run_the_ragged_attention_in_both_frameworks(monkeypatch):
+    import tokenreduce.models.hf as hf_adapter
+    import tokenreduce.ops.attention as attention_ops
+
+    timm_model, hf_model = PAIRS["vit"]()
+    x = torch.randn(5, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    x[1] = x[1].mean()  # a flat image merges more than the others: a padded batch
+    _apply_both(timm_model, hf_model, "ltmp", {"merge_threshold": 0.3, "prune_threshold": 0.012})
+    calls = []
+    for module in (attention_ops, hf_adapter):
+        real = module.attend_ragged
+        monkeypatch.setattr(module, "attend_ragged", lambda *a, real=real, m=module: calls.append(m) or real(*a))
+    with torch.no_grad():
+        timm_out, hf_out = timm_model(x), hf_output("vit", hf_model(x))
+        assert attention_ops in calls and hf_adapter in calls
+        monkeypatch.setattr(hf_adapter, "ragged_applies", lambda *a: False)
+        padded = hf_output("vit", hf_model(x))
+    torch.testing.assert_close(hf_out, timm_out, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(hf_out, padded, atol=1e-5, rtol=1e-5)
+    assert len({b.tokens_out for b in tr.stats(hf_model).blocks}) > 1
+
+
 def _as_int(n):
     return tuple(n.tolist()) if isinstance(n, torch.Tensor) else n
 

@@ -141,9 +141,10 @@ def test_reduced_model_gives_identical_logits_with_and_without_the_kernel(kernel
 def test_a_zero_prune_threshold_skips_the_attention_probabilities_at_inference(kernel_state, monkeypatch):
     import tokenreduce.ops.attention as attention
 
-    calls = []
-    real = attention.attention_and_received
+    calls = []  # the explicit pass: on the padded layout or on the ragged one
+    real, real_ragged = attention.attention_and_received, attention.attend_ragged
     monkeypatch.setattr(attention, "attention_and_received", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(attention, "attend_ragged", lambda *a: calls.append(1) or real_ragged(*a))
     images = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(4))
     thresholds = [0.0] * 6 + [1e-12] * 6  # blocks 0-5 cannot prune; 6-11 can (but prune nothing here)
     model = tr.apply(make_vit(), "ltmp", untrained=True, merge_threshold=0.6, prune_threshold=tuple(thresholds))

@@ -30,9 +30,11 @@ Two forms behind one reducer, chosen by the model's mode:
   number of tokens, so a batch is run *padded*: survivors are compacted to the
   front, the sequence is cut to the largest count in the batch, and the padding
   is removed from attention with a −inf key bias (fused SDPA kept).  Every
-  image's result equals running it alone; the cost is the padding's share of the
-  MLP and attention work and one host synchronisation per block (to learn the
-  count).  With batch size 1 there is no padding at all.  On the CPU the step after the
+  image's result equals running it alone.  The per-token work runs on the live
+  tokens only, and the attention on chunks of images of similar length
+  (:func:`~tokenreduce.ops.attention.attend_ragged`); the cost is the padding
+  left inside those chunks and two host synchronisations per block (to learn
+  the counts).  With batch size 1 there is no padding at all.  On the CPU the step after the
   similarities runs as one fused kernel (:func:`~tokenreduce.ops.cpu_kernels.fused_ltmp_merge_prune`,
   the same numbers) unless sources or restoration are tracked.
 

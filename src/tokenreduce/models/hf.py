@@ -57,7 +57,17 @@ from torch import Tensor, nn
 
 from ..budget import CostModel, linear_macs
 from ..methods.base import ModelInfo
-from ..ops.attention import AttentionNeeds, AttentionSignals, KeyMask, attend, merge_heads, pack_rows, unpack_rows
+from ..ops.attention import (
+    AttentionNeeds,
+    AttentionSignals,
+    KeyMask,
+    attend,
+    attend_ragged,
+    merge_heads,
+    pack_rows,
+    ragged_applies,
+    unpack_rows,
+)
 from .base import FamilyAdapter, ReductionContext, run_block
 
 MIN_TRANSFORMERS = "5.18"
@@ -463,11 +473,16 @@ class HFAdapter(FamilyAdapter):
         impl = attention_implementation(attn)
         check_attention_implementation(impl)
         h = getattr(block, cls.norm1_name)(x)
-        q, k, v = (split_heads(unpack_rows(proj(h), packed, key_mask), attn.head_dim)
-                   for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+        scale = getattr(attn, cls.scale_name)
+        projections = (attn.q_proj, attn.k_proj, attn.v_proj)
+        if ragged_applies(h.dtype, needs, key_mask, packed, attn.training):  # padded batch, without the padding
+            qkv = tuple(proj(h).view(h.shape[0], -1, attn.head_dim) for proj in projections)
+            out, signals = attend_ragged(qkv, packed, scale, bias, needs, key_mask)
+            return getattr(attn, cls.out_proj_name)(out), signals
+        q, k, v = (split_heads(unpack_rows(proj(h), packed, key_mask), attn.head_dim) for proj in projections)
         p = float(getattr(attn, cls.dropout_name, 0.0) or 0.0)
         dropout = nn.Dropout(p) if attn.training and p > 0 else None
-        out, signals = attend(q, k, v, getattr(attn, cls.scale_name), bias, needs, key_mask, class_token=class_token,
+        out, signals = attend(q, k, v, scale, bias, needs, key_mask, class_token=class_token,
                               training=attn.training, dropout=dropout, fused=impl == "sdpa")
         return getattr(attn, cls.out_proj_name)(pack_rows(merge_heads(out), packed)), signals
 

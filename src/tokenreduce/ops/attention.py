@@ -19,7 +19,8 @@ request:
 * ``received``: the attention each key receives, averaged over heads and live
   query rows, B×N float32 (LTMP's importance; differentiable in training).  At
   inference it comes with the output from one explicit softmax over chunks of images
-  (:func:`attention_and_received`, about 2 MB of probabilities at a time).
+  (:func:`attention_and_received`, about 2 MB of probabilities at a time); for a padded
+  batch, over chunks of images of similar length without the padding (:func:`attend_ragged`).
 
 A live-token mask (B×N×1) removes keys: hard masks (padding in batched
 inference) become a ``−inf`` additive bias and keep the fused kernel; soft masks
@@ -36,6 +37,7 @@ from torch import Tensor, nn
 
 from .gather import head_mean
 from .modes import fp32, tracing
+from .ragged import ragged_attention, ragged_layout
 
 
 @dataclass(frozen=True)
@@ -141,20 +143,61 @@ def attention_with_signals(
     """
     heads = attn.num_heads
     gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
-    qkv = unpack_rows(attn.qkv(x), packed, key_mask)
-    b, n = qkv.shape[:2]
+    qkv = attn.qkv(x)
     head_dim = qkv.shape[-1] // (3 * heads)
-    q, k, v = qkv.reshape(b, n, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    out, signals = attend(
-        q, k, v, attn.scale, bias, needs, key_mask, class_token=class_token, training=attn.training,
-        dropout=attn.attn_drop, fused=attn.fused_attn,
-    )
-    out = pack_rows(merge_heads(out), packed)
+    if ragged_applies(qkv.dtype, needs, key_mask, packed, attn.training):
+        rows = qkv.view(-1, 3, heads, head_dim)
+        if not (isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity)):
+            rows = (attn.q_norm(rows[:, 0]), attn.k_norm(rows[:, 1]), rows[:, 2])
+        out, signals = attend_ragged(rows, packed, attn.scale, bias, needs, key_mask)
+    else:
+        qkv = unpack_rows(qkv, packed, key_mask)
+        b, n = qkv.shape[:2]
+        q, k, v = qkv.reshape(b, n, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = attn.q_norm(q), attn.k_norm(k)
+        out, signals = attend(
+            q, k, v, attn.scale, bias, needs, key_mask, class_token=class_token, training=attn.training,
+            dropout=attn.attn_drop, fused=attn.fused_attn,
+        )
+        out = pack_rows(merge_heads(out), packed)
     out = attn.norm(out)
     if gate is not None:
         out = out * gate
     return attn.proj_drop(attn.proj(out)), signals
+
+
+def ragged_applies(dtype: torch.dtype, needs: AttentionNeeds, key_mask: KeyMask | None, packed: Tensor | None,
+                   training: bool) -> bool:
+    """Whether :func:`attend_ragged` serves a call: padded batched inference (a hard key mask and packed
+    rows; no autograd, not traced), float32, for a method that needs the received attention and at most
+    the head-averaged keys besides (LTMP)."""
+    return (
+        packed is not None and key_mask is not None and not key_mask.soft and not training
+        and needs.received and not (needs.probs or needs.cls_attn or needs.values)
+        and dtype == torch.float32 and not torch.is_grad_enabled() and not tracing()
+    )
+
+
+def attend_ragged(
+    qkv: Tensor | tuple[Tensor, Tensor, Tensor], packed: Tensor, scale: float, bias: Tensor | None,
+    needs: AttentionNeeds, key_mask: KeyMask,
+) -> tuple[Tensor, AttentionSignals]:
+    """:func:`attend` for a padded batch's live rows, without the padding (where :func:`ragged_applies`).
+
+    Args:
+        qkv: the live rows' head vectors: ΣN×3×H×d, or three ΣN×H×d tensors (q, k, v).
+        packed: their ΣN rows in the B·N flattening of ``key_mask``.
+        scale, bias, needs, key_mask: as :func:`attend`.
+
+    Returns:
+        ``(out, signals)``: ΣN×(H·d) outputs (heads concatenated) and the signals (B×N).
+    """
+    b, n = key_mask.mask.shape[:2]
+    heads = qkv.shape[2] if isinstance(qkv, Tensor) else qkv[0].shape[1]
+    layout = ragged_layout(packed, b, n, heads, PROBS_CHUNK)
+    with fp32(packed.device.type):
+        out, received, keys = ragged_attention(qkv, layout, scale, bias, key_mask.mask, needs.keys)
+    return out, AttentionSignals(keys=keys, received=received)
 
 
 def unpack_rows(rows: Tensor, packed: Tensor | None, key_mask: KeyMask | None) -> Tensor:
