@@ -23,6 +23,7 @@ rows run at lower FLOP rates); the gap to it is LTMP's own work.
 
     python benchmarks/ltmp_speed.py                      # targets 0.75 and 0.6, batch 32 and 1
     python benchmarks/ltmp_speed.py --targets 0.6 --batch-size 64
+    python benchmarks/ltmp_speed.py --prune-threshold 1e-12   # the explicit attention in every block
 """
 
 from __future__ import annotations
@@ -59,9 +60,10 @@ def blurred_noise(batch: int, size: int, max_sigma: float, seed: int = 0) -> tor
     return torch.stack(out)
 
 
-def reduced_ratio(model: torch.nn.Module, images: torch.Tensor, threshold: float) -> tuple[float, list[float]]:
+def reduced_ratio(model: torch.nn.Module, images: torch.Tensor, threshold: float,
+                  prune: float = 0.0) -> tuple[float, list[float]]:
     """Mean GMACs ratio over ``images`` and the per-image final token counts at one merge threshold."""
-    tr.apply(model, "ltmp", untrained=True, merge_threshold=threshold, prune_threshold=0.0)
+    tr.apply(model, "ltmp", untrained=True, merge_threshold=threshold, prune_threshold=prune)
     ratios, finals = [], []
     with torch.no_grad():
         for image in images.split(1):  # one at a time: per-image counts, no padding
@@ -72,13 +74,14 @@ def reduced_ratio(model: torch.nn.Module, images: torch.Tensor, threshold: float
     return sum(ratios) / len(ratios), finals
 
 
-def find_threshold(model: torch.nn.Module, images: torch.Tensor, target: float, steps: int) -> tuple[float, float]:
+def find_threshold(model: torch.nn.Module, images: torch.Tensor, target: float, steps: int,
+                   prune: float = 0.0) -> tuple[float, float]:
     """Bisection on the merge threshold (higher threshold: fewer merges, higher ratio)."""
     low, high = -1.0, 1.0
     best = (high, 1.0)
     for _ in range(steps):
         mid = (low + high) / 2
-        ratio, _ = reduced_ratio(model, images, mid)
+        ratio, _ = reduced_ratio(model, images, mid, prune)
         if abs(ratio - target) < abs(best[1] - target):
             best = (mid, ratio)
         if ratio > target:
@@ -98,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-sigma", type=float, default=6.0)
     parser.add_argument("--bisection-steps", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--prune-threshold", type=float, default=0.0,
+                        help="every block's prune threshold: 0 keeps the fused attention kernel; any positive value "
+                             "(1e-12 prunes next to nothing) runs the explicit attention pruning needs")
     args = parser.parse_args(argv)
     if any(not 0 < t < 1 for t in args.targets):
         parser.error("--targets must be in (0, 1)")
@@ -113,12 +119,13 @@ def main(argv: list[str] | None = None) -> int:
     images = blurred_noise(args.batch_size, size, args.max_sigma)
     print(f"# {args.model}, fp32, cpu, {platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}")
-    print(f"# images: white noise blurred with sigma ~ U[0, {args.max_sigma}] px; batch {args.batch_size}")
+    print(f"# images: white noise blurred with sigma ~ U[0, {args.max_sigma}] px; batch {args.batch_size}; "
+          f"prune threshold {args.prune_threshold:g}")
     print(f"{'target':>6} {'threshold':>9} {'GMACs ratio':>11} {'final tokens min/med/max':>24} "
           f"{'bs speed-up':>11} {'eff.':>5} {'bs1 speed-up':>12} {'eff.':>5} {'ceiling eff.':>12}")
     for target in args.targets:
-        threshold, ratio = find_threshold(reduced, images, target, args.bisection_steps)
-        _, finals = reduced_ratio(reduced, images, threshold)
+        threshold, ratio = find_threshold(reduced, images, target, args.bisection_steps, args.prune_threshold)
+        _, finals = reduced_ratio(reduced, images, threshold, args.prune_threshold)
         by_count = sorted(range(len(finals)), key=finals.__getitem__)
         low, mid, high = (finals[by_count[i]] for i in (0, len(finals) // 2, -1))
         spread = f"{low:.0f}/{mid:.0f}/{high:.0f}"
