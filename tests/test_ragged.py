@@ -117,5 +117,10 @@ def test_ragged_path_is_left_out_with_autograd_or_batch_one(monkeypatch, grad):
     model = make_vit()
     tr.apply(model, "ltmp", untrained=True, merge_threshold=0.3, prune_threshold=0.012)
     monkeypatch.setattr(attention_ops, "attend_ragged", lambda *a, **k: pytest.fail("ragged path used"))
+    x = torch.randn(2 if grad else 1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    x[-1] = x[-1].mean()  # with two images: a flat one merges more, so the batch is padded
     with torch.set_grad_enabled(grad):
-        model(torch.randn(2 if grad else 1, 3, 64, 64))
+        model(x)
+    if grad:
+        final = tr.last_forward(model).block_tokens[-1][1]
+        assert torch.is_tensor(final) and final[0] != final[1], "the batch should be padded"
