@@ -8,6 +8,11 @@ few processes to see how much the level moves between them.
 
     python benchmarks/ltmp_reference_speed.py                 # target 0.75, 15 rounds
     python benchmarks/ltmp_reference_speed.py --target 0.6
+    python benchmarks/ltmp_reference_speed.py --profile 3     # then where each model's time goes, op by op
+
+``--profile N`` times N more forwards of each model under ``torch.profiler`` and prints the
+milliseconds per forward of the ops that take the most time in either model, side by side: the
+matrix products against the attention and the bookkeeping around them.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import sys
 import time
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 import tokenreduce as tr
 from tokenreduce.eval.throughput import paired_speedup
@@ -35,12 +41,36 @@ def timed(model: torch.nn.Module, x: torch.Tensor) -> tuple[float, int]:
     return time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
 
 
+def op_milliseconds(model: torch.nn.Module, x: torch.Tensor, forwards: int) -> dict[str, float]:
+    """Self CPU milliseconds per forward of every op ``model`` runs on ``x`` (``torch.profiler``)."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(forwards):
+            model(x)
+    return {e.key: e.self_cpu_time_total / 1e3 / forwards for e in prof.key_averages()}
+
+
+def print_profile(models: dict[str, torch.nn.Module], x: torch.Tensor, forwards: int, top: int = 16) -> None:
+    """The ``top`` ops by time in any of ``models``, ms per forward side by side, and each model's total."""
+    per_model = {name: op_milliseconds(model, x, forwards) for name, model in models.items()}
+    ops = sorted({op for ms in per_model.values() for op in ms}, key=lambda op: -max(m.get(op, 0.0) for m in
+                                                                                      per_model.values()))
+    print(f"\nself CPU ms per forward ({forwards} forwards each, torch.profiler)")
+    print(f"{'op':42s}" + "".join(f"{name:>11s}" for name in per_model))
+    for op in ops[:top]:
+        print(f"{op[:42]:42s}" + "".join(f"{ms.get(op, 0.0):11.1f}" for ms in per_model.values()))
+    print(f"{'other ops':42s}" + "".join(f"{sum(v for k, v in ms.items() if k not in ops[:top]):11.1f}"
+                                         for ms in per_model.values()))
+    print(f"{'total':42s}" + "".join(f"{sum(ms.values()):11.1f}" for ms in per_model.values()))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", type=float, default=0.75, help="the shipped reducer's training target")
     parser.add_argument("--batch-size", type=int, default=250)
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="then profile N forwards of each model and print the ops side by side")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -67,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: median {1e3 * statistics.median(values):.0f} ms, range {1e3 * min(values):.0f}-"
               f"{1e3 * max(values):.0f} ms")
     print(f"speed-up (median of the rounds' ratios): {paired_speedup(seconds['unreduced'], seconds['ltmp']):.2f}x")
+    if args.profile:
+        with torch.no_grad():
+            print_profile({"unreduced": base, "ltmp": reduced}, x, args.profile)
     return 0
 
 

@@ -24,6 +24,8 @@ step tens of times slower, and the timing probe would plan a run far shorter tha
 
     python scripts/finetune_table.py --out results/finetune_table            # every method, 5 min each
     python scripts/finetune_table.py --methods evit tome --minutes-per-method 0.2 --limit 500
+    python scripts/finetune_table.py --methods tome tps --budget 1 --plan-from results/finetune_table \
+        --out results/finetune_control      # the unreduced model under the same recipes and steps
 """
 
 from __future__ import annotations
@@ -72,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "(the learning rate follows the batch as the recipe scales it; default: the recipe's batch)")
     p.add_argument("--set", dest="recipe_set", action="append", type=parse_param, default=[], metavar="KEY=VALUE",
                    help="override a value of every method's recipe (e.g. lr=1e-3), as `tokenreduce train --set`")
+    p.add_argument("--plan-from", metavar="DIR",
+                   help="take each method's steps and batch from an earlier run's DIR/<method>/plan.json instead of "
+                        "timing a probe: a control at --budget 1 (the unreduced model under the same recipe) then "
+                        "makes the same steps")
     p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
@@ -104,6 +110,9 @@ def plan_run(method: str, folder: Path, data: TensorDataset, params: dict[str, A
     smaller one still when not every epoch gets a step) that fit."""
     plan_path = folder / "plan.json"
     if plan_path.is_file():
+        return json.loads(plan_path.read_text())
+    if args.plan_from is not None:  # the same steps as an earlier run (e.g. a control at --budget 1)
+        plan_path.write_text((Path(args.plan_from) / method / "plan.json").read_text())
         return json.loads(plan_path.read_text())
     overrides = dict(args.recipe_set)
     recipe = resolve_recipe("paper", get_method(method).resolve({})[0], overrides)
@@ -183,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     for name in args.methods:
         get_method(name)
+        earlier = None if args.plan_from is None else Path(args.plan_from) / name / "plan.json"
+        if earlier is not None and not earlier.is_file():
+            raise SystemExit(f"finetune_table.py: --plan-from: {earlier} not found")
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)

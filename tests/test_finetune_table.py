@@ -6,6 +6,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
 from conftest import write_fashion_mnist
 
 from tokenreduce.methods import get_method
@@ -48,3 +49,14 @@ def test_finetune_table_plans_within_its_budget_and_a_rerun_reuses_the_result(tm
     assert script.main(argv) == 0  # done earlier: read back, not trained again
     assert json.loads((out / "finetune_table.json").read_text())["rows"] == [row]
     assert "done earlier" in capsys.readouterr().err
+
+    # a control: the unreduced model (budget 1) under the same recipe, with the earlier run's steps, no probe
+    control = tmp_path / "control"
+    control_argv = [*argv[:argv.index("--out")], "--out", str(control), "--budget", "1", "--plan-from", str(out)]
+    assert script.main(control_argv) == 0
+    (same,) = json.loads((control / "finetune_table.json").read_text())["rows"]
+    assert same["plan"] == plan and same["steps"] == row["steps"]
+    assert same["gmacs"] == same["gmacs_unreduced"] and not (control / "tome" / "probe").exists()
+    missing = [*argv[:argv.index("--out")], "--out", str(tmp_path / "c2"), "--plan-from", str(tmp_path / "nowhere")]
+    with pytest.raises(SystemExit, match="plan.json not found"):
+        script.main(missing)

@@ -35,6 +35,12 @@ def test_layout_sorts_images_by_length_and_cuts_chunks_by_the_budget():
     row = _packed(mask).tolist().index(1 * 4 + 3)
     assert grouped.qkv_index[row].tolist() == [[3, 7], [19, 23], [35, 39]]  # s·16 + h·4 + 3
     assert grouped.out_index.view(-1, 2)[row].tolist() == [3, 7]
+    # the gather index inverts the slots: head vector (row, s, h) = row·6 + s·2 + h sits in slot qkv_index[row, s, h]
+    expected = [row * 6 + s * 2 + h for s in range(3) for h in range(2)]
+    assert grouped.qkv_source[[3, 7, 19, 23, 35, 39]].tolist() == expected
+    taken = torch.zeros(grouped.qkv_slots, dtype=torch.bool)
+    taken[grouped.qkv_index.view(-1)] = True
+    assert (grouped.qkv_source[~taken] == 0).all() and (~taken).any()  # padding slots read vector 0
 
 
 def test_attention_by_hand_on_a_two_image_batch():
