@@ -40,7 +40,16 @@ def test_layout_sorts_images_by_length_and_cuts_chunks_by_the_budget():
     assert grouped.qkv_source[[3, 7, 19, 23, 35, 39]].tolist() == expected
     taken = torch.zeros(grouped.qkv_slots, dtype=torch.bool)
     taken[grouped.qkv_index.view(-1)] = True
-    assert (grouped.qkv_source[~taken] == 0).all() and (~taken).any()  # padding slots read vector 0
+    # padding slots read their own image's last live vector of the same part and head: image 1's position 1 is
+    # padding (chunk 0, j=0: slot s·16 + h·4 + 1); its last live position 3 is packed row 4
+    assert (~taken).any() and (grouped.qkv_source >= 0).all()
+    assert grouped.qkv_source[1 * 16 + 1 * 4 + 1].item() == 4 * 6 + 1 * 2 + 1  # k, head 1
+    image_of_row = _packed(mask) // 4
+    for slot in (~taken).nonzero().flatten().tolist():  # nothing crosses images
+        chunk = [c for c in grouped.chunks if c.qkv_at <= slot][-1]
+        j = (slot - chunk.qkv_at) % (chunk.images * 2 * chunk.length) // (2 * chunk.length)
+        source_row = grouped.qkv_source[slot].item() // 6
+        assert image_of_row[source_row] == grouped.order[chunk.start + j]
 
 
 def test_attention_by_hand_on_a_two_image_batch():

@@ -8,8 +8,8 @@ layout and the rest is masked out.  Per-token work already runs on the live rows
   each holding a bounded number of probabilities (:data:`~tokenreduce.ops.attention.PROBS_CHUNK`),
   so a chunk's attention runs at its own longest image's length, not the batch's;
 * the chunks' head-major q/k/v buffers are gathered once, as head vectors, straight from the live
-  rows (one ``index_select``; padding slots read any live vector, which their -inf key bias and
-  zero query weight keep out of every result), and the per-head outputs are gathered straight
+  rows (one ``index_select``; padding slots read a live vector of their own image, which their
+  -inf key bias and zero query weight keep out of every result), and the per-head outputs are gathered straight
   back into ΣN rows (one ``index_select``): no permute or reshape copies, no padded B×N×C tensors.
 
 The arithmetic is that of :func:`~tokenreduce.ops.attention.attention_and_received` (float32 logits
@@ -53,8 +53,8 @@ class RaggedLayout:
         rows: the ΣN live rows (``packed``) the layout was made for.
         qkv_index: ΣN×3×H head-vector slots of the live rows' (q, k, v) × heads.
         qkv_source: the inverse, per slot: the ΣN·3·H head vector (in ``qkv_index``'s row-major
-            order) it holds; a padding slot reads vector 0.  A gather is several times cheaper
-            than the scatter on CPU.
+            order) it holds; a padding slot reads its own image's last live vector of the same
+            part and head, so nothing crosses images.  The gather is cheaper than the scatter on CPU.
         out_index: ΣN·H slots of their output head vectors, in row order.
         qkv_slots, out_slots: the buffers' sizes in head vectors.
     """
@@ -114,8 +114,13 @@ def ragged_layout(packed: Tensor, batch: int, tokens: int, heads: int, budget: i
     part = torch.arange(3, device=device, dtype=packed.dtype) * per_row(block).unsqueeze(1)  # ΣN×3
     qkv_index = (per_row(qkv_base) + position).view(-1, 1, 1) + part.unsqueeze(2) + head.unsqueeze(1)
     flat_index = qkv_index.reshape(-1)
-    qkv_source = torch.zeros(qkv_at, dtype=flat_index.dtype, device=device).index_copy_(
+    qkv_source = torch.full((qkv_at,), -1, dtype=flat_index.dtype, device=device).index_copy_(
         0, flat_index, torch.arange(flat_index.numel(), dtype=flat_index.dtype, device=device))
+    for c in chunks:  # padding slots (-1) read their own image's last live vector (position length − 1)
+        block_slots = qkv_source[c.qkv_at:c.qkv_at + 3 * c.images * heads * c.length].view(3, c.images, heads, -1)
+        last = torch.tensor([max(length_of[b], 1) - 1 for b in order[c.start:c.start + c.images]], device=device)
+        last_live = block_slots.gather(3, last.view(1, -1, 1, 1).expand(3, -1, heads, 1))
+        block_slots.copy_(torch.where(block_slots < 0, last_live, block_slots))
     order_t = torch.tensor(order, dtype=torch.long, device=device)
     inverse = torch.empty_like(order_t).scatter_(0, order_t, torch.arange(batch, device=device))
     return RaggedLayout(batch, tokens, heads, order_t, inverse, tuple(chunks), packed, qkv_index, qkv_source,
@@ -148,7 +153,7 @@ def ragged_attention(
     live = live.reshape(b, n).float()
     key_bias = live.log() if bias is None else live.log() + bias.reshape(b, n).float()
     key_bias, live = key_bias.index_select(0, layout.order), live.index_select(0, layout.order)
-    if fused:  # padding slots read a live vector: finite, masked by the key bias, zero query weight
+    if fused:  # padding slots read a live vector of their image: masked by the key bias, zero query weight
         slots = qkv.reshape(-1, d).index_select(0, layout.qkv_source)
     else:
         slots = first.new_zeros(layout.qkv_slots, d)  # padding positions inside a chunk stay 0 (finite)
