@@ -104,6 +104,11 @@ def start_params(method: str, budget: float, fresh: bool) -> dict[str, Any]:
     return {"untrained": True} if cls.learned else {}
 
 
+def earlier_plan(args: argparse.Namespace, method: str) -> Path:
+    """``--plan-from``'s plan for ``method``: DIR/<method>/plan.json."""
+    return Path(args.plan_from) / method / "plan.json"
+
+
 def plan_run(method: str, folder: Path, data: TensorDataset, params: dict[str, Any], args: argparse.Namespace,
              ) -> dict[str, Any]:
     """Time a few steps, then choose the steps per epoch at ``--batch-size`` (the recipe's batch when smaller; a
@@ -112,7 +117,7 @@ def plan_run(method: str, folder: Path, data: TensorDataset, params: dict[str, A
     if plan_path.is_file():
         return json.loads(plan_path.read_text())
     if args.plan_from is not None:  # the same steps as an earlier run (e.g. a control at --budget 1)
-        plan_path.write_text((Path(args.plan_from) / method / "plan.json").read_text())
+        plan_path.write_text(earlier_plan(args, method).read_text())
         return json.loads(plan_path.read_text())
     overrides = dict(args.recipe_set)
     recipe = resolve_recipe("paper", get_method(method).resolve({})[0], overrides)
@@ -192,9 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     for name in args.methods:
         get_method(name)
-        earlier = None if args.plan_from is None else Path(args.plan_from) / name / "plan.json"
-        if earlier is not None and not earlier.is_file():
-            raise SystemExit(f"finetune_table.py: --plan-from: {earlier} not found")
+        if args.plan_from is not None and not earlier_plan(args, name).is_file():
+            raise SystemExit(f"finetune_table.py: --plan-from: {earlier_plan(args, name)} not found")
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)

@@ -9,8 +9,9 @@ layout and the rest is masked out.  Per-token work already runs on the live rows
   so a chunk's attention runs at its own longest image's length, not the batch's;
 * the chunks' head-major q/k/v buffers are gathered once, as head vectors, straight from the live
   rows (one ``index_select``; padding slots read a live vector of their own image, which their
-  -inf key bias and zero query weight keep out of every result), and the per-head outputs are gathered straight
-  back into ΣN rows (one ``index_select``): no permute or reshape copies, no padded B×N×C tensors.
+  -inf key bias and zero query weight keep out of every result), and the per-head outputs are
+  gathered straight back into ΣN rows (one ``index_select``): no permute or reshape copies, no
+  padded B×N×C tensors.
 
 The arithmetic is that of :func:`~tokenreduce.ops.attention.attention_and_received` (float32 logits
 with the key bias, softmax, the received average over live query rows); only the summation
@@ -153,12 +154,9 @@ def ragged_attention(
     live = live.reshape(b, n).float()
     key_bias = live.log() if bias is None else live.log() + bias.reshape(b, n).float()
     key_bias, live = key_bias.index_select(0, layout.order), live.index_select(0, layout.order)
-    if fused:  # padding slots read a live vector of their image: masked by the key bias, zero query weight
-        slots = qkv.reshape(-1, d).index_select(0, layout.qkv_source)
-    else:
-        slots = first.new_zeros(layout.qkv_slots, d)  # padding positions inside a chunk stay 0 (finite)
-        for i, part in enumerate(qkv):
-            slots.index_copy_(0, layout.qkv_index[:, i].reshape(-1), part.reshape(-1, d))
+    vectors = (qkv if fused else torch.stack(qkv, dim=1)).reshape(-1, d)  # ΣN·3·H head vectors, (row, s, h)
+    # padding slots read a live vector of their image: kept out by the key bias and a zero query weight
+    slots = vectors.index_select(0, layout.qkv_source)
     out = first.new_empty(layout.out_slots, d)
     received = live.new_zeros(b, n)
     for c in layout.chunks:
