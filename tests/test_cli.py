@@ -94,6 +94,35 @@ def test_version_and_help(capsys):
     assert main(["train-reference", "--help"]) == 2  # a maintainer's script now: scripts/train_reference.py
 
 
+def test_the_process_group_is_torn_down_after_every_command(monkeypatch, tmp_path):
+    """A gloo group left alive at exit can abort a torchrun rank; main destroys it, waiting only on success."""
+    import torch.distributed as dist
+
+    import tokenreduce.cli as cli
+    import tokenreduce.distributed as distributed
+
+    assert not dist.is_initialized()
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    waits: list[bool] = []
+    real_shutdown = distributed.shutdown_distributed
+
+    def record(wait: bool = False) -> None:
+        waits.append(wait)
+        real_shutdown(wait)
+
+    monkeypatch.setattr(distributed, "shutdown_distributed", record)
+    monkeypatch.setattr(cli, "cmd_benchmark", lambda args: 0)
+    assert main(["benchmark", "-m", "deit_tiny_patch16_224"]) == 0
+    assert waits == [True] and not dist.is_initialized()
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store2"), 1), rank=0, world_size=1)
+    monkeypatch.setattr(cli, "cmd_evaluate", lambda args: (_ for _ in ()).throw(ValueError("stop here")))
+    assert main(["evaluate", "--method", "tome"]) == 2  # an error: no barrier a failed peer could hang on
+    assert waits == [True, False] and not dist.is_initialized()
+    distributed.shutdown_distributed()  # a no-op without a group
+
+
 def test_timm_flag_names_reach_the_commands(monkeypatch, tmp_path):
     """--data-dir / DATA_DIR, -b, -j, --amp, --device, --model-kwargs, --torchcompile and the old spellings."""
     import tokenreduce.cli.commands as commands

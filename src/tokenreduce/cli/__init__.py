@@ -275,16 +275,23 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as stop:  # --help, --version, or argparse's own error message
         return stop.code if isinstance(stop.code, int) else 0 if stop.code is None else 2
+    finished = False
     try:
         import torch
 
         args.device = resolve_device(args.device)
         if args.threads:
             torch.set_num_threads(args.threads)
-        return args.func(args)
+        status = args.func(args)
+        finished = True
+        return status
     except _user_errors() as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(getattr(args, "interrupted", "interrupted: no results file written"), file=sys.stderr)
         return 130
+    finally:
+        from ..distributed import shutdown_distributed
+
+        shutdown_distributed(wait=finished)
