@@ -11,7 +11,7 @@ import tokenreduce as tr
 
 FIXED = [
     ("tome", {}), ("evit", {}), ("random", {}), ("ppt", {}), ("tps", {}), ("bat", {}),
-    ("dynamicvit", {}), ("cropr", {"p": 4}), ("tps", {"variant": "dtps"}),
+    ("dynamicvit", {}), ("cropr", {"p": 4}), ("tps", {"variant": "dtps"}), ("tomesd", {}),
 ]
 
 

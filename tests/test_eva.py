@@ -97,7 +97,8 @@ def test_every_method_runs_and_remove_is_bit_exact(config, images):
             out = model(images)
         assert out.shape == stock.shape and torch.isfinite(out).all(), method
         blocks = tr.stats(model).blocks
-        assert blocks[-1].tokens_out < blocks[0].tokens_in or method in ("ltmp", "cropr"), method
+        # some block works on fewer tokens (tomesd: its branches; the stream keeps them all)
+        assert min(b.tokens_out for b in blocks) < blocks[0].tokens_in or method in ("ltmp", "cropr"), method
         assert model.state_dict().keys() == state.keys()
         assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
         tr.remove(model)

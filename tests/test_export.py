@@ -23,6 +23,7 @@ from tokenreduce.export import OnnxExportError, ort_session, run_onnx
 # Every method the library has, in a configuration for the 3-block model; learned ones untrained.
 CASES: dict[str, dict[str, Any]] = {
     "tome": {"r": 3},
+    "tomesd": {"r": 5},
     "evit": {"layers": (1,)},
     "random": {"layers": (1,)},
     "tps": {"layers": (1,)},

@@ -144,6 +144,11 @@ def test_evaluation_rows_show_paper_defaults_only_on_their_grid():
         if name == "ltmp":  # its budget is a training target: one row per target, on any model
             assert small_rows == deit_rows == ["ltmp (target 0.75)", "ltmp (target 0.6)"]
             continue
+        if name == "tomesd":  # dense prediction only; its default (half the patches) fits any grid
+            assert small_rows == deit_rows == []
+            assert [label for label, _, _ in cls.evaluation_rows(small, (0.6,), "segmentation")] == [
+                "tomesd (default)", "tomesd@0.6"]
+            continue
         assert small_rows == [f"{name}@0.75", f"{name}@0.6"]
         assert deit_rows == [f"{name} (default)", f"{name}@0.75", f"{name}@0.6"]
         dense = cls.evaluation_rows(small, (0.6,), "segmentation")

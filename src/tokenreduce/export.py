@@ -57,7 +57,7 @@ __all__ = [
 
 INSTALL_HINT = 'pip install "tokenreduce[onnx]"'
 
-FIXED_SCHEDULE = ("bat", "cropr", "dtps", "dynamicvit", "evit", "random", "tome", "tps")
+FIXED_SCHEDULE = ("bat", "cropr", "dtps", "dynamicvit", "evit", "random", "tome", "tomesd", "tps")
 """Methods whose token counts are fixed by the input size: their exported graphs have static token counts."""
 
 _FORMS = {

@@ -15,9 +15,10 @@ from .ltmp import LTMP
 from .ppt import PPT
 from .random_prune import RandomPrune
 from .tome import ToMe
+from .tomesd import ToMeSD
 from .tps import TPS
 
-_ALL = (ToMe, EViT, RandomPrune, PPT, TPS, BAT, LTMP, Cropr, DynamicViT, DTPS)
+_ALL = (ToMe, ToMeSD, EViT, RandomPrune, PPT, TPS, BAT, LTMP, Cropr, DynamicViT, DTPS)
 REGISTRY: dict[str, type[Reducer]] = {cls.name: cls for cls in _ALL}
 
 
@@ -54,5 +55,5 @@ sys.modules[__name__].__class__ = _CallablePackage
 
 __all__ = [
     "BAT", "Cropr", "DTPS", "DynamicViT", "EViT", "LTMP", "PPT", "REGISTRY", "TPS", "ModelInfo", "RandomPrune",
-    "Reducer", "ToMe", "available_methods", "get_method",
+    "Reducer", "ToMe", "ToMeSD", "available_methods", "get_method",
 ]

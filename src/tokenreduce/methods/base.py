@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from ..budget import CostModel, Schedule, resolve_budget
 from ..ops.attention import AttentionNeeds, AttentionSignals, KeyMask
 from ..ops.matching import max_merges
+from ..ops.unmerge import TokenGroups
 from ..state import TokenState
 
 
@@ -56,6 +57,7 @@ class Reducer:
     * :meth:`reduce` — the in-block reduction, after the attention residual and
       before the MLP;
     * :meth:`before_block` — an optional reduction between blocks;
+    * :meth:`groups` — instead of reducing the stream, merge what a block's branches see (ToMe for SD);
     * :meth:`schedule` — the token counts the method produces, for GMACs and
       budgets;
     * :meth:`knob_values` — the values ``budget`` may give ``knob``, from least to
@@ -236,6 +238,16 @@ class Reducer:
 
     def before_block(self, block: int, state: TokenState) -> TokenState:
         return state
+
+    def has_groups(self, block: int) -> bool:
+        """Whether block ``block``'s branches run on merged groups of the stream (:meth:`groups`)."""
+        return False
+
+    def groups(self, block: int, state: TokenState) -> TokenGroups:
+        """Merged branches (ToMe for SD): how block ``block``'s attention and MLP see the stream's tokens, as
+        group means whose outputs are copied back to every token of the group; the stream keeps all its
+        tokens.  Called where :meth:`has_groups` says so, instead of :meth:`needs` / :meth:`reduce`."""
+        raise NotImplementedError(f"{self.name} does not merge branches")
 
     def schedule(self, num_tokens: int) -> Schedule:
         raise NotImplementedError

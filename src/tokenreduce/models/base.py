@@ -59,6 +59,7 @@ class ReductionContext:
         depth = self.info.depth
         self.needs = reducer.needs_per_block()
         self.has_before = [reducer.has_before_block(i) for i in range(depth)]
+        self.has_groups = [reducer.has_groups(i) for i in range(depth)]
         self.size: Tensor | None = None
         self.source: Tensor | None = None
         self.mask: Tensor | None = None
@@ -352,7 +353,9 @@ def run_block(block: nn.Module, x: Tensor, stock: Callable[[Tensor], Tensor]) ->
     """One patched block on B×N×C tokens: the reducer's hooks around the family's attention and MLP.
 
     Order: the reducer's between-block reduction, attention (with the size bias and key mask), the
-    in-block reduction after the attention residual, the MLP.  ``stock`` runs the stock block on
+    in-block reduction after the attention residual, the MLP (:func:`branches`); or, where the reducer
+    groups tokens for the branches (ToMe for SD), attention and MLP on the group means, unmerged into
+    the full stream (:func:`grouped_branches`).  ``stock`` runs the stock block on
     B×N×C tokens: used for an empty batch (B = 0), so a reduced model returns the stock model's
     empty outputs, and while reduction is paused (:func:`tokenreduce.unreduced`).
 
@@ -364,7 +367,6 @@ def run_block(block: nn.Module, x: Tensor, stock: Callable[[Tensor], Tensor]) ->
     ctx: ReductionContext = block._tr_ctx
     if not ctx.enabled:
         return stock(x)
-    adapter = ctx.adapter
     i: int = block._tr_index
     if i == 0:
         ctx.start(x, block.training)
@@ -381,6 +383,21 @@ def run_block(block: nn.Module, x: Tensor, stock: Callable[[Tensor], Tensor]) ->
         x, changed = ctx.rejoin(x), True
     if changed and ctx.trace_source:
         ctx.snapshot(f"before block {i}")
+    if ctx.has_groups[i]:
+        x = grouped_branches(ctx, block, i, x)
+    else:
+        x = branches(ctx, block, i, x)
+    if ctx.restore is not None and i == ctx.last_block:
+        return ctx.finish(x)
+    if i in ctx.capture:
+        return ctx.capture_grid(x)
+    return x
+
+
+def branches(ctx: ReductionContext, block: nn.Module, i: int, x: Tensor) -> Tensor:
+    """Block ``i``'s attention, the reducer's in-block reduction and the MLP on B×N×C tokens (or on the
+    live rows of a padded batch)."""
+    adapter, reducer = ctx.adapter, ctx.reducer
     n_attn = ctx.count(x)
     needs = ctx.needs[i]
     key_mask = ctx.key_mask()
@@ -410,10 +427,41 @@ def run_block(block: nn.Module, x: Tensor, stock: Callable[[Tensor], Tensor]) ->
         x = add_to_rows(x, rows, adapter.mlp(block, live), in_place=not (x.requires_grad or tracing()))
     else:
         x = x + adapter.mlp(block, x)
-    if ctx.restore is not None and i == ctx.last_block:
-        return ctx.finish(x)
-    if i in ctx.capture:
-        return ctx.capture_grid(x)
+    return x
+
+
+def grouped_branches(ctx: ReductionContext, block: nn.Module, i: int, x: Tensor) -> Tensor:
+    """Block ``i`` with merged branches (ToMe for SD, :mod:`tokenreduce.ops.unmerge`): the reducer groups
+    the B×N×C stream's tokens; attention and MLP each run on the B×M×C group means (proportional
+    attention from the group sizes when the reducer uses it; group positions are their representatives')
+    and their outputs are copied back to every token of the group before the residual add.  The stream
+    keeps all N tokens.
+
+    Every token of a group receives the same attention output ``a``, so the group means before the MLP
+    are the earlier means plus ``a``: the block merges once and unmerges once (``a`` plus the MLP output).
+    """
+    if ctx.mask is not None or ctx.size is not None:
+        raise RuntimeError("tokenreduce: merged branches need a stream of unit-size live tokens (no sizes or masks)")
+    adapter, reducer = ctx.adapter, ctx.reducer
+    groups = reducer.groups(i, ctx.state(x))
+    bias = size_bias(groups.size) if reducer.prop_attn else None
+    merged = groups.merge(x)
+    stream_pos = ctx.pos
+    if stream_pos is not None:  # rotary families read ctx.pos: the merged tokens sit at their representatives'
+        ctx.pos = stream_pos.gather(1, groups.rep.unsqueeze(-1))
+    try:
+        out, _ = adapter.attention(block, merged, bias, NO_NEEDS, None, None, ctx.info.has_class_token)
+    finally:
+        ctx.pos = stream_pos
+    update = adapter.attention_residual(block, out)
+    del out
+    update = update + adapter.mlp(block, merged + update)
+    x = x + groups.unmerge(update)
+    m = groups.num_merged
+    ctx.records[i] = (m, m)  # what the branches saw (the GMACs); the stream keeps its N tokens
+    if ctx.trace_source:  # token maps: the groups the branches saw (B×M×N0)
+        members = torch.nn.functional.one_hot(groups.slot, m).to(ctx.source.dtype).transpose(1, 2)
+        ctx.stages.append((f"block {i} branches", members @ ctx.source))
     return x
 
 

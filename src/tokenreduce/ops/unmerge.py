@@ -1,0 +1,155 @@
+"""Merge for the branches, unmerge into the stream: the token grouping of ToMe for Stable Diffusion.
+
+ToMe for SD (Bolya & Hoffman, 2023) keeps every token in the residual stream and merges only what a
+block's attention and MLP see: similar tokens are averaged into one, the branch runs on the merged
+tokens, and each output row is copied back to every token of its group before the residual add.  A
+token thereby keeps its own residual while the branches cost what the merged count costs, which suits
+dense prediction: the final tokens still fill the patch grid.
+
+:func:`window_groups` finds the groups (bipartite matching with one destination per ``stride×stride``
+window of the patch grid, as ToMe for SD partitions its latents) and returns a :class:`TokenGroups`,
+which merges (:meth:`TokenGroups.merge`, B×N×C → B×M×C) and unmerges (:meth:`TokenGroups.unmerge`,
+B×M×C → B×N×C).  Only index maps are kept (no B×M×N matrix): merging is one gather and one
+scatter-add of the ``r`` merged rows, unmerging one gather.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .gather import batched_gather, flat_rows
+from .similarity import unit_rows
+
+
+@dataclass(frozen=True)
+class TokenGroups:
+    """A partition of a stream's N tokens into M groups, each standing for one merged token.
+
+    Merged-token order: the prefix tokens, the unmerged sources, then the destinations.
+
+    Attributes:
+        slot: B×N int64: the merged token each stream token belongs to.
+        rep: B×M int64: the stream token whose place each merged token takes (itself when alone, the
+            destination of a group): its original position, for rotary position embeddings.
+        src: B×R int64: the stream positions of the merged sources (R = tokens merged away).
+        into: B×R int64: the merged token each of them joins.
+        size: B×M×1 float: stream tokens per merged token.
+    """
+
+    slot: Tensor
+    rep: Tensor
+    src: Tensor
+    into: Tensor
+    size: Tensor
+
+    @property
+    def num_merged(self) -> int:
+        """M, the tokens the branches see."""
+        return self.rep.shape[1]
+
+    def merge(self, x: Tensor) -> Tensor:
+        """B×N×C stream → B×M×C: the mean of each group (every stream token has size 1)."""
+        merged = batched_gather(x, self.rep)
+        if self.src.shape[1] == 0:
+            return merged
+        b, m, c = merged.shape
+        flat = merged.view(b * m, c).index_add(0, flat_rows(self.into, m), batched_gather(x, self.src).view(-1, c))
+        return flat.view(b, m, c) / self.size.to(merged.dtype)
+
+    def unmerge(self, y: Tensor) -> Tensor:
+        """B×M×C branch output → B×N×C: every stream token receives its group's row."""
+        return batched_gather(y, self.slot)
+
+
+def square_grid(num_patches: int) -> tuple[int, int]:
+    """(rows, columns) of a square patch grid.
+
+    Raises:
+        ValueError: ``num_patches`` is not a square (give the grid explicitly).
+    """
+    side = math.isqrt(num_patches)
+    if side * side != num_patches:
+        raise ValueError(f"{num_patches} patch tokens do not form a square grid: give the grid as (rows, columns)")
+    return side, side
+
+
+_PARTITIONS: dict[tuple, tuple[Tensor, Tensor]] = {}
+"""Window partitions per (rows, columns, stride, device, inference mode); cleared past 64 entries."""
+
+
+def _window_partition(rows: int, cols: int, stride: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """(destinations D, sources S): patch indices (row-major), one destination at the top-left of every
+    ``stride×stride`` window (windows at the right and bottom edges may be smaller).  Cached per shape
+    (built fresh while ``torch.compile`` traces)."""
+    if torch.compiler.is_compiling():
+        return _build_partition(rows, cols, stride, device)
+    key = (rows, cols, stride, device, torch.is_inference_mode_enabled())
+    cached = _PARTITIONS.get(key)
+    if cached is None:
+        if len(_PARTITIONS) > 64:
+            _PARTITIONS.clear()
+        cached = _PARTITIONS[key] = _build_partition(rows, cols, stride, device)
+    return cached
+
+
+def _build_partition(rows: int, cols: int, stride: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    row = torch.arange(rows, device=device).unsqueeze(1)
+    col = torch.arange(cols, device=device).unsqueeze(0)
+    is_dst = ((row % stride == 0) & (col % stride == 0)).reshape(-1)
+    order = torch.argsort((~is_dst).to(torch.int8), stable=True)  # destinations first, both in grid order
+    num_dst = math.ceil(rows / stride) * math.ceil(cols / stride)
+    return order[:num_dst].contiguous(), order[num_dst:].contiguous()
+
+
+def max_window_merges(num_patches: int, grid: tuple[int, int], stride: int) -> int:
+    """The most tokens one window matching can merge: its number of sources."""
+    rows, cols = grid
+    return num_patches - math.ceil(rows / stride) * math.ceil(cols / stride)
+
+
+def window_groups(metric: Tensor, r: int, num_prefix: int, grid: tuple[int, int], stride: int) -> TokenGroups:
+    """Group ``r`` patch tokens with their most similar window destination (ToMe for SD's matching).
+
+    Every ``stride×stride`` window of the patch grid gives one destination (its top-left patch; ToMe for
+    SD may draw it at random, which would make an image's result depend on the draw); the other patches
+    are sources.  Each source's best destination is its highest cosine similarity; the ``r`` sources
+    with the best matches join their destinations, the rest stay alone.  Prefix tokens are never merged.
+
+    Args:
+        metric: B×N×C features to compare (prefix first, then the patches in grid order).
+        r: sources to merge (clamped to the number of sources).
+        num_prefix: leading tokens never merged.
+        grid: (rows, columns) of the N − num_prefix patches.
+        stride: window side.
+    """
+    b, n, _ = metric.shape
+    p = num_prefix
+    device = metric.device
+    if grid[0] * grid[1] != n - p:
+        raise ValueError(f"a {grid[0]}×{grid[1]} grid holds {grid[0] * grid[1]} patches, the tokens hold {n - p}")
+    dst, src = _window_partition(grid[0], grid[1], stride, device)
+    num_src, num_dst = src.numel(), dst.numel()
+    r = max(0, min(r, num_src))
+    with torch.no_grad():
+        patches = unit_rows(metric[:, p:].float())
+        scores = patches.index_select(1, src) @ patches.index_select(1, dst).mT  # B×S×D cosine similarities
+        best, best_dst = scores.max(dim=-1)
+        order = best.argsort(dim=-1, descending=True, stable=True)
+    merged_src, alone_src = order[:, :r], order[:, r:]
+    kept = num_src - r
+    first_dst = p + kept  # merged-token index of the first destination
+    alone_pos, merged_pos = src[alone_src] + p, src[merged_src] + p  # B×(S−r), B×r stream positions
+    into = best_dst.gather(1, merged_src) + first_dst
+    dst_pos = (dst + p).expand(b, num_dst)
+    rep = torch.cat([torch.arange(p, device=device).expand(b, p), alone_pos, dst_pos], dim=1)
+    # slot: the inverse of rep on the tokens that stand for a group, and ``into`` for the merged sources
+    slot = torch.empty(b, n, dtype=torch.long, device=device).scatter_(
+        1, torch.cat([rep, merged_pos], dim=1),
+        torch.cat([torch.arange(first_dst + num_dst, device=device).expand(b, -1), into], dim=1))
+    size = torch.ones(b, first_dst + num_dst, 1, device=device, dtype=torch.float32)
+    size = size.scatter_add(1, into.unsqueeze(-1), size.new_ones(b, r, 1))
+    return TokenGroups(slot=slot, rep=rep, src=merged_pos, into=into, size=size)
