@@ -193,3 +193,12 @@ def test_token_maps_show_the_groups_each_merging_block_saw():
         assert members.shape == (2, 17 - 6, 17)
         assert torch.equal(members.sum(1), torch.ones(2, 17))  # every token in exactly one group
         assert torch.equal(members.sum(2).sum(1), torch.full((2,), 17.0))
+
+
+def test_listed_for_dense_prediction_only():
+    from tokenreduce.eval.sweep import reference_sweep_methods
+    from tokenreduce.methods import get_method
+
+    names, _ = reference_sweep_methods()
+    assert "tomesd" not in names and "tome" in names
+    assert get_method("tomesd").tasks == ("segmentation",)

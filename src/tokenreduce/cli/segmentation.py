@@ -78,6 +78,8 @@ def cmd_sweep_segmentation(args: argparse.Namespace) -> int:
     else:  # training-free methods, and learned ones with a reducer shipped for the reference segmenter
         methods = []
         for name, cls in sorted(REGISTRY.items()):
+            if "segmentation" not in cls.tasks:
+                continue
             shipped = cls.shipped_segmentation_checkpoint({}, None) if cls.learned and args.checkpoint is None else None
             if not cls.learned or (cls.budget_sets_schedule and shipped is not None):
                 methods.append(name)

@@ -93,12 +93,14 @@ def sweep_configs(
 
 def reference_sweep_methods() -> tuple[list[str], dict[str, dict[str, Any]]]:
     """Methods of a default sweep on the bundled reference model, and their extra parameters: every
-    training-free method, and every learned method whose budget sets its schedule and whose reducer is
+    training-free classification method, and every learned method whose budget sets its schedule and whose reducer is
     shipped for that model (run from its checkpoint)."""
     from ..methods import REGISTRY
 
     names, extra = [], {}
     for name, cls in sorted(REGISTRY.items()):
+        if "classification" not in cls.tasks:
+            continue
         if not cls.learned:
             names.append(name)
         elif cls.budget_sets_schedule and (checkpoint := cls.shipped_checkpoint({}, None)) is not None:

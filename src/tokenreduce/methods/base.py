@@ -77,6 +77,8 @@ class Reducer:
     recipe: ClassVar[str] = "deit"  # its paper's fine-tuning recipe (tokenreduce.training.recipes)
     shipped: ClassVar[tuple[str, ...]] = ()  # reducer checkpoints shipped for the bundled reference model
     shipped_segmentation: ClassVar[str | None] = None  # the reducer checkpoint shipped for the reference segmenter
+    tasks: ClassVar[tuple[str, ...]] = ("classification", "segmentation")
+    """The tasks whose default evaluations and sweeps list the method (any method runs when named)."""
     prop_attn: bool = False
     training: bool = False  # set by the adapter at every forward (the model's ``training`` flag)
     needs_vary: ClassVar[bool] = False
@@ -124,6 +126,8 @@ class Reducer:
         it fits the model, then one row per budget.  ``task``: ``"classification"`` or ``"segmentation"``
         (a method may show a setting that matters for one task only)."""
         rows: list[EvaluationRow] = []
+        if task not in cls.tasks:
+            return rows
         if cls.paper_default_fits(info):
             rows.append((f"{cls.name} (default)", {}, None))
         rows += [(f"{cls.name}@{b:g}", {}, b) for b in budgets]

@@ -10,14 +10,12 @@ here (docs/segmentation.md#results).  See docs/methods.md#tome-for-sd-merged-bra
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..budget import Schedule
 from ..ops.unmerge import TokenGroups, max_window_merges, square_grid, window_groups
 from ..state import TokenState
 from .base import (
-    EvaluationRow,
     ModelInfo,
     Params,
     Reducer,
@@ -78,6 +76,7 @@ class ToMeSD(Reducer):
     Params = ToMeSDParams
     knob = "r"
     paper_patches = None  # its default (half the patches) means the same on any grid
+    tasks = ("segmentation",)  # a classifier reads one token: the full grid it keeps is for dense heads
 
     def __init__(self, info: ModelInfo, params: ToMeSDParams) -> None:
         super().__init__(info, params)
@@ -120,15 +119,6 @@ class ToMeSD(Reducer):
             return 0.0
         cost = self.info.cost
         return cost.pool_macs(num_tokens) - cost.pool_macs(self._merged_count(num_tokens))
-
-    @classmethod
-    def evaluation_rows(cls, info: ModelInfo, budgets: Sequence[float], task: str = "classification",
-                        ) -> list[EvaluationRow]:
-        """Segmentation only: a classifier reads one token, where merged branches keep a full grid
-        nothing uses (``--method tomesd`` still evaluates it)."""
-        if task != "segmentation":
-            return []
-        return super().evaluation_rows(info, budgets, task)
 
     @classmethod
     def knob_values(cls, info: ModelInfo, base: ToMeSDParams) -> range:
