@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .gather import batched_gather, flat_rows
-from .similarity import unit_rows
+from .similarity import NORM_EPS, unit_rows
 
 
 @dataclass(frozen=True)
@@ -135,9 +135,12 @@ def window_groups(metric: Tensor, r: int, num_prefix: int, grid: tuple[int, int]
     num_src, num_dst = src.numel(), dst.numel()
     r = max(0, min(r, num_src))
     with torch.no_grad():
-        patches = unit_rows(metric[:, p:].float())
-        scores = patches.index_select(1, src) @ patches.index_select(1, dst).mT  # B×S×D cosine similarities
-        best, best_dst = scores.max(dim=-1)
+        patches = metric[:, p:].float()
+        sources = patches.index_select(1, src)
+        # a source's best destination needs only the destinations normalised; dividing its best product
+        # by its own norm then gives the cosine that ranks the sources
+        best, best_dst = (sources @ unit_rows(patches.index_select(1, dst)).mT).max(dim=-1)  # over B×S×D
+        best = best / sources.norm(dim=-1).clamp_min(NORM_EPS)
         order = best.argsort(dim=-1, descending=True, stable=True)
     merged_src, alone_src = order[:, :r], order[:, r:]
     kept = num_src - r
