@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from .gather import batched_gather, flat_rows
+from .modes import tracing
 from .similarity import NORM_EPS, unit_rows
 
 
@@ -77,32 +79,54 @@ def square_grid(num_patches: int) -> tuple[int, int]:
     return side, side
 
 
-_PARTITIONS: dict[tuple, tuple[Tensor, Tensor]] = {}
-"""Window partitions per (rows, columns, stride, device, inference mode); cleared past 64 entries."""
+class _Layout(NamedTuple):
+    """The constant index tensors of one window matching (per grid, stride, prefix, r and batch)."""
+
+    src: Tensor  # S patch indices of the sources
+    src_pos: Tensor  # S stream positions of the sources
+    dst_pos: Tensor  # D stream positions of the destinations
+    rep_fixed: tuple[Tensor, Tensor]  # B×P prefix positions, B×D destination positions (rep's fixed parts)
+    slot_values: Tensor  # B×M: 0..M−1, the merged index of every group in rep order
+    ones_groups: Tensor  # B×M×1 float32
+    ones_merged: Tensor  # B×R×1 float32
 
 
-def _window_partition(rows: int, cols: int, stride: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """(destinations D, sources S): patch indices (row-major), one destination at the top-left of every
-    ``stride×stride`` window (windows at the right and bottom edges may be smaller).  Cached per shape
-    (built fresh while ``torch.compile`` traces)."""
-    if torch.compiler.is_compiling():
-        return _build_partition(rows, cols, stride, device)
-    key = (rows, cols, stride, device, torch.is_inference_mode_enabled())
-    cached = _PARTITIONS.get(key)
+_LAYOUTS: dict[tuple, _Layout] = {}
+"""Layouts per (rows, columns, stride, prefix, r, batch, device, inference mode); cleared past 64 entries."""
+
+
+def _window_layout(grid: tuple[int, int], stride: int, p: int, r: int, b: int, device: torch.device) -> _Layout:
+    """The layout of a window matching, cached per shape (at batch 1 every small op counts); built fresh
+    while a graph is captured (it must hold for every batch size)."""
+    if tracing():
+        return _build_layout(grid, stride, p, r, b, device)
+    key = (grid, stride, p, r, b, device, torch.is_inference_mode_enabled())
+    cached = _LAYOUTS.get(key)
     if cached is None:
-        if len(_PARTITIONS) > 64:
-            _PARTITIONS.clear()
-        cached = _PARTITIONS[key] = _build_partition(rows, cols, stride, device)
+        if len(_LAYOUTS) > 64:
+            _LAYOUTS.clear()
+        cached = _LAYOUTS[key] = _build_layout(grid, stride, p, r, b, device)
     return cached
 
 
-def _build_partition(rows: int, cols: int, stride: int, device: torch.device) -> tuple[Tensor, Tensor]:
+def _build_layout(grid: tuple[int, int], stride: int, p: int, r: int, b: int, device: torch.device) -> _Layout:
+    """Destinations at the top-left patch of every ``stride×stride`` window (windows at the right and bottom
+    edges may be smaller), sources the other patches, both in grid (row-major) order."""
+    rows, cols = grid
     row = torch.arange(rows, device=device).unsqueeze(1)
     col = torch.arange(cols, device=device).unsqueeze(0)
     is_dst = ((row % stride == 0) & (col % stride == 0)).reshape(-1)
-    order = torch.argsort((~is_dst).to(torch.int8), stable=True)  # destinations first, both in grid order
+    order = torch.argsort((~is_dst).to(torch.int8), stable=True)  # destinations first
     num_dst = math.ceil(rows / stride) * math.ceil(cols / stride)
-    return order[:num_dst].contiguous(), order[num_dst:].contiguous()
+    dst, src = order[:num_dst].contiguous(), order[num_dst:].contiguous()
+    num_groups = p + src.numel() - r + num_dst
+    return _Layout(
+        src=src, src_pos=src + p, dst_pos=dst + p,
+        rep_fixed=(torch.arange(p, device=device).expand(b, p), (dst + p).expand(b, num_dst)),
+        slot_values=torch.arange(num_groups, device=device).expand(b, num_groups),
+        ones_groups=torch.ones(b, num_groups, 1, device=device),
+        ones_merged=torch.ones(b, r, 1, device=device),
+    )
 
 
 def max_window_merges(num_patches: int, grid: tuple[int, int], stride: int) -> int:
@@ -131,28 +155,25 @@ def window_groups(metric: Tensor, r: int, num_prefix: int, grid: tuple[int, int]
     device = metric.device
     if grid[0] * grid[1] != n - p:
         raise ValueError(f"a {grid[0]}×{grid[1]} grid holds {grid[0] * grid[1]} patches, the tokens hold {n - p}")
-    dst, src = _window_partition(grid[0], grid[1], stride, device)
-    num_src, num_dst = src.numel(), dst.numel()
-    r = max(0, min(r, num_src))
+    r = max(0, min(r, max_window_merges(n - p, grid, stride)))
+    layout = _window_layout(grid, stride, p, r, b, device)
+    num_src = layout.src.numel()
     with torch.no_grad():
-        patches = metric[:, p:].float()
-        sources = patches.index_select(1, src)
+        sources, dests = metric.index_select(1, layout.src_pos), metric.index_select(1, layout.dst_pos)
+        if metric.dtype != torch.float32:
+            sources, dests = sources.float(), dests.float()
         # a source's best destination needs only the destinations normalised; dividing its best product
         # by its own norm then gives the cosine that ranks the sources
-        best, best_dst = (sources @ unit_rows(patches.index_select(1, dst)).mT).max(dim=-1)  # over B×S×D
+        best, best_dst = (sources @ unit_rows(dests).mT).max(dim=-1)  # over B×S×D
         best = best / sources.norm(dim=-1).clamp_min(NORM_EPS)
         order = best.argsort(dim=-1, descending=True, stable=True)
-    merged_src, alone_src = order[:, :r], order[:, r:]
-    kept = num_src - r
-    first_dst = p + kept  # merged-token index of the first destination
-    alone_pos, merged_pos = src[alone_src] + p, src[merged_src] + p  # B×(S−r), B×r stream positions
-    into = best_dst.gather(1, merged_src) + first_dst
-    dst_pos = (dst + p).expand(b, num_dst)
-    rep = torch.cat([torch.arange(p, device=device).expand(b, p), alone_pos, dst_pos], dim=1)
+    merged_src, alone_src = order.split([r, num_src - r], dim=1)
+    alone_pos, merged_pos = layout.src_pos[alone_src], layout.src_pos[merged_src]  # B×(S−r), B×r stream positions
+    into = best_dst.gather(1, merged_src) + (p + num_src - r)  # the destinations follow the alone sources
+    prefix, dst_pos = layout.rep_fixed
+    rep = torch.cat([prefix, alone_pos, dst_pos], dim=1)
     # slot: the inverse of rep on the tokens that stand for a group, and ``into`` for the merged sources
     slot = torch.empty(b, n, dtype=torch.long, device=device).scatter_(
-        1, torch.cat([rep, merged_pos], dim=1),
-        torch.cat([torch.arange(first_dst + num_dst, device=device).expand(b, -1), into], dim=1))
-    size = torch.ones(b, first_dst + num_dst, 1, device=device, dtype=torch.float32)
-    size = size.scatter_add(1, into.unsqueeze(-1), size.new_ones(b, r, 1))
+        1, torch.cat([rep, merged_pos], dim=1), torch.cat([layout.slot_values, into], dim=1))
+    size = layout.ones_groups.scatter_add(1, into.unsqueeze(-1), layout.ones_merged)
     return TokenGroups(slot=slot, rep=rep, src=merged_pos, into=into, size=size)
