@@ -202,3 +202,15 @@ def test_listed_for_dense_prediction_only():
     names, _ = reference_sweep_methods()
     assert "tomesd" not in names and "tome" in names
     assert get_method("tomesd").tasks == ("segmentation",)
+
+
+def test_forward_intermediates_read_the_full_stream():
+    model = tiny_vit(depth=4)
+    x = images(3, seed=2)
+    tr.apply(model, "tomesd", r=6, restore="frozen")
+    with torch.no_grad():
+        final, maps = model.forward_intermediates(x, indices=[1, 3], norm=True)
+        features = model.forward_features(x)
+    assert [m.shape for m in maps] == [(3, 32, 4, 4), (3, 32, 4, 4)]
+    torch.testing.assert_close(final, features)
+    torch.testing.assert_close(maps[1].flatten(2).transpose(1, 2), features[:, 1:])
