@@ -4,7 +4,8 @@ The bundled reference segmenter (197 tokens, width 64, fp32, eval) on a batch of
 unreduced and reduced by each configuration with ``restore="frozen"``; the forwards take turns in one
 process (:func:`tokenreduce.eval.throughput.interleaved_seconds`) and the speed-ups are ratios of
 medians.  With ``--profile N`` the op profile of N forwards of every model is printed side by side,
-with the time outside the model's own ops (matching, merging, unmerging, copies and adds).
+with the time outside the model's own ops (matching, merging, unmerging, copies and adds); the fused
+CPU kernels' calls are not ATen ops and are missing from it (the speed-ups include them).
 The GMACs ratio is the backbone's.
 
     python benchmarks/segmenter_speed.py                      # tomesd and tome (decreasing) at 0.6

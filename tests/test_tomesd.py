@@ -12,6 +12,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 import tokenreduce as tr
 from tokenreduce.dense.segmenter import LinearSegmenter
+from tokenreduce.ops.cpu_kernels import load_cpu_kernels
 from tokenreduce.ops.unmerge import max_window_merges, window_groups
 
 
@@ -214,3 +215,24 @@ def test_forward_intermediates_read_the_full_stream():
     assert [m.shape for m in maps] == [(3, 32, 4, 4), (3, 32, 4, 4)]
     torch.testing.assert_close(final, features)
     torch.testing.assert_close(maps[1].flatten(2).transpose(1, 2), features[:, 1:])
+
+
+@pytest.mark.parametrize("num_prefix,r", [(1, 0), (1, 30), (0, 48), (2, 17)])
+def test_the_fused_kernel_gives_the_python_maps(num_prefix, r):
+    """The C++ index maps equal the PyTorch path's, bit for bit, ties included (repeated tokens)."""
+    generator = torch.Generator().manual_seed(r + num_prefix)
+    x = torch.randn(3, num_prefix + 64, 16, generator=generator)
+    x[1, num_prefix + 10 : num_prefix + 20] = x[1, num_prefix + 30]  # equal scores: the stable order decides
+    x[2] = 0.0  # all-zero tokens: every norm is clamped, every score ties
+    outputs = {}
+    for mode in ("on", "off"):
+        tr.set_cpu_kernels(mode)
+        try:
+            assert (mode == "on") == hasattr(load_cpu_kernels(), "window_groups")  # the kernel runs in "on"
+            with torch.inference_mode():
+                outputs[mode] = window_groups(x, r, num_prefix, (8, 8), 2)
+        finally:
+            tr.set_cpu_kernels("auto")
+    fused, python = outputs["on"], outputs["off"]
+    for name in ("slot", "rep", "src", "into", "size"):
+        assert torch.equal(getattr(fused, name), getattr(python, name)), name

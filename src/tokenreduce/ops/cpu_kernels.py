@@ -2,13 +2,15 @@
 
 At batch 1 on a CPU, a ToMe merge is ~30 small ATen ops whose fixed costs, not their
 arithmetic, make up most of its time (each costs 10–25 µs once the block's GEMMs have
-run, against 2–4 µs in a tight loop). Two kernels each do one such step in one call and
+run, against 2–4 µs in a tight loop). The kernels each do one such step in one call and
 give the same numbers as the Python path:
 
 * ``csrc/bipartite_merge.cpp``: ToMe's matching and size-weighted merge
   (:func:`~tokenreduce.ops.matching.bipartite_soft_matching` + :func:`~tokenreduce.ops.merge.merge_wavg`);
 * ``csrc/ltmp_merge_prune.cpp``: LTMP's inference step after the similarities (threshold merge,
-  threshold prune, compaction of the padded batch; ``LTMP._reduce_hard``).
+  threshold prune, compaction of the padded batch; ``LTMP._reduce_hard``);
+* ``csrc/squeeze.cpp``: TPS's squeeze; ``csrc/window_groups.cpp``: the index maps of ToMe for SD's
+  window matching (:func:`~tokenreduce.ops.unmerge.window_groups`).
 
 The extension is compiled with :func:`torch.utils.cpp_extension.load` the first time a
 merge runs on the CPU in inference (about 30 s; cached in torch's extensions folder,
@@ -45,13 +47,14 @@ import torch
 from torch import Tensor
 
 __all__ = ["cpu_kernels_mode", "load_cpu_kernels", "set_cpu_kernels", "fused_bipartite_merge", "fused_ltmp_merge_prune",
-           "fused_squeeze"]
+           "fused_squeeze", "fused_window_groups"]
 
 ENV_VAR = "TOKENREDUCE_CPU_KERNELS"
 MODES = ("auto", "on", "off")
 EXTENSION_NAME = "tokenreduce_cpu_kernels"
 SOURCES = tuple(Path(__file__).parent / "csrc" / name
-                for name in ("module.cpp", "bipartite_merge.cpp", "ltmp_merge_prune.cpp", "squeeze.cpp"))
+                for name in ("module.cpp", "bipartite_merge.cpp", "ltmp_merge_prune.cpp", "squeeze.cpp",
+                             "window_groups.cpp"))
 HEADERS = tuple(Path(__file__).parent / "csrc" / name for name in ("kernels.h", "rows.h"))
 """Headers the sources include (a change to one forces a rebuild: :func:`build_options`)."""
 
@@ -286,3 +289,26 @@ def fused_squeeze(
     out_x, out_size = module.squeeze_tokens(x, size, keep_index.long(), drop_index.long(), num_prefix,
                                             float(temperature))
     return out_x, out_size
+
+
+def fused_window_groups(
+    scores: Tensor, norms: Tensor, src_pos: Tensor, dst_pos: Tensor, r: int, num_prefix: int, num_tokens: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor] | None:
+    """The group index maps of ToMe for SD's window matching (:func:`~tokenreduce.ops.unmerge.window_groups`
+    after its similarity product) in one kernel call, equal to the Python path's.
+
+    Args:
+        scores: B×S×D float32 products of the sources with the unit destinations; norms: B×S float32 source
+        norms; src_pos: S and dst_pos: D int64 stream positions; r: sources merged, in ``[0, S]``;
+        num_prefix: leading tokens; num_tokens: N, the stream's length.
+
+    Returns:
+        ``(slot, rep, merged_pos, into, size)`` as in :class:`~tokenreduce.ops.unmerge.TokenGroups`, or
+        ``None`` when the kernel is not eligible or not available (the caller then takes the Python path).
+    """
+    module = _kernels_for(scores, None)
+    if module is None or not hasattr(module, "window_groups"):
+        return None
+    slot, rep, merged_pos, into, size = module.window_groups(scores, norms.float(), src_pos, dst_pos, r, num_prefix,
+                                                             num_tokens)
+    return slot, rep, merged_pos, into, size

@@ -22,6 +22,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from .cpu_kernels import fused_window_groups
 from .gather import batched_gather, flat_rows
 from .modes import tracing
 from .similarity import NORM_EPS, unit_rows
@@ -164,8 +165,13 @@ def window_groups(metric: Tensor, r: int, num_prefix: int, grid: tuple[int, int]
             sources, dests = sources.float(), dests.float()
         # a source's best destination needs only the destinations normalised; dividing its best product
         # by its own norm then gives the cosine that ranks the sources
-        best, best_dst = (sources @ unit_rows(dests).mT).max(dim=-1)  # over B×S×D
-        best = best / sources.norm(dim=-1).clamp_min(NORM_EPS)
+        scores, norms = sources @ unit_rows(dests).mT, sources.norm(dim=-1)  # B×S×D, B×S
+        fused = None if tracing() else fused_window_groups(scores, norms, layout.src_pos, layout.dst_pos, r, p, n)
+        if fused is not None:  # the same maps in one call (CPU inference)
+            slot, rep, merged_pos, into, size = fused
+            return TokenGroups(slot=slot, rep=rep, src=merged_pos, into=into, size=size)
+        best, best_dst = scores.max(dim=-1)
+        best = best / norms.clamp_min(NORM_EPS)
         order = best.argsort(dim=-1, descending=True, stable=True)
     merged_src, alone_src = order.split([r, num_src - r], dim=1)
     alone_pos, merged_pos = layout.src_pos[alone_src], layout.src_pos[merged_src]  # B×(S−r), B×r stream positions

@@ -19,3 +19,8 @@ std::vector<at::Tensor> ltmp_merge_prune(const at::Tensor& x_in, const c10::opti
 std::vector<at::Tensor> squeeze_tokens(const at::Tensor& x_in, const c10::optional<at::Tensor>& size_in,
                                        const at::Tensor& keep_in, const at::Tensor& drop_in, int64_t p,
                                        double temperature);
+
+// ToMe for SD: the group index maps of a window matching, after the similarity product (window_groups.cpp).
+std::vector<at::Tensor> window_groups(const at::Tensor& scores_in, const at::Tensor& norms_in,
+                                      const at::Tensor& src_pos_in, const at::Tensor& dst_pos_in, int64_t r,
+                                      int64_t p, int64_t n);

@@ -12,4 +12,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("squeeze_tokens", &squeeze_tokens, "TPS's squeeze: host choice + weighted merge + sizes (inference)",
         pybind11::arg("x"), pybind11::arg("size"), pybind11::arg("keep"), pybind11::arg("drop"), pybind11::arg("p"),
         pybind11::arg("temperature"), pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("window_groups", &window_groups, "ToMe for SD's window matching: group index maps (inference)",
+        pybind11::arg("scores"), pybind11::arg("norms"), pybind11::arg("src_pos"), pybind11::arg("dst_pos"),
+        pybind11::arg("r"), pybind11::arg("p"), pybind11::arg("n"), pybind11::call_guard<pybind11::gil_scoped_release>());
 }
