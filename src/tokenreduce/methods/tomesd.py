@@ -52,7 +52,7 @@ class ToMeSDParams(Params):
         r: patch tokens merged away in each merging block (clamped to the sources: patches that are
             not a window's destination); ``None``: half the patch tokens, ToMe for SD's default ratio 0.5.
         layers: the 0-based merging blocks; ``None``: every block but the first and the last, which
-            see the full grid (on the reference segmenter at 0.6 of the GMACs that scores 67.5% mIoU
+            see the full grid (on the reference segmenter at about 0.57 of the GMACs that scores 67.5% mIoU
             on the check subset where merging in all but the first block scores 66.0%).
         stride: window side of the partition: one destination per ``stride×stride`` window (ToMe
             for SD: 2).  Destinations are the windows' top-left patches (ToMe for SD may draw them at
