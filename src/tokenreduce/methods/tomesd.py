@@ -99,13 +99,15 @@ class ToMeSD(Reducer):
     def groups(self, block: int, state: TokenState) -> TokenGroups:
         """Group the patch tokens of ``state`` (B×N×C, a full grid) for block ``block``'s branches."""
         patches = state.num_tokens - state.num_prefix
-        grid = self.grid if patches == self.info.num_patches else square_grid(patches)
-        return window_groups(state.x, self.r, state.num_prefix, grid, self.params.stride)
+        return window_groups(state.x, self.r, state.num_prefix, self._grid_of(patches), self.params.stride)
+
+    def _grid_of(self, patches: int) -> tuple[int, int]:
+        """The grid of ``patches`` patch tokens: the configured one at the model's size, else square."""
+        return self.grid if patches == self.info.num_patches else square_grid(patches)
 
     def _merged_count(self, num_tokens: int) -> int:
         patches = num_tokens - self.info.num_prefix
-        grid = self.grid if patches == self.info.num_patches else square_grid(patches)
-        return num_tokens - min(self.r, max_window_merges(patches, grid, self.params.stride))
+        return num_tokens - min(self.r, max_window_merges(patches, self._grid_of(patches), self.params.stride))
 
     def schedule(self, num_tokens: int) -> Schedule:
         """Per block, the tokens its branches see: the group count in merging blocks."""

@@ -307,8 +307,7 @@ def fused_window_groups(
         ``None`` when the kernel is not eligible or not available (the caller then takes the Python path).
     """
     module = _kernels_for(scores, None)
-    if module is None or not hasattr(module, "window_groups"):
+    if module is None:
         return None
-    slot, rep, merged_pos, into, size = module.window_groups(scores, norms.float(), src_pos, dst_pos, r, num_prefix,
-                                                             num_tokens)
+    slot, rep, merged_pos, into, size = module.window_groups(scores, norms, src_pos, dst_pos, r, num_prefix, num_tokens)
     return slot, rep, merged_pos, into, size

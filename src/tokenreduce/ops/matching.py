@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from .gather import flat_rows
+from .modes import cached_constants
 from .similarity import alternate, unit_rows
 
 
@@ -153,13 +154,7 @@ def _layout(n: int, p: int, batch: int, device: torch.device) -> tuple[Tensor, T
     """
     if torch.compiler.is_compiling():
         return _build_layout(n, p, batch, device)
-    key = (n, p, batch, device, torch.is_inference_mode_enabled())
-    cached = _LAYOUTS.get(key)
-    if cached is None:
-        if len(_LAYOUTS) > 256:  # many shapes (e.g. varying batch sizes): start over
-            _LAYOUTS.clear()
-        cached = _LAYOUTS[key] = _build_layout(n, p, batch, device)
-    return cached
+    return cached_constants(_LAYOUTS, (n, p, batch, device), lambda: _build_layout(n, p, batch, device), 256)
 
 
 def _build_layout(n: int, p: int, batch: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:

@@ -5,17 +5,22 @@ A ``with torch.no_grad()`` or ``with torch.autocast(..., enabled=False)`` that c
 ``torch.export`` (ONNX export), which the exporter splits out and inlines again: on a ViT with a
 reduction in every block that is most of the export's time.  :func:`no_grad` and :func:`fp32`
 enter the mode only when it is not already in force; in eager mode they behave exactly as the
-plain context managers.
+plain context managers.  :func:`cached_constants` keeps small constant index tensors per shape and
+inference mode (inference tensors cannot enter autograd).
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Hashable
 from contextlib import AbstractContextManager
+from typing import Any, TypeVar
 
 import torch
 
-__all__ = ["fp32", "no_grad", "tracing"]
+__all__ = ["cached_constants", "fp32", "no_grad", "tracing"]
+
+T = TypeVar("T")
 
 
 def tracing() -> bool:
@@ -37,3 +42,16 @@ def fp32(device_type: str) -> AbstractContextManager:
     if torch.is_autocast_enabled(device_type):
         return torch.autocast(device_type=device_type, enabled=False)
     return contextlib.nullcontext()
+
+
+def cached_constants(cache: dict[Any, T], key: Hashable, build: Callable[[], T], limit: int) -> T:
+    """``build()``'s constant tensors, kept in ``cache`` under ``key`` and the inference mode (at batch 1
+    every saved small op counts); the cache starts over past ``limit`` entries (e.g. many batch sizes).
+    Callers build fresh instead while a graph is captured."""
+    full_key = (key, torch.is_inference_mode_enabled())
+    cached = cache.get(full_key)
+    if cached is None:
+        if len(cache) > limit:
+            cache.clear()
+        cached = cache[full_key] = build()
+    return cached

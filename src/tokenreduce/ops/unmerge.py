@@ -24,7 +24,7 @@ from torch import Tensor
 
 from .cpu_kernels import fused_window_groups
 from .gather import batched_gather, flat_rows
-from .modes import tracing
+from .modes import cached_constants, tracing
 from .similarity import NORM_EPS, unit_rows
 
 
@@ -83,7 +83,6 @@ def square_grid(num_patches: int) -> tuple[int, int]:
 class _Layout(NamedTuple):
     """The constant index tensors of one window matching (per grid, stride, prefix, r and batch)."""
 
-    src: Tensor  # S patch indices of the sources
     src_pos: Tensor  # S stream positions of the sources
     dst_pos: Tensor  # D stream positions of the destinations
     rep_fixed: tuple[Tensor, Tensor]  # B×P prefix positions, B×D destination positions (rep's fixed parts)
@@ -93,7 +92,7 @@ class _Layout(NamedTuple):
 
 
 _LAYOUTS: dict[tuple, _Layout] = {}
-"""Layouts per (rows, columns, stride, prefix, r, batch, device, inference mode); cleared past 64 entries."""
+"""Layouts per ((rows, columns), stride, prefix, r, batch, device) and inference mode (:func:`cached_constants`)."""
 
 
 def _window_layout(grid: tuple[int, int], stride: int, p: int, r: int, b: int, device: torch.device) -> _Layout:
@@ -101,13 +100,8 @@ def _window_layout(grid: tuple[int, int], stride: int, p: int, r: int, b: int, d
     while a graph is captured (it must hold for every batch size)."""
     if tracing():
         return _build_layout(grid, stride, p, r, b, device)
-    key = (grid, stride, p, r, b, device, torch.is_inference_mode_enabled())
-    cached = _LAYOUTS.get(key)
-    if cached is None:
-        if len(_LAYOUTS) > 64:
-            _LAYOUTS.clear()
-        cached = _LAYOUTS[key] = _build_layout(grid, stride, p, r, b, device)
-    return cached
+    return cached_constants(_LAYOUTS, (grid, stride, p, r, b, device),
+                            lambda: _build_layout(grid, stride, p, r, b, device), 64)
 
 
 def _build_layout(grid: tuple[int, int], stride: int, p: int, r: int, b: int, device: torch.device) -> _Layout:
@@ -119,11 +113,11 @@ def _build_layout(grid: tuple[int, int], stride: int, p: int, r: int, b: int, de
     is_dst = ((row % stride == 0) & (col % stride == 0)).reshape(-1)
     order = torch.argsort((~is_dst).to(torch.int8), stable=True)  # destinations first
     num_dst = math.ceil(rows / stride) * math.ceil(cols / stride)
-    dst, src = order[:num_dst].contiguous(), order[num_dst:].contiguous()
-    num_groups = p + src.numel() - r + num_dst
+    dst_pos, src_pos = order[:num_dst] + p, order[num_dst:] + p
+    num_groups = p + src_pos.numel() - r + num_dst
     return _Layout(
-        src=src, src_pos=src + p, dst_pos=dst + p,
-        rep_fixed=(torch.arange(p, device=device).expand(b, p), (dst + p).expand(b, num_dst)),
+        src_pos=src_pos, dst_pos=dst_pos,
+        rep_fixed=(torch.arange(p, device=device).expand(b, p), dst_pos.expand(b, num_dst)),
         slot_values=torch.arange(num_groups, device=device).expand(b, num_groups),
         ones_groups=torch.ones(b, num_groups, 1, device=device),
         ones_merged=torch.ones(b, r, 1, device=device),
@@ -158,7 +152,7 @@ def window_groups(metric: Tensor, r: int, num_prefix: int, grid: tuple[int, int]
         raise ValueError(f"a {grid[0]}×{grid[1]} grid holds {grid[0] * grid[1]} patches, the tokens hold {n - p}")
     r = max(0, min(r, max_window_merges(n - p, grid, stride)))
     layout = _window_layout(grid, stride, p, r, b, device)
-    num_src = layout.src.numel()
+    num_src = layout.src_pos.numel()
     with torch.no_grad():
         sources, dests = metric.index_select(1, layout.src_pos), metric.index_select(1, layout.dst_pos)
         if metric.dtype != torch.float32:
