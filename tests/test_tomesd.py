@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from timm.models.vision_transformer import VisionTransformer
+from timm.models.vision_transformer import Block, VisionTransformer
 
 import tokenreduce as tr
 from tokenreduce.dense.segmenter import LinearSegmenter
@@ -93,7 +93,7 @@ def test_a_merged_block_matches_the_plain_computation():
     tr.apply(model, "tomesd", r=5, layers=(1,))
     with torch.no_grad():
         got = model.forward_features(x)
-        stock = model.blocks[0]._tr_base.forward  # the stock block forward, for the unmerged blocks
+        stock = Block.forward  # timm's own block forward, for the unmerged blocks
         h = model.norm_pre(model._pos_embed(model.patch_embed(x)))
         h = stock(model.blocks[0], h)
         h = plain_merged_block(model.blocks[1], h, 5)
