@@ -140,26 +140,62 @@ def test_reduced_model_gives_identical_logits_with_and_without_the_kernel(kernel
 
 def test_a_zero_prune_threshold_skips_the_attention_probabilities_at_inference(kernel_state, monkeypatch):
     import tokenreduce.ops.attention as attention
+    import tokenreduce.ops.ragged as ragged
 
-    calls = []  # the explicit pass: on the padded layout or on the ragged one
-    real, real_ragged = attention.attention_and_received, attention.attend_ragged
-    monkeypatch.setattr(attention, "attention_and_received", lambda *a: calls.append(1) or real(*a))
-    monkeypatch.setattr(attention, "attend_ragged", lambda *a: calls.append(1) or real_ragged(*a))
+    calls = {"bound": 0, "explicit": 0}  # the fused kernel's bound (padded or ragged); the explicit pass
+    real_bound, real = attention.certify_received, attention.attention_and_received
+    real_ragged = attention.attend_ragged
+
+    def counted(name, fn):
+        def run(*args):
+            calls[name] += 1
+            return fn(*args)
+        return run
+
+    monkeypatch.setattr(attention, "certify_received", counted("bound", real_bound))
+    monkeypatch.setattr(ragged, "certify_received", counted("bound", real_bound))
+    monkeypatch.setattr(attention, "attention_and_received", counted("explicit", real))
     images = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(4))
     thresholds = [0.0] * 6 + [1e-12] * 6  # blocks 0-5 cannot prune; 6-11 can (but prune nothing here)
     model = tr.apply(make_vit(), "ltmp", untrained=True, merge_threshold=0.6, prune_threshold=tuple(thresholds))
     with torch.inference_mode():
         fast = model(images)
     counts = [b.tokens_out for b in tr.stats(model).blocks]
-    assert len(calls) == 6  # the explicit pass only where the threshold is positive
-    calls.clear()
+    # the received attention only where the threshold is positive, and there the fused kernel's bound clears it
+    assert calls == {"bound": 6, "explicit": 0}
+    calls.update(bound=0, explicit=0)
     model = tr.apply(make_vit(), "ltmp", untrained=True, merge_threshold=0.6, prune_threshold=1e-12)
+    monkeypatch.setattr(attention, "received_floor_applies", lambda *args: False)  # every probability, explicitly
+    monkeypatch.setattr(attention, "attend_ragged", counted("explicit", real_ragged))
     with torch.inference_mode():
         explicit = model(images)
-    assert len(calls) == 12
+    assert calls == {"bound": 0, "explicit": 12}
     assert [b.tokens_out for b in tr.stats(model).blocks] == counts and counts[-1] < 65
     torch.testing.assert_close(fast, explicit, atol=1e-5, rtol=1e-5)
-    model.train()  # the training form needs the probabilities in every block (its gradients)
-    calls.clear()
+    model.train()  # the training form needs the exact probabilities in every block (its gradients)
     model(images)
-    assert tr.reducer(model).needs(0).received
+    assert tr.reducer(model).needs(0).received and tr.reducer(model).needs(0).received_floor is None
+    model.eval()
+    with torch.no_grad():
+        model(images)
+    assert tr.reducer(model).needs(0).received_floor == pytest.approx(1e-12)
+
+
+@pytest.mark.parametrize("batch,expected", [(2, 32), (1, 20)])
+def test_a_padded_batch_is_cut_to_a_multiple_of_sixteen_rows(kernel_state, batch, expected):
+    """Every image keeps 20 of its 40 tokens (orthogonal keys: no merges; the odd positions pruned): a batch
+    of two is cut to 32 rows, 20 rounded up to a multiple of 16, with 12 dead rows each; one image alone to
+    its own 20 rows (a single image is never padded)."""
+    for mode in ("on", "off"):
+        cpu_kernels.set_cpu_kernels(mode)
+        n = 40
+        keys = torch.eye(n)[:, :n].unsqueeze(0).repeat(batch, 1, 1)  # orthogonal keys: nothing merges
+        received = torch.where(torch.arange(n) % 2 == 0, 0.5, 0.01).repeat(batch, 1)  # odd positions pruned
+        x = torch.randn(batch, n, 4)
+        out = _ltmp(0.9, 0.1, num_patches=n - 1).reduce(0, TokenState(x, num_prefix=1, pos=_positions(batch, n)),
+                                                          AttentionSignals(keys=keys, received=received))
+        assert out.num_tokens == expected, mode
+        live = (out.mask[..., 0] > 0).sum(dim=1) if out.mask is not None else torch.full((batch,), out.num_tokens)
+        assert live.tolist() == [20] * batch, mode
+        if batch == 2:  # rows past the longest image's 20 are dead and hold real (finite) tokens
+            assert torch.isfinite(out.x).all() and out.mask[:, 20:].eq(0).all()

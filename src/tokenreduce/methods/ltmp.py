@@ -28,13 +28,17 @@ Two forms behind one reducer, chosen by the model's mode:
   get ``keep = 1`` exactly, with zero gradient (the official +∞ importance).
 * **inference** (``model.eval()``): real removal.  Each image keeps a different
   number of tokens, so a batch is run *padded*: survivors are compacted to the
-  front, the sequence is cut to the largest count in the batch, and the padding
-  is removed from attention with a −inf key bias (fused SDPA kept).  Every
-  image's result equals running it alone.  The per-token work runs on the live
-  tokens only, and the attention on chunks of images of similar length
-  (:func:`~tokenreduce.ops.attention.attend_ragged`); the cost is the padding
-  left inside those chunks and two host synchronisations per block (to learn
-  the counts).  With batch size 1 there is no padding at all.  On the CPU the step after the
+  front, the sequence is cut to the largest count in the batch (rounded up to
+  :data:`LENGTH_MULTIPLE`), and the padding is removed from attention with a −inf
+  key bias (fused SDPA kept).  Every image's result equals running it alone.  The
+  per-token work runs on the live tokens only.  The prune rule only compares the
+  attention a token receives with the threshold, so on the CPU the fused kernel
+  serves every image whose tokens it can certify above the threshold (a lower
+  bound from its log-sum-exp, :func:`~tokenreduce.ops.attention.attention_with_received_floor`);
+  elsewhere the explicit softmax runs, on chunks of images of similar length for a
+  padded batch (:func:`~tokenreduce.ops.attention.attend_ragged`).  The cost is the
+  padding and two host synchronisations per block (to learn the counts).  With
+  batch size 1 there is no padding at all.  On the CPU the step after the
   similarities runs as one fused kernel (:func:`~tokenreduce.ops.cpu_kernels.fused_ltmp_merge_prune`,
   the same numbers) unless sources or restoration are tracked.
 
@@ -75,6 +79,23 @@ from ..state import TokenState
 from .base import ModelInfo, Params, Reducer, boolean, checked, fraction, numbers_in, positive
 
 Thresholds = float | tuple[float, ...]
+
+LENGTH_MULTIPLE = 16
+"""A padded batch (B > 1) at inference is cut to its longest image's token count rounded up to a multiple of
+this (at most the count before): the extra rows are dead, and attention over a multiple of 16 keys runs up to
+twice as fast in ATen's CPU flash kernel as over a few keys fewer (docs/benchmarks.md#ltmp-speed-on-deit-s).
+A single image is cut to its own count: no dead rows, no mask."""
+
+
+def length_multiple(batch: int) -> int:
+    """What the padded length of ``batch`` images is rounded up to: :data:`LENGTH_MULTIPLE`, or 1 for one image."""
+    return LENGTH_MULTIPLE if batch > 1 else 1
+
+
+def padded_length(longest: int, n: int, batch: int) -> int:
+    """A batch's padded length after a step: ``longest`` rounded up to :func:`length_multiple`, at most ``n``."""
+    multiple = length_multiple(batch)
+    return min(n, -(-longest // multiple) * multiple)
 
 
 @dataclass(frozen=True)
@@ -183,17 +204,20 @@ class LTMP(Reducer):
     needs_vary = True  # a block whose prune threshold is 0 needs no attention probabilities at inference
 
     def needs(self, block: int) -> AttentionNeeds:
-        """Keys always; the attention received (all probabilities, no fused kernel) unless, at inference, the
-        block's prune threshold is 0: received attention is positive (softmax), so nothing can be pruned."""
+        """Keys always; the attention received unless, at inference, the block's prune threshold is 0:
+        received attention is positive (softmax), so nothing can be pruned.  At inference the prune rule only
+        compares the received attention with the threshold, so the threshold goes along as its floor
+        (``AttentionNeeds.received_floor``): the fused kernel serves every image it can certify."""
         return self.needs_per_block()[block]
 
     def needs_per_block(self) -> list[AttentionNeeds]:
         """:meth:`needs` for every block, reading the prune thresholds with one host transfer."""
-        everything = AttentionNeeds(keys=True, received=True)
         if self.training or tracing() or self._module is None:
-            return [everything] * self.info.depth
+            return [AttentionNeeds(keys=True, received=True)] * self.info.depth
         thresholds = self._module.prune_threshold.detach().tolist()
-        return [AttentionNeeds(keys=True) if theta <= 0.0 else everything for theta in thresholds]
+        return [AttentionNeeds(keys=True) if theta <= 0.0 else AttentionNeeds(keys=True, received=True,
+                                                                             received_floor=theta)
+                for theta in thresholds]
 
     def key_mask(self, mask: Tensor) -> KeyMask:
         return KeyMask(mask, soft=self.training, eps=1e-5)
@@ -258,7 +282,8 @@ class LTMP(Reducer):
         x, p = state.x, state.num_prefix
         sim = self._similarity(signals)
         if state.source is None and state.owner is None:  # the fused CPU kernel, where eligible: same numbers
-            fused = fused_ltmp_merge_prune(x, state.size, sim, signals.received, state.mask, theta_m, theta_p, p)
+            fused = fused_ltmp_merge_prune(x, state.size, sim, signals.received, state.mask, theta_m, theta_p, p,
+                                           length_multiple(x.shape[0]))
             if fused is not None:
                 out_x, size, mask, index = fused
                 pos = None if state.pos is None else batched_gather(state.pos, index)
@@ -285,14 +310,14 @@ class LTMP(Reducer):
             source = source.clone()
             source[:, 1::2] = _group_max(source[:, 1::2], partner, source[:, ::2], merge)
 
-        # compact: live tokens first, in layout order; cut to the largest count in the batch
+        # compact: live tokens first, in layout order; cut to the largest count in the batch, rounded up
         layout = self._layout(n, p, x.device)
         rank = torch.empty_like(layout).scatter_(0, layout, torch.arange(n, device=x.device))
         order = torch.argsort(rank + (~alive) * n, dim=1)
         if torch.compiler.is_exporting():  # a graph cannot cut to a data-dependent length: padded to N
             index = order
-        else:
-            index = order[:, : int(alive.sum(dim=1).max())]  # host sync: the padded length
+        else:  # host sync: the padded length, the longest image's rounded up to LENGTH_MULTIPLE
+            index = order[:, : padded_length(int(alive.sum(dim=1).max()), n, bsz)]
         # positions stay: a B token that absorbs A tokens is their destination and keeps its own;
         # with restoration tracked, merged tokens' originals follow them and pruned ones are archived
         full = dataclasses.replace(state, x=x_full, size=size_full, source=source, mask=alive.unsqueeze(-1).float())

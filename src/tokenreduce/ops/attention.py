@@ -21,6 +21,10 @@ request:
   inference it comes with the output from one explicit softmax over chunks of images
   (:func:`attention_and_received`, about 2 MB of probabilities at a time); for a padded
   batch, over chunks of images of similar length without the padding (:func:`attend_ragged`).
+  A caller that only compares it with a floor (``received_floor``: LTMP's prune threshold)
+  lets CPU float32 inference keep the fused kernel: its log-sum-exp gives a lower bound on
+  every token's received attention (:mod:`~tokenreduce.ops.received`), and only images where
+  the bound does not clear the floor get the explicit softmax (:func:`attention_with_received_floor`).
 
 A live-token mask (B×N×1) removes keys: hard masks (padding in batched
 inference) become a ``−inf`` additive bias and keep the fused kernel; soft masks
@@ -37,7 +41,8 @@ from torch import Tensor, nn
 
 from .gather import head_mean
 from .modes import fp32, tracing
-from .ragged import ragged_attention, ragged_layout
+from .ragged import image_lengths, ragged_attention, ragged_layout, ragged_saves
+from .received import MIN_FLOOR, certify_received
 
 
 @dataclass(frozen=True)
@@ -49,11 +54,20 @@ class AttentionNeeds:
     values: bool = False
     probs: bool = False
     received: bool = False
+    received_floor: float | None = None
+    """With ``received``: the caller only asks, per token, whether the received attention is above this
+    value (LTMP prunes a token whose importance is at or below its block's threshold).  Where
+    :func:`received_floor_applies`, an image whose every token provably receives more than the floor gets
+    a lower bound above it instead of the exact value (:func:`attention_with_received_floor`); every
+    comparison with the floor comes out as with the exact values."""
 
 
 @dataclass(frozen=True)
 class AttentionSignals:
-    """Signals of one attention call; fields not requested are ``None``."""
+    """Signals of one attention call; fields not requested are ``None``.
+
+    ``received`` holds exact values, except for the images that :func:`attention_with_received_floor`
+    certified above a ``received_floor``: there it holds a lower bound above the floor."""
 
     keys: Tensor | None = None
     cls_attn: Tensor | None = None
@@ -194,10 +208,37 @@ def attend_ragged(
     """
     b, n = key_mask.mask.shape[:2]
     heads = qkv.shape[2] if isinstance(qkv, Tensor) else qkv[0].shape[1]
-    layout = ragged_layout(packed, b, n, heads, PROBS_CHUNK)
+    floor = needs.received_floor if received_floor_applies(needs, packed.device.type, torch.float32) else None
+    lengths = None
+    if floor is not None:  # the fused kernel: chunks only where they save much of the padding's work
+        lengths = image_lengths(packed, b, n)
+        if not ragged_saves(lengths, n, FLASH_MULTIPLE):
+            return attend_padded_rows(qkv, packed, scale, bias, needs, key_mask)
+    layout = ragged_layout(packed, b, n, heads, PROBS_CHUNK, multiple=1 if floor is None else FLASH_MULTIPLE,
+                           lengths=lengths)
     with fp32(packed.device.type):
-        out, received, keys = ragged_attention(qkv, layout, scale, bias, key_mask.mask, needs.keys)
+        out, received, keys = ragged_attention(qkv, layout, scale, bias, key_mask.mask, needs.keys, floor)
     return out, AttentionSignals(keys=keys, received=received)
+
+
+FLASH_MULTIPLE = 16
+"""Ragged chunks for the fused kernel are cut to lengths that are multiples of this: ATen's CPU flash
+kernel runs up to twice as fast on them as on a few keys fewer (docs/benchmarks.md#ltmp-speed-on-deit-s)."""
+
+
+def attend_padded_rows(
+    qkv: Tensor | tuple[Tensor, Tensor, Tensor], packed: Tensor, scale: float, bias: Tensor | None,
+    needs: AttentionNeeds, key_mask: KeyMask,
+) -> tuple[Tensor, AttentionSignals]:
+    """:func:`attend` on the padded B×N layout for a padded batch's live rows (ΣN×3×H×d, or three ΣN×H×d):
+    the rows are scattered into it and the outputs gathered back; arguments and returns as :func:`attend_ragged`."""
+    rows = qkv if isinstance(qkv, Tensor) else torch.stack(qkv, dim=1)
+    total, _, heads, d = rows.shape
+    padded = unpack_rows(rows.reshape(total, 3 * heads * d), packed, key_mask)
+    b, n = padded.shape[:2]
+    q, k, v = padded.view(b, n, 3, heads, d).permute(2, 0, 3, 1, 4).unbind(0)
+    out, signals = attend(q, k, v, scale, bias, needs, key_mask)
+    return pack_rows(merge_heads(out), packed), signals
 
 
 def unpack_rows(rows: Tensor, packed: Tensor | None, key_mask: KeyMask | None) -> Tensor:
@@ -266,9 +307,13 @@ def attend(
     if needs.received or (needs.cls_attn and not class_token):
         rows = key_mask.mask[..., 0].float() if key_mask is not None else q.new_ones(b, n, dtype=torch.float32)
     if needs.received and not (needs.probs or soft or training):
-        # The method needs every probability anyway: one explicit pass gives the
-        # output and the received attention (no second QKᵀ).
-        out, received = attention_and_received(q, k, v, scale, bias, rows)
+        if received_floor_applies(needs, q.device.type, q.dtype):
+            # only a comparison with a floor: the fused kernel, and the explicit pass where it is not certain
+            out, received = attention_with_received_floor(q, k, v, scale, bias, rows, needs.received_floor)
+        else:
+            # every probability is needed: one explicit pass gives the output and the received
+            # attention (no second QKᵀ)
+            out, received = attention_and_received(q, k, v, scale, bias, rows)
     elif needs.probs or soft or not fused:
         logits = (q * scale) @ k.transpose(-2, -1)
         if bias is not None:
@@ -370,6 +415,53 @@ def attention_and_received(
         out = outs[0] if len(outs) == 1 else torch.cat(outs)
         total = totals[0] if len(totals) == 1 else torch.cat(totals)
         received = total / (heads * rows.float().sum(dim=1, keepdim=True))
+    return out, received
+
+
+def received_floor_applies(needs: AttentionNeeds, device_type: str, dtype: torch.dtype) -> bool:
+    """Whether :func:`attention_with_received_floor` serves a call: a ``received_floor`` of at least
+    :data:`~.received.MIN_FLOOR`, CPU float32 inference without autograd, not traced (a captured graph gets the exact
+    values), and ATen's CPU flash kernel with its log-sum-exp."""
+    floor = needs.received_floor
+    return (
+        needs.received and floor is not None and floor >= MIN_FLOOR and device_type == "cpu"
+        and dtype == torch.float32 and not torch.is_grad_enabled() and not tracing()
+        and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+    )
+
+
+def attention_with_received_floor(
+    q: Tensor, k: Tensor, v: Tensor, scale: float, bias: Tensor | None, rows: Tensor, floor: float
+) -> tuple[Tensor, Tensor]:
+    """Fused attention plus the received attention wherever it might be at or below ``floor``.
+
+    The CPU flash kernel gives the output and every query row's log-sum-exp; from them
+    :func:`~.received.received_log_lower_bound` bounds every key's received attention from below.  An image
+    whose live tokens all have a bound above ``floor`` (by :data:`~.received.FLOOR_MARGIN`) cannot lose a token to the
+    floor: it gets ``exp(bound)``.  The other images get the exact values from the explicit softmax
+    (:func:`attention_and_received`, on those images only), so a comparison with ``floor`` is the same as
+    with the exact values for every token.  Each image's result depends on that image alone.
+
+    Args:
+        q, k, v: B×H×N×d; bias: B×1×1×N additive key bias (``log size``, ``−inf`` for removed keys) or
+        ``None``; rows: B×N query weights (1 for live tokens); floor: > 0.
+
+    Returns:
+        ``(out, received)``: B×H×N×d as :func:`torch.nn.functional.scaled_dot_product_attention` gives it,
+        and B×N float32 (0 for removed keys).
+    """
+    mask = None if bias is None else bias.to(q.dtype)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=mask,
+                                                                          scale=scale)
+    bound, certified = certify_received(q, k, lse, scale, bias, rows, floor)
+    received = bound.exp()
+    if not bool(certified.all()):  # host sync: an image whose tokens might fall to the floor
+        uncertain = (~certified).nonzero().squeeze(1)
+        _, exact = attention_and_received(q.index_select(0, uncertain), k.index_select(0, uncertain),
+                                          v.index_select(0, uncertain),
+                                          scale, None if bias is None else bias.index_select(0, uncertain),
+                                          rows.index_select(0, uncertain))
+        received = received.index_copy(0, uncertain, exact)
     return out, received
 
 

@@ -244,7 +244,7 @@ def fused_bipartite_merge(
 
 def fused_ltmp_merge_prune(
     x: Tensor, size: Tensor | None, sim: Tensor, importance: Tensor, mask: Tensor | None,
-    theta_merge: float, theta_prune: float, num_prefix: int,
+    theta_merge: float, theta_prune: float, num_prefix: int, multiple: int = 1,
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor] | None:
     """LTMP's inference step after the similarities, in one kernel call (``LTMP._reduce_hard``'s numbers).
 
@@ -253,19 +253,19 @@ def fused_ltmp_merge_prune(
         sim: B×⌈N/2⌉×⌊N/2⌋ cosine similarities of the even (A) to the odd (B) positions (prefix and
         dead tokens are masked by the kernel); importance: B×N attention received; mask: B×N×1 float32
         live mask or ``None`` (all live); theta_merge, theta_prune: the block's thresholds;
-        num_prefix: protected leading tokens.
+        num_prefix: protected leading tokens; multiple: M is rounded up to a multiple of this (at most N).
 
     Returns:
         ``(x, size, mask, index)``: B×M×C, B×M×1, B×M×1 live mask (``None`` when every row is live) and
-        B×M int64 input positions, M the largest live count in the batch; or ``None`` when the kernel is
-        not eligible or not available (the caller then takes the Python path).
+        B×M int64 input positions, M the largest live count in the batch rounded up to ``multiple``; or
+        ``None`` when the kernel is not eligible or not available (the caller then takes the Python path).
     """
     module = None if mask is not None and mask.dtype != torch.float32 else _kernels_for(x, size)
     if module is None:
         return None
     out_x, out_size, out_mask, index, all_live = module.ltmp_merge_prune(
         x, size, sim.float().detach(), importance.float().detach(), mask, float(theta_merge), float(theta_prune),
-        num_prefix)
+        num_prefix, int(multiple))
     return out_x, out_size, None if bool(all_live) else out_mask, index
 
 
@@ -311,3 +311,4 @@ def fused_window_groups(
         return None
     slot, rep, merged_pos, into, size = module.window_groups(scores, norms, src_pos, dst_pos, r, num_prefix, num_tokens)
     return slot, rep, merged_pos, into, size
+

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from .gather import head_mean
+from .received import certify_received
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,28 @@ class RaggedLayout:
     out_slots: int
 
 
-def ragged_layout(packed: Tensor, batch: int, tokens: int, heads: int, budget: int) -> RaggedLayout:
+def image_lengths(packed: Tensor, batch: int, tokens: int) -> list[int]:
+    """Every image's length in a padded batch (its last live position + 1; 0 for none), one host sync.
+
+    Args:
+        packed: ΣN rows of the live tokens in the B·N flattening; batch, tokens: B and N.
+    """
+    image = torch.div(packed, tokens, rounding_mode="floor")
+    lengths = torch.zeros(batch, dtype=packed.dtype, device=packed.device).scatter_reduce_(
+        0, image, packed - image * tokens + 1, reduce="amax")
+    return lengths.tolist()
+
+
+def ragged_saves(lengths: list[int], tokens: int, multiple: int, share: float = 0.5) -> bool:
+    """Whether chunks at the images' own lengths (rounded up to ``multiple``) hold at most ``share`` of the
+    attention work (∝ length²) of the padded B×N layout: below that, building the layout and gathering the
+    chunks costs less than the padding (measured on a CPU, docs/benchmarks.md#ltmp-speed-on-deit-s)."""
+    own = sum(min(tokens, -(-max(length, 1) // multiple) * multiple) ** 2 for length in lengths)
+    return own <= share * len(lengths) * tokens * tokens
+
+
+def ragged_layout(packed: Tensor, batch: int, tokens: int, heads: int, budget: int, multiple: int = 1,
+                  lengths: list[int] | None = None) -> RaggedLayout:
     """The chunk layout of a padded batch's live rows (one host synchronisation).
 
     Args:
@@ -82,19 +104,19 @@ def ragged_layout(packed: Tensor, batch: int, tokens: int, heads: int, budget: i
         batch, tokens: B and N of the padded layout.
         heads: H.
         budget: the most attention probabilities (m·H·L²) a chunk of several images may hold.
+        multiple: a chunk's length is its longest image's rounded up to a multiple of this (at most N).
+        lengths: the images' lengths (:func:`image_lengths`) if already known.
     """
     device = packed.device
     image = torch.div(packed, tokens, rounding_mode="floor")
     position = packed - image * tokens
-    lengths = torch.zeros(batch, dtype=packed.dtype, device=device).scatter_reduce_(
-        0, image, position + 1, reduce="amax")
-    length_of = lengths.tolist()
+    length_of = image_lengths(packed, batch, tokens) if lengths is None else lengths
     order = sorted(range(batch), key=lambda b: -length_of[b])  # stable: ties keep batch order
     chunks: list[Chunk] = []
     qkv_base, out_base, block, stride = [0] * batch, [0] * batch, [0] * batch, [0] * batch
     start = qkv_at = out_at = 0
     while start < batch:
-        length = max(length_of[order[start]], 1)
+        length = min(tokens, -(-max(length_of[order[start]], 1) // multiple) * multiple)
         images = min(batch - start, max(1, budget // (heads * length * length)))
         chunks.append(Chunk(start, images, length, qkv_at, out_at))
         for j, b in enumerate(order[start:start + images]):
@@ -130,9 +152,13 @@ def ragged_layout(packed: Tensor, batch: int, tokens: int, heads: int, budget: i
 
 def ragged_attention(
     qkv: Tensor | tuple[Tensor, Tensor, Tensor], layout: RaggedLayout, scale: float, bias: Tensor | None, live: Tensor,
-    keys: bool,
+    keys: bool, floor: float | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Softmax attention of the live rows, the attention every key receives, and the head-averaged keys.
+
+    With ``floor``, each chunk runs ATen's CPU flash kernel and the received attention is certified against
+    the floor image by image (:func:`~tokenreduce.ops.attention.certify_received`); a chunk with an image the
+    bound does not clear also runs the explicit softmax, whose exact values those images get.
 
     Args:
         qkv: the live rows' q, k and v head vectors, in ``layout.rows`` order: one contiguous
@@ -142,6 +168,8 @@ def ragged_attention(
         bias: additive bias on the logits of each key, B×1×1×N (``log size``), or ``None``.
         live: the hard live-token mask (B×N×1, 1 = live) the padding is removed with.
         keys: whether to return the head-averaged keys.
+        floor: the received attention is only compared with this value (``AttentionNeeds.received_floor``);
+            ``None``: exact values everywhere.
 
     Returns:
         ``(out, received, keys)``: ΣN×(H·d) outputs (heads concatenated), B×N float32 received
@@ -162,13 +190,29 @@ def ragged_attention(
     for c in layout.chunks:
         m, length, size = c.images, c.length, c.images * heads * c.length
         q, k, v = (slots[c.qkv_at + i * size: c.qkv_at + (i + 1) * size].view(m * heads, length, d) for i in range(3))
-        shift = key_bias[c.start:c.start + m, :length].unsqueeze(1).expand(m, heads, length)
+        weights = live[c.start:c.start + m, :length]  # m×L: live query rows
+        chunk_bias = key_bias[c.start:c.start + m, :length]
+        certified = None
+        if floor is not None:
+            heads_view = [t.view(m, heads, length, d) for t in (q, k, v)]
+            mask = chunk_bias.view(m, 1, 1, length)
+            flash, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(*heads_view, 0.0, False,
+                                                                                    attn_mask=mask, scale=scale)
+            out[c.out_at:c.out_at + size].view(m, heads, length, d).copy_(flash)
+            bound, certified = certify_received(heads_view[0], heads_view[1], lse, scale, mask, weights, floor)
+            received[c.start:c.start + m, :length] = bound.exp()
+            if bool(certified.all()):  # host sync
+                continue
+        shift = chunk_bias.unsqueeze(1).expand(m, heads, length)
         logits = torch.baddbmm(shift.reshape(m * heads, 1, length), q, k.transpose(1, 2), alpha=scale)
         probs = logits.softmax(dim=-1)  # (m·H)×L×L
-        torch.bmm(probs, v, out=out[c.out_at:c.out_at + size].view(m * heads, length, d))
-        weights = live[c.start:c.start + m, :length]  # m×L: live query rows
+        if certified is None:
+            torch.bmm(probs, v, out=out[c.out_at:c.out_at + size].view(m * heads, length, d))
         total = torch.bmm(weights.repeat(1, heads).unsqueeze(1), probs.view(m, heads * length, length)).squeeze(1)
-        received[c.start:c.start + m, :length] = total / (heads * weights.sum(dim=1, keepdim=True))
+        exact = total / (heads * weights.sum(dim=1, keepdim=True))
+        if certified is not None:  # the bound stays where it certified the image
+            exact = torch.where(certified.unsqueeze(1), received[c.start:c.start + m, :length], exact)
+        received[c.start:c.start + m, :length] = exact
     out_rows = out.index_select(0, layout.out_index).view(rows, heads * d)
     key_rows = None
     if keys:

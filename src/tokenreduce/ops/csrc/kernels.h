@@ -13,7 +13,7 @@ std::vector<at::Tensor> bipartite_merge_wavg(const at::Tensor& x_in, const c10::
 std::vector<at::Tensor> ltmp_merge_prune(const at::Tensor& x_in, const c10::optional<at::Tensor>& size_in,
                                          const at::Tensor& sim_in, const at::Tensor& importance_in,
                                          const c10::optional<at::Tensor>& mask_in, double theta_merge,
-                                         double theta_prune, int64_t p);
+                                         double theta_prune, int64_t p, int64_t multiple);
 
 // TPS's squeeze, inference form: host choice, weighted merge, sizes (squeeze.cpp).
 std::vector<at::Tensor> squeeze_tokens(const at::Tensor& x_in, const c10::optional<at::Tensor>& size_in,

@@ -27,12 +27,13 @@
 // x: B×N×C float32; size: B×N×1 float32 or None (all ones); sim: B×NA×NB float32 cosine similarities of
 // the A (even) and B (odd) positions, prefix and dead tokens included (they are masked here); importance:
 // B×N float32; mask: B×N×1 float32 live mask (live: > 0) or None (all live); p: prefix tokens.
+// multiple: the padded length M is the largest live count rounded up to a multiple of this (at most N).
 // Returns (B×M×C x, B×M×1 sizes, B×M×1 float live mask, B×M int64 input positions, 0-d bool: every output
 // row is live).
 std::vector<at::Tensor> ltmp_merge_prune(const at::Tensor& x_in, const c10::optional<at::Tensor>& size_in,
                                          const at::Tensor& sim_in, const at::Tensor& importance_in,
                                          const c10::optional<at::Tensor>& mask_in, double theta_merge,
-                                         double theta_prune, int64_t p) {
+                                         double theta_prune, int64_t p, int64_t multiple) {
   TORCH_CHECK(x_in.dim() == 3 && sim_in.dim() == 3 && importance_in.dim() == 2,
               "ltmp_merge_prune: x and sim must be 3-D, importance 2-D");
   TORCH_CHECK(x_in.device().is_cpu() && sim_in.device().is_cpu() && importance_in.device().is_cpu(),
@@ -49,6 +50,7 @@ std::vector<at::Tensor> ltmp_merge_prune(const at::Tensor& x_in, const c10::opti
               "ltmp_merge_prune: sim must be B×ceil(N/2)×floor(N/2)");
   TORCH_CHECK(importance.size(0) == batch && importance.size(1) == n, "ltmp_merge_prune: importance must be B×N");
   TORCH_CHECK(p >= 0 && p <= n, "ltmp_merge_prune: bad prefix count");
+  TORCH_CHECK(multiple >= 1, "ltmp_merge_prune: multiple must be >= 1");
 
   at::Tensor size, mask;
   const bool has_size = size_in.has_value() && size_in->defined();
@@ -140,7 +142,8 @@ std::vector<at::Tensor> ltmp_merge_prune(const at::Tensor& x_in, const c10::opti
       count[img] = live_count;
     }
   });
-  const int64_t m_out = batch > 0 ? *std::max_element(count.begin(), count.end()) : 0;
+  const int64_t longest = batch > 0 ? *std::max_element(count.begin(), count.end()) : 0;
+  const int64_t m_out = std::min(n, (longest + multiple - 1) / multiple * multiple);
 
   // Phase 2, per image: the first M tokens of the compaction order, B tokens with their merges.
   at::Tensor out = at::empty({batch, m_out, channels}, x.options());
