@@ -31,6 +31,24 @@ def median_ms(fn, repeats: int) -> float:
     return 1e3 * statistics.median(times)
 
 
+def row(b: int, h: int, d: int, n: int, repeats: int) -> tuple[float, float, float]:
+    """Milliseconds of the fused kernel at N, at N padded to a multiple of 16, and of the explicit form at N."""
+    q, k, v = (torch.randn(b, h, n, d) for _ in range(3))
+    bias = torch.randn(b, 1, 1, n)
+    m = -(-n // 16) * 16
+    qp, kp, vp = (F.pad(t, (0, 0, 0, m - n)) for t in (q, k, v))
+    bias_p = F.pad(bias, (0, m - n), value=-float("inf"))
+
+    def explicit() -> torch.Tensor:
+        logits = torch.baddbmm(bias.expand(b, h, 1, n).reshape(b * h, 1, n), q.reshape(b * h, n, d),
+                               k.reshape(b * h, n, d).transpose(1, 2), alpha=d ** -0.5)
+        return torch.bmm(logits.softmax(dim=-1), v.reshape(b * h, n, d))
+
+    return (median_ms(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=bias), repeats),
+            median_ms(lambda: F.scaled_dot_product_attention(qp, kp, vp, attn_mask=bias_p), repeats),
+            median_ms(explicit, repeats))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=["250,4,16", "32,6,64"], help="batch,heads,head_dim")
@@ -44,20 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     for shape in args.shapes:
         b, h, d = (int(v) for v in shape.split(","))
         for n in args.lengths:
-            q, k, v = (torch.randn(b, h, n, d) for _ in range(3))
-            bias = torch.randn(b, 1, 1, n)
-            m = -(-n // 16) * 16
-            qp, kp, vp = (F.pad(t, (0, 0, 0, m - n)) for t in (q, k, v))
-            bias_p = F.pad(bias, (0, m - n), value=-float("inf"))
-
-            def explicit(q=q, k=k, v=v, bias=bias, n=n):
-                logits = torch.baddbmm(bias.expand(b, h, 1, n).reshape(b * h, 1, n), q.reshape(b * h, n, d),
-                                       k.reshape(b * h, n, d).transpose(1, 2), alpha=d ** -0.5)
-                return torch.bmm(logits.softmax(dim=-1), v.reshape(b * h, n, d))
-
-            fused = median_ms(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=bias), args.repeats)
-            padded = median_ms(lambda: F.scaled_dot_product_attention(qp, kp, vp, attn_mask=bias_p), args.repeats)
-            print(f"{shape:>10s} {n:4d} {fused:11.2f} {padded:13.2f} {median_ms(explicit, args.repeats):9.2f}")
+            fused, padded, explicit = row(b, h, d, n, args.repeats)
+            print(f"{shape:>10s} {n:4d} {fused:11.2f} {padded:13.2f} {explicit:9.2f}")
     return 0
 
 

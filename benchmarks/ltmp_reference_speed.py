@@ -9,6 +9,10 @@ few processes to see how much the level moves between them.
     python benchmarks/ltmp_reference_speed.py                 # target 0.75, 15 rounds
     python benchmarks/ltmp_reference_speed.py --target 0.6
     python benchmarks/ltmp_reference_speed.py --profile 3     # then where each model's time goes, op by op
+    python benchmarks/ltmp_reference_speed.py --exact         # also LTMP with the exact received attention
+
+``--exact`` times a third model in the same rounds: LTMP computing every received attention with the
+explicit softmax (no fused kernel and bound, ``tokenreduce.ops.received``), as before that path existed.
 
 ``--profile N`` times N more forwards of each model under ``torch.profiler`` and prints the
 milliseconds per forward of the ops that take the most time in either model, side by side: the
@@ -23,11 +27,14 @@ import resource
 import statistics
 import sys
 import time
+import unittest.mock
+from collections.abc import Callable
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 import tokenreduce as tr
+import tokenreduce.ops.attention as attention_ops
 from tokenreduce.eval.throughput import paired_speedup
 from tokenreduce.methods.ltmp import LTMP
 from tokenreduce.models.reference import load_reference_model, load_reference_testset, preprocess
@@ -63,6 +70,17 @@ def print_profile(models: dict[str, torch.nn.Module], x: torch.Tensor, forwards:
     print(f"{'total':42s}" + "".join(f"{sum(ms.values()):11.1f}" for ms in per_model.values()))
 
 
+def exact_attention(model: torch.nn.Module) -> Callable[[torch.Tensor], object]:
+    """``model``'s forward with every received attention computed exactly (the explicit softmax), for an A/B
+    against the fused kernel and its bound in the same process."""
+
+    def forward(x: torch.Tensor) -> object:
+        with unittest.mock.patch.object(attention_ops, "received_floor_applies", lambda *args: False):
+            return model(x)
+
+    return forward
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", type=float, default=0.75, help="the shipped reducer's training target")
@@ -71,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="then profile N forwards of each model and print the ops side by side")
+    parser.add_argument("--exact", action="store_true",
+                        help="also time LTMP with the exact received attention (explicit softmax) in the same rounds")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -81,22 +101,29 @@ def main(argv: list[str] | None = None) -> int:
                        checkpoint=LTMP.shipped_checkpoint({"target": args.target}))
     print(f"# reference model, LTMP target {args.target}, batch {args.batch_size}, fp32, {platform.machine()}, "
           f"{args.threads} threads, torch {torch.__version__}")
-    seconds: dict[str, list[float]] = {"unreduced": [], "ltmp": []}
+    models: dict[str, Callable[[torch.Tensor], object]] = {"unreduced": base, "ltmp": reduced}
+    if args.exact:
+        models["ltmp exact"] = exact_attention(reduced)
+    seconds: dict[str, list[float]] = {name: [] for name in models}
     with torch.no_grad():
-        base(x), reduced(x)  # warm-up
+        for model in models.values():  # warm-up
+            model(x)
         print(f"GMACs ratio {tr.stats(reduced).gmacs / tr.stats(reduced).gmacs_unreduced:.2f}")
-        print("round  unreduced ms  faults   ltmp ms  faults  ratio")
+        print("round" + "".join(f"{name + ' ms':>16s}  faults" for name in models) + "  ratio")
         for i in range(args.rounds):
-            order = [("unreduced", base), ("ltmp", reduced)]
+            order = list(models.items())
             row = {name: timed(model, x) for name, model in (order if i % 2 == 0 else order[::-1])}
             for name, (s, _) in row.items():
                 seconds[name].append(s)
-            (sb, fb), (sr, fr) = row["unreduced"], row["ltmp"]
-            print(f"{i:5d}  {1e3 * sb:12.0f}  {fb:6d}  {1e3 * sr:8.0f}  {fr:6d}  {sb / sr:5.2f}")
+            print(f"{i:5d}" + "".join(f"{1e3 * row[name][0]:16.0f}  {row[name][1]:6d}" for name in models)
+                  + f"  {row['unreduced'][0] / row['ltmp'][0]:5.2f}")
     for name, values in seconds.items():
         print(f"{name}: median {1e3 * statistics.median(values):.0f} ms, range {1e3 * min(values):.0f}-"
               f"{1e3 * max(values):.0f} ms")
-    print(f"speed-up (median of the rounds' ratios): {paired_speedup(seconds['unreduced'], seconds['ltmp']):.2f}x")
+    for name in models:
+        if name != "unreduced":
+            print(f"{name} speed-up (median of the rounds' ratios): "
+                  f"{paired_speedup(seconds['unreduced'], seconds[name]):.2f}x")
     if args.profile:
         with torch.no_grad():
             print_profile({"unreduced": base, "ltmp": reduced}, x, args.profile)
