@@ -194,3 +194,40 @@ def test_ragged_chunks_with_a_floor_decide_as_the_exact_values(batch, heads, n, 
     assert torch.equal((received > floor) & alive, (exact > floor) & alive)  # every prune decision the same
     assert (received[alive] <= exact[alive] * (1 + 1e-5) + 1e-12).all()
     assert (received[~alive] == 0).all()
+
+
+def test_chunks_are_used_only_where_they_save_half_the_padded_attention_work():
+    from tokenreduce.ops.ragged import ragged_saves
+
+    # 4 images padded to 64: lengths 64, 16, 16, 16 → 64² + 3·16² = 4,864 of 4·64² = 16,384 (30%): chunks
+    assert ragged_saves([64, 16, 16, 16], 64, 16)
+    # lengths 64, 60, 50, 40 → rounded 64, 64, 64, 48: 14,592 of 16,384 (89%): the padded layout
+    assert not ragged_saves([64, 60, 50, 40], 64, 16)
+    # rounding up counts: 4 images of 33 → 48² each = 56% of the padded 64² with multiple 16, 27% without
+    assert not ragged_saves([33] * 4, 64, 16) and ragged_saves([33] * 4, 64, 1)
+
+
+@pytest.mark.parametrize("spread", [False, True])
+def test_padded_and_ragged_layouts_give_the_same_attention_with_a_floor(monkeypatch, spread):
+    import tokenreduce.ops.ragged as ragged_ops
+    from tokenreduce.ops.attention import KeyMask, attend_padded_rows, attend_ragged
+
+    g = torch.Generator().manual_seed(1)
+    b, n, heads, d = 5, 40, 2, 8
+    lengths = torch.tensor([40, 8, 8, 6, 3]) if spread else torch.tensor([40, 38, 36, 33, 40])
+    live = (torch.arange(n).view(1, n) < lengths.view(b, 1)).float().view(b, n, 1)
+    packed = live.reshape(-1).nonzero().squeeze(1)
+    rows = torch.randn(packed.numel(), 3, heads, d, generator=g)
+    bias = torch.rand(b, 1, 1, n, generator=g)
+    needs = AttentionNeeds(keys=True, received=True, received_floor=1e-4)
+    chunked = []
+    real = ragged_ops.ragged_layout
+    monkeypatch.setattr(attention_ops, "ragged_layout", lambda *a, **k: chunked.append(1) or real(*a, **k))
+    with torch.no_grad():
+        out, signals = attend_ragged(rows, packed, 0.35, bias, needs, KeyMask(live))
+        padded_out, padded = attend_padded_rows(rows, packed, 0.35, bias, needs, KeyMask(live))
+    assert bool(chunked) == spread  # chunks only where the lengths differ enough
+    torch.testing.assert_close(out, padded_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(signals.keys, padded.keys, atol=1e-6, rtol=1e-5)
+    alive = live[..., 0] > 0
+    assert torch.equal((signals.received > 1e-4) & alive, (padded.received > 1e-4) & alive)
