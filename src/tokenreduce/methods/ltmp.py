@@ -28,8 +28,8 @@ Two forms behind one reducer, chosen by the model's mode:
   get ``keep = 1`` exactly, with zero gradient (the official +∞ importance).
 * **inference** (``model.eval()``): real removal.  Each image keeps a different
   number of tokens, so a batch is run *padded*: survivors are compacted to the
-  front, the sequence is cut to the largest count in the batch (rounded up to
-  :data:`LENGTH_MULTIPLE`), and the padding is removed from attention with a −inf
+  front, the sequence is cut to the largest count in the batch (rounded up to a
+  multiple of 16, :func:`length_multiple`), and the padding is removed from attention with a −inf
   key bias (fused SDPA kept).  Every image's result equals running it alone.  The
   per-token work runs on the live tokens only.  The prune rule only compares the
   attention a token receives with the threshold, so on the CPU the fused kernel
@@ -37,7 +37,7 @@ Two forms behind one reducer, chosen by the model's mode:
   bound from its log-sum-exp, :func:`~tokenreduce.ops.attention.attention_with_received_floor`);
   elsewhere the explicit softmax runs, on chunks of images of similar length for a
   padded batch (:func:`~tokenreduce.ops.attention.attend_ragged`).  The cost is the
-  padding and two host synchronisations per block (to learn the counts).  With
+  padding and two or three host synchronisations per block (to learn the counts).  With
   batch size 1 there is no padding at all.  On the CPU the step after the
   similarities runs as one fused kernel (:func:`~tokenreduce.ops.cpu_kernels.fused_ltmp_merge_prune`,
   the same numbers) unless sources or restoration are tracked.
@@ -69,7 +69,7 @@ import torch
 from torch import Tensor, nn
 
 from ..budget import Schedule
-from ..ops.attention import AttentionNeeds, AttentionSignals, KeyMask
+from ..ops.attention import FLASH_MULTIPLE, AttentionNeeds, AttentionSignals, KeyMask
 from ..ops.cpu_kernels import fused_ltmp_merge_prune
 from ..ops.gather import batched_gather, batched_scatter_add
 from ..ops.modes import no_grad, tracing
@@ -80,16 +80,12 @@ from .base import ModelInfo, Params, Reducer, boolean, checked, fraction, number
 
 Thresholds = float | tuple[float, ...]
 
-LENGTH_MULTIPLE = 16
-"""A padded batch (B > 1) at inference is cut to its longest image's token count rounded up to a multiple of
-this (at most the count before): the extra rows are dead, and attention over a multiple of 16 keys runs up to
-twice as fast in ATen's CPU flash kernel as over a few keys fewer (docs/benchmarks.md#ltmp-speed-on-deit-s).
-A single image is cut to its own count: no dead rows, no mask."""
-
-
 def length_multiple(batch: int) -> int:
-    """What the padded length of ``batch`` images is rounded up to: :data:`LENGTH_MULTIPLE`, or 1 for one image."""
-    return LENGTH_MULTIPLE if batch > 1 else 1
+    """What the padded length of ``batch`` images is rounded up to at inference: a multiple of
+    :data:`~tokenreduce.ops.attention.FLASH_MULTIPLE` (the extra rows are dead; ATen's CPU flash kernel runs up
+    to twice as fast on such lengths, docs/benchmarks.md#ltmp-speed-on-deit-s), or of 1 for a single image
+    (no dead rows, no mask)."""
+    return FLASH_MULTIPLE if batch > 1 else 1
 
 
 def padded_length(longest: int, n: int, batch: int) -> int:
@@ -316,7 +312,7 @@ class LTMP(Reducer):
         order = torch.argsort(rank + (~alive) * n, dim=1)
         if torch.compiler.is_exporting():  # a graph cannot cut to a data-dependent length: padded to N
             index = order
-        else:  # host sync: the padded length, the longest image's rounded up to LENGTH_MULTIPLE
+        else:  # host sync: the padded length, the longest image's rounded up (length_multiple)
             index = order[:, : padded_length(int(alive.sum(dim=1).max()), n, bsz)]
         # positions stay: a B token that absorbs A tokens is their destination and keeps its own;
         # with restoration tracked, merged tokens' originals follow them and pruned ones are archived

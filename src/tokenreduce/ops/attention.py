@@ -222,8 +222,9 @@ def attend_ragged(
 
 
 FLASH_MULTIPLE = 16
-"""Ragged chunks for the fused kernel are cut to lengths that are multiples of this: ATen's CPU flash
-kernel runs up to twice as fast on them as on a few keys fewer (docs/benchmarks.md#ltmp-speed-on-deit-s)."""
+"""Where the padding is ours to choose (a padded batch's length, ragged chunks for the fused kernel), lengths
+are rounded up to multiples of this: ATen's CPU flash kernel runs up to twice as fast on them as on a few
+keys fewer (``benchmarks/flash_lengths.py``, docs/benchmarks.md#ltmp-speed-on-deit-s)."""
 
 
 def attend_padded_rows(

@@ -157,7 +157,7 @@ def ragged_attention(
     """Softmax attention of the live rows, the attention every key receives, and the head-averaged keys.
 
     With ``floor``, each chunk runs ATen's CPU flash kernel and the received attention is certified against
-    the floor image by image (:func:`~tokenreduce.ops.attention.certify_received`); a chunk with an image the
+    the floor image by image (:func:`~tokenreduce.ops.received.certify_received`); a chunk with an image the
     bound does not clear also runs the explicit softmax, whose exact values those images get.
 
     Args:
