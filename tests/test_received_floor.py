@@ -47,6 +47,11 @@ def test_bound_by_hand():
     lse = _lse(zero, k, k, 1.0, bias)
     bound = received_log_lower_bound(zero, k, lse, 1.0, bias, torch.ones(1, 2))
     torch.testing.assert_close(bound.exp(), torch.tensor([[0.25, 0.75]]))
+    # two heads: the bound takes the best head's term over H (the sum over heads is at least its maximum), so
+    # two identical heads give half the exact value
+    zero2, k2 = zero.expand(1, 2, 2, 1), k.expand(1, 2, 2, 1)
+    bound = received_log_lower_bound(zero2, k2, _lse(zero2, k2, k2, 1.0, bias), 1.0, bias, torch.ones(1, 2))
+    torch.testing.assert_close(bound.exp(), torch.tensor([[0.125, 0.375]]))
 
 
 @settings(max_examples=60, deadline=None, derandomize=True)
