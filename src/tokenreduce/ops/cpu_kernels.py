@@ -311,4 +311,3 @@ def fused_window_groups(
         return None
     slot, rep, merged_pos, into, size = module.window_groups(scores, norms, src_pos, dst_pos, r, num_prefix, num_tokens)
     return slot, rep, merged_pos, into, size
-
