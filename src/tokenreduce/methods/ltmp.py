@@ -74,6 +74,7 @@ from ..ops.cpu_kernels import fused_ltmp_merge_prune
 from ..ops.gather import batched_gather, batched_scatter_add
 from ..ops.modes import no_grad, tracing
 from ..ops.prune import threshold_mask
+from ..ops.ragged import rounded_length
 from ..ops.similarity import alternate, unit_rows
 from ..state import TokenState
 from .base import ModelInfo, Params, Reducer, boolean, checked, fraction, numbers_in, positive
@@ -90,8 +91,7 @@ def length_multiple(batch: int) -> int:
 
 def padded_length(longest: int, n: int, batch: int) -> int:
     """A batch's padded length after a step: ``longest`` rounded up to :func:`length_multiple`, at most ``n``."""
-    multiple = length_multiple(batch)
-    return min(n, -(-longest // multiple) * multiple)
+    return rounded_length(longest, length_multiple(batch), n)
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from .gather import head_mean
 from .modes import fp32, tracing
 from .ragged import image_lengths, ragged_attention, ragged_layout, ragged_saves
-from .received import MIN_FLOOR, certify_received
+from .received import MIN_FLOOR, certify_received, fused_attention_available, fused_attention_with_lse
 
 
 @dataclass(frozen=True)
@@ -427,7 +427,7 @@ def received_floor_applies(needs: AttentionNeeds, device_type: str, dtype: torch
     return (
         needs.received and floor is not None and floor >= MIN_FLOOR and device_type == "cpu"
         and dtype == torch.float32 and not torch.is_grad_enabled() and not tracing()
-        and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+        and fused_attention_available()
     )
 
 
@@ -451,9 +451,7 @@ def attention_with_received_floor(
         ``(out, received)``: B×H×N×d as :func:`torch.nn.functional.scaled_dot_product_attention` gives it,
         and B×N float32 (0 for removed keys).
     """
-    mask = None if bias is None else bias.to(q.dtype)
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=mask,
-                                                                          scale=scale)
+    out, lse = fused_attention_with_lse(q, k, v, bias, scale)
     bound, certified = certify_received(q, k, lse, scale, bias, rows, floor)
     received = bound.exp()
     if not bool(certified.all()):  # host sync: an image whose tokens might fall to the floor

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from .gather import head_mean
-from .received import certify_received
+from .received import certify_received, fused_attention_with_lse
 
 
 @dataclass(frozen=True)
@@ -75,6 +75,11 @@ class RaggedLayout:
     out_slots: int
 
 
+def rounded_length(length: int, multiple: int, cap: int) -> int:
+    """``length`` rounded up to a multiple of ``multiple``, at most ``cap``."""
+    return min(cap, -(-length // multiple) * multiple)
+
+
 def image_lengths(packed: Tensor, batch: int, tokens: int) -> list[int]:
     """Every image's length in a padded batch (its last live position + 1; 0 for none), one host sync.
 
@@ -91,7 +96,7 @@ def ragged_saves(lengths: list[int], tokens: int, multiple: int, share: float = 
     """Whether chunks at the images' own lengths (rounded up to ``multiple``) hold at most ``share`` of the
     attention work (∝ length²) of the padded B×N layout: below that, building the layout and gathering the
     chunks costs less than the padding (measured on a CPU, docs/benchmarks.md#ltmp-speed-on-deit-s)."""
-    own = sum(min(tokens, -(-max(length, 1) // multiple) * multiple) ** 2 for length in lengths)
+    own = sum(rounded_length(max(length, 1), multiple, tokens) ** 2 for length in lengths)
     return own <= share * len(lengths) * tokens * tokens
 
 
@@ -116,7 +121,7 @@ def ragged_layout(packed: Tensor, batch: int, tokens: int, heads: int, budget: i
     qkv_base, out_base, block, stride = [0] * batch, [0] * batch, [0] * batch, [0] * batch
     start = qkv_at = out_at = 0
     while start < batch:
-        length = min(tokens, -(-max(length_of[order[start]], 1) // multiple) * multiple)
+        length = rounded_length(max(length_of[order[start]], 1), multiple, tokens)
         images = min(batch - start, max(1, budget // (heads * length * length)))
         chunks.append(Chunk(start, images, length, qkv_at, out_at))
         for j, b in enumerate(order[start:start + images]):
@@ -196,8 +201,7 @@ def ragged_attention(
         if floor is not None:
             heads_view = [t.view(m, heads, length, d) for t in (q, k, v)]
             mask = chunk_bias.view(m, 1, 1, length)
-            flash, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(*heads_view, 0.0, False,
-                                                                                    attn_mask=mask, scale=scale)
+            flash, lse = fused_attention_with_lse(*heads_view, mask, scale)
             out[c.out_at:c.out_at + size].view(m, heads, length, d).copy_(flash)
             bound, certified = certify_received(heads_view[0], heads_view[1], lse, scale, mask, weights, floor)
             received[c.start:c.start + m, :length] = bound.exp()

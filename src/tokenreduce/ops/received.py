@@ -23,6 +23,27 @@ MIN_FLOOR = 1e-30
 """Smaller floors are never certified: the explicit softmax's probabilities near them are not normal floats."""
 
 
+def fused_attention_available() -> bool:
+    """Whether this torch has ATen's CPU flash kernel that returns the rows' log-sum-exp."""
+    return hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+
+
+def fused_attention_with_lse(
+    q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float
+) -> tuple[Tensor, Tensor]:
+    """ATen's CPU flash attention (the kernel ``F.scaled_dot_product_attention`` runs there) with every query
+    row's log-sum-exp.
+
+    Args:
+        q, k, v: B×H×N×d CPU float32; bias: additive key bias broadcastable to B×H×N×N, or ``None``.
+
+    Returns:
+        ``(out, lse)``: B×H×N×d and B×H×N float32.
+    """
+    mask = None if bias is None else bias.to(q.dtype)
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=mask, scale=scale)
+
+
 def certify_received(
     q: Tensor, k: Tensor, lse: Tensor, scale: float, bias: Tensor | None, rows: Tensor, floor: float
 ) -> tuple[Tensor, Tensor]:
