@@ -11,6 +11,10 @@ few processes to see how much the level moves between them.
     python benchmarks/ltmp_reference_speed.py --profile 3     # then where each model's time goes, op by op
     python benchmarks/ltmp_reference_speed.py --exact         # also LTMP with the exact received attention
 
+``--first-run N`` first runs N test images through LTMP, as ``evaluate`` scores the test set before it
+times a row, and prints LTMP's forward before and after that pass (glibc's heap fragments under LTMP's
+batch-dependent tensor sizes; run it under ``LD_PRELOAD=...libtcmalloc_minimal.so.4`` to compare).
+
 ``--exact`` times a third model in the same rounds: LTMP computing every received attention with the
 explicit softmax (no fused kernel and bound, ``tokenreduce.ops.received``), as before that path existed.
 
@@ -91,11 +95,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="then profile N forwards of each model and print the ops side by side")
     parser.add_argument("--exact", action="store_true",
                         help="also time LTMP with the exact received attention (explicit softmax) in the same rounds")
+    parser.add_argument("--first-run", type=int, default=0, metavar="N",
+                        help="first run N test images through LTMP and print its forward before and after")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
-    images, _ = load_reference_testset(limit=args.batch_size)
-    x = preprocess(images)
+    images, _ = load_reference_testset(limit=max(args.batch_size, args.first_run))
+    x = preprocess(images[:args.batch_size])
     base = load_reference_model().eval()
     reduced = tr.apply(load_reference_model().eval(), "ltmp",
                        checkpoint=LTMP.shipped_checkpoint({"target": args.target}))
@@ -109,6 +115,13 @@ def main(argv: list[str] | None = None) -> int:
         for model in models.values():  # warm-up
             model(x)
         print(f"GMACs ratio {tr.stats(reduced).gmacs / tr.stats(reduced).gmacs_unreduced:.2f}")
+        if args.first_run:
+            before = statistics.median(timed(reduced, x)[0] for _ in range(7))
+            for start in range(0, args.first_run, args.batch_size):
+                reduced(preprocess(images[start:start + args.batch_size]))
+            after = statistics.median(timed(reduced, x)[0] for _ in range(7))
+            print(f"ltmp forward before / after {args.first_run} images: {1e3 * before:.0f} / {1e3 * after:.0f} ms "
+                  f"({after / before:.2f}x)")
         print("round" + "".join(f"{name + ' ms':>16s}  faults" for name in models) + "  ratio")
         for i in range(args.rounds):
             order = list(models.items())
