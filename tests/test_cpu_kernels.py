@@ -196,6 +196,53 @@ def test_failed_build_falls_back_with_one_warning_in_auto_and_raises_when_on(ker
         cpu_kernels.set_cpu_kernels("on")
 
 
+def test_kernels_give_the_same_results_on_one_thread_and_on_two(fused):
+    """The kernels split a batch's images across torch's intra-op threads (OpenMP); images are independent,
+    so the thread count changes nothing."""
+    from tokenreduce.ops.unmerge import window_groups
+
+    generator = torch.Generator().manual_seed(5)
+    x, metric = torch.randn(9, 41, 24, generator=generator), torch.randn(9, 41, 8, generator=generator)
+    grid_x = torch.randn(9, 65, 24, generator=generator)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            with torch.inference_mode():
+                merged = cpu_kernels.fused_bipartite_merge(x, None, metric, 13, 1)
+                groups = window_groups(grid_x, 20, 1, (8, 8), 2)
+                means = groups.merge(grid_x)
+                results.append([*merged, groups.slot, means, groups.unmerge_add(grid_x, means)])
+    finally:
+        torch.set_num_threads(threads)
+    for one, two in zip(*results, strict=True):
+        assert torch.equal(one, two)
+
+
+def test_the_build_uses_openmp_on_linux_and_falls_back_to_one_thread(kernel_state, monkeypatch):
+    import sys
+
+    name, cflags, ldflags = cpu_kernels.build_options(openmp=True)
+    serial_name, serial_cflags, serial_ldflags = cpu_kernels.build_options(openmp=False)
+    assert "-fopenmp" not in serial_cflags and serial_ldflags == []
+    if not sys.platform.startswith("linux"):
+        assert (name, cflags) == (serial_name, serial_cflags)
+        return
+    assert "-fopenmp" in cflags and ldflags == ["-fopenmp"] and "_serial" in serial_name and name != serial_name
+    loads = []
+
+    def load(cpp_extension, name, cflags, ldflags):
+        loads.append(name)
+        if "-fopenmp" in cflags:
+            raise RuntimeError("unrecognized command-line option '-fopenmp'")
+        return "serial module"
+
+    monkeypatch.setattr(cpu_kernels, "_load", load)
+    assert cpu_kernels._build() == "serial module"
+    assert loads == [name, serial_name]
+
+
 def test_mode_comes_from_the_environment_and_bad_values_are_refused(kernel_state, monkeypatch):
     monkeypatch.setenv(cpu_kernels.ENV_VAR, "OFF")
     cpu_kernels._mode = None

@@ -236,3 +236,61 @@ def test_the_fused_kernel_gives_the_python_maps(num_prefix, r):
     fused, python = outputs["on"], outputs["off"]
     for name in ("slot", "rep", "src", "into", "size"):
         assert torch.equal(getattr(fused, name), getattr(python, name)), name
+
+
+@pytest.mark.parametrize("num_prefix,r,batch", [(1, 0, 2), (1, 30, 1), (0, 48, 3), (2, 17, 4)])
+def test_the_fused_merge_and_unmerge_give_the_python_numbers(num_prefix, r, batch, monkeypatch):
+    """The C++ group means and the stream-plus-group-rows equal the PyTorch path's bit for bit (sums in
+    index_add's order, then the division), and the kernels are what runs in mode "on"."""
+    from tokenreduce.ops import cpu_kernels
+
+    x = torch.randn(batch, num_prefix + 64, 24, generator=torch.Generator().manual_seed(100 + r))
+    calls = []
+
+    class Spy:  # the built module, counting the calls of the two kernels
+        def __init__(self, module):
+            self.module = module
+
+        def __getattr__(self, name):
+            if name in ("group_mean", "unmerge_add"):
+                calls.append(name)
+            return getattr(self.module, name)
+
+    original = cpu_kernels._kernels_for
+    monkeypatch.setattr(cpu_kernels, "_kernels_for",
+                        lambda t, s: None if original(t, s) is None else Spy(original(t, s)))
+    outputs = {}
+    for mode in ("on", "off"):
+        tr.set_cpu_kernels(mode)
+        try:
+            with torch.inference_mode():
+                groups = window_groups(x, r, num_prefix, (8, 8), 2)
+                merged = groups.merge(x)
+                y = torch.randn(merged.shape, generator=torch.Generator().manual_seed(7))
+                outputs[mode] = (merged, groups.unmerge_add(x, y), x + groups.unmerge(y))
+        finally:
+            tr.set_cpu_kernels("auto")
+    assert calls == ["group_mean", "unmerge_add"]
+    (fused_merged, fused_added, _), (merged, added, plain) = outputs["on"], outputs["off"]
+    assert torch.equal(fused_merged, merged)
+    assert torch.equal(fused_added, added) and torch.equal(added, plain)
+    for b in range(batch):  # the group means by hand
+        for g in range(groups.num_merged):
+            members = torch.nonzero(groups.slot[b] == g).flatten()
+            torch.testing.assert_close(merged[b, g], x[b, members].mean(0), rtol=1e-6, atol=1e-6)
+
+
+def test_the_fused_merge_is_not_used_with_autograd_or_other_dtypes():
+    x = torch.randn(2, 65, 16, requires_grad=True)
+    tr.set_cpu_kernels("on")
+    try:
+        groups = window_groups(x.detach(), 20, 1, (8, 8), 2)
+        merged = groups.merge(x)
+        merged.sum().backward()  # the PyTorch path: gradients flow back to every stream token
+        assert x.grad is not None and torch.count_nonzero(x.grad.abs().sum(-1)) == 2 * 65
+        with torch.no_grad():
+            half = groups.merge(x.detach().double())
+        assert half.dtype == torch.float64
+        torch.testing.assert_close(half.float(), merged.detach(), rtol=1e-6, atol=1e-6)
+    finally:
+        tr.set_cpu_kernels("auto")

@@ -456,7 +456,7 @@ def grouped_branches(ctx: ReductionContext, block: nn.Module, i: int, x: Tensor)
     update = adapter.attention_residual(block, out)
     del out
     update = update + adapter.mlp(block, merged + update)
-    x = x + groups.unmerge(update)
+    x = groups.unmerge_add(x, update)
     m = groups.num_merged
     ctx.records[i] = (m, m)  # what the branches saw (the GMACs); the stream keeps its N tokens
     if ctx.trace_source:  # token maps: the groups the branches saw (B×M×N0)

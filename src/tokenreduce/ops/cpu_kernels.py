@@ -10,7 +10,8 @@ give the same numbers as the Python path:
 * ``csrc/ltmp_merge_prune.cpp``: LTMP's inference step after the similarities (threshold merge,
   threshold prune, compaction of the padded batch; ``LTMP._reduce_hard``);
 * ``csrc/squeeze.cpp``: TPS's squeeze; ``csrc/window_groups.cpp``: the index maps of ToMe for SD's
-  window matching (:func:`~tokenreduce.ops.unmerge.window_groups`).
+  window matching (:func:`~tokenreduce.ops.unmerge.window_groups`); ``csrc/group_rows.cpp``: its merge
+  into group means and its unmerge into the stream (:class:`~tokenreduce.ops.unmerge.TokenGroups`).
 
 The extension is compiled with :func:`torch.utils.cpp_extension.load` the first time a
 merge runs on the CPU in inference (about 30 s; cached in torch's extensions folder,
@@ -47,14 +48,14 @@ import torch
 from torch import Tensor
 
 __all__ = ["cpu_kernels_mode", "load_cpu_kernels", "set_cpu_kernels", "fused_bipartite_merge", "fused_ltmp_merge_prune",
-           "fused_squeeze", "fused_window_groups"]
+           "fused_squeeze", "fused_window_groups", "fused_group_mean", "fused_unmerge_add"]
 
 ENV_VAR = "TOKENREDUCE_CPU_KERNELS"
 MODES = ("auto", "on", "off")
 EXTENSION_NAME = "tokenreduce_cpu_kernels"
 SOURCES = tuple(Path(__file__).parent / "csrc" / name
                 for name in ("module.cpp", "bipartite_merge.cpp", "ltmp_merge_prune.cpp", "squeeze.cpp",
-                             "window_groups.cpp"))
+                             "window_groups.cpp", "group_rows.cpp"))
 HEADERS = tuple(Path(__file__).parent / "csrc" / name for name in ("kernels.h", "rows.h"))
 """Headers the sources include (a change to one forces a rebuild: :func:`build_options`)."""
 
@@ -143,15 +144,34 @@ def _build() -> ModuleType:
     except ImportError:
         pass
     try:
-        name, flags = build_options()
-        _announce_first_build(cpp_extension, name)
-        return cpp_extension.load(name=name, sources=[str(path) for path in SOURCES], extra_cflags=flags)
+        try:
+            return _load(cpp_extension, *build_options(openmp=True))
+        except Exception as error:  # no OpenMP for this compiler: the same kernels, on one thread
+            name, cflags, ldflags = build_options(openmp=False)
+            if "-fopenmp" not in build_options(openmp=True)[1]:
+                raise
+            logger.warning("tokenreduce: building the CPU kernels with OpenMP failed (%s); building them for one "
+                           "thread", error)
+            return _load(cpp_extension, name, cflags, ldflags)
     finally:
         os.environ["PATH"] = path
 
 
-def build_options() -> tuple[str, list[str]]:
-    """The extension's name and compiler flags.
+def _load(cpp_extension: ModuleType, name: str, cflags: list[str], ldflags: list[str]) -> ModuleType:
+    _announce_first_build(cpp_extension, name)
+    return cpp_extension.load(name=name, sources=[str(path) for path in SOURCES], extra_cflags=cflags,
+                              extra_ldflags=ldflags)
+
+
+def build_options(openmp: bool = True) -> tuple[str, list[str], list[str]]:
+    """The extension's name, compiler flags and linker flags.
+
+    With ``openmp`` on Linux the kernels are built with OpenMP (``-fopenmp``), so their
+    ``at::parallel_for`` over the images of a batch runs on torch's intra-op threads: the
+    process's one OpenMP runtime, the one torch loaded, with torch's thread count. Without it
+    ``at::parallel_for`` compiles to a plain loop on the calling thread (the fallback where
+    the compiler has no OpenMP, built under another name). Images are independent in every
+    kernel, so the results do not depend on the thread count.
 
     No FMA contraction, so that ``x·s + y·t`` rounds as the PyTorch ops do. On x86-64
     Linux the kernel is built for the host CPU (``-march=native``: AVX2 where there is
@@ -165,11 +185,17 @@ def build_options() -> tuple[str, list[str]]:
     headers = hashlib.sha1(b"".join(path.read_bytes() for path in HEADERS)).hexdigest()[:12]
     flags = ["-O3", "-ffp-contract=off", f"-DTOKENREDUCE_HEADERS_{headers}"]
     name = f"{EXTENSION_NAME}_torch{re.sub(r'[^0-9A-Za-z]', '_', torch.__version__)}"
+    ldflags: list[str] = []
+    if sys.platform.startswith("linux"):
+        if openmp:
+            flags, ldflags = [*flags, "-fopenmp"], ["-fopenmp"]
+        else:
+            name = f"{name}_serial"
     if sys.platform.startswith("linux") and platform.machine() in ("x86_64", "AMD64"):
         fingerprint = _cpu_fingerprint()
         if fingerprint is not None:
-            return f"{name}_{fingerprint}", [*flags, "-march=native"]
-    return name, flags
+            return f"{name}_{fingerprint}", [*flags, "-march=native"], ldflags
+    return name, flags, ldflags
 
 
 def _cpu_fingerprint() -> str | None:
@@ -311,3 +337,33 @@ def fused_window_groups(
         return None
     slot, rep, merged_pos, into, size = module.window_groups(scores, norms, src_pos, dst_pos, r, num_prefix, num_tokens)
     return slot, rep, merged_pos, into, size
+
+
+def fused_group_mean(x: Tensor, rep: Tensor, src: Tensor, into: Tensor, size: Tensor) -> Tensor | None:
+    """The group means of ToMe for SD's merge (:meth:`~tokenreduce.ops.unmerge.TokenGroups.merge`) in one
+    kernel call, equal to the Python path's.
+
+    Args:
+        x: B×N×C float32 stream; rep: B×M, src: B×R and into: B×R int64 group maps; size: B×M×1 float32.
+
+    Returns:
+        B×M×C group means, or ``None`` when the kernel is not eligible or not available.
+    """
+    module = _kernels_for(x, size)
+    return None if module is None else module.group_mean(x, rep, src, into, size)
+
+
+def fused_unmerge_add(x: Tensor, y: Tensor, slot: Tensor) -> Tensor | None:
+    """``x`` plus every token's group row of ``y`` (:meth:`~tokenreduce.ops.unmerge.TokenGroups.unmerge_add`)
+    in one kernel call, equal to the Python path's.
+
+    Args:
+        x: B×N×C float32 stream; y: B×M×C float32 group rows; slot: B×N int64 group of every token.
+
+    Returns:
+        B×N×C, or ``None`` when the kernel is not eligible or not available.
+    """
+    if y.dtype != x.dtype or not kernel_eligible(y, None):
+        return None
+    module = _kernels_for(x, None)
+    return None if module is None else module.unmerge_add(x, y, slot)

@@ -9,8 +9,9 @@ dense prediction: the final tokens still fill the patch grid.
 :func:`window_groups` finds the groups (bipartite matching with one destination per ``stride×stride``
 window of the patch grid, as ToMe for SD partitions its latents) and returns a :class:`TokenGroups`,
 which merges (:meth:`TokenGroups.merge`, B×N×C → B×M×C) and unmerges (:meth:`TokenGroups.unmerge`,
-B×M×C → B×N×C).  Only index maps are kept (no B×M×N matrix): merging is one gather and one
-scatter-add of the ``r`` merged rows, unmerging one gather.
+B×M×C → B×N×C, or :meth:`TokenGroups.unmerge_add` into the stream).  Only index maps are kept (no B×M×N
+matrix): merging is one gather and one scatter-add of the ``r`` merged rows, unmerging one gather; on
+the CPU in inference each is one fused kernel call (``csrc/group_rows.cpp``, the same numbers).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .cpu_kernels import fused_window_groups
+from .cpu_kernels import fused_group_mean, fused_unmerge_add, fused_window_groups
 from .gather import batched_gather, flat_rows
 from .modes import cached_constants, tracing
 from .similarity import NORM_EPS, unit_rows
@@ -56,6 +57,9 @@ class TokenGroups:
 
     def merge(self, x: Tensor) -> Tensor:
         """B×N×C stream → B×M×C: the mean of each group (every stream token has size 1)."""
+        fused = None if tracing() else fused_group_mean(x, self.rep, self.src, self.into, self.size)
+        if fused is not None:
+            return fused
         merged = batched_gather(x, self.rep)
         if self.src.shape[1] == 0:
             return merged
@@ -66,6 +70,11 @@ class TokenGroups:
     def unmerge(self, y: Tensor) -> Tensor:
         """B×M×C branch output → B×N×C: every stream token receives its group's row."""
         return batched_gather(y, self.slot)
+
+    def unmerge_add(self, x: Tensor, y: Tensor) -> Tensor:
+        """``x + unmerge(y)``: the B×N×C stream plus every token's group row of the B×M×C ``y`` (a new tensor)."""
+        fused = None if tracing() else fused_unmerge_add(x, y, self.slot)
+        return fused if fused is not None else x + self.unmerge(y)
 
 
 def square_grid(num_patches: int) -> tuple[int, int]:

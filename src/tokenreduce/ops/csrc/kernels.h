@@ -24,3 +24,8 @@ std::vector<at::Tensor> squeeze_tokens(const at::Tensor& x_in, const c10::option
 std::vector<at::Tensor> window_groups(const at::Tensor& scores_in, const at::Tensor& norms_in,
                                       const at::Tensor& src_pos_in, const at::Tensor& dst_pos_in, int64_t r,
                                       int64_t p, int64_t n);
+
+// ToMe for SD: the stream merged into group means, and group rows added back to the stream (group_rows.cpp).
+at::Tensor group_mean(const at::Tensor& x_in, const at::Tensor& rep_in, const at::Tensor& src_in,
+                      const at::Tensor& into_in, const at::Tensor& size_in);
+at::Tensor unmerge_add(const at::Tensor& x_in, const at::Tensor& y_in, const at::Tensor& slot_in);

@@ -15,4 +15,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("window_groups", &window_groups, "ToMe for SD's window matching: group index maps (inference)",
         pybind11::arg("scores"), pybind11::arg("norms"), pybind11::arg("src_pos"), pybind11::arg("dst_pos"),
         pybind11::arg("r"), pybind11::arg("p"), pybind11::arg("n"), pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("group_mean", &group_mean, "ToMe for SD's merge: the group means of the stream (inference)",
+        pybind11::arg("x"), pybind11::arg("rep"), pybind11::arg("src"), pybind11::arg("into"), pybind11::arg("size"),
+        pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("unmerge_add", &unmerge_add, "ToMe for SD's unmerge: the stream plus its groups' rows (inference)",
+        pybind11::arg("x"), pybind11::arg("y"), pybind11::arg("slot"), pybind11::call_guard<pybind11::gil_scoped_release>());
 }

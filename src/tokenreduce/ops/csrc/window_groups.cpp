@@ -43,6 +43,11 @@ std::vector<at::Tensor> window_groups(const at::Tensor& scores_in, const at::Ten
               "window_groups: src_pos and dst_pos must be S and D int64 tensors");
   TORCH_CHECK(num_dst >= 1 && r >= 0 && r <= num_src && p >= 0 && p + num_src + num_dst == n,
               "window_groups: bad token counts");
+  for (const at::Tensor* positions : {&src_pos, &dst_pos}) {
+    const int64_t* data = positions->data_ptr<int64_t>();
+    for (int64_t i = 0; i < positions->numel(); ++i)
+      TORCH_CHECK(data[i] >= p && data[i] < n, "window_groups: a source or destination position is out of range");
+  }
   const int64_t kept = num_src - r;
   const int64_t first_dst = p + kept;
   const int64_t m_count = first_dst + num_dst;
