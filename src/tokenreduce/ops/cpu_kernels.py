@@ -16,7 +16,8 @@ give the same numbers as the Python path:
 The extension is compiled with :func:`torch.utils.cpp_extension.load` the first time a
 merge runs on the CPU in inference (about 30 s; cached in torch's extensions folder,
 ``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``). It needs a C++ compiler;
-``ninja`` comes with the package. The mode, from ``$TOKENREDUCE_CPU_KERNELS`` or
+``ninja`` comes with the package. On Linux it is built with OpenMP, so each kernel splits a
+batch's images across torch's intra-op threads (:func:`build_options`). The mode, from ``$TOKENREDUCE_CPU_KERNELS`` or
 :func:`set_cpu_kernels`:
 
 * ``"auto"`` (default): build and use the kernel; if the build fails, warn once and use
