@@ -538,6 +538,22 @@ def test_reduced_dinov2_backbone_feature_maps_match_timms_restored_intermediates
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
+def test_tomesd_dinov2_backbone_needs_no_restoration_and_matches_timm():
+    """ToMe for SD keeps the stream's grid: the backbone takes it without restore=, and its feature maps are
+    timm's intermediates of the same reduced model."""
+    timm_model, backbone = _dinov2_backbone_pair()
+    x = _images(3)
+    _apply_both(timm_model, backbone, "tomesd", {"r": 20})
+    with torch.no_grad():
+        maps = backbone(x).feature_maps
+        grids = timm_model.forward_intermediates(x, indices=len(timm_model.blocks), norm=True,
+                                                 intermediates_only=True)
+    assert min(m for _, m in tr.last_forward(backbone).block_tokens) == 65 - 20  # the branches ran merged
+    for got, want in zip(maps, grids, strict=True):
+        assert got.shape == (3, 64, 8, 8)
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
 def test_two_tower_clip_says_to_reduce_its_vision_tower():
 
     model = transformers.CLIPModel(transformers.CLIPConfig(

@@ -217,6 +217,32 @@ def test_forward_intermediates_read_the_full_stream():
     torch.testing.assert_close(maps[1].flatten(2).transpose(1, 2), features[:, 1:])
 
 
+def test_grid_entry_points_need_no_restoration():
+    """The stream keeps every token in its place, so forward_intermediates reads it as it is: the same maps
+    as with restore='frozen', and each one the stream after its block."""
+    model = tiny_vit(depth=4)
+    x = images(3, seed=4)
+    with torch.no_grad():
+        tr.apply(model, "tomesd", r=6, restore="frozen")
+        restored = model.forward_intermediates(x, indices=[0, 2], norm=False)
+        tr.apply(model, "tomesd", r=6)
+        final, maps = model.forward_intermediates(x, indices=[0, 2], norm=False)
+        h = model.norm_pre(model._pos_embed(model.patch_embed(x)))
+        streams = [h := block(h) for block in model.blocks]
+    torch.testing.assert_close(final, restored[0], rtol=0, atol=0)
+    for got, expected, block in zip(maps, restored[1], (0, 2), strict=True):
+        assert got.shape == (3, 32, 4, 4)
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+        torch.testing.assert_close(got.flatten(2).transpose(1, 2), streams[block][:, 1:], rtol=0, atol=0)
+    with torch.no_grad():
+        layers = model.get_intermediate_layers(x, n=2)  # the last two blocks' outputs, patch tokens
+    for layer, block in zip(layers, (2, 3), strict=True):
+        torch.testing.assert_close(layer, streams[block][:, 1:], rtol=0, atol=0)
+    tr.apply(model, "tome", r=2)  # a method that reduces the stream still refuses without restoration
+    with pytest.raises(NotImplementedError, match="restore="):
+        model.forward_intermediates(x, indices=[1])
+
+
 @pytest.mark.parametrize("num_prefix,r", [(1, 0), (1, 30), (0, 48), (2, 17)])
 def test_the_fused_kernel_gives_the_python_maps(num_prefix, r):
     """The C++ index maps equal the PyTorch path's, bit for bit, ties included (repeated tokens)."""

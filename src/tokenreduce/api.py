@@ -103,7 +103,7 @@ def apply(
         unpatch(model)
     adapter = adapter_for(model)
     grid_reason = adapter.grid_reason(model)
-    if grid_reason is not None and restore is None:
+    if grid_reason is not None and restore is None and not cls.keeps_grid:
         raise ValueError(f"{type(model).__name__} can only be reduced with the full token grid restored "
                          f"({grid_reason}): pass restore='frozen' (or 'fusion')")
     info = adapter.model_info(model)

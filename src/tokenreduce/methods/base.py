@@ -84,6 +84,10 @@ class Reducer:
     needs_vary: ClassVar[bool] = False
     """Whether :meth:`needs` depends on the reducer's state (its training flag, its learned values): the
     reduced model then asks for it again at every forward instead of once when the method is applied."""
+    keeps_grid: ClassVar[bool] = False
+    """Whether the stream keeps every patch token in its place (ToMe for SD merges only what the branches
+    see): the model's grid entry points (``forward_intermediates``, feature-map backbones) then read the
+    stream as it is, and need no ``restore=``."""
     rejoins: bool = False
     """Whether the pruned tokens rejoin before the last block (last-layer fusion: Cropr's ``llf``); the
     reduction context then archives pruned tokens and rejoins them (:meth:`TokenState.rejoin`)."""

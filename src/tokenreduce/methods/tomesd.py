@@ -77,6 +77,7 @@ class ToMeSD(Reducer):
     knob = "r"
     paper_patches = None  # its default (half the patches) means the same on any grid
     tasks = ("segmentation",)  # a classifier reads one token: the full grid it keeps is for dense heads
+    keeps_grid = True
 
     def __init__(self, info: ModelInfo, params: ToMeSDParams) -> None:
         super().__init__(info, params)

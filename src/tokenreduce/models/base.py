@@ -568,13 +568,14 @@ def grid_entry_point(name: str, capture: CaptureBlocks | None = None) -> Callabl
     stock method collects is grid-shaped while the stream stays reduced.  Without ``capture`` the stock
     method must delegate to another grid entry point that captures (``get_intermediate_layers`` calls
     ``forward_intermediates``); if it does not, it refuses instead of returning reduced tokens.  Inside
-    :func:`tokenreduce.unreduced` the stock method runs.
+    :func:`tokenreduce.unreduced`, and for a reducer whose stream keeps the grid (``Reducer.keeps_grid``),
+    the stock method runs.
     """
 
     def entry(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
         ctx: ReductionContext = self._tr_ctx
         stock = getattr(self._tr_base, name)
-        if not ctx.enabled:
+        if not ctx.enabled or ctx.restore is None and ctx.reducer.keeps_grid:  # the stream is the grid
             return stock(self, *args, **kwargs)
         if ctx.restore is None:
             raise NotImplementedError(
