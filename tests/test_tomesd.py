@@ -264,6 +264,33 @@ def test_the_fused_kernel_gives_the_python_maps(num_prefix, r):
         assert torch.equal(getattr(fused, name), getattr(python, name)), name
 
 
+@pytest.mark.parametrize("nan_at", [None, "source", "destination"])
+def test_the_fused_kernel_gives_the_python_maps_with_many_windows(nan_at):
+    """A 14×14 grid has 49 windows: the kernel's vectorised arg-max over 16 lanes runs (rows of 32 or more
+    scores), with equal best scores, and falls back to the sequential scan where a NaN is present; the maps
+    equal the PyTorch path's."""
+    generator = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 1 + 196, 8, generator=generator)
+    x[0, 1 + 3] = x[0, 1 + 0]  # a source equal to the first window's destination ...
+    x[0, 1 + 2 * 14 + 2] = x[0, 1 + 0]  # ... and a later destination equal to both: the first maximum wins
+    if nan_at == "source":
+        x[1, 1 + 1, 0] = float("nan")
+    elif nan_at == "destination":
+        x[1, 1 + 2 * 14 + 4, 0] = float("nan")  # a NaN in every source's row of scores
+    outputs = {}
+    for mode in ("on", "off"):
+        tr.set_cpu_kernels(mode)
+        try:
+            with torch.inference_mode():
+                outputs[mode] = window_groups(x, 90, 1, (14, 14), 2)
+        finally:
+            tr.set_cpu_kernels("auto")
+    fused, python = outputs["on"], outputs["off"]
+    for name in ("slot", "rep", "src", "into", "size"):
+        assert torch.equal(getattr(fused, name), getattr(python, name)), name
+    assert python.slot[0, 1 + 3] == python.slot[0, 1 + 0]  # merged into the first of the equal destinations
+
+
 @pytest.mark.parametrize("num_prefix,r,batch", [(1, 0, 2), (1, 30, 1), (0, 48, 3), (2, 17, 4)])
 def test_the_fused_merge_and_unmerge_give_the_python_numbers(num_prefix, r, batch, monkeypatch):
     """The C++ group means and the stream-plus-group-rows equal the PyTorch path's bit for bit (sums in
