@@ -10,6 +10,7 @@ few processes to see how much the level moves between them.
     python benchmarks/ltmp_reference_speed.py --target 0.6
     python benchmarks/ltmp_reference_speed.py --profile 3     # then where each model's time goes, op by op
     python benchmarks/ltmp_reference_speed.py --exact         # also LTMP with the exact received attention
+    python benchmarks/ltmp_reference_speed.py --lengths       # each block's live counts and padded length
 
 ``--first-run N`` first runs N test images through LTMP, as ``evaluate`` scores the test set before it
 times a row, and prints LTMP's forward before and after that pass (glibc's heap fragments under LTMP's
@@ -21,6 +22,10 @@ explicit softmax (no fused kernel and bound, ``tokenreduce.ops.received``), as b
 ``--profile N`` times N more forwards of each model under ``torch.profiler`` and prints the
 milliseconds per forward of the ops that take the most time in either model, side by side: the
 matrix products against the attention and the bookkeeping around them.
+
+``--lengths`` prints, per block, the live tokens of the batch's images (mean, quartiles, longest) and the
+padded length the block's attention runs at (the longest image's count after the previous block, rounded
+up to a multiple of 16): where the padding, not the live count, sets the attention's work.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ from torch.profiler import ProfilerActivity, profile
 import tokenreduce as tr
 import tokenreduce.ops.attention as attention_ops
 from tokenreduce.eval.throughput import paired_speedup
-from tokenreduce.methods.ltmp import LTMP
+from tokenreduce.methods.ltmp import LTMP, padded_length
 from tokenreduce.models.reference import load_reference_model, load_reference_testset, preprocess
 
 
@@ -85,6 +90,21 @@ def exact_attention(model: torch.nn.Module) -> Callable[[torch.Tensor], object]:
     return forward
 
 
+def print_lengths(model: torch.nn.Module, x: torch.Tensor) -> None:
+    """Per block of one forward of ``x``: the live tokens entering its attention (mean, quartiles, longest
+    image) and the padded length the batch runs at there."""
+    model(x)
+    batch, tokens = x.shape[0], tr.last_forward(model).num_tokens_in
+    print("block  live tokens: mean   min    q1   med    q3   max  padded length")
+    padded = tokens
+    for block, (entering, leaving) in enumerate(tr.last_forward(model).block_tokens):
+        counts = torch.as_tensor(entering, dtype=torch.float32).expand(batch)
+        q = torch.quantile(counts, torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0])).tolist()
+        print(f"{block:5d}  {counts.mean():17.1f}" + "".join(f"{v:6.0f}" for v in q) + f"  {padded:13d}")
+        longest = int(torch.as_tensor(leaving).max())
+        padded = padded_length(longest, tokens, batch)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", type=float, default=0.75, help="the shipped reducer's training target")
@@ -97,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="also time LTMP with the exact received attention (explicit softmax) in the same rounds")
     parser.add_argument("--first-run", type=int, default=0, metavar="N",
                         help="first run N test images through LTMP and print its forward before and after")
+    parser.add_argument("--lengths", action="store_true",
+                        help="print each block's live token counts and the padded length its attention runs at")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -115,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         for model in models.values():  # warm-up
             model(x)
         print(f"GMACs ratio {tr.stats(reduced).gmacs / tr.stats(reduced).gmacs_unreduced:.2f}")
+        if args.lengths:
+            print_lengths(reduced, x)
         if args.first_run:
             before = statistics.median(timed(reduced, x)[0] for _ in range(7))
             for start in range(0, args.first_run, args.batch_size):
