@@ -145,15 +145,15 @@ def _build() -> ModuleType:
     except ImportError:
         pass
     try:
+        name, cflags, ldflags = build_options(openmp=True)
         try:
-            return _load(cpp_extension, *build_options(openmp=True))
+            return _load(cpp_extension, name, cflags, ldflags)
         except Exception as error:  # no OpenMP for this compiler: the same kernels, on one thread
-            name, cflags, ldflags = build_options(openmp=False)
-            if "-fopenmp" not in build_options(openmp=True)[1]:
+            if "-fopenmp" not in cflags:
                 raise
             logger.warning("tokenreduce: building the CPU kernels with OpenMP failed (%s); building them for one "
                            "thread", error)
-            return _load(cpp_extension, name, cflags, ldflags)
+            return _load(cpp_extension, *build_options(openmp=False))
     finally:
         os.environ["PATH"] = path
 
