@@ -9,7 +9,7 @@ over the unreduced model × GMACs ratio).
 
     python benchmarks/cpu_kernel.py                          # batch 1 and 32, ~10 minutes on 2 cores
     python benchmarks/cpu_kernel.py --batch-sizes 1 --repeats 101 --methods tome
-    python benchmarks/cpu_kernel.py --op-only                # the merge step alone, in a tight loop
+    python benchmarks/cpu_kernel.py --op-only                # the merge steps alone (ToMe, ToMe for SD), tight loop
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import tokenreduce as tr
 from tokenreduce.eval.throughput import interleaved_seconds, wall_clock
 from tokenreduce.ops import cpu_kernels
 from tokenreduce.ops.merge import bipartite_merge
+from tokenreduce.ops.unmerge import window_groups
 from tokenreduce.state import TokenState
 
 KERNEL_METHODS = ("tome", "ppt", "bat", "tps", "dtps")
@@ -69,6 +70,19 @@ def time_merge_step(batch_size: int, num_tokens: int, r: int, repeats: int) -> d
     return median_seconds([(mode, lambda: bipartite_merge(state, keys, r), mode) for mode in ("on", "off")], repeats)
 
 
+def time_group_rows(batch_size: int, r: int, repeats: int) -> dict[str, float]:
+    """Median seconds of ToMe for SD's merge into group means and its unmerge into the stream (DeiT-S: 197
+    tokens, C = 384, a 14×14 grid, stride 2), kernel on and off; the groups are found once, outside the loop."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch_size, 197, 384, generator=g)
+    with torch.inference_mode():
+        groups = window_groups(x, r, 1, (14, 14), 2)
+    y = torch.randn(batch_size, groups.num_merged, 384, generator=g)
+    runs = [(f"{name} {mode}", call, mode) for mode in ("on", "off")
+            for name, call in (("merge", lambda: groups.merge(x)), ("unmerge", lambda: groups.unmerge_add(x, y)))]
+    return median_seconds(runs, repeats)
+
+
 def op_only(threads: int) -> None:
     print(f"# one merge step (C = 384, keys 64-d, sizes carried), fp32, cpu, {threads} threads, tight loop")
     print(f"{'bs':>3} {'tokens':>6} {'r':>3} {'kernel':>9} {'torch ops':>9} {'kernel gain':>11}")
@@ -76,6 +90,14 @@ def op_only(threads: int) -> None:
         t = time_merge_step(batch_size, num_tokens, r, 301 if batch_size == 1 else 61)
         print(f"{batch_size:>3} {num_tokens:>6} {r:>3} {t['on'] * 1e6:>7.0f}µs {t['off'] * 1e6:>7.0f}µs "
               f"{t['off'] / t['on']:>10.2f}x")
+    print(f"\n# ToMe for SD's merge into group means and unmerge into the stream (197 tokens, C = 384), fp32, cpu, "
+          f"{threads} threads, tight loop")
+    print(f"{'bs':>3} {'r':>3} {'step':>8} {'kernel':>9} {'torch ops':>9} {'kernel gain':>11}")
+    for batch_size, r in ((1, 92), (32, 92)):
+        t = time_group_rows(batch_size, r, 301 if batch_size == 1 else 61)
+        for step in ("merge", "unmerge"):
+            on, off = t[f"{step} on"], t[f"{step} off"]
+            print(f"{batch_size:>3} {r:>3} {step:>8} {on * 1e6:>7.0f}µs {off * 1e6:>7.0f}µs {off / on:>10.2f}x")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 32])
     parser.add_argument("--repeats", type=int, default=None, help="default: 51 at batch 1, 7 above")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--op-only", action="store_true", help="time the merge step alone for a few shapes")
+    parser.add_argument("--op-only", action="store_true", help="time the merge steps alone for a few shapes")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
