@@ -37,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-b", "--canvases-per-batch", type=positive_int, default=32)
     p.add_argument("--init", default="classifier",
                    help="'classifier' (the bundled reference classifier), 'none', or a segmenter safetensors file")
+    p.add_argument("--decoder", choices=("bilinear", "subpixel"),
+                   help="per-patch logits upsampled bilinearly (Segmenter; the default), or each patch's own pixels; "
+                   "with --cropr: switch the weights' decoder (a bilinear head starts a subpixel one)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=positive_int, default=2)
     p.add_argument("--stop-at-step", type=positive_int, help="end early with a checkpoint (resumable)")
@@ -52,14 +55,15 @@ def main(argv: list[str] | None = None) -> int:
         summary = train_cropr_segmenter(
             args.cropr, args.data_dir, args.out, budget=args.budget, epochs=args.epochs, lr=args.lr,
             canvases_per_batch=args.canvases_per_batch, curriculum=args.curriculum, seed=args.seed,
-            reducer_init=args.cropr_init,
+            reducer_init=args.cropr_init, decoder=args.decoder,
             threads=args.threads, stop_at_step=args.stop_at_step, resume=args.resume, command=command_line(),
         )
         print(json.dumps({k: summary[k] for k in ("complete", "params", "eval") if k in summary}, indent=2))
         return 0
     info = train_reference_segmenter(
         args.data_dir, args.out, epochs=args.epochs, canvases_per_batch=args.canvases_per_batch, lr=args.lr,
-        seed=args.seed, init=None if args.init == "none" else args.init, threads=args.threads,
+        seed=args.seed, init=None if args.init == "none" else args.init, decoder=args.decoder or "bilinear",
+        threads=args.threads,
         stop_at_step=args.stop_at_step, resume=args.resume, compile=not args.no_compile, command=command_line(),
     )
     print(json.dumps({k: info[k] for k in ("complete", "eval") if k in info}, indent=2))

@@ -174,9 +174,16 @@ def test_kernel_is_used_only_where_it_gives_the_python_result(fused, monkeypatch
     bipartite_merge(TokenState(x, mask=torch.ones(1, 9, 1)), metric, 2)
     assert len(calls) == 1
 
+    with monkeypatch.context() as exporting:
+        exporting.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
+        bipartite_merge(TokenState(x), metric, 2)  # an ONNX export must record the general ops
+        assert len(calls) == 1 and not cpu_kernels.kernel_eligible(x, None)
+    bipartite_merge(TokenState(x), metric, 2)
+    assert len(calls) == 2
+
     cpu_kernels.set_cpu_kernels("off")
     bipartite_merge(TokenState(x), metric, 2)
-    assert len(calls) == 1
+    assert len(calls) == 2
 
 
 def test_failed_build_falls_back_with_one_warning_in_auto_and_raises_when_on(kernel_state, monkeypatch):

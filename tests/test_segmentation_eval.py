@@ -240,3 +240,59 @@ def test_ppt_calibration_keeps_the_restore_mode():
     tr.calibrate(model.backbone, "ppt", x)
     assert tr.reducer(model.backbone).restore == "frozen"
     assert model(x).shape == (4, CLASSES, SIDE, SIDE)
+
+
+def test_subpixel_decoder_puts_each_patch_logit_on_its_own_pixel():
+    """Hand-worked layout: head output channel ``class·P·P + row·P + column`` of the token of patch (i, j) lands on
+    pixel (i·P + row, j·P + column) of that class's map."""
+    model = LinearSegmenter(small_segmenter().backbone, CLASSES, decoder="subpixel").eval()
+    grid, pixels = SIDE // PATCH, PATCH * PATCH
+    assert model.head.out_features == CLASSES * pixels
+    dim = model.head.in_features
+    tokens = torch.zeros(2, grid * grid, dim)
+    tokens[:, :, 0] = torch.arange(grid * grid).float()  # feature 0 holds the token's index in the grid
+    tokens[1] *= 2  # second image: twice the index
+    model.patch_tokens = lambda images: tokens[: images.shape[0]]
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.weight[:, 0] = 1000.0
+        model.head.bias.copy_(torch.arange(CLASSES * pixels).float())
+        out = model(torch.zeros(2, 1, SIDE, SIDE))
+    assert out.shape == (2, CLASSES, SIDE, SIDE)
+    for b, k, y, x in ((0, 0, 0, 0), (0, 3, 5, 6), (1, 4, 31, 31), (1, 2, 9, 20), (0, 1, 30, 1)):
+        i, r, j, c = y // PATCH, y % PATCH, x // PATCH, x % PATCH
+        expected = 1000.0 * (b + 1) * (i * grid + j) + k * pixels + r * PATCH + c
+        assert out[b, k, y, x].item() == expected
+
+
+def test_a_bilinear_head_starts_a_subpixel_decoder_as_nearest_upsampling(tmp_path):
+    import torch.nn.functional as F
+    from safetensors.torch import save_file
+
+    from tokenreduce.dense.segmenter import load_segmenter_weights
+
+    bilinear = small_segmenter(seed=1)
+    path = tmp_path / "seg.safetensors"
+    save_file({k: v.contiguous() for k, v in bilinear.state_dict().items()}, str(path))
+    subpixel = LinearSegmenter(small_segmenter(seed=2).backbone, CLASSES, decoder="subpixel").eval()
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        load_segmenter_weights(subpixel, path)  # a head of another shape is refused unless converted
+    load_segmenter_weights(subpixel, path, convert_decoder=True)
+    x = torch.randn(2, 1, SIDE, SIDE)
+    with torch.no_grad():
+        expected = F.interpolate(bilinear.patch_logits(x), scale_factor=PATCH, mode="nearest")
+        torch.testing.assert_close(subpixel(x), expected, rtol=0, atol=1e-5)
+
+
+def test_segmenter_refuses_an_unknown_decoder():
+    with pytest.raises(ValueError, match="decoder"):
+        LinearSegmenter(small_segmenter().backbone, CLASSES, decoder="bicubic")
+
+
+def test_subpixel_decoder_with_restore_at_zero_reduction_equals_unreduced():
+    model = LinearSegmenter(small_segmenter().backbone, CLASSES, decoder="subpixel").eval()
+    x = torch.randn(2, 1, SIDE, SIDE)
+    with torch.no_grad():
+        stock = model(x)
+        tr.apply(model.backbone, "tome", r=0, restore="frozen")
+        torch.testing.assert_close(model(x), stock, rtol=0, atol=1e-5)

@@ -36,6 +36,15 @@ def test_reference_then_cropr_segmenter_training_write_what_evaluation_loads(sma
     scored = segmentation.evaluate_segmenter(load_reference_segmenter(weights), canvas, target)
     assert scored["miou"] == pytest.approx(info["eval"]["miou"], abs=1e-6)  # the exported weights are the scored ones
 
+    # a subpixel decoder continues from the bilinear segmenter; its JSON tells the loader which decoder it has
+    sub = segmentation.train_reference_segmenter(str(data), str(data / "sub"), init=str(weights),
+                                                 decoder="subpixel", **common)
+    assert sub["complete"] and sub["decoder"] == "subpixel"
+    loaded = load_reference_segmenter(data / "sub" / segmentation.WEIGHTS_FILE)
+    assert loaded.decoder == "subpixel" and loaded.head.out_features == 11 * 16
+    scored = segmentation.evaluate_segmenter(loaded, canvas, target)
+    assert scored["miou"] == pytest.approx(sub["eval"]["miou"], abs=1e-6)
+
     summary = segmentation.train_cropr_segmenter(str(weights), str(data), str(data / "cropr"), **common)
     assert summary["complete"] and summary["steps"] == 4
     assert summary["params"]["aux"] == "segmentation" and summary["params"]["num_queries"] == 196

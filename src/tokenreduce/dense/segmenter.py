@@ -1,9 +1,16 @@
 """Segmenter with a linear decoder (Strudel et al., ICCV 2021), on any backbone tokenreduce supports.
 
-The backbone's final tokens (after its final norm) go through one ``Linear(D → classes)`` per patch
-token; the B×classes×GH×GW logits are upsampled bilinearly to the image size.  Token reduction is
-applied to the backbone (``tr.apply(segmenter.backbone, method, restore="frozen")``): restoration
-gives the decoder the full patch grid back.
+The backbone's final tokens (after its final norm) go through one linear layer per patch token.  Two
+decoders:
+
+- ``"bilinear"`` (Segmenter's linear head): ``Linear(D → classes)``, the B×classes×GH×GW logits
+  upsampled bilinearly to the image size;
+- ``"subpixel"``: ``Linear(D → classes·P·P)``, each patch token predicting the logits of its own P×P
+  pixels (rearranged with ``pixel_shuffle``).  Still one linear map per patch, with no mixing between
+  patches, but the decoder can draw boundaries inside a patch.
+
+Token reduction is applied to the backbone (``tr.apply(segmenter.backbone, method, restore="frozen")``):
+restoration gives the decoder the full patch grid back.
 
 The bundled reference segmenter is a 12-block timm ``VisionTransformer`` (width 64, 4 heads, 4×4
 patches, one input channel) on 56×56 Fashion-MNIST mosaics (:mod:`tokenreduce.dense.mosaic`):
@@ -29,6 +36,7 @@ SEGMENTER_CONFIG: dict[str, Any] = {**REFERENCE_CONFIG, "img_size": CANVAS, "num
 
 WEIGHTS_FILE = "segmenter_vit.safetensors"
 INFO_FILE = "segmenter_vit.json"
+DECODERS = ("bilinear", "subpixel")
 
 
 class LinearSegmenter(nn.Module):
@@ -38,49 +46,70 @@ class LinearSegmenter(nn.Module):
         backbone: a model of a supported family (timm ``VisionTransformer``, ``Eva``, ...) whose
             ``forward_features`` returns B×N×C tokens, prefix tokens first.
         num_classes: classes of the segmentation (background included).
+        decoder: ``"bilinear"`` (per-patch logits upsampled bilinearly, Segmenter's linear head) or
+            ``"subpixel"`` (each patch's linear map gives the logits of its P×P pixels; square patches only).
+
+    Raises:
+        ValueError: an unknown decoder, or ``"subpixel"`` with non-square patches.
     """
 
-    def __init__(self, backbone: nn.Module, num_classes: int) -> None:
+    def __init__(self, backbone: nn.Module, num_classes: int, decoder: str = "bilinear") -> None:
         super().__init__()
+        if decoder not in DECODERS:
+            raise ValueError(f"decoder must be one of {DECODERS}, not {decoder!r}")
         self.backbone = backbone
         adapter = adapter_for(backbone)
         self.num_prefix = adapter.model_info(backbone).num_prefix
         self.patch_size = adapter.patch_size(backbone)
+        if decoder == "subpixel" and self.patch_size[0] != self.patch_size[1]:
+            raise ValueError(f"the subpixel decoder needs square patches, not {self.patch_size}")
         self.num_classes = num_classes
-        self.head = nn.Linear(adapter.model_info(backbone).dim, num_classes)
+        self.decoder = decoder
+        outputs = num_classes * (self.patch_size[0] * self.patch_size[1] if decoder == "subpixel" else 1)
+        self.head = nn.Linear(adapter.model_info(backbone).dim, outputs)
 
-    def patch_logits(self, images: Tensor) -> Tensor:
-        """B×C×H×W images → B×classes×GH×GW logits on the patch grid.
+    def patch_tokens(self, images: Tensor) -> Tensor:
+        """B×C×H×W images → the backbone's B×(GH·GW)×D patch tokens, in grid order.
 
         Raises:
             RuntimeError: the backbone returns fewer tokens than the patch grid has (a reduced backbone
                 applied without ``restore=``).
         """
-        b, _, h, w = images.shape
-        gh, gw = h // self.patch_size[0], w // self.patch_size[1]
-        tokens = self.backbone.forward_features(images)
-        patches = tokens[:, self.num_prefix :]
+        gh, gw = images.shape[-2] // self.patch_size[0], images.shape[-1] // self.patch_size[1]
+        patches = self.backbone.forward_features(images)[:, self.num_prefix :]
         if patches.shape[1] != gh * gw:
             raise RuntimeError(
                 f"the backbone returned {patches.shape[1]} patch tokens for a {gh}×{gw} grid: a reduced backbone "
                 "must restore the full grid for dense prediction (tokenreduce.apply(..., restore='frozen'))"
             )
-        return self.head(patches).transpose(1, 2).reshape(b, self.num_classes, gh, gw)
+        return patches
+
+    def patch_logits(self, images: Tensor) -> Tensor:
+        """B×C×H×W images → the decoder's logits on the patch grid: B×classes×GH×GW (``"bilinear"``) or
+        B×classes·P·P×GH×GW (``"subpixel"``, channel ``class·P·P + row·P + column``)."""
+        b = images.shape[0]
+        gh, gw = images.shape[-2] // self.patch_size[0], images.shape[-1] // self.patch_size[1]
+        return self.head(self.patch_tokens(images)).transpose(1, 2).reshape(b, self.head.out_features, gh, gw)
 
     def forward(self, images: Tensor) -> Tensor:
-        """B×C×H×W images → B×classes×H×W logits (bilinear upsampling of the patch logits)."""
+        """B×C×H×W images → B×classes×H×W logits."""
         logits = self.patch_logits(images)
+        if self.decoder == "subpixel":
+            logits = F.pixel_shuffle(logits, self.patch_size[0])
+            if logits.shape[-2:] == images.shape[-2:]:
+                return logits
         return F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
 
 
-def build_reference_segmenter(config: dict[str, Any] | None = None) -> LinearSegmenter:
-    """The reference segmenter's architecture with freshly initialised weights."""
+def build_reference_segmenter(config: dict[str, Any] | None = None, decoder: str = "bilinear") -> LinearSegmenter:
+    """The reference segmenter's architecture with freshly initialised weights (``config`` overrides
+    :data:`SEGMENTER_CONFIG`)."""
     from ..models.reference import MEAN, STD
 
     backbone = VisionTransformer(**{**SEGMENTER_CONFIG, **(config or {})})
     backbone.pretrained_cfg = {"input_size": (1, CANVAS, CANVAS), "mean": (MEAN,), "std": (STD,), "crop_pct": 1.0,
                                "interpolation": "bilinear", "num_classes": 0}
-    return LinearSegmenter(backbone, NUM_CLASSES)
+    return LinearSegmenter(backbone, NUM_CLASSES, decoder=decoder)
 
 
 def init_from_classifier(segmenter: LinearSegmenter, classifier: VisionTransformer) -> None:
@@ -114,14 +143,24 @@ def load_reference_segmenter(path: str | Path | None = None) -> LinearSegmenter:
     if not path.is_file():
         raise FileNotFoundError(f"segmenter checkpoint {path} not found (is the package installed with its data?)")
     info_path = path.with_name(INFO_FILE)
-    config = json.loads(info_path.read_text()).get("config") if info_path.is_file() else None
-    model = build_reference_segmenter(config)
+    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    model = build_reference_segmenter(info.get("config"), decoder=info.get("decoder", "bilinear"))
     load_segmenter_weights(model, path)
     return model.eval()
 
 
-def load_segmenter_weights(model: nn.Module, path: str | Path) -> None:
-    """Load a segmenter's safetensors weights (stored in bf16 or fp32) into ``model`` as fp32."""
+def load_segmenter_weights(model: LinearSegmenter, path: str | Path, convert_decoder: bool = False) -> None:
+    """Load a segmenter's safetensors weights (stored in bf16 or fp32) into ``model`` as fp32.
+
+    With ``convert_decoder``, a bilinear decoder's head loads into a subpixel ``model`` as its
+    nearest-neighbour equivalent (every pixel of a patch gets the patch's logits): a starting point for
+    training a subpixel decoder from a bilinear segmenter.
+    """
     from safetensors.torch import load_file
 
-    model.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()})
+    state = {k: v.float() for k, v in load_file(str(path)).items()}
+    pixels = model.head.out_features // model.num_classes
+    if convert_decoder and pixels > 1 and state["head.weight"].shape[0] == model.num_classes:
+        state["head.weight"] = state["head.weight"].repeat_interleave(pixels, dim=0)
+        state["head.bias"] = state["head.bias"].repeat_interleave(pixels, dim=0)
+    model.load_state_dict(state)

@@ -48,6 +48,8 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
+from .modes import tracing
+
 __all__ = ["cpu_kernels_mode", "load_cpu_kernels", "set_cpu_kernels", "fused_bipartite_merge", "fused_ltmp_merge_prune",
            "fused_squeeze", "fused_window_groups", "fused_group_mean", "fused_unmerge_add"]
 
@@ -227,8 +229,9 @@ def _announce_first_build(cpp_extension: ModuleType, name: str) -> None:
 
 
 def kernel_eligible(x: Tensor, size: Tensor | None) -> bool:
-    """Whether the fused kernel may replace the Python path for hidden states ``x`` (B×N×C)."""
-    if torch.compiler.is_compiling() or torch.jit.is_scripting() or torch.jit.is_tracing():
+    """Whether the fused kernel may replace the Python path for hidden states ``x`` (B×N×C): never while a
+    graph is captured (``torch.compile``, TorchScript, ONNX export), which must hold its general form."""
+    if tracing() or torch.jit.is_scripting():
         return False
     if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 3:
         return False

@@ -57,7 +57,7 @@ class TokenGroups:
 
     def merge(self, x: Tensor) -> Tensor:
         """B×N×C stream → B×M×C: the mean of each group (every stream token has size 1)."""
-        fused = None if tracing() else fused_group_mean(x, self.rep, self.src, self.into, self.size)
+        fused = fused_group_mean(x, self.rep, self.src, self.into, self.size)
         if fused is not None:
             return fused
         merged = batched_gather(x, self.rep)
@@ -73,7 +73,7 @@ class TokenGroups:
 
     def unmerge_add(self, x: Tensor, y: Tensor) -> Tensor:
         """``x + unmerge(y)``: the B×N×C stream plus every token's group row of the B×M×C ``y`` (a new tensor)."""
-        fused = None if tracing() else fused_unmerge_add(x, y, self.slot)
+        fused = fused_unmerge_add(x, y, self.slot)
         return fused if fused is not None else x + self.unmerge(y)
 
 
@@ -169,7 +169,7 @@ def window_groups(metric: Tensor, r: int, num_prefix: int, grid: tuple[int, int]
         # a source's best destination needs only the destinations normalised; dividing its best product
         # by its own norm then gives the cosine that ranks the sources
         scores, norms = sources @ unit_rows(dests).mT, sources.norm(dim=-1)  # B×S×D, B×S
-        fused = None if tracing() else fused_window_groups(scores, norms, layout.src_pos, layout.dst_pos, r, p, n)
+        fused = fused_window_groups(scores, norms, layout.src_pos, layout.dst_pos, r, p, n)
         if fused is not None:  # the same maps in one call (CPU inference)
             slot, rep, merged_pos, into, size = fused
             return TokenGroups(slot=slot, rep=rep, src=merged_pos, into=into, size=size)

@@ -145,6 +145,7 @@ def train_reference_segmenter(
     warmup_epochs: float = 0.5,
     seed: int = 0,
     init: str | None = "classifier",
+    decoder: str = "bilinear",
     eval_canvases: int = 500,
     compile: bool = True,
     amp: bool = False,
@@ -157,19 +158,20 @@ def train_reference_segmenter(
     """Train the reference segmenter and export it to ``out_dir`` (weights + JSON).  Returns the JSON.
 
     ``init``: ``"classifier"`` starts the backbone from the bundled reference classifier, ``None`` from
-    random weights, anything else is a segmenter checkpoint (safetensors) to continue from.  An epoch is
+    random weights, anything else is a segmenter checkpoint (safetensors) to continue from; a bilinear
+    segmenter's head starts a ``decoder="subpixel"`` one as its nearest-neighbour equivalent.  An epoch is
     one pass over the 60k training items (15k canvases).  After every epoch the first ``eval_canvases``
     canvases of the evaluation set are scored; the export is scored on all of them.
     """
     run = _MosaicRun.prepare(data_dir, canvases_per_batch, eval_canvases, seed, threads)
-    model = build_reference_segmenter()
+    model = build_reference_segmenter(decoder=decoder)
     if init == "classifier":
         init_from_classifier(model, load_reference_model())
     elif init is not None:
-        load_segmenter_weights(model, init)
+        load_segmenter_weights(model, init, convert_decoder=True)
     config = run.config(out_dir, epochs=epochs, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
                         seed=seed, resume=resume, stop_at_step=stop_at_step, compile=compile, amp=amp,
-                        progress=progress, extra={"task": "segmentation", "init": init})
+                        progress=progress, extra={"task": "segmentation", "init": init, "decoder": decoder})
     with unfused_attention(model):
         result = train(model, SegmentationTask(), run.train_set, config,
                        evaluate=lambda m: evaluate_segmenter(m, *run.eval_subset))
@@ -177,6 +179,7 @@ def train_reference_segmenter(
     info = {
         "model": "tokenreduce.dense.segmenter.LinearSegmenter(timm VisionTransformer)",
         "config": SEGMENTER_CONFIG,
+        "decoder": decoder,
         "num_classes": NUM_CLASSES,
         "complete": result.complete,
         "training": {
@@ -289,6 +292,7 @@ def train_cropr_segmenter(
     warmup_epochs: float = 0.25,
     curriculum: float = 0.5,
     reducer_init: str | Path | None = None,
+    decoder: str | None = None,
     seed: int = 0,
     eval_canvases: int = 500,
     compile: bool = False,
@@ -304,7 +308,9 @@ def train_cropr_segmenter(
 
     ``reducer_init`` continues from a trained Cropr segmentation reducer (its queries, scorers and
     auxiliary heads; pass the segmenter weights it was trained with as ``segmenter_weights``), with
-    ``curriculum=0`` usually; without it the Cropr modules start from scratch.
+    ``curriculum=0`` usually; without it the Cropr modules start from scratch.  ``decoder`` switches the
+    segmenter's decoder (a bilinear head starts a ``"subpixel"`` one as its nearest-neighbour equivalent);
+    ``None`` keeps the one the weights' JSON names.
     """
     from ..api import apply, remove
     from ..api import reducer as applied
@@ -312,7 +318,12 @@ def train_cropr_segmenter(
     from ..dense.segmenter import load_reference_segmenter
 
     run = _MosaicRun.prepare(data_dir, canvases_per_batch, eval_canvases, seed, threads)
-    model = load_reference_segmenter(segmenter_weights).train()
+    if decoder is None:
+        model = load_reference_segmenter(segmenter_weights).train()
+    else:
+        model = build_reference_segmenter(decoder=decoder)
+        load_segmenter_weights(model, segmenter_weights, convert_decoder=True)
+        model.train()
     num_patches = model.backbone.patch_embed.num_patches
     if reducer_init is not None:
         apply(model.backbone, "cropr", checkpoint=reducer_init, budget=budget, restore="frozen")
@@ -335,6 +346,7 @@ def train_cropr_segmenter(
         result = train(model, task, run.train_set, config, evaluate=evaluate)
     cropr.p_override = None
     summary: dict[str, Any] = {"complete": result.complete, "steps": result.step, "params": cropr.config(),
+                               "decoder": model.decoder,
                                "per_epoch_eval": result.evals, "wall_time_s": round(result.wall_time_s, 1),
                                "command": command or "scripts/train_segmenter.py --cropr"}
     if reducer_init is not None:  # keep the record of the run this one continues
