@@ -40,6 +40,8 @@ def test_reference_then_cropr_segmenter_training_write_what_evaluation_loads(sma
     sub = segmentation.train_reference_segmenter(str(data), str(data / "sub"), init=str(weights),
                                                  decoder="subpixel", **common)
     assert sub["complete"] and sub["decoder"] == "subpixel"
+    previous = sub["training"]["previous_phase"]  # the run it continued, as that run's JSON recorded it
+    assert previous["decoder"] == "bilinear" and previous["steps"] == 4 and previous["eval"] == info["eval"]
     loaded = load_reference_segmenter(data / "sub" / segmentation.WEIGHTS_FILE)
     assert loaded.decoder == "subpixel" and loaded.head.out_features == 11 * 16
     scored = segmentation.evaluate_segmenter(loaded, canvas, target)

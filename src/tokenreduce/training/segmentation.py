@@ -134,6 +134,18 @@ def _save_weights(model: nn.Module, path: Path) -> None:
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
 
 
+def _previous_training(init: str | None) -> dict[str, Any] | None:
+    """The training record in the JSON beside a segmenter checkpoint ``init`` (``None`` for the classifier or
+    random starts, or a checkpoint without one), with the eval it ended at."""
+    if init is None or init == "classifier":
+        return None
+    info_path = Path(init).with_name(INFO_FILE)
+    if not info_path.is_file():
+        return None
+    info = json.loads(info_path.read_text())
+    return {**info.get("training", {}), "decoder": info.get("decoder", "bilinear"), "eval": info.get("eval")}
+
+
 def train_reference_segmenter(
     data_dir: str = DEFAULT_DATA,
     out_dir: str = "runs/segmenter",
@@ -201,6 +213,9 @@ def train_reference_segmenter(
         },
         **PROVENANCE,
     }
+    previous = _previous_training(init)
+    if previous is not None:  # keep the record of the run this one continues
+        info["training"]["previous_phase"] = previous
     if result.complete:
         info["eval"] = run.score_all(model)
         _save_weights(model, out / WEIGHTS_FILE)
