@@ -54,6 +54,7 @@ def ship_segmenter(folder: Path, data: Path) -> dict:
     if not info.get("complete") or "eval" not in info:
         raise SystemExit(f"{folder} holds no complete segmenter run (its {INFO_FILE} has no final eval)")
     to_bf16(folder / WEIGHTS_FILE, data / WEIGHTS_FILE)
+    (data / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")  # the loader reads the architecture from it
     model = load_reference_segmenter(data / WEIGHTS_FILE)
     canvas, target = mosaic_testset()
     info["eval_fp32_weights"] = info["eval"]

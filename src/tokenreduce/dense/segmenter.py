@@ -13,8 +13,8 @@ Token reduction is applied to the backbone (``tr.apply(segmenter.backbone, metho
 restoration gives the decoder the full patch grid back.
 
 The bundled reference segmenter is a 12-block timm ``VisionTransformer`` (width 64, 4 heads, 4×4
-patches, one input channel) on 56×56 Fashion-MNIST mosaics (:mod:`tokenreduce.dense.mosaic`):
-14×14 = 196 patch tokens plus a class token.
+patches, one input channel) with the subpixel decoder, on 56×56 Fashion-MNIST mosaics
+(:mod:`tokenreduce.dense.mosaic`): 14×14 = 196 patch tokens plus a class token.
 """
 
 from __future__ import annotations
