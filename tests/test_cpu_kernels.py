@@ -281,3 +281,31 @@ def test_torch_export_sees_the_python_path(fused, strict):
     exported = torch.export.export(model, (first,), strict=strict)
     with torch.no_grad():
         torch.testing.assert_close(exported.module()(second), model(second), atol=1e-5, rtol=1e-5)
+
+
+def test_a_stale_build_lock_of_an_older_torch_is_removed_and_a_fresh_one_kept(tmp_path, caplog):
+    """torch's FileBaton waits while its lock file exists: one left by a killed build would hang every later
+    process. The loader removes such a lock once it is older than any build; a newer torch's FileLock file
+    (an advisory lock that dies with its holder) is never touched."""
+    import os
+    import time
+    import types
+
+    def fake(kind: str) -> types.ModuleType:
+        module = types.ModuleType(f"fake_cpp_extension_{kind}")
+        setattr(module, kind, object)
+        module._get_build_directory = lambda name, verbose=False: str(tmp_path / name)
+        return module
+
+    lock = tmp_path / "ext" / "lock"
+    lock.parent.mkdir()
+    lock.touch()
+    assert not cpu_kernels.clear_stale_build_lock(fake("FileBaton"), "ext")  # fresh: maybe a build in progress
+    assert lock.exists()
+    old = time.time() - cpu_kernels.STALE_LOCK_SECONDS - 5
+    os.utime(lock, (old, old))
+    assert not cpu_kernels.clear_stale_build_lock(fake("FileLock"), "ext") and lock.exists()
+    with caplog.at_level("WARNING", logger=cpu_kernels.logger.name):
+        assert cpu_kernels.clear_stale_build_lock(fake("FileBaton"), "ext")
+    assert not lock.exists() and "interrupted build" in caplog.text
+    assert not cpu_kernels.clear_stale_build_lock(fake("FileBaton"), "ext")  # no lock: nothing to do

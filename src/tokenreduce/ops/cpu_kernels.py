@@ -41,6 +41,7 @@ import platform
 import re
 import sys
 import threading
+import time
 import warnings
 from pathlib import Path
 from types import ModuleType
@@ -160,7 +161,38 @@ def _build() -> ModuleType:
         os.environ["PATH"] = path
 
 
+STALE_LOCK_SECONDS = 600.0
+"""Age past which an older torch's build lock is taken for one left by a killed build (a build takes ~30 s)."""
+
+
+def clear_stale_build_lock(cpp_extension: ModuleType, name: str) -> bool:
+    """Remove a build lock that a killed build left behind, where torch would wait on it forever.
+
+    torch before its ``FileLock``-based builds marks a build in progress with a lock file whose mere
+    existence makes every later process wait (``FileBaton``), so a build interrupted midway (Ctrl-C, a
+    killed job) hangs every later import silently.  A lock older than :data:`STALE_LOCK_SECONDS` is
+    removed with a warning.  Newer torch holds an advisory lock that dies with its holder; its lock
+    file is left alone.
+
+    Returns:
+        Whether a lock was removed.
+    """
+    if not hasattr(cpp_extension, "FileBaton") or hasattr(cpp_extension, "FileLock"):
+        return False
+    try:  # a private helper of torch's
+        lock = Path(cpp_extension._get_build_directory(name, verbose=False)) / "lock"
+        age = time.time() - lock.stat().st_mtime
+    except Exception:
+        return False
+    if age <= STALE_LOCK_SECONDS:
+        return False
+    logger.warning("tokenreduce: removing the build lock %s, left %.0f s ago by an interrupted build", lock, age)
+    lock.unlink(missing_ok=True)
+    return True
+
+
 def _load(cpp_extension: ModuleType, name: str, cflags: list[str], ldflags: list[str]) -> ModuleType:
+    clear_stale_build_lock(cpp_extension, name)
     _announce_first_build(cpp_extension, name)
     return cpp_extension.load(name=name, sources=[str(path) for path in SOURCES], extra_cflags=cflags,
                               extra_ldflags=ldflags)
