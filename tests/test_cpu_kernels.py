@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 import tokenreduce as tr
 from tokenreduce.ops import cpu_kernels
+from tokenreduce.ops.gather import head_mean
 from tokenreduce.ops.matching import bipartite_soft_matching, max_merges
 from tokenreduce.ops.merge import bipartite_merge, merge_wavg
 from tokenreduce.state import TokenState
@@ -128,6 +129,37 @@ def _compare_paths(batch, n, channels, dim, prefix, r_frac, with_size, seed):
     assert got.x.shape == (batch, n - r, channels)
     assert torch.allclose(got.x, expected.x, atol=1e-6, rtol=1e-6)
     assert torch.equal(got.size, expected.size)
+
+
+@pytest.mark.parametrize("batch", [1, 8])  # head_mean's small (one mean op) and large (adds in order) forms
+@pytest.mark.parametrize("prefix", [0, 1])
+def test_kernel_averages_per_head_keys_as_head_mean_does(fused, batch, prefix):
+    # ToMe hands the kernel the keys of every head as the attention's strided view of the fused qkv output
+    # (B×H×N×d); the kernel's head average must match head_mean's, so both paths merge the same tokens.
+    g = torch.Generator().manual_seed(batch + 10 * prefix)
+    n, heads, d, channels = 197, 6, 64, 12
+    qkv = torch.randn(batch, n, 3 * heads * d, generator=g)
+    keys = qkv.view(batch, n, 3, heads, d).permute(2, 0, 3, 1, 4)[1]  # B×H×N×d, not contiguous
+    assert not keys.is_contiguous()
+    size = torch.randint(1, 4, (batch, n, 1), generator=g).float()
+    state = TokenState(torch.randn(batch, n, channels, generator=g), size=size, num_prefix=prefix)
+    r = 40
+    got = cpu_kernels.fused_bipartite_merge(state.x, state.size, keys, r, prefix)
+    on_mean = cpu_kernels.fused_bipartite_merge(state.x, state.size, head_mean(keys), r, prefix)
+    for a, b in zip(got, on_mean, strict=True):  # the kernel's head mean is head_mean's, bit for bit
+        assert torch.equal(a, b)
+    expected = python_path(state, head_mean(keys), r)
+    assert torch.equal(got[1], expected.size)
+    torch.testing.assert_close(got[0], expected.x, atol=1e-6, rtol=1e-6)
+    cpu_kernels.set_cpu_kernels("off")  # bipartite_merge averages a 4-D metric itself on the Python path
+    unfused = bipartite_merge(state, keys, r)
+    assert torch.equal(unfused.size, expected.size) and torch.equal(unfused.x, expected.x)
+
+
+def test_kernel_refuses_a_metric_of_the_wrong_rank(fused):
+    x = torch.randn(1, 9, 4)
+    with pytest.raises(RuntimeError, match="3-D or 4-D"):
+        fused.bipartite_merge_wavg(x, None, torch.randn(1, 1, 1, 9, 4), 2, 1)
 
 
 def test_kernel_matches_python_path_under_bf16_autocast(fused):

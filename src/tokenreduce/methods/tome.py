@@ -87,10 +87,11 @@ class ToMe(Reducer):
         self.prop_attn = bool(params.prop_attn)
 
     def needs(self, block: int) -> AttentionNeeds | None:
-        return AttentionNeeds(keys=True) if self.r_per_block[block] > 0 else None
+        # the keys per head: the merge averages them (on the CPU inside its fused kernel)
+        return AttentionNeeds(head_keys=True) if self.r_per_block[block] > 0 else None
 
     def reduce(self, block: int, state: TokenState, signals: AttentionSignals) -> TokenState:
-        return bipartite_merge(state, signals.keys, self.r_per_block[block])
+        return bipartite_merge(state, signals.head_keys, self.r_per_block[block])
 
     def schedule(self, num_tokens: int) -> Schedule:
         p, r_per_block = self.info.num_prefix, self.r_per_block

@@ -174,17 +174,19 @@ def eva_attention(
         q, k, v = (_split_heads(unpack_rows(proj(x), packed, key_mask), heads)
                    for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
     q, k = attn.q_norm(q), attn.k_norm(k)
-    keys = head_mean(k) if needs.keys else None
+    keys = head_mean(k) if needs.keys else None  # the keys before the rotary embedding
+    head_keys = k if needs.head_keys else None
     if rope is not None:
         p, half = attn.num_prefix_tokens, getattr(attn, "rotate_half", False)
         q = torch.cat([q[:, :, :p, :], apply_rot_embed_cat(q[:, :, p:, :], rope, half=half)], dim=2).type_as(v)
         k = torch.cat([k[:, :, :p, :], apply_rot_embed_cat(k[:, :, p:, :], rope, half=half)], dim=2).type_as(v)
     out, signals = attend(
-        q, k, v, attn.scale, bias, dataclasses.replace(needs, keys=False) if needs.keys else needs, key_mask,
+        q, k, v, attn.scale, bias,
+        dataclasses.replace(needs, keys=False, head_keys=False) if needs.keys or needs.head_keys else needs, key_mask,
         class_token=class_token, training=attn.training, dropout=attn.attn_drop, fused=attn.fused_attn,
     )
-    if keys is not None:
-        signals = dataclasses.replace(signals, keys=keys)
+    if keys is not None or head_keys is not None:
+        signals = dataclasses.replace(signals, keys=keys, head_keys=head_keys)
     out = attn.norm(pack_rows(merge_heads(out), packed))
     if gate is not None:
         out = out * gate

@@ -50,6 +50,9 @@ class AttentionNeeds:
     """Which signals a reducer wants from a block's attention."""
 
     keys: bool = False
+    head_keys: bool = False
+    """The keys of every head, B×H×N×d, for a method that averages them itself (ToMe's fused merge kernel
+    takes them without a separate head-mean op); what ``keys`` averages."""
     cls_attn: bool = False
     values: bool = False
     probs: bool = False
@@ -70,6 +73,7 @@ class AttentionSignals:
     certified above a ``received_floor``: there it holds a lower bound above the floor."""
 
     keys: Tensor | None = None
+    head_keys: Tensor | None = None
     cls_attn: Tensor | None = None
     values: Tensor | None = None
     probs: Tensor | None = None
@@ -187,7 +191,7 @@ def ragged_applies(dtype: torch.dtype, needs: AttentionNeeds, key_mask: KeyMask 
     the head-averaged keys besides (LTMP)."""
     return (
         packed is not None and key_mask is not None and not key_mask.soft and not training
-        and needs.received and not (needs.probs or needs.cls_attn or needs.values)
+        and needs.received and not (needs.probs or needs.cls_attn or needs.values or needs.head_keys)
         and dtype == torch.float32 and not torch.is_grad_enabled() and not tracing()
     )
 
@@ -341,6 +345,7 @@ def attend(
 
     signals = AttentionSignals(
         keys=head_mean(k) if needs.keys else None,
+        head_keys=k if needs.head_keys else None,
         cls_attn=cls_attn,
         values=v if needs.values else None,
         probs=probs if needs.probs else None,

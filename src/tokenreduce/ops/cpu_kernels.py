@@ -285,7 +285,8 @@ def fused_bipartite_merge(
 
     Args:
         x: B×N×C float32 hidden states; size: B×N×1 float32 sizes or ``None`` (all ones);
-        metric: B×N×D matching features (cast to float32); r: merges per image, in
+        metric: B×N×D matching features, or B×H×N×D per-head ones that the kernel averages over H as
+            :func:`~tokenreduce.ops.gather.head_mean` does (cast to float32); r: merges per image, in
         ``[1, (N − num_prefix) // 2]``; num_prefix: protected leading tokens.
 
     Returns:
@@ -300,7 +301,9 @@ def fused_bipartite_merge(
         return None
     if metric.dtype != torch.float32:
         metric = metric.float()
-    out_x, out_size, keep, remap = module.bipartite_merge_wavg(x, size, metric.detach(), r, num_prefix)
+    if metric.requires_grad:
+        metric = metric.detach()
+    out_x, out_size, keep, remap = module.bipartite_merge_wavg(x, size, metric, r, num_prefix)
     return out_x, out_size, keep, remap
 
 

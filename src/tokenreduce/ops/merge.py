@@ -10,7 +10,7 @@ from torch import Tensor
 
 from ..state import TokenState, follow
 from .cpu_kernels import fused_bipartite_merge
-from .gather import batched_gather
+from .gather import batched_gather, head_mean
 from .matching import BipartiteMatch, bipartite_soft_matching, max_merges
 
 
@@ -23,7 +23,9 @@ def bipartite_merge(state: TokenState, metric: Tensor, r: int) -> TokenState:
 
     Args:
         state: B×N tokens.
-        metric: B×N×D features to match on (ToMe: head-averaged keys).
+        metric: B×N×D features to match on, or B×H×N×D per-head features that are averaged over H first
+            (:func:`~tokenreduce.ops.gather.head_mean`; ToMe: the keys, whose head mean the fused kernel takes
+            without a separate op).
         r: tokens to remove per image; clamped to ``(N − P) // 2``.
 
     Returns:
@@ -40,6 +42,8 @@ def bipartite_merge(state: TokenState, metric: Tensor, r: int) -> TokenState:
             pos = None if state.pos is None else batched_gather(state.pos, keep)
             owner = None if state.owner is None else follow(state.owner, remap, state.num_tokens, x.shape[1])
             return replace(state, x=x, size=size, pos=pos, owner=owner)
+    if metric.dim() == 4:
+        metric = head_mean(metric)
     return merge_wavg(state, bipartite_soft_matching(metric, r, p))
 
 

@@ -34,7 +34,10 @@ inline bool ranks_before(float a, float b) {
 
 }  // namespace
 
-// x: B×N×C float32; size: B×N×1 float32 or None (all ones); metric: B×N×D float32.
+// x: B×N×C float32; size: B×N×1 float32 or None (all ones); metric: B×N×D float32, or B×H×N×D
+// float32 per-head features (any strides with a unit last one) that are averaged over H first, as
+// tokenreduce.ops.gather.head_mean does (heads added in order, one division by H): ToMe's keys straight
+// from the attention, without a separate mean op.
 // Prefix tokens (the first p) are left out of both sets. A′ = positions a0, a0+2, ...,
 // B′ = positions b0, b0+2, ... after the prefix. Merges the r A′ tokens with the
 // strongest best-cosine edges into their B′ partners.
@@ -44,15 +47,21 @@ inline bool ranks_before(float a, float b) {
 // [prefix] ++ [unmerged A′ (sequence order if p > 0, else edge order)] ++ [B′].
 std::vector<at::Tensor> bipartite_merge_wavg(const at::Tensor& x_in, const c10::optional<at::Tensor>& size_in,
                                              const at::Tensor& metric_in, int64_t r, int64_t p) {
-  TORCH_CHECK(x_in.dim() == 3 && metric_in.dim() == 3, "bipartite_merge_wavg: x and metric must be 3-D");
+  TORCH_CHECK(x_in.dim() == 3 && (metric_in.dim() == 3 || metric_in.dim() == 4),
+              "bipartite_merge_wavg: x must be 3-D and metric 3-D or 4-D");
   TORCH_CHECK(x_in.device().is_cpu() && metric_in.device().is_cpu(), "bipartite_merge_wavg: CPU tensors only");
   TORCH_CHECK(x_in.scalar_type() == at::kFloat && metric_in.scalar_type() == at::kFloat,
               "bipartite_merge_wavg: float32 tensors only");
-  TORCH_CHECK(x_in.size(0) == metric_in.size(0) && x_in.size(1) == metric_in.size(1),
+  const bool per_head = metric_in.dim() == 4;
+  // A 3-D metric is one head: B×1×N×D.
+  const at::Tensor metric_heads = per_head ? metric_in : metric_in.unsqueeze(1);
+  TORCH_CHECK(x_in.size(0) == metric_heads.size(0) && x_in.size(1) == metric_heads.size(2),
               "bipartite_merge_wavg: x and metric must share B and N");
   const at::Tensor x = x_in.contiguous();
-  const at::Tensor metric = metric_in.contiguous();
-  const int64_t batch = x.size(0), n = x.size(1), channels = x.size(2), dim = metric.size(2);
+  const at::Tensor metric = metric_heads.stride(3) == 1 ? metric_heads : metric_heads.contiguous();
+  const int64_t batch = x.size(0), n = x.size(1), channels = x.size(2);
+  const int64_t heads = metric.size(1), dim = metric.size(3);
+  const int64_t m_image = metric.stride(0), m_head = metric.stride(1), m_token = metric.stride(2);
   TORCH_CHECK(p >= 0 && p <= n, "bipartite_merge_wavg: bad prefix count");
   const int64_t a0 = 2 * ((p + 1) / 2), b0 = 2 * (p / 2) + 1;
   const int64_t na = n > a0 ? (n - a0 + 1) / 2 : 0;
@@ -71,14 +80,31 @@ std::vector<at::Tensor> bipartite_merge_wavg(const at::Tensor& x_in, const c10::
   const float* metric_data = metric.data_ptr<float>();
 
   // Normalised metric of A′ and B′, each in its own contiguous buffer, then one BMM.
-  at::Tensor a = at::empty({batch, na, dim}, metric.options());
-  at::Tensor b = at::empty({batch, nb, dim}, metric.options());
+  at::Tensor a = at::empty({batch, na, dim}, x.options());
+  at::Tensor b = at::empty({batch, nb, dim}, x.options());
   float* a_data = a.data_ptr<float>();
   float* b_data = b.data_ptr<float>();
+  std::vector<float> head_mean(per_head ? dim : 0);
+  // The token's metric row: its own row, or the mean of its heads' rows in `head_mean`.
+  auto metric_row = [&](int64_t img, int64_t pos) -> const float* {
+    const float* row = metric_data + img * m_image + pos * m_token;
+    if (!per_head) return row;
+    if (heads == 1) {
+      std::copy(row, row + dim, head_mean.begin());
+    } else {
+      for (int64_t d = 0; d < dim; ++d) head_mean[d] = row[d] + row[m_head + d];
+      for (int64_t h = 2; h < heads; ++h) {
+        const float* head_row = row + h * m_head;
+        for (int64_t d = 0; d < dim; ++d) head_mean[d] += head_row[d];
+      }
+    }
+    const float count = static_cast<float>(heads);
+    for (int64_t d = 0; d < dim; ++d) head_mean[d] /= count;
+    return head_mean.data();
+  };
   for (int64_t img = 0; img < batch; ++img) {
-    const float* m = metric_data + img * n * dim;
-    for (int64_t i = 0; i < na; ++i) normalise(m + (a0 + 2 * i) * dim, dim, a_data + (img * na + i) * dim);
-    for (int64_t j = 0; j < nb; ++j) normalise(m + (b0 + 2 * j) * dim, dim, b_data + (img * nb + j) * dim);
+    for (int64_t i = 0; i < na; ++i) normalise(metric_row(img, a0 + 2 * i), dim, a_data + (img * na + i) * dim);
+    for (int64_t j = 0; j < nb; ++j) normalise(metric_row(img, b0 + 2 * j), dim, b_data + (img * nb + j) * dim);
   }
   // B×NA′×NB′ cosine similarities. Under autocast the BMM runs in low precision, as the
   // Python path's does; the scores are read as float32 either way.
