@@ -41,7 +41,7 @@ def _signals(batch_rows=(0, 1)):
     keys = torch.stack([KEYS0, torch.randn(7, 2, generator=torch.Generator().manual_seed(0))])
     rows = list(batch_rows)
     return AttentionSignals(
-        keys=keys[rows],
+        head_keys=keys[rows].unsqueeze(1),  # B×H×N×d with H=1
         cls_attn=CLS_ATTN[rows].unsqueeze(1),  # B×H×N with H=1
         values=torch.ones(len(rows), 1, 7, 2),  # equal value norms: scores follow the attention
     )

@@ -153,7 +153,8 @@ class PPT(Reducer):
     def needs(self, block: int) -> AttentionNeeds | None:
         if block not in self.layers:
             return None
-        return AttentionNeeds(keys=True, cls_attn=True, values=True)
+        # the keys per head: the merge averages them itself, and a batch that only prunes never does
+        return AttentionNeeds(head_keys=True, cls_attn=True, values=True)
 
     def reduce(self, block: int, state: TokenState, signals: AttentionSignals) -> TokenState:
         p, n = state.num_prefix, state.num_tokens
@@ -168,11 +169,11 @@ class PPT(Reducer):
         if not tracing():  # eager: a batch whose images all take one branch computes only that branch
             pooling = int(pool.sum())  # one host sync
             if pooling == pool.numel():
-                return bipartite_merge(state, signals.keys, r)
+                return bipartite_merge(state, signals.head_keys, r)
             if pooling == 0:  # sizes materialised, as the selection gives them
                 pruned = state.prefix_and_patches(keep_topk(scores, n - p - r))
                 return dataclasses.replace(pruned, size=pruned.sizes())
-        pooled = bipartite_merge(state, signals.keys, r)
+        pooled = bipartite_merge(state, signals.head_keys, r)
         pruned = state.prefix_and_patches(keep_topk(scores, n - p - r))
         return select_state(pool, pooled, pruned)
 
