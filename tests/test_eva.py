@@ -7,6 +7,7 @@ import pytest
 import timm
 import torch
 import torch._dynamo
+from timm.layers import apply_rot_embed_cat
 from timm.models.eva import Eva
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
@@ -16,7 +17,7 @@ from torch.utils.data import TensorDataset
 import tokenreduce as tr
 from tokenreduce.checkpoint import save_reducer
 from tokenreduce.models import adapter_for
-from tokenreduce.models.timm_eva import TimmEva, rope_rows
+from tokenreduce.models.timm_eva import TimmEva, rope_rows, rotate, rotation_partners, signed_table
 from tokenreduce.ops import cpu_kernels
 from tokenreduce.ops.matching import bipartite_soft_matching
 from tokenreduce.ops.merge import bipartite_merge, merge_wavg
@@ -254,6 +255,31 @@ def test_rope_rows_shapes_and_identity():
     assert torch.equal(rope_rows(per_head, pos, 1)[1, :, 2], per_head[:, 2])
     batched = torch.randn(2, 4, 6, 8)
     assert torch.equal(rope_rows(batched, pos, 1)[1, :, 0], batched[1, :, 0])
+
+
+@pytest.mark.parametrize("half", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_signed_rotation_is_timms_rotation_bit_for_bit(half, dtype):
+    # The adapter folds the rotation partner's sign into the sin half of the table once per forward and rotates
+    # q and k together; every number must be timm's apply_rot_embed_cat's.
+    g = torch.Generator().manual_seed(int(half))
+    x = torch.randn(2, 3, 4, 7, 16, generator=g).to(dtype)  # 2 (q, k) × B × H × M × d
+    table = torch.randn(7, 32, generator=g)  # [sin | cos], float32 as timm makes it
+    # in x's dtype, as the adapter casts it (timm >= 1.0.31 casts inside apply_rot_embed_cat, earlier ones after)
+    got = rotate(x, signed_table(table, half), half).to(dtype)
+    assert torch.equal(got, apply_rot_embed_cat(x, table, half=half).to(dtype))
+    per_head = torch.randn(4, 7, 32, generator=g)  # rope_type='mixed': one table per head
+    got = rotate(x, signed_table(per_head, half), half).to(dtype)
+    assert torch.equal(got, apply_rot_embed_cat(x, per_head, half=half).to(dtype))
+
+
+def test_rotation_partners_by_hand():
+    coordinates = torch.arange(6.0)
+    assert rotation_partners(coordinates, False).tolist() == [1, 0, 3, 2, 5, 4]
+    assert rotation_partners(coordinates, True).tolist() == [3, 4, 5, 0, 1, 2]
+    table = torch.tensor([[1.0, 2.0, 3.0, 4.0, 10.0, 20.0, 30.0, 40.0]])  # d = 4: sin 1..4, cos 10..40
+    assert signed_table(table, False).tolist() == [[-1.0, 2.0, -3.0, 4.0, 10.0, 20.0, 30.0, 40.0]]
+    assert signed_table(table, True).tolist() == [[-1.0, -2.0, 3.0, 4.0, 10.0, 20.0, 30.0, 40.0]]
 
 
 def test_positions_through_the_reduction_ops():

@@ -47,7 +47,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from timm.layers import apply_rot_embed_cat
 from timm.models.eva import Eva, EvaAttention, EvaBlock, EvaBlockPostNorm
 from torch import Tensor, nn
 
@@ -111,21 +110,74 @@ def rope_rows(table: Tensor, pos: Tensor, num_prefix: int, padded: Tensor | None
     return t.gather(2, index.view(b, 1, m, 1).expand(b, heads, m, width))
 
 
-def current_rope(ctx: ReductionContext, table: Tensor | None, num_prefix: int) -> Tensor | None:
-    """The rotary rows for the tokens the block receives: timm's own table while they are the unreduced
-    tokens in their original order, else :func:`rope_rows` (cached until the positions or the table change)."""
-    if table is None or ctx.pos is ctx.pos_start:
+def signed_table(table: Tensor, half: bool) -> Tensor:
+    """``table``'s [sin | cos] rows with the sign of the rotation partner folded into the sin half.
+
+    timm rotates ``x`` to ``x·cos + rot(x)·sin``, where ``rot(x)`` is ``x``'s partners with every other
+    one (``rot``) or the first half (``rope_rotate_half``) negated.  Negating a factor is exact, so
+    ``x·cos + partners(x)·(±sin)`` (:func:`rotate`) gives the same numbers with fewer ops and copies than
+    a stack or cat of negated slices per tensor.
+    """
+    width = table.shape[-1] // 2
+    sign = torch.ones(width, dtype=table.dtype, device=table.device)
+    if half:
+        sign[: width // 2] = -1.0
+    else:
+        sign[0::2] = -1.0
+    sin, cos = table.chunk(2, -1)
+    return torch.cat([sin * sign, cos], dim=-1)
+
+
+def rotation_partners(x: Tensor, half: bool) -> Tensor:
+    """Every coordinate's rotation partner in its place (…×d): timm's ``rot`` pairs coordinates (2i, 2i+1),
+    ``rope_rotate_half`` pairs (i, i + d/2); the signs are in :func:`signed_table`."""
+    d = x.shape[-1]
+    if half:
+        return x.unflatten(-1, (2, d // 2)).flip(-2).flatten(-2)
+    return x.unflatten(-1, (d // 2, 2)).flip(-1).flatten(-2)
+
+
+def rotate(x: Tensor, rows: Tensor, half: bool) -> Tensor:
+    """timm's ``apply_rot_embed_cat(x, table, half)`` for the :func:`signed_table` rows of ``table``, bit for
+    bit: ``x·cos + partners(x)·sin±`` (``x``: …×M×d; ``rows``: broadcastable …×M×2d; promoted dtype)."""
+    sin, cos = rows.chunk(2, -1)
+    return x * cos + rotation_partners(x, half) * sin
+
+
+def current_rope(ctx: ReductionContext, table: Tensor | None, num_prefix: int, half: bool = False) -> Tensor | None:
+    """The :func:`signed_table` rows for the tokens the block receives: timm's table, signed, while they are
+    the unreduced tokens in their original order, else :func:`rope_rows` of it (cached until the positions or
+    the table change; the signed table is made once per forward, as timm passes every block one table)."""
+    if table is None:
+        return None
+    signed = ctx.scratch.get("rope_signed")
+    if signed is None or signed[0] is not table or signed[1] != half:
+        signed = (table, half, signed_table(table, half))
+        ctx.scratch["rope_signed"] = signed
+        ctx.scratch.pop("rope_padded", None)
+        ctx.scratch.pop("rope_rows", None)
+    table = signed[2]
+    if ctx.pos is ctx.pos_start:
         return table
     cached = ctx.scratch.get("rope_rows")
     if cached is not None and cached[0] is table and cached[1] is ctx.pos:
         return cached[2]
     padded = ctx.scratch.get("rope_padded")
-    if padded is None or padded[0] is not table:  # once per forward: timm passes every block one table
+    if padded is None or padded[0] is not table:
         padded = (table, with_identity_row(table))
         ctx.scratch["rope_padded"] = padded
     rows = rope_rows(table, ctx.pos, num_prefix, padded[1])
     ctx.scratch["rope_rows"] = (table, ctx.pos, rows)
     return rows
+
+
+def rotate_after_prefix(x: Tensor, rows: Tensor, num_prefix: int, half: bool, dtype: torch.dtype) -> Tensor:
+    """``x`` (…×N×d) with the tokens after the ``num_prefix`` leading ones rotated by ``rows`` (:func:`rotate`),
+    in ``dtype``: what timm's ``EvaAttention`` does to q and to k."""
+    rotated = rotate(x[..., num_prefix:, :], rows, half).to(dtype)
+    if num_prefix == 0:
+        return rotated
+    return torch.cat([x[..., :num_prefix, :].to(dtype), rotated], dim=-2)
 
 
 def _split_heads(x: Tensor, heads: int) -> Tensor:
@@ -149,7 +201,8 @@ def eva_attention(
     Args:
         attn: the block's ``EvaAttention``.
         x: B×N×C normalised tokens (ΣN×C live tokens when ``packed``).
-        rope: rotary rows for the tokens after the prefix, broadcastable against B×H×(N−P)×d, or ``None``.
+        rope: :func:`signed_table` rows for the tokens after the prefix, broadcastable against B×H×(N−P)×2d,
+            or ``None``.
         bias, needs, key_mask, packed, class_token: as :func:`~tokenreduce.ops.attention.attention_with_signals`.
 
     Returns:
@@ -157,6 +210,7 @@ def eva_attention(
     """
     heads = attn.num_heads
     gate = attn.gate(x).sigmoid() if attn.gate is not None else None
+    query_key = None  # 2×B×H×N×d q and k, where they can be read as one tensor
     if attn.qkv is not None:
         if attn.q_bias is None:
             qkv = attn.qkv(x)
@@ -169,7 +223,10 @@ def eva_attention(
                 qkv = F.linear(x, weight=attn.qkv.weight, bias=qkv_bias)
         qkv = unpack_rows(qkv, packed, key_mask)
         b, n = qkv.shape[:2]
-        q, k, v = qkv.reshape(b, n, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        per_head = qkv.reshape(b, n, 3, heads, -1).permute(2, 0, 3, 1, 4)  # 3×B×H×N×d
+        q, k, v = per_head.unbind(0)
+        if isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity):
+            query_key = per_head[:2]  # q and k rotate in one pass, read from the projection's output
     else:
         q, k, v = (_split_heads(unpack_rows(proj(x), packed, key_mask), heads)
                    for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
@@ -177,9 +234,10 @@ def eva_attention(
     keys = head_mean(k) if needs.keys else None  # the keys before the rotary embedding
     head_keys = k if needs.head_keys else None
     if rope is not None:
-        p, half = attn.num_prefix_tokens, getattr(attn, "rotate_half", False)
-        q = torch.cat([q[:, :, :p, :], apply_rot_embed_cat(q[:, :, p:, :], rope, half=half)], dim=2).type_as(v)
-        k = torch.cat([k[:, :, :p, :], apply_rot_embed_cat(k[:, :, p:, :], rope, half=half)], dim=2).type_as(v)
+        if query_key is None:
+            query_key = torch.stack([q, k])
+        half = getattr(attn, "rotate_half", False)
+        q, k = rotate_after_prefix(query_key, rope, attn.num_prefix_tokens, half, v.dtype).unbind(0)
     out, signals = attend(
         q, k, v, attn.scale, bias,
         dataclasses.replace(needs, keys=False, head_keys=False) if needs.keys or needs.head_keys else needs, key_mask,
@@ -237,7 +295,8 @@ class TimmEva(TimmFamily):
         packed: Tensor | None, class_token: bool,
     ) -> tuple[Tensor, AttentionSignals]:
         ctx: ReductionContext = block._tr_ctx
-        rope = current_rope(ctx, ctx.scratch.get("rope"), block.attn.num_prefix_tokens)
+        attn = block.attn
+        rope = current_rope(ctx, ctx.scratch.get("rope"), attn.num_prefix_tokens, getattr(attn, "rotate_half", False))
         tokens = x if isinstance(block, EvaBlockPostNorm) else block.norm1(x)
         return eva_attention(block.attn, tokens, rope, bias, needs, key_mask, packed, class_token)
 
