@@ -154,8 +154,6 @@ def current_rope(ctx: ReductionContext, table: Tensor | None, num_prefix: int, h
     if signed is None or signed[0] is not table or signed[1] != half:
         signed = (table, half, signed_table(table, half))
         ctx.scratch["rope_signed"] = signed
-        ctx.scratch.pop("rope_padded", None)
-        ctx.scratch.pop("rope_rows", None)
     table = signed[2]
     if ctx.pos is ctx.pos_start:
         return table
@@ -298,7 +296,7 @@ class TimmEva(TimmFamily):
         attn = block.attn
         rope = current_rope(ctx, ctx.scratch.get("rope"), attn.num_prefix_tokens, getattr(attn, "rotate_half", False))
         tokens = x if isinstance(block, EvaBlockPostNorm) else block.norm1(x)
-        return eva_attention(block.attn, tokens, rope, bias, needs, key_mask, packed, class_token)
+        return eva_attention(attn, tokens, rope, bias, needs, key_mask, packed, class_token)
 
     @classmethod
     def attention_residual(cls, block: nn.Module, out: Tensor) -> Tensor:
