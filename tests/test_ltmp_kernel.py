@@ -138,6 +138,45 @@ def test_reduced_model_gives_identical_logits_with_and_without_the_kernel(kernel
     assert torch.equal(on, off)
 
 
+@pytest.mark.parametrize("mode", ["on", "off"])
+def test_a_block_without_received_attention_prunes_nothing_as_with_infinite_importance(kernel_state, mode):
+    # A block whose prune threshold is 0 computes no received attention (signals.received is None): the
+    # kernel and the Python path must then keep exactly what an importance of +inf everywhere keeps.
+    cpu_kernels.set_cpu_kernels(mode)
+    ltmp, state, signals = _random_case(3, 21, 4, 8, 1, True, True, 0.2, 0.0, seed=5)
+    without = ltmp.reduce(0, state, AttentionSignals(keys=signals.keys, received=None))
+    infinite = ltmp.reduce(0, state, AttentionSignals(keys=signals.keys,
+                                                      received=torch.full_like(signals.received, torch.inf)))
+    for got, expected in zip((without.x, without.size, without.pos), (infinite.x, infinite.size, infinite.pos),
+                             strict=True):
+        assert torch.equal(got, expected)
+    assert without.num_tokens < state.num_tokens  # something merged, so the case is not trivial
+
+
+def test_thresholds_changed_between_forwards_take_effect(kernel_state):
+    # At inference the thresholds are read to the host once and kept: a change in place (an optimiser step,
+    # load_state_dict) or a new parameter module must be seen by the next forward.
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    model = tr.apply(make_vit(), "ltmp", untrained=True, merge_threshold=1.0)
+    reducer = tr.reducer(model)
+
+    def final_tokens() -> float:
+        with torch.no_grad():
+            model(images)
+        return tr.stats(model).blocks[-1].tokens_out
+
+    assert final_tokens() == 65  # a cosine never exceeds 1: nothing merges
+    with torch.no_grad():
+        reducer.module.merge_threshold.fill_(0.0)
+    merged = final_tokens()
+    assert merged < 65
+    reducer.module.load_state_dict({"merge_threshold": torch.ones(12), "prune_threshold": torch.zeros(12)})
+    assert final_tokens() == 65
+    fresh = type(reducer.module)([0.0] * 12, [0.0] * 12)
+    reducer.module = fresh
+    assert final_tokens() == merged
+
+
 def test_a_zero_prune_threshold_skips_the_attention_probabilities_at_inference(kernel_state, monkeypatch):
     import tokenreduce.ops.attention as attention
     import tokenreduce.ops.ragged as ragged

@@ -177,6 +177,8 @@ class LTMP(Reducer):
         prune = _per_block(self.name, "prune_threshold", params.prune_threshold, info.depth)
         self._initial_thresholds = (merge, prune)
         self.prop_attn = params.prop_attn
+        # (merge, prune parameters, their versions, their values): see _host_thresholds
+        self._host_cache: tuple[Tensor, Tensor, tuple[int, int], list[float], list[float]] | None = None
 
     def build_module(self) -> LTMPThresholds:
         """The thresholds at their initial values."""
@@ -210,10 +212,22 @@ class LTMP(Reducer):
         """:meth:`needs` for every block, reading the prune thresholds with one host transfer."""
         if self.training or tracing() or self._module is None:
             return [AttentionNeeds(keys=True, received=True)] * self.info.depth
-        thresholds = self._module.prune_threshold.detach().tolist()
+        _, thresholds = self._host_thresholds()
         return [AttentionNeeds(keys=True) if theta <= 0.0 else AttentionNeeds(keys=True, received=True,
                                                                              received_floor=theta)
                 for theta in thresholds]
+
+    def _host_thresholds(self) -> tuple[list[float], list[float]]:
+        """The merge and prune thresholds as Python floats, read with one host transfer and kept until the
+        parameters change (in place, as an optimiser or ``load_state_dict`` does, or replaced): at inference
+        every block compares with them without a device-to-host read of its own."""
+        merge, prune = self.module.merge_threshold, self.module.prune_threshold
+        versions = (merge._version, prune._version)
+        cache = self._host_cache
+        if cache is None or cache[0] is not merge or cache[1] is not prune or cache[2] != versions:
+            values = torch.stack([merge.detach(), prune.detach()]).tolist()
+            cache = self._host_cache = (merge, prune, versions, values[0], values[1])
+        return cache[3], cache[4]
 
     def key_mask(self, mask: Tensor) -> KeyMask:
         return KeyMask(mask, soft=self.training, eps=1e-5)
@@ -226,14 +240,25 @@ class LTMP(Reducer):
     # -- the reduction ---------------------------------------------------------------
     def reduce(self, block: int, state: TokenState, signals: AttentionSignals) -> TokenState:
         module = self.module
-        theta_m, theta_p = module.merge_threshold[block], module.prune_threshold[block]
-        if signals.received is None:  # prune threshold 0 (see needs): every token's importance passes it
-            signals = dataclasses.replace(signals, received=state.x.new_full(state.x.shape[:2], torch.inf,
-                                                                              dtype=torch.float32))
         if self.training:
-            return self._reduce_soft(state, signals, theta_m, theta_p)
+            return self._reduce_soft(state, self._received(state, signals), module.merge_threshold[block],
+                                     module.prune_threshold[block])
+        if tracing():  # a graph keeps the thresholds as its parameters
+            theta_m, theta_p = module.merge_threshold[block], module.prune_threshold[block]
+        else:
+            merge, prune = self._host_thresholds()
+            theta_m, theta_p = merge[block], prune[block]
         with no_grad():
             return self._reduce_hard(state, signals, theta_m, theta_p)
+
+    @staticmethod
+    def _received(state: TokenState, signals: AttentionSignals) -> AttentionSignals:
+        """``signals`` with the attention received filled in: +inf for every token where the block computed
+        none (prune threshold 0, see :meth:`needs`), so every importance passes the threshold."""
+        if signals.received is not None:
+            return signals
+        return dataclasses.replace(signals, received=state.x.new_full(state.x.shape[:2], torch.inf,
+                                                                      dtype=torch.float32))
 
     def _scores(
         self, state: TokenState, signals: AttentionSignals, live: Tensor, sim: Tensor | None = None
@@ -262,7 +287,8 @@ class LTMP(Reducer):
     @staticmethod
     def _similarity(signals: AttentionSignals) -> Tensor:
         """B×NA×NB cosine similarities of the head-averaged keys, A (even) to B (odd) positions, float32."""
-        metric_a, metric_b = alternate(unit_rows(signals.keys.float()))
+        keys = signals.keys if signals.keys.dtype == torch.float32 else signals.keys.float()
+        metric_a, metric_b = alternate(unit_rows(keys))
         return metric_a @ metric_b.transpose(-1, -2)
 
     @staticmethod
@@ -272,9 +298,10 @@ class LTMP(Reducer):
         return torch.cat([pos[:p], pos[2 * ((p + 1) // 2) :: 2], pos[2 * (p // 2) + 1 :: 2]])
 
     def _reduce_hard(
-        self, state: TokenState, signals: AttentionSignals, theta_m: Tensor, theta_p: Tensor
+        self, state: TokenState, signals: AttentionSignals, theta_m: Tensor | float, theta_p: Tensor | float
     ) -> TokenState:
-        """Inference form: hard comparisons, merged and pruned tokens really removed (batch padded)."""
+        """Inference form: hard comparisons, merged and pruned tokens really removed (batch padded).  The
+        thresholds are Python floats, or 0-d tensors while a graph is captured."""
         x, p = state.x, state.num_prefix
         sim = self._similarity(signals)
         if state.source is None and state.owner is None:  # the fused CPU kernel, where eligible: same numbers
@@ -284,6 +311,7 @@ class LTMP(Reducer):
                 out_x, size, mask, index = fused
                 pos = None if state.pos is None else batched_gather(state.pos, index)
                 return dataclasses.replace(state, x=out_x, size=size, mask=mask, pos=pos)
+        signals = self._received(state, signals)
         bsz, n, _ = x.shape
         live = torch.ones(bsz, n, dtype=torch.bool, device=x.device) if state.mask is None else state.mask[..., 0] > 0
         best, partner, importance = self._scores(state, signals, live, sim)

@@ -308,7 +308,7 @@ def fused_bipartite_merge(
 
 
 def fused_ltmp_merge_prune(
-    x: Tensor, size: Tensor | None, sim: Tensor, importance: Tensor, mask: Tensor | None,
+    x: Tensor, size: Tensor | None, sim: Tensor, importance: Tensor | None, mask: Tensor | None,
     theta_merge: float, theta_prune: float, num_prefix: int, multiple: int = 1,
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor] | None:
     """LTMP's inference step after the similarities, in one kernel call (``LTMP._reduce_hard``'s numbers).
@@ -316,9 +316,10 @@ def fused_ltmp_merge_prune(
     Args:
         x: B×N×C float32 hidden states; size: B×N×1 float32 sizes or ``None`` (all ones);
         sim: B×⌈N/2⌉×⌊N/2⌋ cosine similarities of the even (A) to the odd (B) positions (prefix and
-        dead tokens are masked by the kernel); importance: B×N attention received; mask: B×N×1 float32
-        live mask or ``None`` (all live); theta_merge, theta_prune: the block's thresholds;
-        num_prefix: protected leading tokens; multiple: M is rounded up to a multiple of this (at most N).
+        dead tokens are masked by the kernel); importance: B×N attention received, or ``None`` where the
+        block cannot prune (every importance +inf); mask: B×N×1 float32 live mask or ``None`` (all live);
+        theta_merge, theta_prune: the block's thresholds; num_prefix: protected leading tokens;
+        multiple: M is rounded up to a multiple of this (at most N).
 
     Returns:
         ``(x, size, mask, index)``: B×M×C, B×M×1, B×M×1 live mask (``None`` when every row is live) and
@@ -328,10 +329,12 @@ def fused_ltmp_merge_prune(
     module = None if mask is not None and mask.dtype != torch.float32 else _kernels_for(x, size)
     if module is None:
         return None
+    sim = sim if sim.dtype == torch.float32 else sim.float()
+    if importance is not None and importance.dtype != torch.float32:
+        importance = importance.float()
     out_x, out_size, out_mask, index, all_live = module.ltmp_merge_prune(
-        x, size, sim.float().detach(), importance.float().detach(), mask, float(theta_merge), float(theta_prune),
-        num_prefix, int(multiple))
-    return out_x, out_size, None if bool(all_live) else out_mask, index
+        x, size, sim, importance, mask, float(theta_merge), float(theta_prune), num_prefix, int(multiple))
+    return out_x, out_size, None if all_live else out_mask, index
 
 
 def fused_squeeze(

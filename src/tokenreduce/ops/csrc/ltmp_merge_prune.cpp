@@ -26,29 +26,32 @@
 
 // x: B×N×C float32; size: B×N×1 float32 or None (all ones); sim: B×NA×NB float32 cosine similarities of
 // the A (even) and B (odd) positions, prefix and dead tokens included (they are masked here); importance:
-// B×N float32; mask: B×N×1 float32 live mask (live: > 0) or None (all live); p: prefix tokens.
+// B×N float32, or None where the block cannot prune (every token's importance is +inf); mask: B×N×1 float32
+// live mask (live: > 0) or None (all live); p: prefix tokens.
 // multiple: the padded length M is the largest live count rounded up to a multiple of this (at most N).
-// Returns (B×M×C x, B×M×1 sizes, B×M×1 float live mask, B×M int64 input positions, 0-d bool: every output
+// Returns (B×M×C x, B×M×1 sizes, B×M×1 float live mask, B×M int64 input positions, whether every output
 // row is live).
-std::vector<at::Tensor> ltmp_merge_prune(const at::Tensor& x_in, const c10::optional<at::Tensor>& size_in,
-                                         const at::Tensor& sim_in, const at::Tensor& importance_in,
-                                         const c10::optional<at::Tensor>& mask_in, double theta_merge,
-                                         double theta_prune, int64_t p, int64_t multiple) {
-  TORCH_CHECK(x_in.dim() == 3 && sim_in.dim() == 3 && importance_in.dim() == 2,
-              "ltmp_merge_prune: x and sim must be 3-D, importance 2-D");
-  TORCH_CHECK(x_in.device().is_cpu() && sim_in.device().is_cpu() && importance_in.device().is_cpu(),
-              "ltmp_merge_prune: CPU tensors only");
-  TORCH_CHECK(x_in.scalar_type() == at::kFloat && sim_in.scalar_type() == at::kFloat &&
-                  importance_in.scalar_type() == at::kFloat,
+LtmpStep ltmp_merge_prune(const at::Tensor& x_in, const c10::optional<at::Tensor>& size_in, const at::Tensor& sim_in,
+                          const c10::optional<at::Tensor>& importance_in, const c10::optional<at::Tensor>& mask_in,
+                          double theta_merge, double theta_prune, int64_t p, int64_t multiple) {
+  const bool has_importance = importance_in.has_value() && importance_in->defined();
+  TORCH_CHECK(x_in.dim() == 3 && sim_in.dim() == 3, "ltmp_merge_prune: x and sim must be 3-D");
+  TORCH_CHECK(x_in.device().is_cpu() && sim_in.device().is_cpu(), "ltmp_merge_prune: CPU tensors only");
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat && sim_in.scalar_type() == at::kFloat,
               "ltmp_merge_prune: float32 tensors only");
   const at::Tensor x = x_in.contiguous();
   const at::Tensor sim = sim_in.contiguous();
-  const at::Tensor importance = importance_in.contiguous();
   const int64_t batch = x.size(0), n = x.size(1), channels = x.size(2);
   const int64_t na = (n + 1) / 2, nb = n / 2;
   TORCH_CHECK(sim.size(0) == batch && sim.size(1) == na && sim.size(2) == nb,
               "ltmp_merge_prune: sim must be B×ceil(N/2)×floor(N/2)");
-  TORCH_CHECK(importance.size(0) == batch && importance.size(1) == n, "ltmp_merge_prune: importance must be B×N");
+  at::Tensor importance;
+  if (has_importance) {
+    importance = importance_in->contiguous();
+    TORCH_CHECK(importance.device().is_cpu() && importance.scalar_type() == at::kFloat && importance.dim() == 2 &&
+                    importance.size(0) == batch && importance.size(1) == n,
+                "ltmp_merge_prune: importance must be a B×N float32 CPU tensor");
+  }
   TORCH_CHECK(p >= 0 && p <= n, "ltmp_merge_prune: bad prefix count");
   TORCH_CHECK(multiple >= 1, "ltmp_merge_prune: multiple must be >= 1");
 
@@ -69,7 +72,7 @@ std::vector<at::Tensor> ltmp_merge_prune(const at::Tensor& x_in, const c10::opti
   const float* size_data = has_size ? size.data_ptr<float>() : nullptr;
   const float* mask_data = has_mask ? mask.data_ptr<float>() : nullptr;
   const float* sim_data = sim.data_ptr<float>();
-  const float* imp_data = importance.data_ptr<float>();
+  const float* imp_data = has_importance ? importance.data_ptr<float>() : nullptr;
   const float th_merge = static_cast<float>(theta_merge), th_prune = static_cast<float>(theta_prune);
   const float neg_inf = -std::numeric_limits<float>::infinity();
 
@@ -90,7 +93,7 @@ std::vector<at::Tensor> ltmp_merge_prune(const at::Tensor& x_in, const c10::opti
     for (int64_t img = begin; img < end; ++img) {
       for (int64_t t = 0; t < n; ++t) live[t] = has_mask ? mask_data[img * n + t] > 0.f : 1;
       const float* img_sim = sim_data + img * na * nb;
-      const float* imp = imp_data + img * n;
+      const float* imp = has_importance ? imp_data + img * n : nullptr;  // nullptr: +inf, nothing pruned
       int64_t* img_first = first.data() + img * std::max<int64_t>(nb, 1);
       int64_t* img_next = next.data() + img * std::max<int64_t>(na, 1);
       std::fill(img_first, img_first + nb, int64_t{-1});
@@ -126,10 +129,14 @@ std::vector<at::Tensor> ltmp_merge_prune(const at::Tensor& x_in, const c10::opti
       uint8_t* img_alive = alive.data() + img * n;
       for (int64_t i = 0; i < na; ++i) {
         const int64_t t = 2 * i;
-        img_alive[t] = live[t] && !merged[i] && (imp[t] > th_prune || t < p);
+        img_alive[t] = live[t] && !merged[i] && (imp == nullptr || imp[t] > th_prune || t < p);
       }
       for (int64_t j = 0; j < nb; ++j) {
         const int64_t t = 2 * j + 1;
+        if (imp == nullptr) {
+          img_alive[t] = live[t];
+          continue;
+        }
         float group = imp[t];
         for (int64_t i = img_first[j]; i >= 0; i = img_next[i]) {
           const float value = imp[2 * i];
@@ -198,5 +205,5 @@ std::vector<at::Tensor> ltmp_merge_prune(const at::Tensor& x_in, const c10::opti
   });
   bool all_live = true;
   for (int64_t img = 0; img < batch; ++img) all_live = all_live && count[img] == m_out;
-  return {out, out_size, out_mask, index, at::scalar_tensor(all_live, at::kBool)};
+  return {out, out_size, out_mask, index, all_live};
 }
