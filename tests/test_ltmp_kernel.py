@@ -14,6 +14,7 @@ import tokenreduce as tr
 from tokenreduce.methods.ltmp import LTMP, LTMPParams
 from tokenreduce.ops import cpu_kernels
 from tokenreduce.ops.attention import AttentionSignals
+from tokenreduce.ops.similarity import alternate, unit_rows
 from tokenreduce.state import TokenState
 
 
@@ -175,6 +176,26 @@ def test_thresholds_changed_between_forwards_take_effect(kernel_state):
     fresh = type(reducer.module)([0.0] * 12, [0.0] * 12)
     reducer.module = fresh
     assert final_tokens() == merged
+
+
+@pytest.mark.parametrize("mode", ["on", "off"])
+def test_a_merge_threshold_of_one_merges_nothing_even_where_rounding_puts_a_cosine_above_one(kernel_state, mode):
+    # Two identical keys (positions 2 and 3) whose float32 cosine, computed as LTMP computes it, comes out a
+    # few ulps above 1 (about a fifth of random vectors do); without the clamp a threshold of 1 merges them.
+    other = torch.tensor([1.0, 0, 0, 0, 0, 0, 0, 0])
+    candidates = torch.randn(200, 8, generator=torch.Generator().manual_seed(0))
+    for key in candidates:
+        keys = torch.stack([other, other.flip(0), key, key, -other])[None]  # class token + 4; A = {0, 2, 4}
+        metric_a, metric_b = alternate(unit_rows(keys))
+        if float((metric_a @ metric_b.transpose(-1, -2))[0, 1, 1]) > 1.0:
+            break
+    else:
+        raise AssertionError("no key with a cosine above 1 among the candidates")
+    received = torch.full((1, 5), 0.2)
+    state = TokenState(torch.randn(1, 5, 3, generator=torch.Generator().manual_seed(0)), num_prefix=1)
+    for threshold, expected in ((1.0, 5), (0.999, 4)):  # at 0.999 token 2 merges into its duplicate 3
+        out = _ltmp(threshold, 0.0).reduce(0, state, AttentionSignals(keys=keys, received=received))
+        assert out.num_tokens == expected
 
 
 def test_a_zero_prune_threshold_skips_the_attention_probabilities_at_inference(kernel_state, monkeypatch):

@@ -55,6 +55,10 @@ Choices where the official code is ambiguous (documented, exposed):
 * At inference a block whose prune threshold is exactly 0 prunes nothing and skips the attention
   probabilities (fused attention kernel): a token's received attention is a mean of softmax
   probabilities, positive unless it underflows to 0, where the official rule would prune it.
+* Cosine similarities are clamped to at most 1 (rounding can put two identical tokens' cosine a few
+  ulps above it), so a merge threshold of 1, where learned thresholds saturate, merges nothing, as in
+  exact arithmetic.  Such a block still lays its tokens out as [prefix, A, B] for the next block's
+  split, so it is not skipped.
 """
 
 from __future__ import annotations
@@ -286,10 +290,12 @@ class LTMP(Reducer):
 
     @staticmethod
     def _similarity(signals: AttentionSignals) -> Tensor:
-        """B×NA×NB cosine similarities of the head-averaged keys, A (even) to B (odd) positions, float32."""
+        """B×NA×NB cosine similarities (at most 1) of the head-averaged keys, A (even) to B (odd) positions, float32."""
         keys = signals.keys if signals.keys.dtype == torch.float32 else signals.keys.float()
         metric_a, metric_b = alternate(unit_rows(keys))
-        return metric_a @ metric_b.transpose(-1, -2)
+        sim = metric_a @ metric_b.transpose(-1, -2)
+        # at most 1, as a cosine is: a threshold of 1 then merges nothing on any path (see the module note)
+        return sim.clamp(max=1.0) if sim.requires_grad else sim.clamp_(max=1.0)
 
     @staticmethod
     def _layout(n: int, p: int, device: torch.device) -> Tensor:
