@@ -24,6 +24,11 @@ rows run at lower FLOP rates); the gap to it is LTMP's own work.
     python benchmarks/ltmp_speed.py                      # targets 0.75 and 0.6, batch 32 and 1
     python benchmarks/ltmp_speed.py --targets 0.6 --batch-size 64
     python benchmarks/ltmp_speed.py --prune-threshold 1e-12   # the explicit attention in every block
+    python benchmarks/ltmp_speed.py --profile 10              # where batch-1 time goes, against the ceiling
+
+``--profile N`` follows every row with a batch-1 profile of N forwards of LTMP and of its ceiling: the
+ATen ops each runs per forward and their self time, the wall time of LTMP's own step (similarities and
+the merge/prune, timed around the reducer's ``reduce``), and the ops whose self time grows most.
 """
 
 from __future__ import annotations
@@ -32,10 +37,12 @@ import argparse
 import math
 import platform
 import sys
+import time
 
 import timm
 import torch
 import torch.nn.functional as F
+from latency_profile import op_profile  # a sibling script (benchmarks/ is the script's path)
 
 import tokenreduce as tr
 from tokenreduce.eval.accuracy import time_models
@@ -91,6 +98,42 @@ def find_threshold(model: torch.nn.Module, images: torch.Tensor, target: float, 
     return best
 
 
+def step_milliseconds(model: torch.nn.Module, x: torch.Tensor, forwards: int) -> float:
+    """Wall milliseconds per forward spent inside the reducer's ``reduce`` (LTMP's similarities and merge/prune)."""
+    reducer = tr.reducer(model)
+    real = reducer.reduce
+    spent: list[float] = []
+
+    def timed(*args):
+        start = time.perf_counter()
+        out = real(*args)
+        spent.append(time.perf_counter() - start)
+        return out
+
+    reducer.reduce = timed  # an instance attribute shadows the method for these forwards only
+    try:
+        for _ in range(forwards):
+            model(x)
+    finally:
+        del reducer.reduce
+    return 1e3 * sum(spent) / forwards
+
+
+def print_profile(reduced: torch.nn.Module, ceiling: torch.nn.Module, x: torch.Tensor, forwards: int,
+                  top: int = 8) -> None:
+    """Batch-1 op profile of LTMP against its ceiling, per forward (see the module note)."""
+    own = op_profile(lambda: reduced(x), forwards)
+    base = op_profile(lambda: ceiling(x), forwards)
+    calls = [sum(c for c, _ in p.values()) for p in (own, base)]
+    self_ms = [sum(t for _, t in p.values()) / 1e3 for p in (own, base)]
+    grown = sorted(((own[k][1] - base.get(k, (0, 0))[1], k) for k in own), reverse=True)[:top]
+    detail = ", ".join(f"{k.removeprefix('aten::')} {own[k][0] - base.get(k, (0, 0))[0]:+.0f}/{d:.0f}"
+                       for d, k in grown if d > 0)
+    print(f"#   batch 1 profile: ops per forward {calls[0]:.0f} (ceiling {calls[1]:.0f}), self ms {self_ms[0]:.1f} "
+          f"(ceiling {self_ms[1]:.1f}), LTMP's step {step_milliseconds(reduced, x, forwards):.2f} ms per forward")
+    print(f"#   largest extra self time (calls, µs per forward): {detail}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="deit_small_patch16_224")
@@ -104,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prune-threshold", type=float, default=0.0,
                         help="every block's prune threshold: 0 keeps the fused attention kernel; any positive value "
                              "(1e-12 prunes next to nothing) runs the explicit attention pruning needs")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="after every row, profile N batch-1 forwards of LTMP and of its ceiling")
     args = parser.parse_args(argv)
     if any(not 0 < t < 1 for t in args.targets):
         parser.error("--targets must be in (0, 1)")
@@ -146,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
         ceiling = one_ips["ceiling"] / one_ips["base"] * one.ratio
         print(f"{target:>6.2f} {threshold:>9.4f} {ratio:>11.3f} {spread:>24} {batch_speedup:>10.2f}x "
               f"{batch_speedup * ratio:>5.2f} {one_speedup:>11.2f}x {one_speedup * one.ratio:>5.2f} {ceiling:>12.2f}")
+        if args.profile:
+            with torch.no_grad():
+                print_profile(reduced, sliced, median_image, args.profile)
         sys.stdout.flush()
     return 0
 
