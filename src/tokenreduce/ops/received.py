@@ -82,10 +82,10 @@ def received_log_lower_bound(
     weights = (weights / weights.sum(dim=1, keepdim=True).clamp_min(1e-30)).unsqueeze(1)  # B×1×N
     # token-major views (B×N×H·d): no copy for the layout a fused qkv projection gives
     q_tokens, k_tokens = (t.float().transpose(1, 2).reshape(b, n, heads * d) for t in (q, k))
-    mean_q = torch.bmm(weights, q_tokens).view(b, heads, d, 1)  # B×H×d×1
+    mean_q = torch.bmm(weights, q_tokens).view(b, 1, heads, d)  # B×1×H×d
     mean_lse = torch.bmm(lse.float(), weights.transpose(1, 2)).view(b, 1, heads)  # B×1×H (live rows' lse finite)
-    # every head's mean query against the keys as one product with a block-diagonal B×(H·d)×H matrix
-    per_head = mean_q * torch.eye(heads, device=q.device, dtype=torch.float32).view(1, heads, 1, heads)
-    logits = torch.bmm(k_tokens, per_head.view(b, heads * d, heads)).mul_(scale).sub_(mean_lse)  # B×N×H
+    # every head's mean query against its keys: a product and a sum over d, 2-3× faster on the CPU than one
+    # batched product with a block-diagonal B×(H·d)×H matrix (H× the work, tiny per-image matrices)
+    logits = (k_tokens.view(b, n, heads, d) * mean_q).sum(dim=3).mul_(scale).sub_(mean_lse)  # B×N×H
     bound = logits.amax(dim=2) - math.log(heads)
     return bound if bias is None else bound.add_(bias.float().view(b, n))
