@@ -155,8 +155,9 @@ def test_a_block_without_received_attention_prunes_nothing_as_with_infinite_impo
 
 
 def test_thresholds_changed_between_forwards_take_effect(kernel_state):
-    # At inference the thresholds are read to the host once and kept: a change in place (an optimiser step,
-    # load_state_dict) or a new parameter module must be seen by the next forward.
+    # At inference the thresholds are read to the host once per forward and kept for its blocks: a change in
+    # place (an optimiser step, load_state_dict, through .data) or a new parameter module must be seen by the
+    # next forward.
     images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     model = tr.apply(make_vit(), "ltmp", untrained=True, merge_threshold=1.0)
     reducer = tr.reducer(model)
@@ -176,6 +177,8 @@ def test_thresholds_changed_between_forwards_take_effect(kernel_state):
     fresh = type(reducer.module)([0.0] * 12, [0.0] * 12)
     reducer.module = fresh
     assert final_tokens() == merged
+    reducer.module.merge_threshold.data.fill_(1.0)  # no autograd version bump: seen by the next forward
+    assert final_tokens() == 65
 
 
 @pytest.mark.parametrize("mode", ["on", "off"])

@@ -181,8 +181,8 @@ class LTMP(Reducer):
         prune = _per_block(self.name, "prune_threshold", params.prune_threshold, info.depth)
         self._initial_thresholds = (merge, prune)
         self.prop_attn = params.prop_attn
-        # (merge, prune parameters, their versions, their values): see _host_thresholds
-        self._host_cache: tuple[Tensor, Tensor, tuple[int, int], list[float], list[float]] | None = None
+        # (merge, prune parameters, their versions and data pointers, their values): see _host_thresholds
+        self._host_cache: tuple[Tensor, Tensor, tuple[int, ...], list[float], list[float]] | None = None
 
     def build_module(self) -> LTMPThresholds:
         """The thresholds at their initial values."""
@@ -216,21 +216,25 @@ class LTMP(Reducer):
         """:meth:`needs` for every block, reading the prune thresholds with one host transfer."""
         if self.training or tracing() or self._module is None:
             return [AttentionNeeds(keys=True, received=True)] * self.info.depth
-        _, thresholds = self._host_thresholds()
+        _, thresholds = self._host_thresholds(refresh=True)  # once per forward: also sees changes through .data
         return [AttentionNeeds(keys=True) if theta <= 0.0 else AttentionNeeds(keys=True, received=True,
                                                                              received_floor=theta)
                 for theta in thresholds]
 
-    def _host_thresholds(self) -> tuple[list[float], list[float]]:
-        """The merge and prune thresholds as Python floats, read with one host transfer and kept until the
-        parameters change (in place, as an optimiser or ``load_state_dict`` does, or replaced): at inference
-        every block compares with them without a device-to-host read of its own."""
+    def _host_thresholds(self, refresh: bool = False) -> tuple[list[float], list[float]]:
+        """The merge and prune thresholds as Python floats, read with one host transfer, so that at inference
+        every block compares with them without a device-to-host read of its own.
+
+        A reduced model calls this with ``refresh`` at the start of every forward (:meth:`needs_per_block`),
+        so a forward always sees the current values.  Between forwards the kept values are read again when
+        the parameters are replaced, re-pointed or changed in place by an autograd-visible op (an optimiser
+        step, ``load_state_dict``); changes made through ``.data`` are seen from the next forward on."""
         merge, prune = self.module.merge_threshold, self.module.prune_threshold
-        versions = (merge._version, prune._version)
+        key = (merge._version, prune._version, merge.data_ptr(), prune.data_ptr())
         cache = self._host_cache
-        if cache is None or cache[0] is not merge or cache[1] is not prune or cache[2] != versions:
+        if refresh or cache is None or cache[0] is not merge or cache[1] is not prune or cache[2] != key:
             values = torch.stack([merge.detach(), prune.detach()]).tolist()
-            cache = self._host_cache = (merge, prune, versions, values[0], values[1])
+            cache = self._host_cache = (merge, prune, key, values[0], values[1])
         return cache[3], cache[4]
 
     def key_mask(self, mask: Tensor) -> KeyMask:
