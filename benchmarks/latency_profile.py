@@ -46,6 +46,19 @@ def op_profile(run: Callable[[], object], forwards: int) -> dict[str, tuple[floa
     return {e.key: (e.count / forwards, e.self_cpu_time_total / forwards) for e in prof.key_averages()}
 
 
+def profile_difference(
+    own: dict[str, tuple[float, float]], base: dict[str, tuple[float, float]], top: int
+) -> tuple[list[float], list[float], str]:
+    """Two :func:`op_profile` results side by side: ops per forward and self ms of each, and the ``top`` ops
+    whose self time grows most from ``base`` to ``own`` as "name +calls/µs" (per forward)."""
+    calls = [sum(c for c, _ in p.values()) for p in (own, base)]
+    self_ms = [sum(t for _, t in p.values()) / 1e3 for p in (own, base)]
+    grown = sorted(((own[k][1] - base.get(k, (0, 0))[1], k) for k in own), reverse=True)[:top]
+    detail = ", ".join(f"{k.removeprefix('aten::')} {own[k][0] - base.get(k, (0, 0))[0]:+.0f}/{d:.0f}"
+                       for d, k in grown if d > 0)
+    return calls, self_ms, detail
+
+
 def alternate_medians(models: dict[str, torch.nn.Module], x: torch.Tensor, repeats: int) -> dict[str, float]:
     """Milliseconds per forward of every model, taking turns; medians."""
     seconds: dict[str, list[float]] = {name: [] for name in models}
@@ -95,11 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             ceil_eff = ms["unreduced"] / ms["ceiling"] * ceiling_ratio
             own = op_profile(lambda model=reduced: model(x), args.profile_forwards)
             base = op_profile(lambda model=ceiling: model(x), args.profile_forwards)
-            calls = [sum(c for c, _ in p.values()) for p in (own, base)]
-            self_ms = [sum(t for _, t in p.values()) / 1e3 for p in (own, base)]
-            grown = sorted(((own[k][1] - base.get(k, (0, 0))[1], k) for k in own), reverse=True)[: args.top]
-            detail = ", ".join(f"{k.removeprefix('aten::')} {own[k][0] - base.get(k, (0, 0))[0]:+.0f}/{d:.0f}"
-                               for d, k in grown if d > 0)
+            calls, self_ms, detail = profile_difference(own, base, args.top)
             print(f"{method:<11} {eff:>5.2f} {ceil_eff:>5.2f} {ceil_eff - eff:>5.2f} {calls[0]:>8.0f} {calls[1]:>6.0f} "
                   f"{calls[0] - calls[1]:>+6.0f} {self_ms[0]:>8.1f} {self_ms[1]:>6.1f} {self_ms[0] - self_ms[1]:>+6.1f}"
                   f"  {detail}")

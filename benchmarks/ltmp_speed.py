@@ -42,7 +42,7 @@ import time
 import timm
 import torch
 import torch.nn.functional as F
-from latency_profile import op_profile  # a sibling script (benchmarks/ is the script's path)
+from latency_profile import op_profile, profile_difference  # a sibling script (benchmarks/ is the script's path)
 
 import tokenreduce as tr
 from tokenreduce.eval.accuracy import time_models
@@ -124,11 +124,7 @@ def print_profile(reduced: torch.nn.Module, ceiling: torch.nn.Module, x: torch.T
     """Batch-1 op profile of LTMP against its ceiling, per forward (see the module note)."""
     own = op_profile(lambda: reduced(x), forwards)
     base = op_profile(lambda: ceiling(x), forwards)
-    calls = [sum(c for c, _ in p.values()) for p in (own, base)]
-    self_ms = [sum(t for _, t in p.values()) / 1e3 for p in (own, base)]
-    grown = sorted(((own[k][1] - base.get(k, (0, 0))[1], k) for k in own), reverse=True)[:top]
-    detail = ", ".join(f"{k.removeprefix('aten::')} {own[k][0] - base.get(k, (0, 0))[0]:+.0f}/{d:.0f}"
-                       for d, k in grown if d > 0)
+    calls, self_ms, detail = profile_difference(own, base, top)
     print(f"#   batch 1 profile: ops per forward {calls[0]:.0f} (ceiling {calls[1]:.0f}), self ms {self_ms[0]:.1f} "
           f"(ceiling {self_ms[1]:.1f}), LTMP's step {step_milliseconds(reduced, x, forwards):.2f} ms per forward")
     print(f"#   largest extra self time (calls, µs per forward): {detail}")
