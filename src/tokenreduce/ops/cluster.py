@@ -42,6 +42,7 @@ import math
 import torch
 from torch import Tensor
 
+from .cpu_kernels import fused_dpc_clusters, fused_token_distances
 from .gather import batched_scatter_add
 from .modes import no_grad
 
@@ -75,7 +76,8 @@ def knn_log_density(dist: Tensor, k: int, include_self: bool = False) -> Tensor:
     ``include_self=False`` (our default): the k nearest *other* tokens, ``k`` capped
     at M − 1 (a lone token gets ``log ρ = 0``).  ``include_self=True`` (TCFormer's
     form): token i itself counts as one of its k neighbours, at distance 0, ``k``
-    capped at M.
+    capped at M.  The k squares are added nearest first, one after the other, so that the fused
+    kernel (``csrc/dpc_knn.cpp``) rounds the sum as this does.
     """
     m = dist.shape[-1]
     k = min(k, m if include_self else m - 1)
@@ -83,8 +85,12 @@ def knn_log_density(dist: Tensor, k: int, include_self: bool = False) -> Tensor:
         return dist.new_zeros(dist.shape[:2])
     if not include_self:
         dist = dist.masked_fill(torch.eye(m, dtype=torch.bool, device=dist.device), torch.inf)
-    nearest = dist.topk(k, dim=-1, largest=False).values  # B×M×k
-    return -(nearest**2).mean(dim=-1)
+    nearest = dist.topk(k, dim=-1, largest=False).values  # B×M×k, ascending
+    squares = nearest * nearest
+    total = squares[..., 0]
+    for j in range(1, k):
+        total = total + squares[..., j]
+    return -(total / k)
 
 
 def ranks_above(log_density: Tensor) -> Tensor:
@@ -100,6 +106,10 @@ def dpc_knn(
 ) -> tuple[Tensor, Tensor]:
     """Cluster the tokens of every image with DPC-kNN (module docstring).
 
+    On the CPU in float32 (outside graph capture) two fused kernels run it (``csrc/dpc_knn.cpp``): the
+    distances, equal to :func:`pairwise_distance`'s up to float rounding, and the clusters, bit for bit
+    :func:`clusters_from_distances`'s on the same distances.
+
     Args:
         x: B×M×C token features (M ≥ 1).
         num_clusters: C, clamped to ``[1, M]``.
@@ -112,10 +122,34 @@ def dpc_knn(
         B×C int64 positions of the centres, in decreasing ``ρ·δ`` order (cluster
         ``c`` is the one around ``centres[:, c]``).
     """
-    b, m, _ = x.shape
-    c = max(1, min(num_clusters, m))
+    c = max(1, min(num_clusters, x.shape[1]))
     with no_grad():
-        dist = pairwise_distance(x, distance_scale)
+        dist = None
+        if x.dtype == torch.float32:
+            scale = math.sqrt(x.shape[-1]) if check_distance_scale(distance_scale) == "sqrt_dim" else 1.0
+            dist = fused_token_distances(x, scale)
+        if dist is None:
+            dist = pairwise_distance(x, distance_scale)
+        return clusters_from_distances(dist, c, k, include_self)
+
+
+def clusters_from_distances(
+    dist: Tensor, num_clusters: int, k: int = 5, include_self: bool = False
+) -> tuple[Tensor, Tensor]:
+    """DPC-kNN's clusters from B×M×M float32 distances (:func:`dpc_knn` after :func:`pairwise_distance`).
+
+    Args:
+        dist: B×M×M distances (M ≥ 1); num_clusters: C in ``[1, M]``; k, include_self: as :func:`dpc_knn`.
+
+    Returns:
+        ``(assign, centres)`` as :func:`dpc_knn`; on the CPU from one fused kernel call, bit for bit.
+    """
+    fused = fused_dpc_clusters(dist, num_clusters, k, include_self)
+    if fused is not None:
+        return fused
+    b, m, _ = dist.shape
+    c = num_clusters
+    with no_grad():
         log_density = knn_log_density(dist, k, include_self)
         above = ranks_above(log_density)
         delta = dist.masked_fill(~above, torch.inf).amin(dim=-1)  # B×M
@@ -125,7 +159,7 @@ def dpc_knn(
         centres = score.sort(dim=-1, descending=True, stable=True).indices[:, :c]  # B×C
         to_centre = dist.gather(2, centres.unsqueeze(1).expand(b, m, c))  # B×M×C
         assign = to_centre.argmin(dim=-1)
-        assign = assign.scatter(1, centres, torch.arange(c, device=x.device).expand(b, c))
+        assign = assign.scatter(1, centres, torch.arange(c, device=dist.device).expand(b, c))
     return assign, centres
 
 
@@ -150,6 +184,7 @@ __all__ = [
     "DISTANCE_SCALES",
     "check_distance_scale",
     "cluster_mean",
+    "clusters_from_distances",
     "dpc_knn",
     "knn_log_density",
     "pairwise_distance",

@@ -9,6 +9,8 @@ give the same numbers as the Python path:
   (:func:`~tokenreduce.ops.matching.bipartite_soft_matching` + :func:`~tokenreduce.ops.merge.merge_wavg`);
 * ``csrc/ltmp_merge_prune.cpp``: LTMP's inference step after the similarities (threshold merge,
   threshold prune, compaction of the padded batch; ``LTMP._reduce_hard``);
+* ``csrc/dpc_knn.cpp``: BAT's DPC-kNN clustering (:func:`~tokenreduce.ops.cluster.dpc_knn`): the tokens'
+  distances (to float rounding) and the clusters they give (bit for bit);
 * ``csrc/squeeze.cpp``: TPS's squeeze; ``csrc/window_groups.cpp``: the index maps of ToMe for SD's
   window matching (:func:`~tokenreduce.ops.unmerge.window_groups`); ``csrc/group_rows.cpp``: its merge
   into group means and its unmerge into the stream (:class:`~tokenreduce.ops.unmerge.TokenGroups`).
@@ -52,14 +54,15 @@ from torch import Tensor
 from .modes import tracing
 
 __all__ = ["cpu_kernels_mode", "load_cpu_kernels", "set_cpu_kernels", "fused_bipartite_merge", "fused_ltmp_merge_prune",
-           "fused_squeeze", "fused_window_groups", "fused_group_mean", "fused_unmerge_add"]
+           "fused_squeeze", "fused_window_groups", "fused_group_mean", "fused_unmerge_add", "fused_token_distances",
+           "fused_dpc_clusters"]
 
 ENV_VAR = "TOKENREDUCE_CPU_KERNELS"
 MODES = ("auto", "on", "off")
 EXTENSION_NAME = "tokenreduce_cpu_kernels"
 SOURCES = tuple(Path(__file__).parent / "csrc" / name
                 for name in ("module.cpp", "bipartite_merge.cpp", "ltmp_merge_prune.cpp", "squeeze.cpp",
-                             "window_groups.cpp", "group_rows.cpp"))
+                             "window_groups.cpp", "group_rows.cpp", "dpc_knn.cpp"))
 HEADERS = tuple(Path(__file__).parent / "csrc" / name for name in ("kernels.h", "rows.h"))
 """Headers the sources include (a change to one forces a rebuild: :func:`build_options`)."""
 
@@ -409,3 +412,25 @@ def fused_unmerge_add(x: Tensor, y: Tensor, slot: Tensor) -> Tensor | None:
         return None
     module = _kernels_for(x, None)
     return None if module is None else module.unmerge_add(x, y, slot)
+
+
+def fused_token_distances(x: Tensor, scale: float) -> Tensor | None:
+    """B×M×M Euclidean distances of every image's token rows ``x`` (B×M×C float32), divided by ``scale``, in one
+    kernel call: exactly symmetric with a zero diagonal, and equal to ``torch.cdist``'s direct form up to float
+    rounding (the channel sums are added in another order); ``None`` when the kernel is not eligible or not
+    available (the caller then takes the Python path)."""
+    module = _kernels_for(x, None)
+    if module is None:
+        return None
+    return module.token_distances(x, float(scale))
+
+
+def fused_dpc_clusters(dist: Tensor, num_clusters: int, k: int, include_self: bool) -> tuple[Tensor, Tensor] | None:
+    """DPC-kNN's clusters from B×M×M float32 distances in one kernel call, bit for bit those of
+    :func:`~tokenreduce.ops.cluster.clusters_from_distances` (same arguments); ``None`` when the kernel is not
+    eligible or not available."""
+    module = _kernels_for(dist, None)
+    if module is None:
+        return None
+    assign, centres = module.dpc_clusters(dist, int(num_clusters), int(k), bool(include_self))
+    return assign, centres

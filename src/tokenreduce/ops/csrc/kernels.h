@@ -31,3 +31,7 @@ std::vector<at::Tensor> window_groups(const at::Tensor& scores_in, const at::Ten
 at::Tensor group_mean(const at::Tensor& x_in, const at::Tensor& rep_in, const at::Tensor& src_in,
                       const at::Tensor& into_in, const at::Tensor& size_in);
 at::Tensor unmerge_add(const at::Tensor& x_in, const at::Tensor& y_in, const at::Tensor& slot_in);
+
+// BAT's DPC-kNN: the tokens' pairwise distances, and the clusters they give (dpc_knn.cpp).
+at::Tensor token_distances(const at::Tensor& x_in, double scale);
+std::vector<at::Tensor> dpc_clusters(const at::Tensor& dist_in, int64_t num_clusters, int64_t k, bool include_self);

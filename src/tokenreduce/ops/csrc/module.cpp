@@ -20,4 +20,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("unmerge_add", &unmerge_add, "ToMe for SD's unmerge: the stream plus its groups' rows (inference)",
         pybind11::arg("x"), pybind11::arg("y"), pybind11::arg("slot"), pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("token_distances", &token_distances, "BAT's DPC-kNN: pairwise token distances, direct form (inference)",
+        pybind11::arg("x"), pybind11::arg("scale"), pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("dpc_clusters", &dpc_clusters, "BAT's DPC-kNN: density, distance indicator, centres, assignment (inference)",
+        pybind11::arg("dist"), pybind11::arg("num_clusters"), pybind11::arg("k"), pybind11::arg("include_self"),
+        pybind11::call_guard<pybind11::gil_scoped_release>());
 }
