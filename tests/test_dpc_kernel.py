@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 import tokenreduce as tr
 from tokenreduce.ops import cpu_kernels
-from tokenreduce.ops.cluster import clusters_from_distances, dpc_knn, pairwise_distance
+from tokenreduce.ops.cluster import cluster_merge, clusters_from_distances, dpc_knn, pairwise_distance
 
 # (1-D points, clusters, k, include_self, centres, assignment), each worked out by hand in test_cluster.py
 HAND_WORKED = [
@@ -42,11 +42,11 @@ def test_hand_worked_clusters_on_both_paths(kernel_state, mode, points, clusters
     assert got_assign.tolist() == [assign]
 
 
-def _with_mode(mode: str, fn):
+def _with_mode(mode: str, fn, *args):
     saved = cpu_kernels._mode  # hypothesis takes no function-scoped fixture (kernel_state)
     try:
         cpu_kernels.set_cpu_kernels(mode)
-        return fn()
+        return fn(*args)
     finally:
         cpu_kernels._mode = saved
 
@@ -70,12 +70,51 @@ def test_clusters_match_the_python_path_bit_for_bit(batch, tokens, channels, k, 
     if tokens > 2:
         x[:, 1] = x[:, 0]  # a duplicate: a zero distance, δ = 0, log δ = −inf
     dist = pairwise_distance(x)
-    fused = _with_mode("on", lambda: clusters_from_distances(dist, clusters, k, include_self))
-    python = _with_mode("off", lambda: clusters_from_distances(dist, clusters, k, include_self))
+    fused = _with_mode("on", clusters_from_distances, dist, clusters, k, include_self)
+    python = _with_mode("off", clusters_from_distances, dist, clusters, k, include_self)
     assert torch.equal(fused[0], python[0]) and torch.equal(fused[1], python[1])
     assert fused[1].shape == (batch, clusters)
     # every centre joins its own cluster, every token some cluster
     assert torch.equal(fused[0].gather(1, fused[1]), torch.arange(clusters).expand(batch, clusters))
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(
+    batch=st.integers(1, 3),
+    prefix=st.integers(0, 2),
+    patches=st.integers(1, 30),
+    channels=st.integers(1, 20),
+    with_size=st.booleans(),
+    data=st.data(),
+)
+def test_cluster_tokens_match_the_python_path_bit_for_bit(batch, prefix, patches, channels, with_size, data):
+    members = data.draw(st.integers(1, patches))
+    clusters = data.draw(st.integers(1, members + 1))  # one more than the members: an empty cluster too
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
+    rest = torch.stack([torch.randperm(patches, generator=g)[:members] for _ in range(batch)])
+    x = torch.randn(batch, members, channels, generator=g)
+    assign = torch.randint(0, clusters, (batch, members), generator=g)
+    importance = torch.rand(batch, patches, generator=g)
+    importance[:, 0] = 0.0  # a zero weight: a cluster of only such tokens is a zero token
+    size = torch.randint(1, 6, (batch, prefix + patches, 1), generator=g).float() if with_size else None
+    fused = _with_mode("on", cluster_merge, x, assign, importance, rest, size, prefix, clusters)
+    python = _with_mode("off", cluster_merge, x, assign, importance, rest, size, prefix, clusters)
+    assert torch.equal(fused[0], python[0]) and torch.equal(fused[1], python[1])
+    member_sizes = torch.ones(batch, members, 1) if size is None else size[:, prefix:].gather(1, rest.unsqueeze(-1))
+    assert torch.equal(fused[1].sum(dim=1), member_sizes.sum(dim=1))
+
+
+def test_cluster_tokens_by_hand(kernel_state):
+    # patches 2 and 4 (weights 1 and 3) form cluster 0, patch 1 (weight 2) cluster 1; one prefix token before them
+    x = torch.tensor([[[4.0, 0.0], [1.0, 1.0], [0.0, 8.0]]])
+    importance = torch.tensor([[9.0, 2.0, 1.0, 9.0, 3.0]])
+    rest, assign = torch.tensor([[2, 1, 4]]), torch.tensor([[0, 1, 0]])
+    size = torch.tensor([[[1.0], [9.0], [1.0], [2.0], [9.0], [5.0]]])
+    for mode in ("on", "off"):
+        cpu_kernels.set_cpu_kernels(mode)
+        merged, merged_size = cluster_merge(x, assign, importance, rest, size, 1, 2)
+        torch.testing.assert_close(merged, torch.tensor([[[1.0, 6.0], [1.0, 1.0]]]))
+        assert merged_size.flatten().tolist() == [2.0 + 5.0, 1.0]
 
 
 @pytest.mark.parametrize("channels", [1, 7, 16, 33, 384])
@@ -100,8 +139,8 @@ def test_dpc_knn_matches_the_python_path_on_random_features(kernel_state):
         x = torch.randn(4, tokens, channels, generator=g)
         for include_self in (False, True):
             for scale in ("sqrt_dim", "none"):
-                fused = _with_mode("on", lambda: dpc_knn(x, 7, 5, include_self, scale))
-                python = _with_mode("off", lambda: dpc_knn(x, 7, 5, include_self, scale))
+                fused = _with_mode("on", dpc_knn, x, 7, 5, include_self, scale)
+                python = _with_mode("off", dpc_knn, x, 7, 5, include_self, scale)
                 assert torch.equal(fused[0], python[0]) and torch.equal(fused[1], python[1])
 
 
@@ -112,6 +151,7 @@ def test_kernels_are_used_only_on_cpu_float32_outside_capture(kernel_state, monk
     spy = type("Spy", (), {
         "token_distances": staticmethod(lambda *args: calls.append("dist") or real.token_distances(*args)),
         "dpc_clusters": staticmethod(lambda *args: calls.append("clusters") or real.dpc_clusters(*args)),
+        "cluster_merge": staticmethod(lambda *args: calls.append("merge") or real.cluster_merge(*args)),
     })
     monkeypatch.setattr(cpu_kernels, "_module", spy)
     x = torch.randn(2, 10, 8)
@@ -130,6 +170,14 @@ def test_kernels_are_used_only_on_cpu_float32_outside_capture(kernel_state, monk
     cpu_kernels.set_cpu_kernels("off")
     dpc_knn(x, 3)
     assert calls == []
+    cpu_kernels.set_cpu_kernels("on")
+    assign, rest, importance = torch.zeros(2, 10, dtype=torch.long), torch.arange(10).expand(2, 10), torch.rand(2, 10)
+    cluster_merge(x, assign, importance, rest, None, 0, 3)
+    assert calls == ["merge"]
+    cluster_merge(x.clone().requires_grad_(), assign, importance, rest, None, 0, 3)  # training: autograd's path
+    cluster_merge(x, assign, importance.clone().requires_grad_(), rest, None, 0, 3)
+    cluster_merge(x.double(), assign, importance, rest, None, 0, 3)
+    assert calls == ["merge"]
 
 
 def test_kernel_rejects_bad_arguments(kernel_state):

@@ -57,7 +57,7 @@ from dataclasses import dataclass
 import torch
 
 from ..ops.attention import AttentionNeeds, AttentionSignals
-from ..ops.cluster import DISTANCE_SCALES, cluster_mean, dpc_knn
+from ..ops.cluster import DISTANCE_SCALES, cluster_merge, dpc_knn
 from ..ops.gather import batched_gather, batched_scatter_add
 from ..ops.matching import max_merges
 from ..ops.merge import bipartite_merge
@@ -155,9 +155,7 @@ class BAT(KeepRateReducer):
         if r > 0:
             keys = torch.cat([signals.keys[:, :p], batched_gather(signals.keys[:, p:], attentive_idx)], dim=1)
             attentive = bipartite_merge(attentive, keys, r)
-        cluster_x = cluster_mean(rest_x, assign, importance.gather(1, rest_idx), c)
-        rest_size = batched_gather(state.sizes()[:, p:], rest_idx)
-        cluster_size = batched_scatter_add(rest_size, assign, c)
+        cluster_x, cluster_size = cluster_merge(rest_x, assign, importance, rest_idx, state.size, p, c)
         cluster_source = None
         if state.source is not None:
             rest_source = batched_gather(state.source[:, p:], rest_idx)

@@ -42,8 +42,8 @@ import math
 import torch
 from torch import Tensor
 
-from .cpu_kernels import fused_dpc_clusters, fused_token_distances
-from .gather import batched_scatter_add
+from .cpu_kernels import fused_cluster_merge, fused_dpc_clusters, fused_token_distances
+from .gather import batched_gather, batched_scatter_add
 from .modes import no_grad
 
 DISTANCE_SCALES = ("sqrt_dim", "none")
@@ -180,10 +180,36 @@ def cluster_mean(x: Tensor, assign: Tensor, weight: Tensor, num_clusters: int) -
     return (num / den.clamp_min(torch.finfo(torch.float32).tiny)).to(x.dtype)
 
 
+
+def cluster_merge(
+    x: Tensor, assign: Tensor, importance: Tensor, rest: Tensor, size: Tensor | None, num_prefix: int, num_clusters: int
+) -> tuple[Tensor, Tensor]:
+    """BAT's cluster tokens: :func:`cluster_mean` of the clustered tokens weighted by their importance, and their sizes.
+
+    Args:
+        x: B×M×C the clustered tokens; assign: B×M their clusters in ``[0, num_clusters)``;
+        importance: B×(N−P) the weights of every patch token; rest: B×M the clustered tokens' patch positions
+            (counted after the prefix); size: B×N×1 float32 sizes of the whole stream, or ``None`` (all ones);
+        num_prefix: P; num_clusters: the clusters.
+
+    Returns:
+        ``(merged, merged_size)``: B×num_clusters×C and B×num_clusters×1; on the CPU in inference from one fused
+        kernel call, bit for bit.
+    """
+    fused = fused_cluster_merge(x, assign, importance, rest, size, num_prefix, num_clusters)
+    if fused is not None:
+        return fused
+    merged = cluster_mean(x, assign, importance.gather(1, rest), num_clusters)
+    if size is None:
+        size = x.new_ones(x.shape[0], num_prefix + importance.shape[1], 1, dtype=torch.float32)
+    merged_size = batched_scatter_add(batched_gather(size[:, num_prefix:], rest), assign, num_clusters)
+    return merged, merged_size
+
 __all__ = [
     "DISTANCE_SCALES",
     "check_distance_scale",
     "cluster_mean",
+    "cluster_merge",
     "clusters_from_distances",
     "dpc_knn",
     "knn_log_density",

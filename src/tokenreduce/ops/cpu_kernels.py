@@ -10,7 +10,7 @@ give the same numbers as the Python path:
 * ``csrc/ltmp_merge_prune.cpp``: LTMP's inference step after the similarities (threshold merge,
   threshold prune, compaction of the padded batch; ``LTMP._reduce_hard``);
 * ``csrc/dpc_knn.cpp``: BAT's DPC-kNN clustering (:func:`~tokenreduce.ops.cluster.dpc_knn`): the tokens'
-  distances (to float rounding) and the clusters they give (bit for bit);
+  distances (to float rounding), the clusters they give and the cluster tokens (bit for bit);
 * ``csrc/squeeze.cpp``: TPS's squeeze; ``csrc/window_groups.cpp``: the index maps of ToMe for SD's
   window matching (:func:`~tokenreduce.ops.unmerge.window_groups`); ``csrc/group_rows.cpp``: its merge
   into group means and its unmerge into the stream (:class:`~tokenreduce.ops.unmerge.TokenGroups`).
@@ -55,7 +55,7 @@ from .modes import tracing
 
 __all__ = ["cpu_kernels_mode", "load_cpu_kernels", "set_cpu_kernels", "fused_bipartite_merge", "fused_ltmp_merge_prune",
            "fused_squeeze", "fused_window_groups", "fused_group_mean", "fused_unmerge_add", "fused_token_distances",
-           "fused_dpc_clusters"]
+           "fused_dpc_clusters", "fused_cluster_merge"]
 
 ENV_VAR = "TOKENREDUCE_CPU_KERNELS"
 MODES = ("auto", "on", "off")
@@ -434,3 +434,15 @@ def fused_dpc_clusters(dist: Tensor, num_clusters: int, k: int, include_self: bo
         return None
     assign, centres = module.dpc_clusters(dist, int(num_clusters), int(k), bool(include_self))
     return assign, centres
+
+
+def fused_cluster_merge(
+    x: Tensor, assign: Tensor, importance: Tensor, rest: Tensor, size: Tensor | None, num_prefix: int, num_clusters: int
+) -> tuple[Tensor, Tensor] | None:
+    """BAT's cluster tokens in one kernel call, bit for bit :func:`~tokenreduce.ops.cluster.cluster_merge`'s Python
+    path (same arguments); ``None`` when the kernel is not eligible or not available."""
+    module = None if importance.dtype != torch.float32 or importance.requires_grad else _kernels_for(x, size)
+    if module is None:
+        return None
+    merged, merged_size = module.cluster_merge(x, assign, importance, rest, size, num_prefix, num_clusters)
+    return merged, merged_size

@@ -13,7 +13,11 @@
 // is ATen's (at::log, so the rounding is the Python path's); the C centres in a stable descending sort of
 // the score; every token to its nearest centre (the first of equals), every centre to itself.
 //
-// At batch 1 the Python path is about 35 small ATen ops and one slow cdist per clustering; these are two
+// `cluster_merge`: BAT's cluster tokens from the clusters (tokenreduce/ops/cluster.py, `cluster_merge`): every
+// cluster's importance-weighted mean and its size, each sum accumulated from zero in member order as index_add_
+// does, then divided by the weight sum (at least the smallest normal float): bit for bit the Python path.
+//
+// At batch 1 the Python path is about 50 small ATen ops and one slow cdist per clustering; these are three
 // calls. Built on first use by tokenreduce/ops/cpu_kernels.py (torch.utils.cpp_extension.load); bound in
 // module.cpp.
 
@@ -176,4 +180,70 @@ std::vector<at::Tensor> dpc_clusters(const at::Tensor& dist_in, int64_t num_clus
     }
   });
   return {assign, centres};
+}
+
+// x: B×M×C float32 tokens to merge; assign: B×M int64 clusters in [0, C); importance: B×P float32 weights of the
+// patch tokens, read at `rest` (B×M int64 patch positions of the tokens); size: B×N×1 float32 sizes of the whole
+// stream or None (all ones), read at p + rest. Returns (B×C×C' float32 weighted means, B×C×1 float32 sizes).
+std::vector<at::Tensor> cluster_merge(const at::Tensor& x_in, const at::Tensor& assign_in, const at::Tensor& importance_in,
+                                      const at::Tensor& rest_in, const c10::optional<at::Tensor>& size_in, int64_t p,
+                                      int64_t num_clusters) {
+  TORCH_CHECK(x_in.dim() == 3 && x_in.device().is_cpu() && x_in.scalar_type() == at::kFloat,
+              "cluster_merge: x must be a B×M×C float32 CPU tensor");
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor assign = assign_in.contiguous();
+  const at::Tensor importance = importance_in.contiguous();
+  const at::Tensor rest = rest_in.contiguous();
+  const int64_t batch = x.size(0), m = x.size(1), channels = x.size(2);
+  TORCH_CHECK(assign.scalar_type() == at::kLong && rest.scalar_type() == at::kLong && assign.dim() == 2 &&
+                  rest.dim() == 2 && assign.size(0) == batch && assign.size(1) == m && rest.size(0) == batch &&
+                  rest.size(1) == m,
+              "cluster_merge: assign and rest must be B×M int64 tensors");
+  TORCH_CHECK(importance.scalar_type() == at::kFloat && importance.dim() == 2 && importance.size(0) == batch,
+              "cluster_merge: importance must be a B×P float32 tensor");
+  TORCH_CHECK(num_clusters >= 1 && p >= 0, "cluster_merge: bad cluster or prefix count");
+  const int64_t patches = importance.size(1);
+  at::Tensor size;
+  const bool has_size = size_in.has_value() && size_in->defined();
+  if (has_size) {
+    size = size_in->contiguous();
+    TORCH_CHECK(size.scalar_type() == at::kFloat && size.dim() == 3 && size.size(0) == batch &&
+                    size.size(1) == p + patches && size.size(2) == 1,
+                "cluster_merge: size must be a B×N×1 float32 tensor");
+  }
+  const float* x_data = x.data_ptr<float>();
+  const int64_t* assign_data = assign.data_ptr<int64_t>();
+  const float* importance_data = importance.data_ptr<float>();
+  const int64_t* rest_data = rest.data_ptr<int64_t>();
+  const float* size_data = has_size ? size.data_ptr<float>() : nullptr;
+  at::Tensor merged = at::zeros({batch, num_clusters, channels}, x.options());
+  at::Tensor merged_size = at::zeros({batch, num_clusters, 1}, x.options());
+  float* merged_data = merged.data_ptr<float>();
+  float* merged_size_data = merged_size.data_ptr<float>();
+  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> weight_sum(num_clusters);
+    for (int64_t b = begin; b < end; ++b) {
+      std::fill(weight_sum.begin(), weight_sum.end(), 0.f);
+      float* out = merged_data + b * num_clusters * channels;
+      float* out_size = merged_size_data + b * num_clusters;
+      for (int64_t i = 0; i < m; ++i) {
+        const int64_t g = assign_data[b * m + i];
+        const int64_t position = rest_data[b * m + i];
+        TORCH_CHECK(g >= 0 && g < num_clusters && position >= 0 && position < patches,
+                    "cluster_merge: a cluster or position out of range");
+        const float w = importance_data[b * patches + position];
+        const float* row = x_data + (b * m + i) * channels;
+        float* target = out + g * channels;
+        for (int64_t c = 0; c < channels; ++c) target[c] = target[c] + w * row[c];
+        weight_sum[g] = weight_sum[g] + w;
+        out_size[g] = out_size[g] + (has_size ? size_data[b * (p + patches) + p + position] : 1.f);
+      }
+      for (int64_t g = 0; g < num_clusters; ++g) {
+        const float denominator = std::max(weight_sum[g], std::numeric_limits<float>::min());
+        float* target = out + g * channels;
+        for (int64_t c = 0; c < channels; ++c) target[c] = target[c] / denominator;
+      }
+    }
+  });
+  return {merged, merged_size};
 }

@@ -32,6 +32,9 @@ at::Tensor group_mean(const at::Tensor& x_in, const at::Tensor& rep_in, const at
                       const at::Tensor& into_in, const at::Tensor& size_in);
 at::Tensor unmerge_add(const at::Tensor& x_in, const at::Tensor& y_in, const at::Tensor& slot_in);
 
-// BAT's DPC-kNN: the tokens' pairwise distances, and the clusters they give (dpc_knn.cpp).
+// BAT's DPC-kNN: the tokens' pairwise distances, the clusters they give, and the cluster tokens (dpc_knn.cpp).
 at::Tensor token_distances(const at::Tensor& x_in, double scale);
 std::vector<at::Tensor> dpc_clusters(const at::Tensor& dist_in, int64_t num_clusters, int64_t k, bool include_self);
+std::vector<at::Tensor> cluster_merge(const at::Tensor& x_in, const at::Tensor& assign_in, const at::Tensor& importance_in,
+                                      const at::Tensor& rest_in, const c10::optional<at::Tensor>& size_in, int64_t p,
+                                      int64_t num_clusters);

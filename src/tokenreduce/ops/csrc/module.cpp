@@ -25,4 +25,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dpc_clusters", &dpc_clusters, "BAT's DPC-kNN: density, distance indicator, centres, assignment (inference)",
         pybind11::arg("dist"), pybind11::arg("num_clusters"), pybind11::arg("k"), pybind11::arg("include_self"),
         pybind11::call_guard<pybind11::gil_scoped_release>());
+  m.def("cluster_merge", &cluster_merge, "BAT's cluster tokens: importance-weighted means and sizes (inference)",
+        pybind11::arg("x"), pybind11::arg("assign"), pybind11::arg("importance"), pybind11::arg("rest"),
+        pybind11::arg("size"), pybind11::arg("p"), pybind11::arg("num_clusters"),
+        pybind11::call_guard<pybind11::gil_scoped_release>());
 }
