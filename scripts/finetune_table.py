@@ -26,6 +26,7 @@ step tens of times slower, and the timing probe would plan a run far shorter tha
     python scripts/finetune_table.py --methods evit tome --minutes-per-method 0.2 --limit 500
     python scripts/finetune_table.py --methods tome tps --budget 1 --plan-from results/finetune_table \
         --out results/finetune_control      # the unreduced model under the same recipes and steps
+    python scripts/finetune_table.py --methods evit --batch-size 128 --epoch-steps 148   # a fixed plan, no probe
 """
 
 from __future__ import annotations
@@ -78,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="take each method's steps and batch from an earlier run's DIR/<method>/plan.json instead of "
                         "timing a probe: a control at --budget 1 (the unreduced model under the same recipe) then "
                         "makes the same steps")
+    p.add_argument("--epoch-steps", type=positive_int,
+                   help="optimiser steps per epoch of the recipe, at --batch-size (or the recipe's batch), instead of "
+                        "as many as --minutes-per-method fits: the same run on any machine")
     p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
@@ -121,6 +125,14 @@ def plan_run(method: str, folder: Path, data: TensorDataset, params: dict[str, A
         return json.loads(plan_path.read_text())
     overrides = dict(args.recipe_set)
     recipe = resolve_recipe("paper", get_method(method).resolve({})[0], overrides)
+    batch = min(recipe.batch_size, args.batch_size or recipe.batch_size)
+    if args.epoch_steps is not None:  # a fixed plan: no probe
+        if args.epoch_steps * batch > len(data):
+            raise SystemExit(f"finetune_table.py: --epoch-steps {args.epoch_steps} x batch {batch} exceeds the "
+                             f"{len(data)} training images")
+        plan = {"batch_size": batch, "epoch_steps": args.epoch_steps, "recipe": recipe.name, "epochs": recipe.epochs}
+        plan_path.write_text(json.dumps(plan, indent=2))
+        return plan
     start = time.perf_counter()
     probe = folder / "probe"
     tr.train(load_reference_model(), method, data, out_dir=str(probe), recipe="paper", budget=args.budget,
@@ -132,7 +144,6 @@ def plan_run(method: str, folder: Path, data: TensorDataset, params: dict[str, A
     seconds_per_image = 1.0 / statistics.median(rates)
     left = args.minutes_per_method * 60.0 - (time.perf_counter() - start)
     images = max(left, 0.0) * 0.9 / seconds_per_image  # 10% for checkpoints and the EMA
-    batch = min(recipe.batch_size, args.batch_size or recipe.batch_size)
     fit = int(images // batch)
     if fit >= recipe.epochs:
         plan = {"batch_size": batch, "epoch_steps": min(fit // recipe.epochs, len(data) // batch)}
@@ -195,6 +206,8 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.plan_from is not None and args.epoch_steps is not None:
+        raise SystemExit("finetune_table.py: give --plan-from or --epoch-steps, not both")
     for name in args.methods:
         get_method(name)
         if args.plan_from is not None and not earlier_plan(args, name).is_file():

@@ -60,3 +60,22 @@ def test_finetune_table_plans_within_its_budget_and_a_rerun_reuses_the_result(tm
     missing = [*argv[:argv.index("--out")], "--out", str(tmp_path / "c2"), "--plan-from", str(tmp_path / "nowhere")]
     with pytest.raises(SystemExit, match="plan.json not found"):
         script.main(missing)
+
+
+def test_fixed_epoch_steps_plan_without_a_probe(tmp_path):
+    images, labels = load_reference_testset(limit=128)
+    data = tmp_path / "fashion"
+    data.mkdir()
+    write_fashion_mnist(data, "train", images, labels)
+    out = tmp_path / "fixed"
+    common = ["--methods", "random", "--limit", "32", "--batch-size", "8", "--data-dir", str(data), "--no-progress",
+              "--threads", "2", "--set", "mixup=0.0", "--set", "epochs=2", "--set", "warmup_epochs=0"]
+    script = load_script()
+    assert script.main([*common, "--epoch-steps", "3", "--out", str(out)]) == 0
+    (row,) = json.loads((out / "finetune_table.json").read_text())["rows"]
+    assert row["plan"]["epoch_steps"] == 3 and row["plan"]["batch_size"] == 8 and row["plan"]["epochs"] == 2
+    assert row["steps"] == 6 and not (out / "random" / "probe").exists()
+    with pytest.raises(SystemExit, match="exceeds the 128 training images"):
+        script.main([*common, "--epoch-steps", "17", "--out", str(tmp_path / "too_many")])
+    with pytest.raises(SystemExit, match="not both"):
+        script.main([*common, "--epoch-steps", "3", "--plan-from", str(out), "--out", str(tmp_path / "both")])
