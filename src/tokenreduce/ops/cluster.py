@@ -180,7 +180,6 @@ def cluster_mean(x: Tensor, assign: Tensor, weight: Tensor, num_clusters: int) -
     return (num / den.clamp_min(torch.finfo(torch.float32).tiny)).to(x.dtype)
 
 
-
 def cluster_merge(
     x: Tensor, assign: Tensor, importance: Tensor, rest: Tensor, size: Tensor | None, num_prefix: int, num_clusters: int
 ) -> tuple[Tensor, Tensor]:
@@ -204,6 +203,7 @@ def cluster_merge(
         size = x.new_ones(x.shape[0], num_prefix + importance.shape[1], 1, dtype=torch.float32)
     merged_size = batched_scatter_add(batched_gather(size[:, num_prefix:], rest), assign, num_clusters)
     return merged, merged_size
+
 
 __all__ = [
     "DISTANCE_SCALES",
