@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import pytest
 import torch
 from timm.models.vision_transformer import VisionTransformer
@@ -46,6 +49,18 @@ def kernel_state():
     saved = (cpu_kernels._mode, cpu_kernels._module, cpu_kernels._failure)
     yield
     cpu_kernels._mode, cpu_kernels._module, cpu_kernels._failure = saved
+
+
+@contextlib.contextmanager
+def kernel_mode(mode: str) -> Iterator[None]:
+    """The fused CPU kernels in ``mode`` ("on" builds them or fails) inside the block, the earlier mode after it:
+    for hypothesis tests, which take no function-scoped fixture (:func:`kernel_state`)."""
+    saved = cpu_kernels._mode
+    try:
+        cpu_kernels.set_cpu_kernels(mode)
+        yield
+    finally:
+        cpu_kernels._mode = saved
 
 
 def run_with_and_without_kernels(model, images: torch.Tensor) -> dict[str, tuple[torch.Tensor, list[int]]]:

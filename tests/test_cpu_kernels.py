@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import make_vit
+from conftest import kernel_mode, make_vit
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -107,12 +107,8 @@ def test_kernel_matches_python_path_with_nan(fused):
     seed=st.integers(0, 2**16),
 )
 def test_kernel_equals_python_path(batch, n, channels, dim, prefix, r_frac, with_size, seed):
-    saved = cpu_kernels._mode
-    cpu_kernels.set_cpu_kernels("on")  # builds or fails (hypothesis takes no function-scoped fixture)
-    try:
+    with kernel_mode("on"):
         _compare_paths(batch, n, channels, dim, prefix, r_frac, with_size, seed)
-    finally:
-        cpu_kernels._mode = saved
 
 
 def _compare_paths(batch, n, channels, dim, prefix, r_frac, with_size, seed):

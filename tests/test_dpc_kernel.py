@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import make_vit, run_with_and_without_kernels
+from conftest import kernel_mode, make_vit, run_with_and_without_kernels
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -43,12 +43,8 @@ def test_hand_worked_clusters_on_both_paths(kernel_state, mode, points, clusters
 
 
 def _with_mode(mode: str, fn, *args):
-    saved = cpu_kernels._mode  # hypothesis takes no function-scoped fixture (kernel_state)
-    try:
-        cpu_kernels.set_cpu_kernels(mode)
+    with kernel_mode(mode):
         return fn(*args)
-    finally:
-        cpu_kernels._mode = saved
 
 
 @settings(max_examples=80, deadline=None, derandomize=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_vit, run_with_and_without_kernels
+from conftest import kernel_mode, make_vit, run_with_and_without_kernels
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_ltmp import _info
@@ -86,15 +86,11 @@ def _random_case(batch, n, channels, dim, prefix, dead, with_size, merge, prune,
     seed=st.integers(0, 2**16),
 )
 def test_kernel_equals_python_path_bit_for_bit(batch, n, channels, dim, prefix, dead, with_size, merge, prune, seed):
-    saved = cpu_kernels._mode
-    try:
-        outs = {}
-        for mode in ("on", "off"):
-            cpu_kernels.set_cpu_kernels(mode)  # "on" builds or fails (hypothesis takes no function-scoped fixture)
+    outs = {}
+    for mode in ("on", "off"):
+        with kernel_mode(mode):
             ltmp, state, signals = _random_case(batch, n, channels, dim, prefix, dead, with_size, merge, prune, seed)
             outs[mode] = ltmp.reduce(0, state, signals)
-    finally:
-        cpu_kernels._mode = saved
     fused, python = outs["on"], outs["off"]
     assert torch.equal(fused.pos, python.pos)
     assert torch.equal(fused.x, python.x)

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import make_vit, run_with_and_without_kernels
+from conftest import kernel_mode, make_vit, run_with_and_without_kernels
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -63,13 +63,9 @@ def test_kernel_agrees_with_the_python_path(batch, patches, prefix, channels, wi
     perm = torch.stack([torch.randperm(patches, generator=g) for _ in range(batch)])
     state = TokenState(x, size, num_prefix=prefix)
     results = {}
-    saved = cpu_kernels._mode  # hypothesis takes no function-scoped fixture (kernel_state)
-    try:
-        for mode in ("on", "off"):
-            cpu_kernels.set_cpu_kernels(mode)
+    for mode in ("on", "off"):
+        with kernel_mode(mode):
             results[mode] = squeeze_state(state, perm[:, :keep], perm[:, keep:], temperature)
-    finally:
-        cpu_kernels._mode = saved
     fused, python = results["on"], results["off"]
     assert fused.x.shape == python.x.shape == (batch, prefix + keep, channels)
     torch.testing.assert_close(fused.x, python.x, rtol=1e-6, atol=1e-6)
