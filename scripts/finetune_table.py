@@ -27,6 +27,8 @@ step tens of times slower, and the timing probe would plan a run far shorter tha
     python scripts/finetune_table.py --methods tome tps --budget 1 --plan-from results/finetune_table \
         --out results/finetune_control      # the unreduced model under the same recipes and steps
     python scripts/finetune_table.py --methods evit --batch-size 128 --epoch-steps 148   # a fixed plan, no probe
+    python scripts/finetune_table.py --methods bat cropr --batch-size 128 --total-steps 2550 --no-mixing \
+        --peak-lr 5e-4      # every method 2,550 steps at one peak rate, without mixup, cutmix, label smoothing
 """
 
 from __future__ import annotations
@@ -56,6 +58,8 @@ from tokenreduce.training.reference import DEFAULT_DATA, reference_augmentation
 
 PROBE_STEPS = 3
 PROBE_BATCH = 128  # images per probe step (or the recipe's batch when smaller): the cost per image
+NO_MIXING = {"mixup": 0.0, "cutmix": 0.0, "label_smoothing": 0.0}  # --no-mixing
+PEAK_KEYS = ("lr", "backbone_lr_scale")  # what --peak-lr sets
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,6 +86,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epoch-steps", type=positive_int,
                    help="optimiser steps per epoch of the recipe, at --batch-size (or the recipe's batch), instead of "
                         "as many as --minutes-per-method fits: the same run on any machine")
+    p.add_argument("--total-steps", type=positive_int,
+                   help="optimiser steps of the whole run: each method makes total // (its recipe's epochs) steps per "
+                        "epoch (recipes of 30 and 50 epochs then train the same steps); like --epoch-steps, no probe")
+    p.add_argument("--peak-lr", type=positive_float, metavar="RATE",
+                   help="one peak learning rate for every method and parameter, at the run's batch: sets each "
+                        "recipe's lr (scaled back to its lr_batch) and backbone_lr_scale=1 (under layer decay the "
+                        "top block peaks at RATE, lower blocks lower)")
+    p.add_argument("--no-mixing", action="store_true",
+                   help="no mixup, cutmix or label smoothing (--set mixup=0 --set cutmix=0 --set label_smoothing=0; "
+                        "an explicit --set of one of them wins)")
     p.add_argument("--threads", type=positive_int, help="torch CPU threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
@@ -108,6 +122,19 @@ def start_params(method: str, budget: float, fresh: bool) -> dict[str, Any]:
     return {"untrained": True} if cls.learned else {}
 
 
+def recipe_overrides(method: str, args: argparse.Namespace, batch: int | None = None) -> dict[str, Any]:
+    """What overrides ``method``'s paper recipe in this run: ``--no-mixing``, then ``--set``, then the rate
+    ``--peak-lr`` gives at ``batch`` images per step (the recipe's lr scaled back to its ``lr_batch``)."""
+    overrides = (NO_MIXING if args.no_mixing else {}) | dict(args.recipe_set)
+    if args.peak_lr is None:
+        return overrides
+    recipe = resolve_recipe("paper", get_method(method).resolve({})[0], overrides)
+    if batch is None:
+        batch = min(recipe.batch_size, args.batch_size or recipe.batch_size)
+    lr = args.peak_lr if recipe.lr_batch is None else args.peak_lr * recipe.lr_batch / batch
+    return overrides | {"lr": lr, "backbone_lr_scale": 1.0}
+
+
 def earlier_plan(args: argparse.Namespace, method: str) -> Path:
     """``--plan-from``'s plan for ``method``: DIR/<method>/plan.json."""
     return Path(args.plan_from) / method / "plan.json"
@@ -123,22 +150,26 @@ def plan_run(method: str, folder: Path, data: TensorDataset, params: dict[str, A
     if args.plan_from is not None:  # the same steps as an earlier run (e.g. a control at --budget 1)
         plan_path.write_text(earlier_plan(args, method).read_text())
         return json.loads(plan_path.read_text())
-    overrides = dict(args.recipe_set)
-    recipe = resolve_recipe("paper", get_method(method).resolve({})[0], overrides)
+    recipe = resolve_recipe("paper", get_method(method).resolve({})[0], recipe_overrides(method, args))
     batch = min(recipe.batch_size, args.batch_size or recipe.batch_size)
-    if args.epoch_steps is not None:  # a fixed plan: no probe
-        if args.epoch_steps * batch > len(data):
-            raise SystemExit(f"finetune_table.py: --epoch-steps {args.epoch_steps} x batch {batch} exceeds the "
-                             f"{len(data)} training images")
-        plan = {"batch_size": batch, "epoch_steps": args.epoch_steps, "recipe": recipe.name, "epochs": recipe.epochs}
+    if args.epoch_steps is not None or args.total_steps is not None:  # a fixed plan: no probe
+        epoch_steps = args.epoch_steps or args.total_steps // recipe.epochs
+        given = f"--epoch-steps {args.epoch_steps}" if args.epoch_steps else f"--total-steps {args.total_steps}"
+        if epoch_steps < 1:
+            raise SystemExit(f"finetune_table.py: {given} gives {method}'s {recipe.epochs} epochs no step each")
+        if epoch_steps * batch > len(data):
+            raise SystemExit(f"finetune_table.py: {given} makes {epoch_steps} steps per epoch x batch {batch}, more "
+                             f"than the {len(data)} training images")
+        plan = {"batch_size": batch, "epoch_steps": epoch_steps, "recipe": recipe.name, "epochs": recipe.epochs}
         plan_path.write_text(json.dumps(plan, indent=2))
         return plan
     start = time.perf_counter()
     probe = folder / "probe"
+    probe_batch = min(PROBE_BATCH, recipe.batch_size)
     tr.train(load_reference_model(), method, data, out_dir=str(probe), recipe="paper", budget=args.budget,
-             batch_size=min(PROBE_BATCH, recipe.batch_size), transform=reference_augmentation(),
-             max_steps=PROBE_STEPS, log_every=1, progress=False,
-             checkpoint_every=10**9, seed=args.seed, **overrides, **params)
+             batch_size=probe_batch, transform=reference_augmentation(), max_steps=PROBE_STEPS, log_every=1,
+             progress=False, checkpoint_every=10**9, seed=args.seed, **recipe_overrides(method, args, probe_batch),
+             **params)
     steps = [json.loads(line) for line in (probe / "metrics.jsonl").read_text().splitlines()]
     rates = [s["images_per_s"] for s in steps if s["event"] == "step"][1:]  # the first step pays the warm-up
     seconds_per_image = 1.0 / statistics.median(rates)
@@ -177,7 +208,7 @@ def run_method(method: str, data: TensorDataset, args: argparse.Namespace, out: 
     out_files = tr.train(model, method, data, out_dir=str(run), recipe="paper", budget=args.budget,
                          batch_size=plan["batch_size"], epoch_steps=plan["epoch_steps"], resume=resume,
                          transform=reference_augmentation(), progress=progress, seed=args.seed,
-                         checkpoint_every=50, **dict(args.recipe_set), **params)
+                         checkpoint_every=50, **recipe_overrides(method, args, plan["batch_size"]), **params)
     minutes = out_files["result"].wall_time_s / 60.0
     tr.remove(model)
     tuned = evaluate(model, Config(method, {"checkpoint": out_files["checkpoint"]}), args.limit, progress)
@@ -206,8 +237,13 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.plan_from is not None and args.epoch_steps is not None:
-        raise SystemExit("finetune_table.py: give --plan-from or --epoch-steps, not both")
+    plans = [f"--{name.replace('_', '-')}" for name in ("plan_from", "epoch_steps", "total_steps")
+             if getattr(args, name) is not None]
+    if len(plans) > 1:
+        raise SystemExit(f"finetune_table.py: give only one of {' and '.join(plans)}")
+    both = [key for key, _ in args.recipe_set if key in PEAK_KEYS]
+    if args.peak_lr is not None and both:
+        raise SystemExit(f"finetune_table.py: --peak-lr sets {' and '.join(PEAK_KEYS)}; drop --set {both[0]}")
     for name in args.methods:
         get_method(name)
         if args.plan_from is not None and not earlier_plan(args, name).is_file():
@@ -221,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     unreduced = evaluate(load_reference_model(), Config(None), args.limit, not args.no_progress)
     rows = [run_method(name, data, args, out) for name in args.methods]
     table = {"budget": args.budget, "minutes_per_method": args.minutes_per_method, "limit": args.limit,
+             "peak_lr": args.peak_lr, "no_mixing": args.no_mixing,
              "unreduced_top1": unreduced["top1"], "gmacs_unreduced": unreduced["gmacs"], "rows": rows}
     (out / "finetune_table.json").write_text(json.dumps(table, indent=2))
     print(f"reference model, budget {args.budget:g}, unreduced top-1 {100 * unreduced['top1']:.2f}% "

@@ -75,7 +75,49 @@ def test_fixed_epoch_steps_plan_without_a_probe(tmp_path):
     (row,) = json.loads((out / "finetune_table.json").read_text())["rows"]
     assert row["plan"]["epoch_steps"] == 3 and row["plan"]["batch_size"] == 8 and row["plan"]["epochs"] == 2
     assert row["steps"] == 6 and not (out / "random" / "probe").exists()
-    with pytest.raises(SystemExit, match="exceeds the 128 training images"):
+    with pytest.raises(SystemExit, match="more than the 128 training images"):
         script.main([*common, "--epoch-steps", "17", "--out", str(tmp_path / "too_many")])
-    with pytest.raises(SystemExit, match="not both"):
+    with pytest.raises(SystemExit, match="only one of --plan-from and --epoch-steps"):
         script.main([*common, "--epoch-steps", "3", "--plan-from", str(out), "--out", str(tmp_path / "both")])
+    with pytest.raises(SystemExit, match="only one of --epoch-steps and --total-steps"):
+        script.main([*common, "--epoch-steps", "3", "--total-steps", "6", "--out", str(tmp_path / "both2")])
+    with pytest.raises(SystemExit, match="no step each"):
+        script.main([*common, "--total-steps", "1", "--out", str(tmp_path / "too_few")])
+
+
+@pytest.mark.parametrize(("method", "batch"), [("evit", 128), ("tps", 128), ("dynamicvit", 64), ("cropr", 128)])
+def test_peak_lr_gives_every_parameter_one_peak_rate_at_the_runs_batch(method, batch):
+    """--peak-lr sets the recipe's rate so that, scaled to the run's batch, it is the peak given, for recipes that scale
+    per 512 (EViT), per 1024 (eTPS), not at all (DynamicViT) or per 256 (Cropr); the backbone then trains at it too."""
+    script = load_script()
+    args = script.build_parser().parse_args(["--methods", method, "--batch-size", str(batch), "--peak-lr", "5e-4",
+                                             "--no-mixing", "--set", "cutmix=0.5"])
+    overrides = script.recipe_overrides(method, args)
+    recipe = resolve_recipe("paper", get_method(method).resolve({})[0], overrides)
+    assert recipe.peak_lr(batch) == pytest.approx(5e-4, rel=1e-12)
+    assert recipe.backbone_lr_scale == 1.0  # (DynamicViT's recipe trains its backbone at 0.01)
+    assert (recipe.mixup, recipe.label_smoothing, recipe.cutmix) == (0.0, 0.0, 0.5)  # an explicit --set wins
+    # at another batch (a probe's, a one-step-per-epoch plan's) the rate follows that batch
+    assert resolve_recipe("paper", get_method(method).resolve({})[0], script.recipe_overrides(method, args, 32)
+                          ).peak_lr(32) == pytest.approx(5e-4, rel=1e-12)
+    with pytest.raises(SystemExit, match="drop --set lr"):
+        script.main(["--methods", method, "--peak-lr", "5e-4", "--set", "lr=1e-3"])
+
+
+def test_total_steps_give_recipes_of_different_lengths_the_same_steps(tmp_path):
+    """--total-steps: 30-epoch and 50-epoch recipes train the same steps (total // epochs per epoch)."""
+    images, labels = load_reference_testset(limit=64)
+    data = tmp_path / "fashion"
+    data.mkdir()
+    write_fashion_mnist(data, "train", images, labels)
+    script = load_script()
+    args = script.build_parser().parse_args(["--methods", "evit", "cropr", "--batch-size", "4", "--total-steps", "150",
+                                             "--out", str(tmp_path)])
+    dataset = script.TensorDataset(*script.load_fashion_mnist(str(data), "train"))
+    plans = {}
+    for method in ("evit", "cropr"):
+        (tmp_path / method).mkdir()
+        plans[method] = script.plan_run(method, tmp_path / method, dataset, {}, args)
+    assert (plans["evit"]["epochs"], plans["evit"]["epoch_steps"]) == (30, 5)
+    assert (plans["cropr"]["epochs"], plans["cropr"]["epoch_steps"]) == (50, 3)
+    assert not (tmp_path / "evit" / "probe").exists()
