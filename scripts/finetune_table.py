@@ -53,7 +53,7 @@ from tokenreduce.cli.options import fraction, parse_param, positive_float, posit
 from tokenreduce.eval.accuracy import Config, evaluate_reference, reference_checkpoint
 from tokenreduce.methods import REGISTRY, get_method
 from tokenreduce.models.reference import load_fashion_mnist, load_reference_model
-from tokenreduce.training.recipes import resolve_recipe
+from tokenreduce.training.recipes import Recipe, resolve_recipe
 from tokenreduce.training.reference import DEFAULT_DATA, reference_augmentation
 
 PROBE_STEPS = 3
@@ -122,6 +122,11 @@ def start_params(method: str, budget: float, fresh: bool) -> dict[str, Any]:
     return {"untrained": True} if cls.learned else {}
 
 
+def run_batch(recipe: Recipe, args: argparse.Namespace) -> int:
+    """Images per step of a fixed plan: ``--batch-size``, or the recipe's batch when that is smaller."""
+    return min(recipe.batch_size, args.batch_size or recipe.batch_size)
+
+
 def recipe_overrides(method: str, args: argparse.Namespace, batch: int | None = None) -> dict[str, Any]:
     """What overrides ``method``'s paper recipe in this run: ``--no-mixing``, then ``--set``, then the rate
     ``--peak-lr`` gives at ``batch`` images per step (the recipe's lr scaled back to its ``lr_batch``)."""
@@ -130,7 +135,7 @@ def recipe_overrides(method: str, args: argparse.Namespace, batch: int | None = 
         return overrides
     recipe = resolve_recipe("paper", get_method(method).resolve({})[0], overrides)
     if batch is None:
-        batch = min(recipe.batch_size, args.batch_size or recipe.batch_size)
+        batch = run_batch(recipe, args)
     lr = args.peak_lr if recipe.lr_batch is None else args.peak_lr * recipe.lr_batch / batch
     return overrides | {"lr": lr, "backbone_lr_scale": 1.0}
 
@@ -151,7 +156,7 @@ def plan_run(method: str, folder: Path, data: TensorDataset, params: dict[str, A
         plan_path.write_text(earlier_plan(args, method).read_text())
         return json.loads(plan_path.read_text())
     recipe = resolve_recipe("paper", get_method(method).resolve({})[0], recipe_overrides(method, args))
-    batch = min(recipe.batch_size, args.batch_size or recipe.batch_size)
+    batch = run_batch(recipe, args)
     if args.epoch_steps is not None or args.total_steps is not None:  # a fixed plan: no probe
         epoch_steps = args.epoch_steps or args.total_steps // recipe.epochs
         given = f"--epoch-steps {args.epoch_steps}" if args.epoch_steps else f"--total-steps {args.total_steps}"
