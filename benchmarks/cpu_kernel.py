@@ -29,6 +29,7 @@ from tokenreduce.ops import cpu_kernels
 from tokenreduce.ops.merge import bipartite_merge
 from tokenreduce.ops.unmerge import window_groups
 from tokenreduce.state import TokenState
+from tokenreduce.threads import set_threads
 
 KERNEL_METHODS = ("tome", "ppt", "bat", "tps", "dtps")
 """The fixed-schedule methods with a fused step: bipartite merging (ToMe, PPT, BAT) and the squeeze (eTPS, dTPS)."""
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--op-only", action="store_true", help="time the merge steps alone for a few shapes")
     args = parser.parse_args(argv)
 
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     cpu_kernels.set_cpu_kernels("on")  # build now (or fail loudly), not inside a timed forward
     if args.op_only:
         op_only(args.threads)

@@ -27,6 +27,7 @@ from _family_speed import add_arguments, efficiency_rows
 
 import tokenreduce as tr
 from tokenreduce.ops import cpu_kernels
+from tokenreduce.threads import set_threads
 
 MODEL = "eva02_small_patch14_224"
 
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(parser, ["tome", "evit"])
     args = parser.parse_args(argv)
 
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     torch.manual_seed(0)
     network = timm.create_model(args.model, pretrained=False).eval()
     if tr.models.adapter_for(network).name != "timm-eva":

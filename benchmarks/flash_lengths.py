@@ -20,6 +20,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from tokenreduce.threads import set_threads
+
 
 def median_ms(fn, repeats: int) -> float:
     fn()
@@ -56,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     print(f"# {platform.machine()}, {args.threads} threads, torch {torch.__version__}; ms per call, medians")
     print(f"{'B,H,d':>10s} {'N':>4s} {'fused at N':>11s} {'fused at 16k':>13s} {'explicit':>9s}")
     for shape in args.shapes:

@@ -26,6 +26,8 @@ import sys
 import torch
 from _family_speed import add_arguments, efficiency_rows
 
+from tokenreduce.threads import set_threads
+
 
 def deit_small_sized_vit(attn_implementation: str = "sdpa") -> torch.nn.Module:
     """An HF ViT with DeiT-S's shape (random weights), in eval mode."""
@@ -46,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import transformers
 
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     print(f"# HF ViTForImageClassification (DeiT-S shape), fp32, cpu, attn={args.attn}, {machine}, "
           f"torch {torch.__version__}, transformers {transformers.__version__}")

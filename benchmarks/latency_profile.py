@@ -34,6 +34,7 @@ from torch.profiler import ProfilerActivity, profile
 import tokenreduce as tr
 from tokenreduce.eval.ceiling import schedule_only_model
 from tokenreduce.methods import get_method
+from tokenreduce.threads import set_threads
 
 DATA_DEPENDENT = {"ltmp"}  # no schedule, so no ceiling (benchmarks/ltmp_speed.py)
 
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
 
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     torch.manual_seed(0)
     network = timm.create_model(args.model, pretrained=False).eval()
     x = torch.randn(1, 3, *network.patch_embed.img_size)

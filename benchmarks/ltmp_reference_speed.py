@@ -47,6 +47,7 @@ import tokenreduce.ops.attention as attention_ops
 from tokenreduce.eval.throughput import paired_speedup
 from tokenreduce.methods.ltmp import LTMP, padded_length
 from tokenreduce.models.reference import load_reference_model, load_reference_testset, preprocess
+from tokenreduce.threads import set_threads
 
 
 def timed(model: torch.nn.Module, x: torch.Tensor) -> tuple[float, int]:
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="print each block's live token counts and the padded length its attention runs at")
     args = parser.parse_args(argv)
 
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     images, _ = load_reference_testset(limit=max(args.batch_size, args.first_run))
     x = preprocess(images[:args.batch_size])
     base = load_reference_model().eval()

@@ -47,6 +47,7 @@ from latency_profile import op_profile, profile_difference  # a sibling script (
 import tokenreduce as tr
 from tokenreduce.eval.accuracy import time_models
 from tokenreduce.eval.ceiling import schedule_only_model
+from tokenreduce.threads import set_threads
 
 
 def blurred_noise(batch: int, size: int, max_sigma: float, seed: int = 0) -> torch.Tensor:
@@ -149,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     if any(not 0 < t < 1 for t in args.targets):
         parser.error("--targets must be in (0, 1)")
 
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     torch.manual_seed(0)
     base = timm.create_model(args.model, pretrained=False).eval()
     reduced = timm.create_model(args.model, pretrained=False).eval()

@@ -23,6 +23,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import tokenreduce as tr
+from tokenreduce.threads import set_threads
 
 
 class _MallInfo2(ctypes.Structure):
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
+    set_threads(1)
     model = timm.create_model(args.model, pretrained=False).eval().to(args.device)
     x = torch.randn(args.batch_size, 3, *model.patch_embed.img_size, device=args.device)
     base = forward_peak_mib(model, x)

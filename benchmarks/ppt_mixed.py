@@ -25,6 +25,7 @@ import torch
 
 import tokenreduce as tr
 from tokenreduce.eval.accuracy import time_models
+from tokenreduce.threads import set_threads
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
 
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     torch.manual_seed(0)
     base = timm.create_model(args.model, pretrained=False).eval()
     size = base.patch_embed.img_size[0]

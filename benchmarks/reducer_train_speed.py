@@ -24,6 +24,7 @@ from _rounds import median_rates
 
 import tokenreduce as tr
 from tokenreduce.models.reference import build_reference_model
+from tokenreduce.threads import set_threads
 from tokenreduce.training.learned import task_for
 
 METHODS = {  # label → (method, params), the shipped reducers' settings
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
 
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     torch.manual_seed(0)
     base = build_reference_model().train()
     batch = (torch.randn(args.batch_size, 1, 32, 32), torch.randint(0, 10, (args.batch_size,)))

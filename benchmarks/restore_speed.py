@@ -28,6 +28,7 @@ import torch
 
 import tokenreduce as tr
 from tokenreduce.eval.throughput import interleaved_seconds, wall_clock
+from tokenreduce.threads import set_threads
 
 METHODS = ("tome", "evit", "ppt", "cropr")
 
@@ -55,7 +56,7 @@ def main() -> None:
                         help="wall-clock seconds, or this process's CPU seconds (steadier on a busy machine)")
     args = parser.parse_args()
     if args.threads:
-        torch.set_num_threads(args.threads)
+        set_threads(args.threads)
 
     torch.manual_seed(0)
     base = timm.create_model("deit_small_patch16_224", pretrained=False).eval()

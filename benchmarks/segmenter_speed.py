@@ -26,6 +26,7 @@ import tokenreduce as tr
 from tokenreduce.dense.mosaic import mosaic_testset, preprocess
 from tokenreduce.dense.segmenter import load_reference_segmenter
 from tokenreduce.eval.throughput import interleaved_seconds, wall_clock
+from tokenreduce.threads import set_threads
 
 CONFIGS = {
     "tomesd@0.6": ("tomesd", {"budget": 0.6}),
@@ -54,7 +55,7 @@ def main() -> None:
     parser.add_argument("--profile", type=int, default=0, metavar="N", help="also profile N forwards of each model")
     args = parser.parse_args()
     if args.threads:
-        torch.set_num_threads(args.threads)
+        set_threads(args.threads)
     canvas, _ = mosaic_testset(args.batch_size)
     images = preprocess(canvas)
     base = load_reference_segmenter().eval()

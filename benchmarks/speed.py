@@ -36,6 +36,7 @@ import tokenreduce as tr
 from tokenreduce.eval.throughput import allow_many_compiled_models, compare_throughput
 from tokenreduce.methods import get_method
 from tokenreduce.ops import cpu_kernels
+from tokenreduce.threads import set_threads
 
 DATA_DEPENDENT = {"ltmp"}  # its counts depend on trained thresholds and the images: timed on real data instead
 
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="the fused CPU merge kernel (tokenreduce.ops.cpu_kernels); default: the library's")
     args = parser.parse_args(argv)
 
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     if args.compile:
         allow_many_compiled_models()
     ceiling = not args.no_ceiling

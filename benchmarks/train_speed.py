@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from _rounds import median_rates
 
 from tokenreduce.models.reference import build_reference_model
+from tokenreduce.threads import set_threads
 from tokenreduce.training.reference import unfused_attention
 
 SETTINGS = [  # (label, bf16 autocast, fused attention)
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-compile", action="store_true", help="eager models (train_reference.py compiles)")
     args = parser.parse_args(argv)
 
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     torch.manual_seed(0)
     base = build_reference_model().train()
     images = torch.randn(args.batch_size, 1, 32, 32)

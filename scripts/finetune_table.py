@@ -53,6 +53,7 @@ from tokenreduce.cli.options import fraction, parse_param, positive_float, posit
 from tokenreduce.eval.accuracy import Config, evaluate_reference, reference_checkpoint
 from tokenreduce.methods import REGISTRY, get_method
 from tokenreduce.models.reference import load_fashion_mnist, load_reference_model
+from tokenreduce.threads import set_threads
 from tokenreduce.training.recipes import Recipe, resolve_recipe
 from tokenreduce.training.reference import DEFAULT_DATA, reference_augmentation
 
@@ -254,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.plan_from is not None and not earlier_plan(args, name).is_file():
             raise SystemExit(f"finetune_table.py: --plan-from: {earlier_plan(args, name)} not found")
     if args.threads:
-        torch.set_num_threads(args.threads)
+        set_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     images, labels = load_fashion_mnist(args.data_dir, "train")

@@ -12,6 +12,7 @@ import argparse
 import sys
 
 from ..models.loading import ModelLoadError, load_model
+from ..threads import set_threads
 from ..training.recipes import recipe_names
 from .commands import (
     DEFAULT_MODEL,
@@ -277,11 +278,9 @@ def main(argv: list[str] | None = None) -> int:
         return stop.code if isinstance(stop.code, int) else 0 if stop.code is None else 2
     finished = False
     try:
-        import torch
-
         args.device = resolve_device(args.device)
         if args.threads:
-            torch.set_num_threads(args.threads)
+            set_threads(args.threads)
         status = args.func(args)
         finished = True
         return status

@@ -34,6 +34,7 @@ from ..models.reference import (
     load_fashion_mnist,
     preprocess,
 )
+from ..threads import set_threads
 from .engine import TrainConfig, precision_label, train
 from .tasks import ClassificationTask
 
@@ -94,7 +95,7 @@ def train_reference(
     ``benchmarks/train_speed.py``); the exported model uses fused attention.
     """
     if threads:
-        torch.set_num_threads(threads)
+        set_threads(threads)
     train_x, train_y = load_fashion_mnist(data_dir, "train")
     test_x, test_y = load_fashion_mnist(data_dir, "t10k")
     torch.manual_seed(seed)

@@ -45,6 +45,7 @@ from ..dense.segmenter import (
     load_segmenter_weights,
 )
 from ..models.reference import load_fashion_mnist, load_reference_model
+from ..threads import set_threads
 from .engine import TrainConfig, precision_label, train
 from .reference import DEFAULT_DATA, PROVENANCE, unfused_attention
 
@@ -102,7 +103,7 @@ class _MosaicRun:
                 threads: int | None) -> _MosaicRun:
         """Set the threads, load the training items and the evaluation mosaics, then seed the RNG."""
         if threads:
-            torch.set_num_threads(threads)
+            set_threads(threads)
         train_x, train_y = load_fashion_mnist(data_dir, "train")
         test_canvas, test_target = mosaic_testset()
         torch.manual_seed(seed)
