@@ -11,9 +11,10 @@ from hypothesis import strategies as st
 from test_ltmp import _info
 
 import tokenreduce as tr
+import tokenreduce.methods.ltmp as ltmp_module
 from tokenreduce.methods.ltmp import LTMP, LTMPParams
 from tokenreduce.ops import cpu_kernels
-from tokenreduce.ops.attention import AttentionSignals
+from tokenreduce.ops.attention import AttentionSignals, flash_multiple
 from tokenreduce.ops.similarity import alternate, unit_rows
 from tokenreduce.state import TokenState
 
@@ -240,11 +241,13 @@ def test_a_zero_prune_threshold_skips_the_attention_probabilities_at_inference(k
     assert tr.reducer(model).needs(0).received_floor == pytest.approx(1e-12)
 
 
-@pytest.mark.parametrize("batch,expected", [(2, 32), (1, 20)])
-def test_a_padded_batch_is_cut_to_a_multiple_of_sixteen_rows(kernel_state, batch, expected):
+@pytest.mark.parametrize("multiple,batch,expected", [(16, 2, 32), (8, 2, 24), (16, 1, 20), (8, 1, 20)])
+def test_a_padded_batch_is_cut_to_a_multiple_of_the_vector_width(kernel_state, monkeypatch, multiple, batch,
+                                                                  expected):
     """Every image keeps 20 of its 40 tokens (orthogonal keys: no merges; the odd positions pruned): a batch
-    of two is cut to 32 rows, 20 rounded up to a multiple of 16, with 12 dead rows each; one image alone to
-    its own 20 rows (a single image is never padded)."""
+    of two is cut to 20 rounded up to the CPU's multiple (32 rows with 16, 24 with 8), the rows past 20 dead;
+    one image alone to its own 20 rows (a single image is never padded)."""
+    monkeypatch.setattr(ltmp_module, "flash_multiple", lambda: multiple)
     for mode in ("on", "off"):
         cpu_kernels.set_cpu_kernels(mode)
         n = 40
@@ -258,3 +261,14 @@ def test_a_padded_batch_is_cut_to_a_multiple_of_sixteen_rows(kernel_state, batch
         assert live.tolist() == [20] * batch, mode
         if batch == 2:  # rows past the longest image's 20 are dead and hold real (finite) tokens
             assert torch.isfinite(out.x).all() and out.mask[:, 20:].eq(0).all()
+
+
+@pytest.mark.parametrize("capability,multiple", [("AVX2", 8), ("AVX512", 16), ("DEFAULT", 16)])
+def test_the_padding_multiple_is_the_cpus_vector_width(monkeypatch, capability, multiple):
+    """8 float32 lanes with AVX2, 16 with AVX-512 (and where the width is unknown)."""
+    flash_multiple.cache_clear()
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    try:
+        assert flash_multiple() == multiple
+    finally:
+        flash_multiple.cache_clear()

@@ -31,7 +31,7 @@ MKL_STATE = """
 """
 
 
-@pytest.mark.skipif(_mkl_setters() is None, reason="this torch build has no MKL: torch.set_num_threads touches no MKL state")
+@pytest.mark.skipif(_mkl_setters() is None, reason="no MKL in this torch build: nothing to reset")
 def test_set_threads_sets_the_count_and_leaves_mkl_at_its_defaults() -> None:
     out = run("""
         import torch

@@ -29,7 +29,7 @@ Two forms behind one reducer, chosen by the model's mode:
 * **inference** (``model.eval()``): real removal.  Each image keeps a different
   number of tokens, so a batch is run *padded*: survivors are compacted to the
   front, the sequence is cut to the largest count in the batch (rounded up to a
-  multiple of 16, :func:`length_multiple`), and the padding is removed from attention with a −inf
+  multiple of the CPU's vector width, :func:`length_multiple`), and the padding is removed from attention with a −inf
   key bias (fused SDPA kept).  Every image's result equals running it alone.  The
   per-token work runs on the live tokens only.  The prune rule only compares the
   attention a token receives with the threshold, so on the CPU the fused kernel
@@ -73,7 +73,7 @@ import torch
 from torch import Tensor, nn
 
 from ..budget import Schedule
-from ..ops.attention import FLASH_MULTIPLE, AttentionNeeds, AttentionSignals, KeyMask
+from ..ops.attention import AttentionNeeds, AttentionSignals, KeyMask, flash_multiple
 from ..ops.cpu_kernels import fused_ltmp_merge_prune
 from ..ops.gather import batched_gather, batched_scatter_add
 from ..ops.modes import no_grad, tracing
@@ -87,10 +87,10 @@ Thresholds = float | tuple[float, ...]
 
 def length_multiple(batch: int) -> int:
     """What the padded length of ``batch`` images is rounded up to at inference: a multiple of
-    :data:`~tokenreduce.ops.attention.FLASH_MULTIPLE` (the extra rows are dead; ATen's CPU flash kernel runs up
-    to twice as fast on such lengths, docs/benchmarks.md#ltmp-speed-on-deit-s), or of 1 for a single image
+    :func:`~tokenreduce.ops.attention.flash_multiple` (8 or 16: the extra rows are dead; ATen's CPU flash kernel
+    runs up to twice as fast on such lengths, docs/benchmarks.md#ltmp-speed-on-deit-s), or of 1 for a single image
     (no dead rows, no mask)."""
-    return FLASH_MULTIPLE if batch > 1 else 1
+    return flash_multiple() if batch > 1 else 1
 
 
 def padded_length(longest: int, n: int, batch: int) -> int:

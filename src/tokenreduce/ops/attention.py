@@ -33,6 +33,7 @@ of training forms (which carry gradients) use an explicit masked softmax.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -216,19 +217,23 @@ def attend_ragged(
     lengths = None
     if floor is not None:  # the fused kernel: chunks only where they save much of the padding's work
         lengths = image_lengths(packed, b, n)
-        if not ragged_saves(lengths, n, FLASH_MULTIPLE):
+        if not ragged_saves(lengths, n, flash_multiple()):
             return attend_padded_rows(qkv, packed, scale, bias, needs, key_mask)
-    layout = ragged_layout(packed, b, n, heads, PROBS_CHUNK, multiple=1 if floor is None else FLASH_MULTIPLE,
+    layout = ragged_layout(packed, b, n, heads, PROBS_CHUNK, multiple=1 if floor is None else flash_multiple(),
                            lengths=lengths)
     with fp32(packed.device.type):
         out, received, keys = ragged_attention(qkv, layout, scale, bias, key_mask.mask, needs.keys, floor)
     return out, AttentionSignals(keys=keys, received=received)
 
 
-FLASH_MULTIPLE = 16
-"""Where the padding is ours to choose (a padded batch's length, ragged chunks for the fused kernel), lengths
-are rounded up to multiples of this: ATen's CPU flash kernel runs up to twice as fast on them as on a few
-keys fewer (``benchmarks/flash_lengths.py``, docs/benchmarks.md#ltmp-speed-on-deit-s)."""
+@functools.cache
+def flash_multiple() -> int:
+    """Where the padding is ours to choose (a padded batch's length, ragged chunks for the fused kernel), lengths
+    are rounded up to multiples of this: the CPU's vector width in float32 lanes, 8 with AVX2 and 16 with
+    AVX-512 (and elsewhere).  ATen's CPU flash kernel runs up to twice as fast on such key counts as on a few
+    keys fewer, and padding further costs time (``benchmarks/flash_lengths.py``,
+    docs/benchmarks.md#ltmp-speed-on-deit-s)."""
+    return 8 if torch.backends.cpu.get_cpu_capability() == "AVX2" else 16
 
 
 def attend_padded_rows(
