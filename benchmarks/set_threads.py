@@ -4,6 +4,8 @@ Each column is a fresh interpreter (thread settings are process-wide): the defau
 called ``torch.set_num_threads(n)``, and one that called ``set_threads(n)``, with ``n`` the count the
 process already has unless ``--threads`` says otherwise.  Each times ``F.scaled_dot_product_attention``
 at a few shapes and the bundled reference model's forward at batch 250; milliseconds per call, medians.
+The processes keep the memory glibc frees (``GLIBC_TUNABLES``, :data:`SETTLED_HEAP`), so page faults do
+not blur the model's row.
 
     python benchmarks/set_threads.py
     python benchmarks/set_threads.py --threads 1
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -23,6 +26,10 @@ from flash_lengths import median_ms  # this folder is on sys.path when a script 
 
 from tokenreduce.models.reference import load_reference_model, load_reference_testset, preprocess
 from tokenreduce.threads import set_threads
+
+SETTLED_HEAP = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4294967296"
+"""glibc keeps freed memory: no page faults from returned blocks in any forward, which otherwise move a fresh
+process's model times by tens of per cent (docs/deployment.md, the memory allocator)."""
 
 MODES = ("default", "torch.set_num_threads", "set_threads")
 
@@ -62,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     for mode in MODES:
         out = subprocess.run([sys.executable, __file__, "--child", mode, "--threads", str(args.threads), "--repeats",
-                              str(args.repeats), "--shapes", *args.shapes], capture_output=True, text=True, check=True)
+                              str(args.repeats), "--shapes", *args.shapes], capture_output=True, text=True, check=True,
+                             env={**os.environ, "GLIBC_TUNABLES": SETTLED_HEAP})
         results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
     print(f"# {platform.machine()}, torch {torch.__version__}; ms per call, medians of {args.repeats}; "
           f"threads: " + ", ".join(f"{m} {results[m]['threads']}" for m in MODES))
