@@ -83,6 +83,22 @@ def test_out_of_range_numbers_are_argument_errors(in_tmp, no_work, capsys, args)
     assert not (in_tmp / "results").exists()
 
 
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        # a second budget lands in DATA_DIR: say so, instead of asking a learned method for a checkpoint
+        (["evaluate", "--method", "ltmp", "--budget", "0.75", "0.6"], "data folder 0.6 does not exist (a number"),
+        (["evaluate", "no_such_folder"], "data folder no_such_folder does not exist"),
+        (["evaluate", "--data-dir", "no_such_folder"], "data folder no_such_folder does not exist"),
+    ],
+)
+def test_a_missing_data_folder_is_named_before_any_work(in_tmp, no_work, capsys, args, message):
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and "learned method" not in err
+    assert not (in_tmp / "results").exists()
+
+
 def test_a_failed_run_leaves_an_earlier_results_file_alone(in_tmp, monkeypatch, capsys):
     earlier = _earlier_results(in_tmp)
     real = accuracy.count_correct

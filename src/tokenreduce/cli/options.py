@@ -174,12 +174,27 @@ def output_options(flag: str, default: str | None, *, what: str) -> argparse.Arg
     return p
 
 
-def data_dir(args: argparse.Namespace) -> str | None:
-    """The data folder, given positionally or as ``--data-dir`` (once)."""
+def data_dir(args: argparse.Namespace, *, must_exist: bool = True) -> str | None:
+    """The data folder, given positionally or as ``--data-dir`` (once).
+
+    Raises:
+        ValueError: given twice, or (``must_exist``) not there: a number there is most likely a second
+            ``--budget`` value, and the message says so.
+    """
     positional, flag = getattr(args, "data", None), getattr(args, "data_dir", None)
     if positional and flag and positional != flag:
         raise ValueError(f"give the data folder once: DATA_DIR ({positional}) or --data-dir ({flag})")
-    return positional or flag
+    folder = positional or flag
+    if must_exist and folder is not None and not Path(folder).exists():
+        hint = ""
+        try:
+            float(folder)
+            hint = (" (a number: --budget takes one value per run; `tokenreduce sweep --budgets A B ...` "
+                    "runs several)")
+        except ValueError:
+            pass
+        raise ValueError(f"data folder {folder} does not exist{hint}")
+    return folder
 
 
 def amp_dtype(args: argparse.Namespace, default: bool = False) -> str | None:

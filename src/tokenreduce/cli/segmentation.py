@@ -18,7 +18,7 @@ def cmd_evaluate_segmentation(args: argparse.Namespace) -> int:
     if args.model not in (None, "reference") or args.pretrained:
         raise ValueError("--task segmentation evaluates a segmenter trained by the project: give its weights with "
                          "--checkpoint (default: the bundled reference segmenter), not --model/--pretrained")
-    data = data_dir(args)
+    data = data_dir(args, must_exist=False)  # the data set's loader names the layout it needs
     params = dict(args.param or [])
     if params and not args.method:
         raise ValueError("--param needs --method")
@@ -68,7 +68,7 @@ def cmd_sweep_segmentation(args: argparse.Namespace) -> int:
     if args.model not in (None, "reference") or args.pretrained:
         raise ValueError("--task segmentation sweeps a segmenter trained by the project: give its weights with "
                          "--checkpoint (default: the bundled reference segmenter), not --model/--pretrained")
-    data = data_dir(args)
+    data = data_dir(args, must_exist=False)  # the data set's loader names the layout it needs
     check_method_names(args.methods or [])
     check_writable_folder(Path(args.out), "--out")
     model = load_reference_segmenter(args.checkpoint)
