@@ -31,7 +31,10 @@ MKL_STATE = """
 """
 
 
-@pytest.mark.skipif(_mkl_setters() is None, reason="no MKL in this torch build: nothing to reset")
+needs_mkl = pytest.mark.skipif(_mkl_setters() is None, reason="no MKL in this torch build: nothing to reset")
+
+
+@needs_mkl
 def test_set_threads_sets_the_count_and_leaves_mkl_at_its_defaults() -> None:
     out = run("""
         import torch
@@ -54,18 +57,21 @@ def test_set_threads_sets_the_count_and_leaves_mkl_at_its_defaults() -> None:
     assert mkl_threads == 1  # MKL follows the new count outside ATen's parallel regions
 
 
-def test_set_threads_is_a_no_op_at_the_current_count() -> None:
+@needs_mkl
+def test_set_threads_at_the_current_count_keeps_it_and_undoes_torch_set_num_threads() -> None:
     out = run("""
         import torch
     """, MKL_STATE, """
         from tokenreduce.threads import set_threads
-        before = torch.get_num_threads()
-        set_threads(before)
-        print(before, torch.get_num_threads(), *state())
+        torch.set_num_threads(2)
+        torch.get_num_threads()
+        set_threads(2)
+        torch.ones(1000, 1000).sum()
+        print(torch.get_num_threads(), *state())
     """)
-    before, after, local, dynamic = map(int, out)
-    assert after == before
-    assert (local, dynamic) == (0, 1)
+    threads, local, dynamic = map(int, out)
+    assert threads == 2
+    assert (local, dynamic) == (0, 1)  # torch.set_num_threads(2) left (2, 0)
 
 
 def test_set_threads_refuses_a_count_below_one() -> None:

@@ -6,7 +6,7 @@ turns MKL's dynamic adjustment off, and it repeats this on the first parallel op
 MKL then opens nested OpenMP teams for the small matrix products that ATen's CPU flash-attention
 kernel runs *inside* its own parallel loop, with a futex storm on every call.  On a 2-core AVX2 VM
 (torch 2.12 and 2.14) the fused kernel at 250×4×64×16 (the reference model's shape) takes about
-5.5 ms in a default process and 14 ms after ``torch.set_num_threads(2)``, although the count did not
+5.5 ms in a default process and 10–14 ms after ``torch.set_num_threads(2)``, although the count did not
 change: slower than one thread (``python benchmarks/set_threads.py``).  A process that never calls
 it (the default, or ``OMP_NUM_THREADS`` in the environment) keeps MKL sequential inside ATen's parallel
 regions and multi-threaded outside them.
@@ -41,20 +41,20 @@ def _mkl_setters() -> tuple[Callable[[int], int], Callable[[int], None]] | None:
 
 
 def set_threads(threads: int) -> None:
-    """Use ``threads`` intra-op threads on the CPU, with MKL left as a default process has it.
+    """Use ``threads`` intra-op threads on the CPU, with MKL as a default process has it.
 
-    A no-op when the count is already ``threads``.  Otherwise ``torch.set_num_threads(threads)``, then
-    MKL's thread count for this thread back to "follow OpenMP" and its dynamic adjustment back on: MKL
-    still uses ``threads`` threads for a large product, and one inside ATen's parallel loops.
+    ``torch.set_num_threads(threads)`` unless the count is already ``threads``, then MKL's thread count for
+    this thread back to "follow OpenMP" and its dynamic adjustment back on (which undoes an earlier
+    ``torch.set_num_threads`` too, and changes nothing in a default process): MKL still uses ``threads``
+    threads for a large product, and one inside ATen's parallel loops.
 
     Raises:
         ValueError: ``threads`` < 1.
     """
     if threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
-    if threads == torch.get_num_threads():
-        return
-    torch.set_num_threads(threads)
+    if threads != torch.get_num_threads():
+        torch.set_num_threads(threads)
     torch.get_num_threads()  # ATen's per-thread lazy initialisation applies the setting again: let it run first
     setters = _mkl_setters()
     if setters is not None:
