@@ -10,6 +10,7 @@ few processes to see how much the level moves between them.
     python benchmarks/ltmp_reference_speed.py --target 0.6
     python benchmarks/ltmp_reference_speed.py --profile 3     # then where each model's time goes, op by op
     python benchmarks/ltmp_reference_speed.py --exact         # also LTMP with the exact received attention
+    python benchmarks/ltmp_reference_speed.py --padding 16    # also LTMP padding its batches to multiples of 16
     python benchmarks/ltmp_reference_speed.py --lengths       # each block's live counts and padded length
 
 ``--first-run N`` first runs N test images through LTMP, as ``evaluate`` scores the test set before it
@@ -19,13 +20,18 @@ batch-dependent tensor sizes; run it under ``LD_PRELOAD=...libtcmalloc_minimal.s
 ``--exact`` times a third model in the same rounds: LTMP computing every received attention with the
 explicit softmax (no fused kernel and bound, ``tokenreduce.ops.received``), as before that path existed.
 
+``--padding M`` times LTMP a third way in the same rounds: its padded batches (and ragged chunks) rounded
+up to multiples of ``M`` instead of this CPU's ``tokenreduce.ops.attention.flash_multiple()``, and prints
+how much faster the library's padding is than that.
+
 ``--profile N`` times N more forwards of each model under ``torch.profiler`` and prints the
 milliseconds per forward of the ops that take the most time in either model, side by side: the
 matrix products against the attention and the bookkeeping around them.
 
 ``--lengths`` prints, per block, the live tokens of the batch's images (mean, quartiles, longest) and the
 padded length the block's attention runs at (the longest image's count after the previous block, rounded
-up to a multiple of 16): where the padding, not the live count, sets the attention's work.
+up to a multiple of ``flash_multiple()``: 8 with AVX2, 16 with AVX-512): where the padding, not the live
+count, sets the attention's work.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import tokenreduce as tr
+import tokenreduce.methods.ltmp as ltmp_module
 import tokenreduce.ops.attention as attention_ops
 from tokenreduce.eval.throughput import paired_speedup
 from tokenreduce.methods.ltmp import LTMP, padded_length
@@ -91,6 +98,18 @@ def exact_attention(model: torch.nn.Module) -> Callable[[torch.Tensor], object]:
     return forward
 
 
+def padded_to(model: torch.nn.Module, multiple: int) -> Callable[[torch.Tensor], object]:
+    """``model``'s forward with LTMP's padded batches rounded up to multiples of ``multiple``, for an A/B against
+    the library's padding (``flash_multiple()``) in the same process; the outputs are the same."""
+
+    def forward(x: torch.Tensor) -> object:
+        with unittest.mock.patch.object(ltmp_module, "flash_multiple", lambda: multiple), \
+                unittest.mock.patch.object(attention_ops, "flash_multiple", lambda: multiple):
+            return model(x)
+
+    return forward
+
+
 def print_lengths(model: torch.nn.Module, x: torch.Tensor) -> None:
     """Per block of one forward of ``x``: the live tokens entering its attention (mean, quartiles, longest
     image) and the padded length the batch runs at there."""
@@ -116,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="then profile N forwards of each model and print the ops side by side")
     parser.add_argument("--exact", action="store_true",
                         help="also time LTMP with the exact received attention (explicit softmax) in the same rounds")
+    parser.add_argument("--padding", type=int, default=0, metavar="M",
+                        help="also time LTMP padding its batches to multiples of M in the same rounds")
     parser.add_argument("--first-run", type=int, default=0, metavar="N",
                         help="first run N test images through LTMP and print its forward before and after")
     parser.add_argument("--lengths", action="store_true",
@@ -133,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     models: dict[str, Callable[[torch.Tensor], object]] = {"unreduced": base, "ltmp": reduced}
     if args.exact:
         models["ltmp exact"] = exact_attention(reduced)
+    padded_name = f"ltmp padded to {args.padding}"
+    if args.padding:
+        models[padded_name] = padded_to(reduced, args.padding)
     seconds: dict[str, list[float]] = {name: [] for name in models}
     with torch.no_grad():
         for model in models.values():  # warm-up
@@ -162,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
         if name != "unreduced":
             print(f"{name} speed-up (median of the rounds' ratios): "
                   f"{paired_speedup(seconds['unreduced'], seconds[name]):.2f}x")
+    if args.padding:
+        print(f"ltmp (multiples of {attention_ops.flash_multiple()}) against {padded_name}: "
+              f"{paired_speedup(seconds[padded_name], seconds['ltmp']):.3f}x")
     if args.profile:
         with torch.no_grad():
             print_profile({"unreduced": base, "ltmp": reduced}, x, args.profile)
