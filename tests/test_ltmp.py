@@ -302,3 +302,32 @@ def test_budget_overrides_the_knob_saved_in_a_checkpoint(tmp_path):
     tr.apply(model, "dynamicvit", checkpoint=path, budget=0.5)
     assert tr.reducer(model).config()["keep_rate"] < 0.8
     assert tr.gmacs(model, "dynamicvit", keep_rate=tr.reducer(model).config()["keep_rate"]) <= 0.5 * tr.gmacs(model)
+
+
+def test_the_packed_stream_gives_the_padded_streams_logits_and_hooks_see_the_padded_stream(monkeypatch):
+    """At inference LTMP keeps the stream packed between blocks (only the live rows); a forward hook on a block
+    sees the blocks' outputs, so with one the stream stays padded (B×N×C).  Both give the same logits."""
+    import tokenreduce.methods.ltmp as ltmp_module
+
+    real = ltmp_module.fused_ltmp_merge_prune
+    packed_calls = []
+    monkeypatch.setattr(ltmp_module, "fused_ltmp_merge_prune",
+                        lambda *a, **k: packed_calls.append(k["counts"] is not None) or real(*a, **k))
+    model = MODELS["vit"]()
+    tr.apply(model, "ltmp", untrained=True, merge_threshold=0.3, prune_threshold=0.012)
+    x = torch.randn(5, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        packed = model(x)
+        assert any(packed_calls), "the reductions after the first should take the packed stream"
+        packed_counts = tr.last_forward(model).block_tokens
+        shapes = []
+        handle = model.blocks[4].register_forward_hook(lambda module, args, out: shapes.append(tuple(out.shape)))
+        packed_calls.clear()
+        padded = model(x)
+        handle.remove()
+    assert not any(packed_calls)
+    assert len(shapes) == 1 and len(shapes[0]) == 3 and shapes[0][0] == 5
+    assert torch.equal(packed, padded)
+    for (a_in, a_out), (b_in, b_out) in zip(packed_counts, tr.last_forward(model).block_tokens, strict=True):
+        assert torch.equal(torch.as_tensor(a_in), torch.as_tensor(b_in))
+        assert torch.equal(torch.as_tensor(a_out), torch.as_tensor(b_out))

@@ -3,6 +3,8 @@ bit-equality with the PyTorch path, and when it is (not) used."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import kernel_mode, make_vit, run_with_and_without_kernels
@@ -200,9 +202,8 @@ def test_a_merge_threshold_of_one_merges_nothing_even_where_rounding_puts_a_cosi
 
 def test_a_zero_prune_threshold_skips_the_attention_probabilities_at_inference(kernel_state, monkeypatch):
     import tokenreduce.ops.attention as attention
-    import tokenreduce.ops.ragged as ragged
 
-    calls = {"bound": 0, "explicit": 0}  # the fused kernel's bound (padded or ragged); the explicit pass
+    calls = {"bound": 0, "explicit": 0}  # the fused kernel's bound (per length bucket); the explicit pass
     real_bound, real = attention.certify_received, attention.attention_and_received
     real_ragged = attention.attend_ragged
 
@@ -213,7 +214,6 @@ def test_a_zero_prune_threshold_skips_the_attention_probabilities_at_inference(k
         return run
 
     monkeypatch.setattr(attention, "certify_received", counted("bound", real_bound))
-    monkeypatch.setattr(ragged, "certify_received", counted("bound", real_bound))
     monkeypatch.setattr(attention, "attention_and_received", counted("explicit", real))
     images = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(4))
     thresholds = [0.0] * 6 + [1e-12] * 6  # blocks 0-5 cannot prune; 6-11 can (but prune nothing here)
@@ -272,3 +272,45 @@ def test_the_padding_multiple_is_the_cpus_vector_width(monkeypatch, capability, 
         assert flash_multiple() == multiple
     finally:
         flash_multiple.cache_clear()
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(
+    batch=st.integers(2, 4),
+    n=st.integers(2, 30),
+    channels=st.integers(1, 6),
+    prefix=st.integers(0, 2),
+    with_size=st.booleans(),
+    merge=st.floats(0.0, 1.0),
+    prune=st.sampled_from([0.0, 0.02, 0.05, 0.09]),
+    seed=st.integers(0, 2**16),
+)
+def test_the_packed_stream_gives_the_padded_result(batch, n, channels, prefix, with_size, merge, prune, seed):
+    """A packed state (only the live rows of x, each image's live tokens its first positions, as LTMP's
+    compaction leaves them) reduces to the padded result's live rows, with the kernel and without it."""
+    ltmp, state, signals = _random_case(batch, n, channels, 3, prefix, False, with_size, merge, prune, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    counts = torch.randint(max(prefix, 1), n + 1, (batch,), generator=g)
+    counts[0] = n  # the padded length is the longest image's
+    live = torch.arange(n).view(1, n) < counts.view(batch, 1)
+    padded_in = dataclasses.replace(state, x=state.x * live.unsqueeze(-1), mask=live.unsqueeze(-1).float())
+    packed_in = padded_in.packed()
+    assert packed_in.packing.counts.tolist() == counts.tolist() and packed_in.x.shape[0] == int(counts.sum())
+    assert torch.equal(packed_in.unpacked().x, padded_in.x)
+    for mode in ("on", "off"):
+        with kernel_mode(mode):
+            padded = ltmp.reduce(0, padded_in, signals)
+            packed = ltmp.reduce(0, packed_in, signals)
+        if mode == "off":  # the Python path unpacks: the caller packs its result again
+            assert packed.packing is None
+            packed = packed.packed()
+        assert torch.equal(packed.pos, padded.pos) and torch.equal(packed.size, padded.size), mode
+        assert (packed.mask is None) == (padded.mask is None), mode
+        if padded.mask is None:  # every row live: the stream is a plain B×M×C again
+            assert packed.packing is None and torch.equal(packed.x, padded.x), mode
+            continue
+        assert torch.equal(packed.mask, padded.mask), mode
+        alive = padded.mask[..., 0] > 0
+        assert packed.packing.rows.tolist() == alive.reshape(-1).nonzero().squeeze(1).tolist(), mode
+        assert packed.packing.counts.tolist() == alive.sum(dim=1).tolist(), mode
+        assert torch.equal(packed.x, padded.x[alive]), mode

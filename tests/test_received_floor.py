@@ -5,6 +5,7 @@ decide the same with and without it."""
 from __future__ import annotations
 
 import math
+import unittest.mock
 
 import pytest
 import torch
@@ -134,11 +135,9 @@ def test_when_the_bound_applies():
 
 @pytest.mark.parametrize("batch", [1, 6])
 def test_ltmp_decides_the_same_with_the_bound_and_with_the_exact_values(monkeypatch, batch):
-    import tokenreduce.ops.ragged as ragged_ops
-
     x = torch.randn(batch, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     if batch > 1:
-        x[2] = x[2].mean()  # a flat image: a padded batch (the ragged chunks)
+        x[2] = x[2].mean()  # a flat image: a padded batch (length buckets)
     certified = []  # per certify call: which images the bound decided
     real = attention_ops.certify_received
 
@@ -148,7 +147,6 @@ def test_ltmp_decides_the_same_with_the_bound_and_with_the_exact_values(monkeypa
         return out
 
     monkeypatch.setattr(attention_ops, "certify_received", spy)
-    monkeypatch.setattr(ragged_ops, "certify_received", spy)
     model = make_vit()
     # low floors in blocks 0-5 (the bound clears them), the pruning floor in blocks 6-11 (it cannot)
     tr.apply(model, "ltmp", untrained=True, merge_threshold=0.6, prune_threshold=(1e-6,) * 6 + (0.03,) * 6)
@@ -176,63 +174,75 @@ def test_ltmp_decides_the_same_with_the_bound_and_with_the_exact_values(monkeypa
     assert kept(counts) < kept(merge_only)
 
 
+def _padded_batch(g: torch.Generator, lengths: torch.Tensor, n: int, heads: int, d: int, holes: bool = False):
+    """A padded batch's live mask (B×N×1: each image's first ``lengths[b]`` positions, with ``holes`` some
+    dead ones among them too), its ΣN live rows, their q/k/v head vectors (ΣN×3×H×d) and a size bias."""
+    batch = lengths.numel()
+    live = (torch.arange(n).view(1, n) < lengths.view(batch, 1)).float()
+    if holes:
+        live = live * (torch.rand(batch, n, generator=g) > 0.3).float()
+        live[:, 0] = 1.0
+    live = live.view(batch, n, 1)
+    packed = live.reshape(-1).nonzero().squeeze(1)
+    rows = torch.randn(packed.numel(), 3, heads, d, generator=g) * 2
+    bias = torch.randint(1, 4, (batch, 1, 1, n), generator=g).float().log()
+    return live, packed, rows, bias
+
+
 @settings(max_examples=30, deadline=None, derandomize=True)
 @given(batch=st.integers(2, 6), heads=st.integers(1, 4), n=st.integers(2, 40), seed=st.integers(0, 2**16),
-       floor=st.sampled_from([1e-12, 1e-4, 0.01, 0.05]))
-def test_ragged_chunks_with_a_floor_decide_as_the_exact_values(batch, heads, n, seed, floor):
+       floor=st.sampled_from([1e-12, 1e-4, 0.01, 0.05]), holes=st.booleans(),
+       overhead=st.sampled_from([0.0, 1e5, 1e30]))
+def test_length_buckets_with_a_floor_decide_as_the_exact_values(batch, heads, n, seed, floor, holes, overhead):
+    import tokenreduce.ops.buckets as buckets
+    from tokenreduce.ops.attention import KeyMask, attend_bucketed
     from tokenreduce.ops.ragged import ragged_attention, ragged_layout
 
     g = torch.Generator().manual_seed(seed)
     d = 8
-    lengths = torch.randint(1, n + 1, (batch,), generator=g)
-    live = (torch.arange(n).view(1, n) < lengths.view(batch, 1)).float().view(batch, n, 1)
-    packed = live.reshape(-1).nonzero().squeeze(1)
-    rows = torch.randn(packed.numel(), 3, heads, d, generator=g) * 2
-    bias = torch.randint(1, 4, (batch, 1, 1, n), generator=g).float().log()
+    live, packed, rows, bias = _padded_batch(g, torch.randint(1, n + 1, (batch,), generator=g), n, heads, d, holes)
+    needs = AttentionNeeds(keys=True, received=True, received_floor=floor)
     with torch.no_grad():
-        exact_layout = ragged_layout(packed, batch, n, heads, 1 << 12)
-        out, exact, _ = ragged_attention(rows, exact_layout, d ** -0.5, bias, live, keys=False)
-        floor_layout = ragged_layout(packed, batch, n, heads, 1 << 12, multiple=16)
-        out_f, received, _ = ragged_attention(rows, floor_layout, d ** -0.5, bias, live, keys=False, floor=floor)
+        out, exact, keys = ragged_attention(rows, ragged_layout(packed, batch, n, heads, 1 << 12), d ** -0.5, bias,
+                                            live, keys=True)
+        # overhead 0: a bucket per length; 1e30: one bucket, the padded layout
+        with unittest.mock.patch.object(buckets, "BUCKET_OVERHEAD", overhead):
+            out_f, signals = attend_bucketed(rows, packed, d ** -0.5, bias, needs, KeyMask(live))
     torch.testing.assert_close(out_f, out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(signals.keys, keys, atol=1e-6, rtol=1e-5)
     alive = live[..., 0] > 0
+    received = signals.received
     assert torch.equal((received > floor) & alive, (exact > floor) & alive)  # every prune decision the same
     assert (received[alive] <= exact[alive] * (1 + 1e-5) + 1e-12).all()
     assert (received[~alive] == 0).all()
 
 
-def test_chunks_are_used_only_where_they_save_half_the_padded_attention_work():
-    from tokenreduce.ops.ragged import ragged_saves
+def test_bucket_plan_minimises_the_attention_work_plus_a_cost_per_bucket():
+    from tokenreduce.ops.buckets import plan_buckets
 
-    # 4 images padded to 64: lengths 64, 16, 16, 16 → 64² + 3·16² = 4,864 of 4·64² = 16,384 (30%): chunks
-    assert ragged_saves([64, 16, 16, 16], 64, 16)
-    # lengths 64, 60, 50, 40 → rounded 64, 64, 64, 48: 14,592 of 16,384 (89%): the padded layout
-    assert not ragged_saves([64, 60, 50, 40], 64, 16)
-    # rounding up counts: 4 images of 33 → 48² each = 56% of the padded 64² with multiple 16, 27% without
-    assert not ragged_saves([33] * 4, 64, 16) and ragged_saves([33] * 4, 64, 1)
+    # cost per image 2·H·L²·d with H = 1, d = 1: 2L²; lengths 8, 8, 8, 64 → images {0, 1, 2} and {3}
+    lengths = [8, 64, 8, 8]
+    # two buckets: 3·128 + 8192 + 2·overhead; one: 4·8192 + overhead → two while overhead < 24,192
+    assert plan_buckets(lengths, 1, 1, overhead=24_000) == [(8, [0, 2, 3]), (64, [1])]
+    assert plan_buckets(lengths, 1, 1, overhead=24_500) == [(64, [0, 1, 2, 3])]
+    # three lengths: 16 is cheaper alone (2 images · (2·24² − 2·16²) = 1,280 saved) only while overhead < 1,280
+    lengths = [16, 16, 24, 24, 24]
+    assert plan_buckets(lengths, 1, 1, overhead=1_000) == [(16, [0, 1]), (24, [2, 3, 4])]
+    assert plan_buckets(lengths, 1, 1, overhead=1_500) == [(24, [0, 1, 2, 3, 4])]
+    assert plan_buckets([40] * 3, 4, 16) == [(40, [0, 1, 2])]
 
 
-@pytest.mark.parametrize("spread", [False, True])
-def test_padded_and_ragged_layouts_give_the_same_attention_with_a_floor(monkeypatch, spread):
-    import tokenreduce.ops.ragged as ragged_ops
-    from tokenreduce.ops.attention import KeyMask, attend_padded_rows, attend_ragged
+def test_a_bucket_layout_keeps_images_apart_and_reads_only_live_rows():
+    from tokenreduce.ops.buckets import bucket_layout
 
-    g = torch.Generator().manual_seed(1)
-    b, n, heads, d = 5, 40, 2, 8
-    lengths = torch.tensor([40, 8, 8, 6, 3]) if spread else torch.tensor([40, 38, 36, 33, 40])
-    live = (torch.arange(n).view(1, n) < lengths.view(b, 1)).float().view(b, n, 1)
-    packed = live.reshape(-1).nonzero().squeeze(1)
-    rows = torch.randn(packed.numel(), 3, heads, d, generator=g)
-    bias = torch.rand(b, 1, 1, n, generator=g)
-    needs = AttentionNeeds(keys=True, received=True, received_floor=1e-4)
-    chunked = []
-    real = ragged_ops.ragged_layout
-    monkeypatch.setattr(attention_ops, "ragged_layout", lambda *a, **k: chunked.append(1) or real(*a, **k))
-    with torch.no_grad():
-        out, signals = attend_ragged(rows, packed, 0.35, bias, needs, KeyMask(live))
-        padded_out, padded = attend_padded_rows(rows, packed, 0.35, bias, needs, KeyMask(live))
-    assert bool(chunked) == spread  # chunks only where the lengths differ enough
-    torch.testing.assert_close(out, padded_out, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(signals.keys, padded.keys, atol=1e-6, rtol=1e-5)
-    alive = live[..., 0] > 0
-    assert torch.equal((signals.received > 1e-4) & alive, (padded.received > 1e-4) & alive)
+    # 3 images of N = 6, live lengths 2, 5, 1 (rounded to multiples of 2: 2, 6, 2), every bucket its own
+    lengths = torch.tensor([2, 5, 1])
+    live = torch.arange(6).view(1, 6) < lengths.view(3, 1)
+    packed = live.reshape(-1).nonzero().squeeze(1)  # rows 0 1 | 6 7 8 9 10 | 12
+    layout = bucket_layout(packed, 3, 6, heads=1, head_dim=1, multiple=2, overhead=0.0)
+    assert [(b.length, b.images.tolist(), b.first) for b in layout.buckets] == [(2, [0, 2], 0), (6, [1], 4)]
+    assert layout.total == 10
+    # image 0 at buffer rows 0-1, image 2 at 2-3 (1 live + 1 padding), image 1 at 4-9 (5 live + 1 padding)
+    assert layout.slots.tolist() == [0, 1, 4, 5, 6, 7, 8, 2]
+    # live rows are packed rows 0-7; padding rows read their own image's first live row
+    assert layout.source.tolist() == [0, 1, 7, 7, 2, 3, 4, 5, 6, 2]

@@ -22,6 +22,11 @@ that every method shares:
   ("no position": no rotation, like the prefix tokens), and tokens that rejoin
   (Cropr's last-layer fusion) bring their own back.
 
+* ``packing``: the *packed stream* of padded batched inference (``None`` otherwise): ``x`` holds only the
+  live tokens, ΣN×C, image by image, and every image's live tokens are its first positions of the B×N
+  layout that ``mask``, ``size`` and ``pos`` keep (:class:`Packing`).  Only a reducer that declares
+  ``packs_stream`` (LTMP) ever receives such a state; :meth:`TokenState.unpacked` gives the padded one.
+
 Reductions never mutate a state; they return a new one.  The two generic
 operations are :meth:`TokenState.gather` (keep a subset, in a given order) and
 the merges in :mod:`tokenreduce.ops.merge`.
@@ -64,6 +69,19 @@ NO_POSITION = -1
 
 
 @dataclass(frozen=True)
+class Packing:
+    """Where the rows of a packed ``TokenState.x`` (ΣN×C) sit in its B×N layout.
+
+    Attributes:
+        rows: ΣN int64 rows of the live tokens in the B·N flattening, increasing.
+        counts: B int64 live tokens per image: image ``b``'s are its first ``counts[b]`` positions.
+    """
+
+    rows: Tensor
+    counts: Tensor
+
+
+@dataclass(frozen=True)
 class TokenState:
     """Hidden states plus sizes and (optionally) sources.
 
@@ -79,6 +97,7 @@ class TokenState:
         archive: the pruned tokens (prefix-free states, frozen when pruned), in archive-row order.
         orphans: whether a current token may stand for no original token (module docstring).
         archives: archive pruned tokens without an owner map (module docstring).
+        packing: ``x`` holds only the live tokens (ΣN×C) at these rows (module docstring), or ``None``.
     """
 
     x: Tensor
@@ -91,10 +110,11 @@ class TokenState:
     archive: tuple[TokenState, ...] = ()
     orphans: bool = False
     archives: bool = False
+    packing: Packing | None = None
 
     @property
     def num_tokens(self) -> int:
-        return self.x.shape[1]
+        return self.x.shape[1] if self.packing is None else self.mask.shape[1]
 
     @property
     def num_archived(self) -> int:
@@ -105,7 +125,28 @@ class TokenState:
         """B×N×1 float32 sizes, materialising ones if no merge happened yet."""
         if self.size is not None:
             return self.size
-        return self.x.new_ones(self.x.shape[0], self.x.shape[1], 1, dtype=torch.float32)
+        batch = self.x.shape[0] if self.packing is None else self.mask.shape[0]
+        return self.x.new_ones(batch, self.num_tokens, 1, dtype=torch.float32)
+
+    def packed(self) -> TokenState:
+        """The packed form of a padded batch (``x`` ΣN×C, :class:`Packing`); the state itself when packed
+        already or when every token is live.  The live tokens must be every image's first positions (the
+        compaction of LTMP's inference form); ``mask`` must be hard (0 or 1)."""
+        if self.packing is not None or self.mask is None:
+            return self
+        live = self.mask.reshape(-1)
+        rows = live.nonzero().squeeze(1)
+        counts = self.mask.sum(dim=(1, 2)).long()
+        return replace(self, x=self.x.reshape(-1, self.x.shape[-1]).index_select(0, rows),
+                       packing=Packing(rows, counts))
+
+    def unpacked(self) -> TokenState:
+        """The padded form (``x`` B×N×C, padding rows zero) of a packed state; the state itself otherwise."""
+        if self.packing is None:
+            return self
+        batch, n = self.mask.shape[:2]
+        x = self.x.new_zeros(batch * n, self.x.shape[-1]).index_copy_(0, self.packing.rows, self.x)
+        return replace(self, x=x.view(batch, n, -1), packing=None)
 
     def with_x(self, x: Tensor) -> TokenState:
         return replace(self, x=x)

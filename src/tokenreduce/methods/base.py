@@ -88,6 +88,11 @@ class Reducer:
     """Whether the stream keeps every patch token in its place (ToMe for SD merges only what the branches
     see): the model's grid entry points (``forward_intermediates``, feature-map backbones) then read the
     stream as it is, and need no ``restore=``."""
+    packs_stream: ClassVar[bool] = False
+    """Whether the method's inference reduction takes and gives the *packed stream* of a padded batch
+    (``TokenState.packing``: only the live tokens' hidden states, ΣN×C): the reduced model then keeps the
+    stream packed between blocks, so no block gathers its live rows from a padded B×N×C tensor or scatters
+    them back (:func:`tokenreduce.models.base.branches`)."""
     rejoins: bool = False
     """Whether the pruned tokens rejoin before the last block (last-layer fusion: Cropr's ``llf``); the
     reduction context then archives pruned tokens and rejoins them (:meth:`TokenState.rejoin`)."""

@@ -80,7 +80,7 @@ from ..ops.modes import no_grad, tracing
 from ..ops.prune import threshold_mask
 from ..ops.ragged import rounded_length
 from ..ops.similarity import alternate, unit_rows
-from ..state import TokenState
+from ..state import Packing, TokenState
 from .base import ModelInfo, Params, Reducer, boolean, checked, fraction, numbers_in, positive
 
 Thresholds = float | tuple[float, ...]
@@ -151,6 +151,7 @@ class LTMP(Reducer):
     learned = True
     shipped = ("ltmp_0.75", "ltmp_0.6")  # trained for targets 0.75 and 0.6
     budget_sets_schedule = False
+    packs_stream = True  # at inference its reduction takes and gives the packed stream (TokenState.packing)
 
     @classmethod
     def evaluation_rows(cls, info: ModelInfo, budgets: Sequence[float], task: str = "classification",
@@ -312,15 +313,28 @@ class LTMP(Reducer):
     ) -> TokenState:
         """Inference form: hard comparisons, merged and pruned tokens really removed (batch padded).  The
         thresholds are Python floats, or 0-d tensors while a graph is captured."""
-        x, p = state.x, state.num_prefix
+        p = state.num_prefix
         sim = self._similarity(signals)
         if state.source is None and state.owner is None:  # the fused CPU kernel, where eligible: same numbers
-            fused = fused_ltmp_merge_prune(x, state.size, sim, signals.received, state.mask, theta_m, theta_p, p,
-                                           length_multiple(x.shape[0]))
+            packing = state.packing
+            bsz = sim.shape[0]
+            fused = fused_ltmp_merge_prune(
+                state.x, state.size, sim, signals.received, None if packing is not None else state.mask, theta_m,
+                theta_p, p, length_multiple(bsz), counts=None if packing is None else packing.counts,
+                packed=packing is not None)
             if fused is not None:
-                out_x, size, mask, index = fused
-                pos = None if state.pos is None else batched_gather(state.pos, index)
-                return dataclasses.replace(state, x=out_x, size=size, mask=mask, pos=pos)
+                pos = None if state.pos is None else batched_gather(state.pos, fused.index)
+                out_x, packing = fused.x, None
+                if fused.rows is not None:  # a packed stream stays packed, unless every row is live
+                    if fused.mask is None:
+                        out_x = out_x.view(bsz, -1, out_x.shape[-1])
+                    else:
+                        packing = Packing(fused.rows, fused.counts)
+                return dataclasses.replace(state, x=out_x, size=fused.size, mask=fused.mask, pos=pos,
+                                           packing=packing)
+        if state.packing is not None:  # the Python path runs on the padded layout (the caller packs it again)
+            state = state.unpacked()
+        x = state.x
         signals = self._received(state, signals)
         bsz, n, _ = x.shape
         live = torch.ones(bsz, n, dtype=torch.bool, device=x.device) if state.mask is None else state.mask[..., 0] > 0

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from ..ops.attention import NO_NEEDS, AttentionNeeds, AttentionSignals, KeyMask, size_bias
 from ..ops.modes import tracing
-from ..state import TokenState
+from ..state import Packing, TokenState
 from ..stats import LastForward
 from .pickling import reduce_as_stock, reduce_reduced_model
 
@@ -71,6 +71,9 @@ class ReductionContext:
         self._bias_of: Tensor | None = None
         self.rows: Tensor | None = None
         self._rows_of: Tensor | None = None
+        self.blocks: tuple[nn.Module, ...] = ()  # set by patch(): whose hooks decide the packed stream
+        self.packs = False  # this forward keeps the stream packed between blocks (start(), packed_stream())
+        self.packing: Packing | None = None  # the stream is packed: x holds the live rows (ΣN×C) at these rows
         self.enabled = True  # False: the model runs its stock forward (e.g. as its own distillation teacher)
         self.restore: str | None = reducer.restore  # None, "frozen" or "fusion" (tokenreduce.apply's restore=)
         self.fusion = reducer.restore == "fusion" or reducer.rejoins  # archived tokens rejoin before the last block
@@ -103,6 +106,8 @@ class ReductionContext:
         self.size = self.mask = None
         self.bias = self._bias_of = None
         self.rows = self._rows_of = None
+        self.packing = None
+        self.packs = self.packed_stream(training)
         self.source = None
         self.pos = self.pos_start = None
         self.owner, self.archive, self.orphans = None, (), False
@@ -117,6 +122,19 @@ class ReductionContext:
         self.batch_size = b
         self.records = [None] * self.info.depth
         self.stages = []  # with trace_source: (label, B×N×N0 sources) per reduction
+
+    def packed_stream(self, training: bool) -> bool:
+        """Whether this forward keeps the stream packed between blocks (``Reducer.packs_stream``): inference
+        without autograd or tracing, and nothing that reads the padded stream between blocks (source
+        tracing, restoration, last-layer fusion, a grid entry point's captures, forward hooks on the blocks,
+        which see the blocks' B×N×C outputs)."""
+        if not self.reducer.packs_stream or training or torch.is_grad_enabled() or tracing():
+            return False
+        if self.trace_source or self.track_owner or self.fusion or self.capture:
+            return False
+        if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+            return False
+        return not any(blk._forward_hooks or blk._forward_pre_hooks for blk in self.blocks)
 
     def key_bias(self) -> Tensor | None:
         """``log size`` for proportional attention, recomputed only when sizes change."""
@@ -134,8 +152,11 @@ class ReductionContext:
         """For padded batched inference (a hard mask, eval mode): the rows of the live tokens
         in the B·N flattening of the current mask (ΣN), cached per mask; else ``None``.
 
-        Finding them syncs with the host once per new mask (their number is data-dependent).
+        Finding them syncs with the host once per new mask (their number is data-dependent); a packed
+        stream brings them along.
         """
+        if self.packing is not None:
+            return self.packing.rows
         if self.mask is None or training or self.reducer.key_mask(self.mask).soft:
             return None
         if self._rows_of is not self.mask:
@@ -149,7 +170,7 @@ class ReductionContext:
 
     def state(self, x: Tensor) -> TokenState:
         return TokenState(x, self.size, self.source, self.info.num_prefix, self.mask, self.pos, self.owner,
-                          self.archive, self.orphans, self.archives)
+                          self.archive, self.orphans, self.archives, self.packing)
 
     def update(self, state: TokenState) -> Tensor:
         if self.track_pos and state.pos is None:
@@ -162,9 +183,20 @@ class ReductionContext:
                 f"tokenreduce: {self.method} returned tokens without their owner map, which restoration needs; "
                 f"a reduction must carry TokenState.owner along (TokenState.gather / append / the ops in ops/ do)"
             )
+        if self.packs and state.packing is None and state.mask is not None:
+            state = state.packed()  # the first masked reduction of a packed forward (or the Python path's)
         self.size, self.source, self.mask, self.pos = state.size, state.source, state.mask, state.pos
         self.owner, self.archive, self.orphans = state.owner, state.archive, state.orphans
+        self.packing = state.packing
         return state.x
+
+    def unpack(self, x: Tensor) -> Tensor:
+        """The padded B×N×C stream (padding rows zero) of a packed one; ``x`` as it is otherwise."""
+        if self.packing is None:
+            return x
+        x = self.state(x).unpacked().x
+        self.packing = None
+        return x
 
     # -- restoration ---------------------------------------------------------------------------------
     def rejoin(self, x: Tensor) -> Tensor:
@@ -387,6 +419,8 @@ def run_block(block: nn.Module, x: Tensor, stock: Callable[[Tensor], Tensor]) ->
         x = grouped_branches(ctx, block, i, x)
     else:
         x = branches(ctx, block, i, x)
+    if i == ctx.last_block:  # the norm and the pool read the padded stream
+        x = ctx.unpack(x)
     if ctx.restore is not None and i == ctx.last_block:
         return ctx.finish(x)
     if i in ctx.capture:
@@ -403,8 +437,8 @@ def branches(ctx: ReductionContext, block: nn.Module, i: int, x: Tensor) -> Tens
     key_mask = ctx.key_mask()
     class_token = ctx.info.has_class_token
     rows = ctx.packed_rows(block.training)
-    if rows is None:
-        out, signals = adapter.attention(block, x, ctx.key_bias(), needs or NO_NEEDS, key_mask, None, class_token)
+    if rows is None or ctx.packing is not None:  # x: B×N×C, or the packed stream's live rows (ΣN×C)
+        out, signals = adapter.attention(block, x, ctx.key_bias(), needs or NO_NEEDS, key_mask, rows, class_token)
         x = x + adapter.attention_residual(block, out)
     else:  # padded batched inference: per-token work on the live tokens only
         live = x.reshape(-1, x.shape[-1]).index_select(0, rows)
@@ -417,6 +451,8 @@ def branches(ctx: ReductionContext, block: nn.Module, i: int, x: Tensor) -> Tens
             ctx.snapshot(f"block {i}")
     del signals  # keys / values / probabilities are not needed by the MLP
     ctx.records[i] = (n_attn, ctx.count(x))
+    if ctx.packing is not None:  # the packed stream (ΣN×C): x was made in this block, nothing else holds it
+        return x.add_(adapter.mlp(block, x))
     rows = ctx.packed_rows(block.training)
     if rows is not None:
         # The MLP is per-token: run it on the live tokens of all images packed into
@@ -525,6 +561,7 @@ def patch(model: nn.Module, adapter: type[FamilyAdapter], reducer: Reducer, meth
     """Route ``model``'s blocks through ``reducer`` (in place), the family's way."""
     ctx = ReductionContext(reducer, adapter, method, trace_source)
     ctx.track_pos = adapter.tracks_positions(model)
+    ctx.blocks = tuple(adapter.blocks(model))
     members = {"_apply": model_apply, "__reduce_ex__": reduce_reduced_model, **adapter.model_members}
     model.__class__ = reduced_class(type(model), f"{adapter.name}:model", members)
     model._tr_ctx = ctx

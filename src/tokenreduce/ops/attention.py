@@ -40,9 +40,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .buckets import bucket_layout
 from .gather import head_mean
 from .modes import fp32, tracing
-from .ragged import image_lengths, ragged_attention, ragged_layout, ragged_saves
+from .ragged import ragged_attention, ragged_layout
 from .received import MIN_FLOOR, certify_received, fused_attention_available, fused_attention_with_lse
 
 
@@ -213,16 +214,11 @@ def attend_ragged(
     """
     b, n = key_mask.mask.shape[:2]
     heads = qkv.shape[2] if isinstance(qkv, Tensor) else qkv[0].shape[1]
-    floor = needs.received_floor if received_floor_applies(needs, packed.device.type, torch.float32) else None
-    lengths = None
-    if floor is not None:  # the fused kernel: chunks only where they save much of the padding's work
-        lengths = image_lengths(packed, b, n)
-        if not ragged_saves(lengths, n, flash_multiple()):
-            return attend_padded_rows(qkv, packed, scale, bias, needs, key_mask)
-    layout = ragged_layout(packed, b, n, heads, PROBS_CHUNK, multiple=1 if floor is None else flash_multiple(),
-                           lengths=lengths)
+    if received_floor_applies(needs, packed.device.type, torch.float32):  # the fused kernel, in length buckets
+        return attend_bucketed(qkv, packed, scale, bias, needs, key_mask)
+    layout = ragged_layout(packed, b, n, heads, PROBS_CHUNK)
     with fp32(packed.device.type):
-        out, received, keys = ragged_attention(qkv, layout, scale, bias, key_mask.mask, needs.keys, floor)
+        out, received, keys = ragged_attention(qkv, layout, scale, bias, key_mask.mask, needs.keys)
     return out, AttentionSignals(keys=keys, received=received)
 
 
@@ -236,19 +232,54 @@ def flash_multiple() -> int:
     return 8 if torch.backends.cpu.get_cpu_capability() == "AVX2" else 16
 
 
-def attend_padded_rows(
+def attend_bucketed(
     qkv: Tensor | tuple[Tensor, Tensor, Tensor], packed: Tensor, scale: float, bias: Tensor | None,
     needs: AttentionNeeds, key_mask: KeyMask,
 ) -> tuple[Tensor, AttentionSignals]:
-    """:func:`attend` on the padded B×N layout for a padded batch's live rows (ΣN×3×H×d, or three ΣN×H×d):
-    the rows are scattered into it and the outputs gathered back; arguments and returns as :func:`attend_ragged`."""
+    """:func:`attention_with_received_floor` for a padded batch's live rows, in length buckets
+    (:mod:`~tokenreduce.ops.buckets`): each bucket of images of similar length runs the fused kernel at its
+    own longest length (rounded up to :func:`flash_multiple`), not the batch's.  Every image's result is that
+    of the padded layout: only the number of padding keys, which the ``−inf`` key bias removes, differs.
+
+    Args:
+        qkv: the live rows' head vectors: ΣN×3×H×d, or three ΣN×H×d tensors (q, k, v).
+        packed: their ΣN rows in the B·N flattening of ``key_mask``.
+        scale, bias, needs, key_mask: as :func:`attend` (``needs.received_floor`` set, see
+            :func:`received_floor_applies`).
+
+    Returns:
+        ``(out, signals)``: ΣN×(H·d) outputs (heads concatenated) and the signals (B×N; 0 at padding).
+    """
     rows = qkv if isinstance(qkv, Tensor) else torch.stack(qkv, dim=1)
     total, _, heads, d = rows.shape
-    padded = unpack_rows(rows.reshape(total, 3 * heads * d), packed, key_mask)
-    b, n = padded.shape[:2]
-    q, k, v = padded.view(b, n, 3, heads, d).permute(2, 0, 3, 1, 4).unbind(0)
-    out, signals = attend(q, k, v, scale, bias, needs, key_mask)
-    return pack_rows(merge_heads(out), packed), signals
+    b, n = key_mask.mask.shape[:2]
+    layout = bucket_layout(packed, b, n, heads, d, flash_multiple())
+    # padding rows read a live row of their image: finite (a padding key's probability is exactly 0, and 0·inf
+    # is not), and nothing crosses images
+    buffer = rows.reshape(total, -1).index_select(0, layout.source)
+    live = key_mask.mask.reshape(b, n).float()
+    key_bias = live.log() if bias is None else live.log() + bias.reshape(b, n).float()
+    out = rows.new_empty(layout.total, heads * d)
+    received = live.new_empty(layout.total)
+    for bucket in layout.buckets:
+        m, length, at = bucket.count, bucket.length, bucket.first
+        q, k, v = buffer[at:at + m * length].view(m, length, 3, heads, d).permute(2, 0, 3, 1, 4).unbind(0)
+        if m == b and length == n:  # one bucket: the padded layout itself
+            mask, weights = key_bias, live
+        else:
+            mask = key_bias.index_select(0, bucket.images)[:, :length]
+            weights = live.index_select(0, bucket.images)[:, :length]
+        bucket_out, bucket_received = attention_with_received_floor(q, k, v, scale, mask.view(m, 1, 1, length),
+                                                                    weights, needs.received_floor)
+        out[at:at + m * length].view(m, length, heads, d).copy_(bucket_out.transpose(1, 2))
+        received[at:at + m * length].view(m, length).copy_(bucket_received)
+    received = live.new_zeros(b * n).index_copy_(0, packed, received.index_select(0, layout.slots)).view(b, n)
+    keys = None
+    if needs.keys:
+        per_head = rows[:, 1]  # ΣN×H×d
+        packed_keys = head_mean(per_head.transpose(0, 1).unsqueeze(0)).squeeze(0)  # ΣN×d
+        keys = packed_keys.new_zeros(b * n, d).index_copy_(0, packed, packed_keys).view(b, n, d)
+    return out.index_select(0, layout.slots), AttentionSignals(keys=keys, received=received)
 
 
 def unpack_rows(rows: Tensor, packed: Tensor | None, key_mask: KeyMask | None) -> Tensor:

@@ -47,6 +47,7 @@ import time
 import warnings
 from pathlib import Path
 from types import ModuleType
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -263,22 +264,23 @@ def _announce_first_build(cpp_extension: ModuleType, name: str) -> None:
         logger.warning("tokenreduce: compiling the fused CPU merge kernel (once, about 30 s) in %s", build_dir)
 
 
-def kernel_eligible(x: Tensor, size: Tensor | None) -> bool:
-    """Whether the fused kernel may replace the Python path for hidden states ``x`` (B×N×C): never while a
-    graph is captured (``torch.compile``, TorchScript, ONNX export), which must hold its general form."""
+def kernel_eligible(x: Tensor, size: Tensor | None, packed: bool = False) -> bool:
+    """Whether the fused kernel may replace the Python path for hidden states ``x`` (B×N×C, or ΣN×C when
+    ``packed``): never while a graph is captured (``torch.compile``, TorchScript, ONNX export), which must
+    hold its general form."""
     if tracing() or torch.jit.is_scripting():
         return False
-    if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 3:
+    if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != (2 if packed else 3):
         return False
     if size is not None and (size.dtype != torch.float32 or size.device.type != "cpu"):
         return False
     return not (torch.is_grad_enabled() and (x.requires_grad or (size is not None and size.requires_grad)))
 
 
-def _kernels_for(x: Tensor, size: Tensor | None) -> ModuleType | None:
+def _kernels_for(x: Tensor, size: Tensor | None, packed: bool = False) -> ModuleType | None:
     """The built kernels when they may replace the Python path for ``x`` and ``size``
     (:func:`kernel_eligible`), else ``None`` (not eligible, off, or not built)."""
-    return load_cpu_kernels() if kernel_eligible(x, size) else None
+    return load_cpu_kernels() if kernel_eligible(x, size, packed) else None
 
 
 def fused_bipartite_merge(
@@ -310,34 +312,57 @@ def fused_bipartite_merge(
     return out_x, out_size, keep, remap
 
 
+class LtmpStep(NamedTuple):
+    """What :func:`fused_ltmp_merge_prune` returns.
+
+    Attributes:
+        x: B×M×C hidden states, or ΣM×C (the live tokens', image by image) when packed.
+        size: B×M×1 sizes.
+        mask: B×M×1 float live mask, ``None`` when every row is live.
+        index: B×M int64 input position of every output row.
+        counts: B int64 live tokens per image (each image's first ``counts[b]`` rows).
+        rows: packed only: the ΣM rows of the live tokens in the B·M flattening.
+    """
+
+    x: Tensor
+    size: Tensor
+    mask: Tensor | None
+    index: Tensor
+    counts: Tensor
+    rows: Tensor | None
+
+
 def fused_ltmp_merge_prune(
     x: Tensor, size: Tensor | None, sim: Tensor, importance: Tensor | None, mask: Tensor | None,
-    theta_merge: float, theta_prune: float, num_prefix: int, multiple: int = 1,
-) -> tuple[Tensor, Tensor, Tensor | None, Tensor] | None:
+    theta_merge: float, theta_prune: float, num_prefix: int, multiple: int = 1, counts: Tensor | None = None,
+    packed: bool = False,
+) -> LtmpStep | None:
     """LTMP's inference step after the similarities, in one kernel call (``LTMP._reduce_hard``'s numbers).
 
     Args:
-        x: B×N×C float32 hidden states; size: B×N×1 float32 sizes or ``None`` (all ones);
+        x: B×N×C float32 hidden states, or with ``counts`` the ΣN×C live ones (image by image, each image's
+        live tokens its first ``counts[b]`` positions); size: B×N×1 float32 sizes or ``None`` (all ones);
         sim: B×⌈N/2⌉×⌊N/2⌋ cosine similarities of the even (A) to the odd (B) positions (prefix and
         dead tokens are masked by the kernel); importance: B×N attention received, or ``None`` where the
         block cannot prune (every importance +inf); mask: B×N×1 float32 live mask or ``None`` (all live);
         theta_merge, theta_prune: the block's thresholds; num_prefix: protected leading tokens;
-        multiple: M is rounded up to a multiple of this (at most N).
+        multiple: M is rounded up to a multiple of this (at most N); counts: B int64 live counts of a
+        packed ``x``, or ``None``; packed: return the output's hidden states packed (required with ``counts``).
 
     Returns:
-        ``(x, size, mask, index)``: B×M×C, B×M×1, B×M×1 live mask (``None`` when every row is live) and
-        B×M int64 input positions, M the largest live count in the batch rounded up to ``multiple``; or
-        ``None`` when the kernel is not eligible or not available (the caller then takes the Python path).
+        An :class:`LtmpStep`: M the largest live count in the batch rounded up to ``multiple``; or ``None``
+        when the kernel is not eligible or not available (the caller then takes the Python path).
     """
-    module = None if mask is not None and mask.dtype != torch.float32 else _kernels_for(x, size)
+    module = None if mask is not None and mask.dtype != torch.float32 else _kernels_for(x, size, counts is not None)
     if module is None:
         return None
     sim = sim if sim.dtype == torch.float32 else sim.float()
     if importance is not None and importance.dtype != torch.float32:
         importance = importance.float()
-    out_x, out_size, out_mask, index, all_live = module.ltmp_merge_prune(
-        x, size, sim, importance, mask, float(theta_merge), float(theta_prune), num_prefix, int(multiple))
-    return out_x, out_size, None if all_live else out_mask, index
+    out_x, out_size, out_mask, index, all_live, out_counts, rows = module.ltmp_merge_prune(
+        x, size, sim, importance, mask, float(theta_merge), float(theta_prune), num_prefix, int(multiple),
+        counts, packed)
+    return LtmpStep(out_x, out_size, None if all_live else out_mask, index, out_counts, rows if packed else None)
 
 
 def fused_squeeze(

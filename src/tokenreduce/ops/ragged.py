@@ -15,7 +15,9 @@ layout and the rest is masked out.  Per-token work already runs on the live rows
 
 The arithmetic is that of :func:`~tokenreduce.ops.attention.attention_and_received` (float32 logits
 with the key bias, softmax, the received average over live query rows); only the summation
-blocking differs.  Finding the lengths costs one host synchronisation per layout.
+blocking differs.  Finding the lengths costs one host synchronisation per layout.  A method that only
+compares the received attention with a floor keeps the fused kernel instead, in length buckets
+(:mod:`~tokenreduce.ops.buckets`).
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ import torch
 from torch import Tensor
 
 from .gather import head_mean
-from .received import certify_received, fused_attention_with_lse
 
 
 @dataclass(frozen=True)
@@ -92,14 +93,6 @@ def image_lengths(packed: Tensor, batch: int, tokens: int) -> list[int]:
     return lengths.tolist()
 
 
-def ragged_saves(lengths: list[int], tokens: int, multiple: int, share: float = 0.5) -> bool:
-    """Whether chunks at the images' own lengths (rounded up to ``multiple``) hold at most ``share`` of the
-    attention work (∝ length²) of the padded B×N layout: below that, building the layout and gathering the
-    chunks costs less than the padding (measured on a CPU, docs/benchmarks.md#ltmp-speed-on-deit-s)."""
-    own = sum(rounded_length(max(length, 1), multiple, tokens) ** 2 for length in lengths)
-    return own <= share * len(lengths) * tokens * tokens
-
-
 def ragged_layout(packed: Tensor, batch: int, tokens: int, heads: int, budget: int, multiple: int = 1,
                   lengths: list[int] | None = None) -> RaggedLayout:
     """The chunk layout of a padded batch's live rows (one host synchronisation).
@@ -157,13 +150,10 @@ def ragged_layout(packed: Tensor, batch: int, tokens: int, heads: int, budget: i
 
 def ragged_attention(
     qkv: Tensor | tuple[Tensor, Tensor, Tensor], layout: RaggedLayout, scale: float, bias: Tensor | None, live: Tensor,
-    keys: bool, floor: float | None = None,
+    keys: bool,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Softmax attention of the live rows, the attention every key receives, and the head-averaged keys.
-
-    With ``floor``, each chunk runs ATen's CPU flash kernel and the received attention is certified against
-    the floor image by image (:func:`~tokenreduce.ops.received.certify_received`); a chunk with an image the
-    bound does not clear also runs the explicit softmax, whose exact values those images get.
+    """Softmax attention of the live rows, the attention every key receives, and the head-averaged keys
+    (the explicit softmax: every received attention exact).
 
     Args:
         qkv: the live rows' q, k and v head vectors, in ``layout.rows`` order: one contiguous
@@ -173,8 +163,6 @@ def ragged_attention(
         bias: additive bias on the logits of each key, B×1×1×N (``log size``), or ``None``.
         live: the hard live-token mask (B×N×1, 1 = live) the padding is removed with.
         keys: whether to return the head-averaged keys.
-        floor: the received attention is only compared with this value (``AttentionNeeds.received_floor``);
-            ``None``: exact values everywhere.
 
     Returns:
         ``(out, received, keys)``: ΣN×(H·d) outputs (heads concatenated), B×N float32 received
@@ -197,26 +185,12 @@ def ragged_attention(
         q, k, v = (slots[c.qkv_at + i * size: c.qkv_at + (i + 1) * size].view(m * heads, length, d) for i in range(3))
         weights = live[c.start:c.start + m, :length]  # m×L: live query rows
         chunk_bias = key_bias[c.start:c.start + m, :length]
-        certified = None
-        if floor is not None:
-            heads_view = [t.view(m, heads, length, d) for t in (q, k, v)]
-            mask = chunk_bias.view(m, 1, 1, length)
-            flash, lse = fused_attention_with_lse(*heads_view, mask, scale)
-            out[c.out_at:c.out_at + size].view(m, heads, length, d).copy_(flash)
-            bound, certified = certify_received(heads_view[0], heads_view[1], lse, scale, mask, weights, floor)
-            received[c.start:c.start + m, :length] = bound.exp()
-            if bool(certified.all()):  # host sync
-                continue
         shift = chunk_bias.unsqueeze(1).expand(m, heads, length)
         logits = torch.baddbmm(shift.reshape(m * heads, 1, length), q, k.transpose(1, 2), alpha=scale)
         probs = logits.softmax(dim=-1)  # (m·H)×L×L
-        if certified is None:
-            torch.bmm(probs, v, out=out[c.out_at:c.out_at + size].view(m * heads, length, d))
+        torch.bmm(probs, v, out=out[c.out_at:c.out_at + size].view(m * heads, length, d))
         total = torch.bmm(weights.repeat(1, heads).unsqueeze(1), probs.view(m, heads * length, length)).squeeze(1)
-        exact = total / (heads * weights.sum(dim=1, keepdim=True))
-        if certified is not None:  # the bound stays where it certified the image
-            exact = torch.where(certified.unsqueeze(1), received[c.start:c.start + m, :length], exact)
-        received[c.start:c.start + m, :length] = exact
+        received[c.start:c.start + m, :length] = total / (heads * weights.sum(dim=1, keepdim=True))
     out_rows = out.index_select(0, layout.out_index).view(rows, heads * d)
     key_rows = None
     if keys:

@@ -11,11 +11,12 @@ std::vector<at::Tensor> bipartite_merge_wavg(const at::Tensor& x_in, const c10::
                                              const at::Tensor& metric_in, int64_t r, int64_t p);
 
 // LTMP's inference step: threshold merge, threshold prune, compaction (ltmp_merge_prune.cpp).
-// (x, sizes, live mask, input positions, whether every output row is live).
-using LtmpStep = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, bool>;
+// (x, sizes, live mask, input positions, whether every output row is live, live counts, live rows).
+using LtmpStep = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, bool, at::Tensor, at::Tensor>;
 LtmpStep ltmp_merge_prune(const at::Tensor& x_in, const c10::optional<at::Tensor>& size_in, const at::Tensor& sim_in,
                           const c10::optional<at::Tensor>& importance_in, const c10::optional<at::Tensor>& mask_in,
-                          double theta_merge, double theta_prune, int64_t p, int64_t multiple);
+                          double theta_merge, double theta_prune, int64_t p, int64_t multiple,
+                          const c10::optional<at::Tensor>& counts_in, bool packed_out);
 
 // TPS's squeeze, inference form: host choice, weighted merge, sizes (squeeze.cpp).
 std::vector<at::Tensor> squeeze_tokens(const at::Tensor& x_in, const c10::optional<at::Tensor>& size_in,

@@ -13,6 +13,11 @@
 //   * compaction: live tokens first, then dead ones, each in the layout order [prefix, A, B], cut to the
 //     largest live count in the batch.
 //
+// Packed form (the reduced model's packed stream): the input x holds only the live tokens, ΣN×C, image by
+// image, and every image's live tokens are its first counts[b] positions (the compaction above gives that
+// layout); the output x holds only the live output tokens, ΣM×C, in the same way, and rows gives their rows in
+// the B·M flattening.  Sizes, mask and positions stay B×M; only the hidden states are packed.
+//
 // Built on first use by tokenreduce/ops/cpu_kernels.py (torch.utils.cpp_extension.load); bound in module.cpp.
 
 #include "kernels.h"
@@ -24,27 +29,49 @@
 #include <limits>
 #include <vector>
 
-// x: B×N×C float32; size: B×N×1 float32 or None (all ones); sim: B×NA×NB float32 cosine similarities of
-// the A (even) and B (odd) positions, prefix and dead tokens included (they are masked here); importance:
-// B×N float32, or None where the block cannot prune (every token's importance is +inf); mask: B×N×1 float32
-// live mask (live: > 0) or None (all live); p: prefix tokens.
-// multiple: the padded length M is the largest live count rounded up to a multiple of this (at most N).
-// Returns (B×M×C x, B×M×1 sizes, B×M×1 float live mask, B×M int64 input positions, whether every output
-// row is live).
+// x: B×N×C float32, or ΣN×C live rows with counts; size: B×N×1 float32 or None (all ones); sim: B×NA×NB float32
+// cosine similarities of the A (even) and B (odd) positions, prefix and dead tokens included (they are masked
+// here); importance: B×N float32, or None where the block cannot prune (every token's importance is +inf);
+// mask: B×N×1 float32 live mask (live: > 0) or None (all live; with counts: the first counts[b] positions);
+// p: prefix tokens; multiple: the padded length M is the largest live count rounded up to a multiple of this
+// (at most N); counts: B int64 live counts of a packed input x, or None; packed: return the output x packed.
+// Returns (B×M×C or ΣM×C x, B×M×1 sizes, B×M×1 float live mask, B×M int64 input positions, whether every output
+// row is live, B int64 live counts, ΣM int64 rows of the live output tokens in the B·M flattening (packed only)).
 LtmpStep ltmp_merge_prune(const at::Tensor& x_in, const c10::optional<at::Tensor>& size_in, const at::Tensor& sim_in,
                           const c10::optional<at::Tensor>& importance_in, const c10::optional<at::Tensor>& mask_in,
-                          double theta_merge, double theta_prune, int64_t p, int64_t multiple) {
+                          double theta_merge, double theta_prune, int64_t p, int64_t multiple,
+                          const c10::optional<at::Tensor>& counts_in, bool packed_out) {
   const bool has_importance = importance_in.has_value() && importance_in->defined();
-  TORCH_CHECK(x_in.dim() == 3 && sim_in.dim() == 3, "ltmp_merge_prune: x and sim must be 3-D");
+  const bool packed_in = counts_in.has_value() && counts_in->defined();
+  TORCH_CHECK(x_in.dim() == (packed_in ? 2 : 3) && sim_in.dim() == 3,
+              "ltmp_merge_prune: x must be 3-D (2-D with counts) and sim 3-D");
   TORCH_CHECK(x_in.device().is_cpu() && sim_in.device().is_cpu(), "ltmp_merge_prune: CPU tensors only");
   TORCH_CHECK(x_in.scalar_type() == at::kFloat && sim_in.scalar_type() == at::kFloat,
               "ltmp_merge_prune: float32 tensors only");
+  TORCH_CHECK(!packed_in || packed_out, "ltmp_merge_prune: a packed input gives a packed output");
   const at::Tensor x = x_in.contiguous();
   const at::Tensor sim = sim_in.contiguous();
-  const int64_t batch = x.size(0), n = x.size(1), channels = x.size(2);
+  const int64_t batch = sim.size(0), n = sim.size(1) + sim.size(2), channels = x.size(-1);
   const int64_t na = (n + 1) / 2, nb = n / 2;
-  TORCH_CHECK(sim.size(0) == batch && sim.size(1) == na && sim.size(2) == nb,
+  TORCH_CHECK(sim.size(1) == na && sim.size(2) == nb && (packed_in || (x.size(0) == batch && x.size(1) == n)),
               "ltmp_merge_prune: sim must be B×ceil(N/2)×floor(N/2)");
+  // where every image's rows start in x: b·N (padded) or the running sum of the live counts (packed)
+  std::vector<int64_t> x_start(batch), in_count(batch, n);
+  if (packed_in) {
+    const at::Tensor counts = counts_in->to(at::kLong).contiguous();
+    TORCH_CHECK(counts.numel() == batch, "ltmp_merge_prune: counts must hold one count per image");
+    const int64_t* counts_data = counts.data_ptr<int64_t>();
+    int64_t start = 0;
+    for (int64_t img = 0; img < batch; ++img) {
+      TORCH_CHECK(counts_data[img] >= 0 && counts_data[img] <= n, "ltmp_merge_prune: a count is out of range");
+      x_start[img] = start;
+      in_count[img] = counts_data[img];
+      start += counts_data[img];
+    }
+    TORCH_CHECK(start == x.size(0), "ltmp_merge_prune: the counts must sum to x's rows");
+  } else {
+    for (int64_t img = 0; img < batch; ++img) x_start[img] = img * n;
+  }
   at::Tensor importance;
   if (has_importance) {
     importance = importance_in->contiguous();
@@ -91,7 +118,7 @@ LtmpStep ltmp_merge_prune(const at::Tensor& x_in, const c10::optional<at::Tensor
     std::vector<uint8_t> live(n), merged(na);
     std::vector<int64_t> partner(na), last(std::max<int64_t>(nb, 1));
     for (int64_t img = begin; img < end; ++img) {
-      for (int64_t t = 0; t < n; ++t) live[t] = has_mask ? mask_data[img * n + t] > 0.f : 1;
+      for (int64_t t = 0; t < n; ++t) live[t] = t < in_count[img] && (!has_mask || mask_data[img * n + t] > 0.f);
       const float* img_sim = sim_data + img * na * nb;
       const float* imp = has_importance ? imp_data + img * n : nullptr;  // nullptr: +inf, nothing pruned
       int64_t* img_first = first.data() + img * std::max<int64_t>(nb, 1);
@@ -152,47 +179,66 @@ LtmpStep ltmp_merge_prune(const at::Tensor& x_in, const c10::optional<at::Tensor
   const int64_t longest = batch > 0 ? *std::max_element(count.begin(), count.end()) : 0;
   const int64_t m_out = std::min(n, (longest + multiple - 1) / multiple * multiple);
 
-  // Phase 2, per image: the first M tokens of the compaction order, B tokens with their merges.
-  at::Tensor out = at::empty({batch, m_out, channels}, x.options());
+  // Phase 2, per image: the first M tokens of the compaction order, B tokens with their merges (packed: the
+  // live ones' hidden states only).
+  std::vector<int64_t> out_start(batch);
+  int64_t live_rows = 0;
+  for (int64_t img = 0; img < batch; ++img) {
+    out_start[img] = packed_out ? live_rows : img * m_out;
+    live_rows += count[img];
+  }
+  at::Tensor out = packed_out ? at::empty({live_rows, channels}, x.options())
+                              : at::empty({batch, m_out, channels}, x.options());
   at::Tensor out_size = at::empty({batch, m_out, 1}, x.options());
   at::Tensor out_mask = at::empty({batch, m_out, 1}, x.options());
   at::Tensor index = at::empty({batch, m_out}, x.options().dtype(at::kLong));
+  at::Tensor out_count = at::empty({batch}, x.options().dtype(at::kLong));
+  at::Tensor rows = at::empty({packed_out ? live_rows : 0}, x.options().dtype(at::kLong));
   float* out_data = out.data_ptr<float>();
   float* out_size_data = out_size.data_ptr<float>();
   float* out_mask_data = out_mask.data_ptr<float>();
   int64_t* index_data = index.data_ptr<int64_t>();
+  int64_t* rows_data = rows.data_ptr<int64_t>();
+  std::copy(count.begin(), count.end(), out_count.data_ptr<int64_t>());
   at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> acc(channels);
     for (int64_t img = begin; img < end; ++img) {
       const uint8_t* img_alive = alive.data() + img * n;
       const int64_t* img_first = first.data() + img * std::max<int64_t>(nb, 1);
       const int64_t* img_next = next.data() + img * std::max<int64_t>(na, 1);
-      const float* img_x = x_data + img * n * channels;
+      const float* img_x = x_data + x_start[img] * channels;
       const float* img_size = has_size ? size_data + img * n : nullptr;
       auto size_of = [&](int64_t t) { return img_size != nullptr ? img_size[t] : 1.f; };
       int64_t row = 0;
       auto emit = [&](int64_t t) {
-        float* dst = out_data + (img * m_out + row) * channels;
+        // a dead token's hidden state is written only in the padded form (packed: nothing to read or write)
+        const bool write = !packed_out || img_alive[t];
+        float* dst = out_data + (out_start[img] + row) * channels;
         const float* src = img_x + t * channels;
         float total = size_of(t);
         if (t % 2 == 0) {
-          std::copy(src, src + channels, dst);
+          if (write) std::copy(src, src + channels, dst);
         } else {
-          std::fill(acc.begin(), acc.end(), 0.f);
+          if (write) std::fill(acc.begin(), acc.end(), 0.f);
           float merged_size = 0.f;
           for (int64_t i = img_first[t / 2]; i >= 0; i = img_next[i]) {
             const float w = size_of(2 * i);
-            const float* a = img_x + 2 * i * channels;
-            for (int64_t c = 0; c < channels; ++c) acc[c] += w * a[c];
+            if (write) {
+              const float* a = img_x + 2 * i * channels;
+              for (int64_t c = 0; c < channels; ++c) acc[c] += w * a[c];
+            }
             merged_size += w;
           }
           const float own = total;
           total = own + merged_size;
-          for (int64_t c = 0; c < channels; ++c) dst[c] = (own * src[c] + acc[c]) / total;
+          if (write) {
+            for (int64_t c = 0; c < channels; ++c) dst[c] = (own * src[c] + acc[c]) / total;
+          }
         }
         out_size_data[img * m_out + row] = total;
         out_mask_data[img * m_out + row] = img_alive[t] ? 1.f : 0.f;
         index_data[img * m_out + row] = t;
+        if (packed_out && img_alive[t]) rows_data[out_start[img] + row] = img * m_out + row;
         ++row;
       };
       for (int64_t k = 0; k < n && row < m_out; ++k) {
@@ -205,5 +251,5 @@ LtmpStep ltmp_merge_prune(const at::Tensor& x_in, const c10::optional<at::Tensor
   });
   bool all_live = true;
   for (int64_t img = 0; img < batch; ++img) all_live = all_live && count[img] == m_out;
-  return {out, out_size, out_mask, index, all_live};
+  return {out, out_size, out_mask, index, all_live, out_count, rows};
 }

@@ -8,7 +8,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("ltmp_merge_prune", &ltmp_merge_prune, "LTMP's threshold merge + prune + compaction (inference)",
         pybind11::arg("x"), pybind11::arg("size"), pybind11::arg("sim"), pybind11::arg("importance"),
         pybind11::arg("mask"), pybind11::arg("theta_merge"), pybind11::arg("theta_prune"), pybind11::arg("p"),
-        pybind11::arg("multiple"), pybind11::call_guard<pybind11::gil_scoped_release>());
+        pybind11::arg("multiple"), pybind11::arg("counts") = pybind11::none(), pybind11::arg("packed") = false,
+        pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("squeeze_tokens", &squeeze_tokens, "TPS's squeeze: host choice + weighted merge + sizes (inference)",
         pybind11::arg("x"), pybind11::arg("size"), pybind11::arg("keep"), pybind11::arg("drop"), pybind11::arg("p"),
         pybind11::arg("temperature"), pybind11::call_guard<pybind11::gil_scoped_release>());
