@@ -214,6 +214,7 @@ def test_a_zero_prune_threshold_skips_the_attention_probabilities_at_inference(k
         return run
 
     monkeypatch.setattr(attention, "certify_received", counted("bound", real_bound))
+    monkeypatch.setattr(attention, "fused_bucketed_attention", counted("bound", attention.fused_bucketed_attention))
     monkeypatch.setattr(attention, "attention_and_received", counted("explicit", real))
     images = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(4))
     thresholds = [0.0] * 6 + [1e-12] * 6  # blocks 0-5 cannot prune; 6-11 can (but prune nothing here)

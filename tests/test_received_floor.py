@@ -10,12 +10,13 @@ import unittest.mock
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_vit
+from conftest import kernel_mode, make_vit
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tokenreduce as tr
 import tokenreduce.ops.attention as attention_ops
+from tokenreduce.ops import cpu_kernels
 from tokenreduce.ops.attention import (
     AttentionNeeds,
     attention_and_received,
@@ -133,8 +134,9 @@ def test_when_the_bound_applies():
     assert not received_floor_applies(floor, "cpu", torch.float32)  # autograd on: the exact probabilities
 
 
-@pytest.mark.parametrize("batch", [1, 6])
-def test_ltmp_decides_the_same_with_the_bound_and_with_the_exact_values(monkeypatch, batch):
+@pytest.mark.parametrize("batch,mode", [(1, "on"), (6, "on"), (6, "off")])
+def test_ltmp_decides_the_same_with_the_bound_and_with_the_exact_values(monkeypatch, kernel_state, batch, mode):
+    cpu_kernels.set_cpu_kernels(mode)  # "on": a padded batch's buckets in the fused kernel; "off": the Python path
     x = torch.randn(batch, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     if batch > 1:
         x[2] = x[2].mean()  # a flat image: a padded batch (length buckets)
@@ -147,6 +149,15 @@ def test_ltmp_decides_the_same_with_the_bound_and_with_the_exact_values(monkeypa
         return out
 
     monkeypatch.setattr(attention_ops, "certify_received", spy)
+    real_fused = attention_ops.fused_bucketed_attention
+
+    def spy_fused(*args):  # the fused kernel's certified images
+        out = real_fused(*args)
+        if out is not None:
+            certified.append(out[2].tolist())
+        return out
+
+    monkeypatch.setattr(attention_ops, "fused_bucketed_attention", spy_fused)
     model = make_vit()
     # low floors in blocks 0-5 (the bound clears them), the pruning floor in blocks 6-11 (it cannot)
     tr.apply(model, "ltmp", untrained=True, merge_threshold=0.6, prune_threshold=(1e-6,) * 6 + (0.03,) * 6)
@@ -193,7 +204,8 @@ def _padded_batch(g: torch.Generator, lengths: torch.Tensor, n: int, heads: int,
 @given(batch=st.integers(2, 6), heads=st.integers(1, 4), n=st.integers(2, 40), seed=st.integers(0, 2**16),
        floor=st.sampled_from([1e-12, 1e-4, 0.01, 0.05]), holes=st.booleans(),
        overhead=st.sampled_from([0.0, 1e5, 1e30]))
-def test_length_buckets_with_a_floor_decide_as_the_exact_values(batch, heads, n, seed, floor, holes, overhead):
+@pytest.mark.parametrize("mode", ["on", "off"])
+def test_length_buckets_with_a_floor_decide_as_the_exact_values(mode, batch, heads, n, seed, floor, holes, overhead):
     import tokenreduce.ops.buckets as buckets
     from tokenreduce.ops.attention import KeyMask, attend_bucketed
     from tokenreduce.ops.ragged import ragged_attention, ragged_layout
@@ -206,7 +218,7 @@ def test_length_buckets_with_a_floor_decide_as_the_exact_values(batch, heads, n,
         out, exact, keys = ragged_attention(rows, ragged_layout(packed, batch, n, heads, 1 << 12), d ** -0.5, bias,
                                             live, keys=True)
         # overhead 0: a bucket per length; 1e30: one bucket, the padded layout
-        with unittest.mock.patch.object(buckets, "BUCKET_OVERHEAD", overhead):
+        with unittest.mock.patch.object(buckets, "BUCKET_OVERHEAD", overhead), kernel_mode(mode):
             out_f, signals = attend_bucketed(rows, packed, d ** -0.5, bias, needs, KeyMask(live))
     torch.testing.assert_close(out_f, out, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(signals.keys, keys, atol=1e-6, rtol=1e-5)
@@ -220,16 +232,19 @@ def test_length_buckets_with_a_floor_decide_as_the_exact_values(batch, heads, n,
 def test_bucket_plan_minimises_the_attention_work_plus_a_cost_per_bucket():
     from tokenreduce.ops.buckets import plan_buckets
 
-    # cost per image 2·H·L²·d with H = 1, d = 1: 2L²; lengths 8, 8, 8, 64 → images {0, 1, 2} and {3}
-    lengths = [8, 64, 8, 8]
+    # cost per image 2·H·L²·d with H = 1, d = 1: 2L²; lengths 8, 8, 8, 64 → buckets of 8 and of 64
+    histogram = {8: 3, 64: 1}
     # two buckets: 3·128 + 8192 + 2·overhead; one: 4·8192 + overhead → two while overhead < 24,192
-    assert plan_buckets(lengths, 1, 1, overhead=24_000) == [(8, [0, 2, 3]), (64, [1])]
-    assert plan_buckets(lengths, 1, 1, overhead=24_500) == [(64, [0, 1, 2, 3])]
-    # three lengths: 16 is cheaper alone (2 images · (2·24² − 2·16²) = 1,280 saved) only while overhead < 1,280
-    lengths = [16, 16, 24, 24, 24]
-    assert plan_buckets(lengths, 1, 1, overhead=1_000) == [(16, [0, 1]), (24, [2, 3, 4])]
-    assert plan_buckets(lengths, 1, 1, overhead=1_500) == [(24, [0, 1, 2, 3, 4])]
-    assert plan_buckets([40] * 3, 4, 16) == [(40, [0, 1, 2])]
+    assert plan_buckets(histogram, 1, 1, overhead=24_000) == [8, 64]
+    assert plan_buckets(histogram, 1, 1, overhead=24_500) == [64]
+    # 16 is cheaper alone (2 images · (2·24² − 2·16²) = 1,280 saved) only while overhead < 1,280
+    assert plan_buckets({16: 2, 24: 3}, 1, 1, overhead=1_000) == [16, 24]
+    assert plan_buckets({16: 2, 24: 3}, 1, 1, overhead=1_500) == [24]
+    # 8: 1 image, 16: 10, 24: 10.  One bucket: 24,192 + o; {8}, {16, 24}: 23,168 + 2o; {8, 16}, {24}:
+    # 17,152 + 2o; each alone: 16,768 + 3o.  The lone 8 joins the 16s unless a bucket costs under 384
+    assert plan_buckets({8: 1, 16: 10, 24: 10}, 1, 1, overhead=2_000) == [16, 24]
+    assert plan_buckets({8: 1, 16: 10, 24: 10}, 1, 1, overhead=300) == [8, 16, 24]
+    assert plan_buckets({40: 3}, 4, 16) == [40]
 
 
 def test_a_bucket_layout_keeps_images_apart_and_reads_only_live_rows():
@@ -246,3 +261,20 @@ def test_a_bucket_layout_keeps_images_apart_and_reads_only_live_rows():
     assert layout.slots.tolist() == [0, 1, 4, 5, 6, 7, 8, 2]
     # live rows are packed rows 0-7; padding rows read their own image's first live row
     assert layout.source.tolist() == [0, 1, 7, 7, 2, 3, 4, 5, 6, 2]
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(batch=st.integers(1, 40), n=st.integers(1, 70), multiple=st.sampled_from([1, 8, 16]),
+       heads=st.integers(1, 6), overhead=st.sampled_from([0.0, 3e3, 1e5, 1.5e6]), seed=st.integers(0, 2**16))
+def test_the_fused_kernel_plans_the_buckets_as_the_python_path(batch, n, multiple, heads, overhead, seed):
+    from tokenreduce.ops.buckets import bucket_layout
+    from tokenreduce.ops.cpu_kernels import fused_bucketed_attention
+
+    g = torch.Generator().manual_seed(seed)
+    live, packed, rows, _ = _padded_batch(g, torch.randint(1, n + 1, (batch,), generator=g), n, heads, 4)
+    layout = bucket_layout(packed, batch, n, heads, 4, multiple, overhead)
+    with kernel_mode("on"), torch.no_grad():
+        fused = fused_bucketed_attention(rows, packed, live.view(batch, n), None, 0.5, math.log(1e-3), multiple,
+                                         overhead, keys=False)
+    assert fused is not None
+    assert fused[4] == [bucket.length for bucket in layout.buckets]

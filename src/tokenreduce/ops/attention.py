@@ -34,17 +34,19 @@ of training forms (which carry gradients) use an explicit masked softmax.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .buckets import bucket_layout
+from . import buckets
+from .cpu_kernels import fused_bucketed_attention
 from .gather import head_mean
 from .modes import fp32, tracing
 from .ragged import ragged_attention, ragged_layout
-from .received import MIN_FLOOR, certify_received, fused_attention_available, fused_attention_with_lse
+from .received import FLOOR_MARGIN, MIN_FLOOR, certify_received, fused_attention_available, fused_attention_with_lse
 
 
 @dataclass(frozen=True)
@@ -253,11 +255,18 @@ def attend_bucketed(
     rows = qkv if isinstance(qkv, Tensor) else torch.stack(qkv, dim=1)
     total, _, heads, d = rows.shape
     b, n = key_mask.mask.shape[:2]
-    layout = bucket_layout(packed, b, n, heads, d, flash_multiple())
+    live = key_mask.mask.reshape(b, n).float()
+    floor = needs.received_floor
+    fused = fused_bucketed_attention(rows, packed, live, None if bias is None else bias.reshape(b, n).float(), scale,
+                                     math.log(floor) + FLOOR_MARGIN, flash_multiple(), buckets.BUCKET_OVERHEAD,
+                                     needs.keys)
+    if fused is not None:  # the same steps in one kernel call
+        out, received, _, keys, _ = fused
+        return out, AttentionSignals(keys=keys, received=received)
+    layout = buckets.bucket_layout(packed, b, n, heads, d, flash_multiple())
     # padding rows read a live row of their image: finite (a padding key's probability is exactly 0, and 0·inf
     # is not), and nothing crosses images
     buffer = rows.reshape(total, -1).index_select(0, layout.source)
-    live = key_mask.mask.reshape(b, n).float()
     key_bias = live.log() if bias is None else live.log() + bias.reshape(b, n).float()
     out = rows.new_empty(layout.total, heads * d)
     received = live.new_empty(layout.total)
@@ -270,7 +279,7 @@ def attend_bucketed(
             mask = key_bias.index_select(0, bucket.images)[:, :length]
             weights = live.index_select(0, bucket.images)[:, :length]
         bucket_out, bucket_received = attention_with_received_floor(q, k, v, scale, mask.view(m, 1, 1, length),
-                                                                    weights, needs.received_floor)
+                                                                    weights, floor)
         out[at:at + m * length].view(m, length, heads, d).copy_(bucket_out.transpose(1, 2))
         received[at:at + m * length].view(m, length).copy_(bucket_received)
     received = live.new_zeros(b * n).index_copy_(0, packed, received.index_select(0, layout.slots)).view(b, n)

@@ -25,8 +25,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .ragged import image_lengths, rounded_length
-
 BUCKET_OVERHEAD = 1_500_000
 """The fixed cost of one more bucket, in attention multiply-adds: about 150 µs (a kernel call, the key mask, the
 received-attention bound and their copies, ~10 small ops) at the ~0.1 ns per multiply-add ATen's CPU flash
@@ -68,46 +66,38 @@ class BucketLayout:
     total: int
 
 
-def plan_buckets(lengths: list[int], heads: int, head_dim: int, overhead: float = BUCKET_OVERHEAD,
-                 ) -> list[tuple[int, list[int]]]:
-    """Which images share a bucket: ``(length, images)`` per bucket, shortest first, minimising
-    ``Σ_buckets (images · 2·heads·length²·head_dim + overhead)`` over contiguous groups of the sorted distinct
-    ``lengths`` (dynamic programming; a bucket runs at its longest length).
+def plan_buckets(histogram: dict[int, int], heads: int, head_dim: int, overhead: float = BUCKET_OVERHEAD,
+                 ) -> list[int]:
+    """The buckets' lengths, shortest first (an image runs in the shortest bucket at least as long as it),
+    minimising ``Σ_buckets (images · 2·heads·length²·head_dim + overhead)`` over contiguous groups of the sorted
+    distinct lengths (dynamic programming; a bucket runs at its longest length).
 
     Args:
-        lengths: every image's (already rounded) length, ≥ 1.
+        histogram: how many images have each (already rounded) length, ≥ 1.
         heads, head_dim: H and d of the attention.
         overhead: the fixed cost of a bucket, in multiply-adds.
     """
-    distinct = sorted(set(lengths))
-    counts = [0] * len(distinct)
-    where = {length: i for i, length in enumerate(distinct)}
-    for length in lengths:
-        counts[where[length]] += 1
+    distinct = sorted(length for length, images in histogram.items() if images > 0)
     per_image = [2.0 * heads * length * length * head_dim for length in distinct]
     # best[j]: the cheapest cost of the first j distinct lengths; cut[j]: where its last bucket starts
     best, cut = [0.0] + [float("inf")] * len(distinct), [0] * (len(distinct) + 1)
     for j in range(1, len(distinct) + 1):
         images = 0
         for i in range(j - 1, -1, -1):  # the last bucket holds distinct lengths i … j−1
-            images += counts[i]
+            images += histogram[distinct[i]]
             cost = best[i] + images * per_image[j - 1] + overhead
             if cost < best[j]:
                 best[j], cut[j] = cost, i
-    spans, j = [], len(distinct)
+    lengths, j = [], len(distinct)
     while j > 0:
-        spans.append((cut[j], j))
+        lengths.append(distinct[j - 1])
         j = cut[j]
-    plan = []
-    for i, j in reversed(spans):
-        members = set(distinct[i:j])
-        plan.append((distinct[j - 1], [b for b, length in enumerate(lengths) if length in members]))
-    return plan
+    return lengths[::-1]
 
 
 def bucket_layout(packed: Tensor, batch: int, tokens: int, heads: int, head_dim: int, multiple: int,
                   overhead: float | None = None) -> BucketLayout:
-    """The bucket layout of a padded batch's live rows (one host synchronisation, for the lengths).
+    """The bucket layout of a padded batch's live rows (one host synchronisation, for the lengths' histogram).
 
     Args:
         packed: ΣN rows of the live tokens in the B·N flattening, in increasing order.
@@ -116,26 +106,45 @@ def bucket_layout(packed: Tensor, batch: int, tokens: int, heads: int, head_dim:
         multiple: an image's length is rounded up to a multiple of this (at most N).
         overhead: the fixed cost of a bucket, in multiply-adds (``None``: :data:`BUCKET_OVERHEAD`).
     """
-    device = packed.device
+    device, dtype = packed.device, packed.dtype
     overhead = BUCKET_OVERHEAD if overhead is None else overhead
-    lengths = [rounded_length(max(length, 1), multiple, tokens) for length in image_lengths(packed, batch, tokens)]
-    buckets, base, first = [], [0] * batch, 0
-    for length, images in plan_buckets(lengths, heads, head_dim, overhead):
-        for rank, b in enumerate(images):
-            base[b] = first + rank * length
-        buckets.append(Bucket(torch.tensor(images, dtype=torch.long, device=device), len(images), length, first))
-        first += len(images) * length
     image = torch.div(packed, tokens, rounding_mode="floor")
-    slots = torch.tensor(base, dtype=packed.dtype, device=device).index_select(0, image) + (packed - image * tokens)
+    position = packed - image * tokens
+    lengths = torch.ones(batch, dtype=dtype, device=device).scatter_reduce_(0, image, position + 1, reduce="amax")
+    rounded = (torch.div(lengths + (multiple - 1), multiple, rounding_mode="floor") * multiple).clamp_(max=tokens)
+    histogram = torch.bincount(rounded, minlength=tokens + 1).tolist()  # host sync
+    caps = plan_buckets({length: images for length, images in enumerate(histogram) if images}, heads, head_dim,
+                        overhead)
+    bucket_of, k = [0] * (tokens + 1), 0  # every length's bucket: the shortest at least as long
+    for length in range(tokens + 1):
+        while k < len(caps) - 1 and caps[k] < length:
+            k += 1
+        bucket_of[length] = k
+    counts = [0] * len(caps)
+    for length, images in enumerate(histogram):
+        counts[bucket_of[length]] += images
+    starts, firsts, first = [], [], 0  # each bucket's first image (in ``order``) and first buffer row
+    for count, cap in zip(counts, caps, strict=True):
+        starts.append(sum(counts[:len(starts)]))
+        firsts.append(first)
+        first += count * cap
+    bucket = torch.tensor(bucket_of, dtype=dtype, device=device).index_select(0, rounded)  # B
+    cap = torch.tensor(caps, dtype=dtype, device=device).index_select(0, bucket)
+    order = torch.argsort(bucket, stable=True)  # bucket by bucket, ascending batch positions within one
+    rank = torch.empty_like(order).scatter_(0, order, torch.arange(batch, dtype=dtype, device=device))
+    rank -= torch.tensor(starts, dtype=dtype, device=device).index_select(0, bucket)
+    base = torch.tensor(firsts, dtype=dtype, device=device).index_select(0, bucket) + rank * cap  # B
+    slots = base.index_select(0, image) + position
     # the buffer's rows as rows of the B·N flattening, bucket by bucket, image by image
-    flat = torch.cat([(bucket.images.view(-1, 1) * tokens + torch.arange(bucket.length, device=device)).view(-1)
-                      for bucket in buckets])
-    live_index = torch.arange(packed.numel(), dtype=packed.dtype, device=device)
-    where = torch.full((batch * tokens,), -1, dtype=packed.dtype, device=device).index_copy_(0, packed, live_index)
+    owner = order.repeat_interleave(cap.index_select(0, order), output_size=first)
+    flat = owner * tokens + torch.arange(first, dtype=dtype, device=device) - base.index_select(0, owner)
+    live_index = torch.arange(packed.numel(), dtype=dtype, device=device)
+    where = torch.full((batch * tokens,), -1, dtype=dtype, device=device).index_copy_(0, packed, live_index)
     # every image's first live row (rows increase); an image without live rows reads another's: it has no result
-    first_live = torch.searchsorted(image, torch.arange(batch, dtype=image.dtype, device=device)).clamp_(
+    first_live = torch.searchsorted(image, torch.arange(batch, dtype=dtype, device=device)).clamp_(
         max=max(packed.numel() - 1, 0))
     source = where.index_select(0, flat)
-    owner = torch.div(flat, tokens, rounding_mode="floor")
     source = torch.where(source >= 0, source, first_live.index_select(0, owner))
-    return BucketLayout(batch, tokens, tuple(buckets), packed, slots, source, first)
+    buckets = tuple(Bucket(order[start:start + count], count, cap_k, first_k)
+                    for start, count, cap_k, first_k in zip(starts, counts, caps, firsts, strict=True) if count)
+    return BucketLayout(batch, tokens, buckets, packed, slots, source, first)

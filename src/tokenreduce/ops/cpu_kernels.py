@@ -9,6 +9,8 @@ give the same numbers as the Python path:
   (:func:`~tokenreduce.ops.matching.bipartite_soft_matching` + :func:`~tokenreduce.ops.merge.merge_wavg`);
 * ``csrc/ltmp_merge_prune.cpp``: LTMP's inference step after the similarities (threshold merge,
   threshold prune, compaction of the padded batch; ``LTMP._reduce_hard``);
+* ``csrc/bucketed_attention.cpp``: a padded batch's attention in length buckets with the lower bound on the
+  attention every key receives (:func:`~tokenreduce.ops.attention.attend_bucketed`; LTMP at inference);
 * ``csrc/dpc_knn.cpp``: BAT's DPC-kNN clustering (:func:`~tokenreduce.ops.cluster.dpc_knn`): the tokens'
   distances (to float rounding), the clusters they give and the cluster tokens (bit for bit);
 * ``csrc/squeeze.cpp``: TPS's squeeze; ``csrc/window_groups.cpp``: the index maps of ToMe for SD's
@@ -55,6 +57,7 @@ from torch import Tensor
 from .modes import tracing
 
 __all__ = ["cpu_kernels_mode", "load_cpu_kernels", "set_cpu_kernels", "fused_bipartite_merge", "fused_ltmp_merge_prune",
+           "fused_bucketed_attention",
            "fused_squeeze", "fused_window_groups", "fused_group_mean", "fused_unmerge_add", "fused_token_distances",
            "fused_dpc_clusters", "fused_cluster_merge"]
 
@@ -62,8 +65,8 @@ ENV_VAR = "TOKENREDUCE_CPU_KERNELS"
 MODES = ("auto", "on", "off")
 EXTENSION_NAME = "tokenreduce_cpu_kernels"
 SOURCES = tuple(Path(__file__).parent / "csrc" / name
-                for name in ("module.cpp", "bipartite_merge.cpp", "ltmp_merge_prune.cpp", "squeeze.cpp",
-                             "window_groups.cpp", "group_rows.cpp", "dpc_knn.cpp"))
+                for name in ("module.cpp", "bipartite_merge.cpp", "ltmp_merge_prune.cpp", "bucketed_attention.cpp",
+                             "squeeze.cpp", "window_groups.cpp", "group_rows.cpp", "dpc_knn.cpp"))
 HEADERS = tuple(Path(__file__).parent / "csrc" / name for name in ("kernels.h", "rows.h"))
 """Headers the sources include (a change to one forces a rebuild: :func:`build_options`)."""
 
@@ -363,6 +366,33 @@ def fused_ltmp_merge_prune(
         x, size, sim, importance, mask, float(theta_merge), float(theta_prune), num_prefix, int(multiple),
         counts, packed)
     return LtmpStep(out_x, out_size, None if all_live else out_mask, index, out_counts, rows if packed else None)
+
+
+def fused_bucketed_attention(
+    qkv: Tensor, packed: Tensor, live: Tensor, bias: Tensor | None, scale: float, log_floor: float, multiple: int,
+    overhead: float, keys: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None, list[int]] | None:
+    """:func:`~tokenreduce.ops.attention.attend_bucketed`'s Python path in one kernel call: the bucket plan,
+    the gathers, ATen's flash kernel per bucket, the received-attention bound (the exact values for an image it
+    does not certify) and the head-mean keys.
+
+    Args:
+        qkv: ΣN×3×H×d float32 live rows; packed: their ΣN rows in the B·N flattening (increasing); live: B×N
+        float32 live mask; bias: B×N float32 key bias (``log size``) or ``None``; scale: the logit scale;
+        log_floor: an image is certified where every live key's log bound exceeds this; multiple, overhead:
+        the bucket plan's (:func:`~tokenreduce.ops.buckets.bucket_layout`); keys: also the head-mean keys.
+
+    Returns:
+        ``(out, received, certified, keys, lengths)``: ΣN×(H·d), B×N float32 (0 at dead positions), B bool,
+        B×N×d or ``None``, and the buckets' lengths; or ``None`` when the kernel is not eligible or not
+        available (the caller then takes the Python path).
+    """
+    module = _kernels_for(qkv.reshape(qkv.shape[0], -1), None, packed=True) if qkv.dim() == 4 else None
+    if module is None or live.dtype != torch.float32:
+        return None
+    out, received, certified, key_mean, lengths = module.bucketed_attention(
+        qkv, packed, live, bias, float(scale), float(log_floor), int(multiple), float(overhead), bool(keys))
+    return out, received, certified, key_mean if keys else None, lengths.tolist()
 
 
 def fused_squeeze(

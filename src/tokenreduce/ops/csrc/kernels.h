@@ -18,6 +18,13 @@ LtmpStep ltmp_merge_prune(const at::Tensor& x_in, const c10::optional<at::Tensor
                           double theta_merge, double theta_prune, int64_t p, int64_t multiple,
                           const c10::optional<at::Tensor>& counts_in, bool packed_out);
 
+// A padded batch's attention in length buckets with the received-attention bound (bucketed_attention.cpp).
+// (outputs, received attention, certified images, head-mean keys, bucket lengths).
+using BucketedAttention = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+BucketedAttention bucketed_attention(const at::Tensor& qkv_in, const at::Tensor& packed_in, const at::Tensor& live_in,
+                                     const c10::optional<at::Tensor>& bias_in, double scale, double log_floor,
+                                     int64_t multiple, double overhead, bool keys);
+
 // TPS's squeeze, inference form: host choice, weighted merge, sizes (squeeze.cpp).
 std::vector<at::Tensor> squeeze_tokens(const at::Tensor& x_in, const c10::optional<at::Tensor>& size_in,
                                        const at::Tensor& keep_in, const at::Tensor& drop_in, int64_t p,
