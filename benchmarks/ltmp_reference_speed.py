@@ -11,6 +11,8 @@ few processes to see how much the level moves between them.
     python benchmarks/ltmp_reference_speed.py --profile 3     # then where each model's time goes, op by op
     python benchmarks/ltmp_reference_speed.py --exact         # also LTMP with the exact received attention
     python benchmarks/ltmp_reference_speed.py --padding 16    # also LTMP padding its batches to multiples of 16
+    python benchmarks/ltmp_reference_speed.py --one-bucket    # also LTMP's attention in one bucket (padded)
+    python benchmarks/ltmp_reference_speed.py --padded-stream # also LTMP with the stream padded between blocks
     python benchmarks/ltmp_reference_speed.py --lengths       # each block's live counts and padded length
 
 ``--first-run N`` first runs N test images through LTMP, as ``evaluate`` scores the test set before it
@@ -23,6 +25,12 @@ explicit softmax (no fused kernel and bound, ``tokenreduce.ops.received``), as b
 ``--padding M`` times LTMP a third way in the same rounds: its padded batches (and ragged chunks) rounded
 up to multiples of ``M`` instead of this CPU's ``tokenreduce.ops.attention.flash_multiple()``, and prints
 how much faster the library's padding is than that.
+
+``--one-bucket`` times LTMP a third way in the same rounds: every batch's attention in one bucket at the
+longest image's length (``tokenreduce.ops.buckets.BUCKET_OVERHEAD`` infinite), as before length buckets; the
+outputs are the same.  ``--padded-stream`` times LTMP with the stream kept padded (B×N×C) between blocks,
+gathering the live rows for every per-token layer and scattering them back, as before the packed stream (a
+forward hook on a block forces it); the outputs are the same.
 
 ``--profile N`` times N more forwards of each model under ``torch.profiler`` and prints the
 milliseconds per forward of the ops that take the most time in either model, side by side: the
@@ -51,6 +59,7 @@ from torch.profiler import ProfilerActivity, profile
 import tokenreduce as tr
 import tokenreduce.methods.ltmp as ltmp_module
 import tokenreduce.ops.attention as attention_ops
+import tokenreduce.ops.buckets as bucket_ops
 from tokenreduce.eval.throughput import paired_speedup
 from tokenreduce.methods.ltmp import LTMP, padded_length
 from tokenreduce.models.reference import load_reference_model, load_reference_testset, preprocess
@@ -110,6 +119,31 @@ def padded_to(model: torch.nn.Module, multiple: int) -> Callable[[torch.Tensor],
     return forward
 
 
+def one_bucket(model: torch.nn.Module) -> Callable[[torch.Tensor], object]:
+    """``model``'s forward with every padded batch's attention in one bucket (the padded layout), for an A/B
+    against the length buckets in the same process; the outputs are the same."""
+
+    def forward(x: torch.Tensor) -> object:
+        with unittest.mock.patch.object(bucket_ops, "BUCKET_OVERHEAD", float("inf")):
+            return model(x)
+
+    return forward
+
+
+def padded_stream(model: torch.nn.Module) -> Callable[[torch.Tensor], object]:
+    """``model``'s forward with the stream padded between blocks (a forward hook on the first block turns the
+    packed stream off), for an A/B against the packed stream in the same process; the outputs are the same."""
+
+    def forward(x: torch.Tensor) -> object:
+        handle = model.blocks[0].register_forward_hook(lambda module, args, out: None)
+        try:
+            return model(x)
+        finally:
+            handle.remove()
+
+    return forward
+
+
 def print_lengths(model: torch.nn.Module, x: torch.Tensor) -> None:
     """Per block of one forward of ``x``: the live tokens entering its attention (mean, quartiles, longest
     image) and the padded length the batch runs at there."""
@@ -137,6 +171,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="also time LTMP with the exact received attention (explicit softmax) in the same rounds")
     parser.add_argument("--padding", type=int, default=0, metavar="M",
                         help="also time LTMP padding its batches to multiples of M in the same rounds")
+    parser.add_argument("--one-bucket", action="store_true",
+                        help="also time LTMP with every batch's attention in one bucket in the same rounds")
+    parser.add_argument("--padded-stream", action="store_true",
+                        help="also time LTMP with the stream padded between blocks in the same rounds")
     parser.add_argument("--first-run", type=int, default=0, metavar="N",
                         help="first run N test images through LTMP and print its forward before and after")
     parser.add_argument("--lengths", action="store_true",
@@ -157,6 +195,10 @@ def main(argv: list[str] | None = None) -> int:
     padded_name = f"ltmp padded to {args.padding}"
     if args.padding:
         models[padded_name] = padded_to(reduced, args.padding)
+    if args.one_bucket:
+        models["ltmp one bucket"] = one_bucket(reduced)
+    if args.padded_stream:
+        models["ltmp padded stream"] = padded_stream(reduced)
     seconds: dict[str, list[float]] = {name: [] for name in models}
     with torch.no_grad():
         for model in models.values():  # warm-up
@@ -186,6 +228,9 @@ def main(argv: list[str] | None = None) -> int:
         if name != "unreduced":
             print(f"{name} speed-up (median of the rounds' ratios): "
                   f"{paired_speedup(seconds['unreduced'], seconds[name]):.2f}x")
+    for name, what in (("ltmp one bucket", "length buckets"), ("ltmp padded stream", "the packed stream")):
+        if name in models:
+            print(f"ltmp against {name}: {paired_speedup(seconds[name], seconds['ltmp']):.3f}x ({what})")
     if args.padding:
         print(f"ltmp (multiples of {attention_ops.flash_multiple()}) against {padded_name}: "
               f"{paired_speedup(seconds[padded_name], seconds['ltmp']):.3f}x")
