@@ -214,7 +214,13 @@ def test_a_zero_prune_threshold_skips_the_attention_probabilities_at_inference(k
         return run
 
     monkeypatch.setattr(attention, "certify_received", counted("bound", real_bound))
-    monkeypatch.setattr(attention, "fused_bucketed_attention", counted("bound", attention.fused_bucketed_attention))
+    real_fused = attention.fused_bucketed_attention
+
+    def fused(*args):  # the fused kernel with the bound (a log floor), or with the output and keys only
+        calls["bound"] += args[5] is not None
+        return real_fused(*args)
+
+    monkeypatch.setattr(attention, "fused_bucketed_attention", fused)
     monkeypatch.setattr(attention, "attention_and_received", counted("explicit", real))
     images = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(4))
     thresholds = [0.0] * 6 + [1e-12] * 6  # blocks 0-5 cannot prune; 6-11 can (but prune nothing here)

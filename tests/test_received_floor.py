@@ -278,3 +278,31 @@ def test_the_fused_kernel_plans_the_buckets_as_the_python_path(batch, n, multipl
                                          overhead, keys=False)
     assert fused is not None
     assert fused[4] == [bucket.length for bucket in layout.buckets]
+
+
+@settings(max_examples=30, deadline=None, derandomize=True)
+@given(batch=st.integers(2, 6), heads=st.integers(1, 4), n=st.integers(2, 40), seed=st.integers(0, 2**16),
+       holes=st.booleans(), overhead=st.sampled_from([0.0, 1e5, 1e30]), sized=st.booleans())
+def test_length_buckets_without_received_attention_give_the_padded_output_and_keys(batch, heads, n, seed, holes,
+                                                                                   overhead, sized):
+    """A block that needs no received attention (LTMP's prune threshold 0) runs in length buckets in the fused
+    kernel: the padded layout's outputs and head-mean keys."""
+    import tokenreduce.ops.buckets as buckets
+    from tokenreduce.ops.attention import KeyMask, attend, fused_bucketed_rows, merge_heads, pack_rows, unpack_rows
+
+    g = torch.Generator().manual_seed(seed)
+    d = 8
+    live, packed, rows, bias = _padded_batch(g, torch.randint(1, n + 1, (batch,), generator=g), n, heads, d, holes)
+    bias = bias if sized else None
+    needs = AttentionNeeds(keys=True)
+    with torch.no_grad():
+        padded = unpack_rows(rows.reshape(rows.shape[0], -1), packed, KeyMask(live))
+        q, k, v = padded.view(batch, n, 3, heads, d).permute(2, 0, 3, 1, 4).unbind(0)
+        out, signals = attend(q, k, v, d ** -0.5, bias, needs, KeyMask(live))
+        with unittest.mock.patch.object(buckets, "BUCKET_OVERHEAD", overhead), kernel_mode("on"):
+            served = fused_bucketed_rows(rows, packed, d ** -0.5, bias, needs, KeyMask(live))
+    assert served is not None
+    torch.testing.assert_close(served[0], pack_rows(merge_heads(out), packed), atol=1e-5, rtol=1e-5)
+    alive = live[..., 0] > 0
+    torch.testing.assert_close(served[1].keys[alive], signals.keys[alive], atol=1e-6, rtol=1e-5)
+    assert (served[1].keys[~alive] == 0).all() and served[1].received is None

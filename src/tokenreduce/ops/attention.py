@@ -154,8 +154,9 @@ def attention_with_signals(
         key_mask: keys to leave out, or ``None``.
         packed: for padded batched inference, the rows (of the B·N flattening of the
             hard ``key_mask``) of the live tokens ``x`` holds.  The per-token
-            projections then run on live tokens only; the attention itself runs on
-            the padded B×N layout (padding keys are zero and masked out).
+            projections then run on live tokens only; the attention itself runs in length
+            buckets (:func:`attend_bucketed`, :func:`fused_bucketed_rows`), in ragged chunks
+            (the explicit softmax) or on the padded B×N layout (padding keys zero and masked out).
         class_token: whether token 0 is a class token.  Without one, ``cls_attn`` is
             the per-head attention each key receives, averaged over the live queries.
 
@@ -167,11 +168,18 @@ def attention_with_signals(
     gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
     qkv = attn.qkv(x)
     head_dim = qkv.shape[-1] // (3 * heads)
-    if ragged_applies(qkv.dtype, needs, key_mask, packed, attn.training):
+    served = None  # (out, signals) where a padded batch's attention ran without its padding
+    if ragged_applies(qkv.dtype, needs, key_mask, packed, attn.training) or buckets_apply(
+            qkv.dtype, needs, key_mask, packed, attn.training):
         rows = qkv.view(-1, 3, heads, head_dim)
         if not (isinstance(attn.q_norm, nn.Identity) and isinstance(attn.k_norm, nn.Identity)):
             rows = (attn.q_norm(rows[:, 0]), attn.k_norm(rows[:, 1]), rows[:, 2])
-        out, signals = attend_ragged(rows, packed, attn.scale, bias, needs, key_mask)
+        if needs.received:
+            served = attend_ragged(rows, packed, attn.scale, bias, needs, key_mask)
+        else:  # the keys at most: the output in length buckets where the fused kernel is built
+            served = fused_bucketed_rows(rows, packed, attn.scale, bias, needs, key_mask)
+    if served is not None:
+        out, signals = served
     else:
         qkv = unpack_rows(qkv, packed, key_mask)
         b, n = qkv.shape[:2]
@@ -186,6 +194,44 @@ def attention_with_signals(
     if gate is not None:
         out = out * gate
     return attn.proj_drop(attn.proj(out)), signals
+
+
+def buckets_apply(dtype: torch.dtype, needs: AttentionNeeds, key_mask: KeyMask | None, packed: Tensor | None,
+                  training: bool) -> bool:
+    """Whether a padded batch's attention that needs no received attention (the output and at most the
+    head-averaged keys: LTMP's blocks whose prune threshold is 0) may run in length buckets on the CPU
+    (:func:`fused_bucketed_rows`): inference as :func:`ragged_applies`, and ATen's CPU flash kernel."""
+    return (
+        packed is not None and packed.device.type == "cpu" and key_mask is not None and not key_mask.soft
+        and not training and not (needs.received or needs.probs or needs.cls_attn or needs.values or needs.head_keys)
+        and dtype == torch.float32 and not torch.is_grad_enabled() and not tracing() and fused_attention_available()
+    )
+
+
+def fused_bucketed_rows(
+    qkv: Tensor | tuple[Tensor, Tensor, Tensor], packed: Tensor, scale: float, bias: Tensor | None,
+    needs: AttentionNeeds, key_mask: KeyMask,
+) -> tuple[Tensor, AttentionSignals] | None:
+    """A padded batch's attention output (and head-mean keys) in length buckets, in one call of the fused kernel
+    (:func:`~tokenreduce.ops.cpu_kernels.fused_bucketed_attention` without the received attention); ``None``
+    where the kernel is not built (the caller then runs the padded layout).
+
+    Args:
+        qkv: the live rows' head vectors: ΣN×3×H×d, or three ΣN×H×d tensors (q, k, v).
+        packed, scale, bias, needs, key_mask: as :func:`attend_bucketed`.
+
+    Returns:
+        ``(out, signals)``: ΣN×(H·d) outputs (heads concatenated) and the signals (keys only), or ``None``.
+    """
+    rows = qkv if isinstance(qkv, Tensor) else torch.stack(qkv, dim=1)
+    b, n = key_mask.mask.shape[:2]
+    fused = fused_bucketed_attention(rows, packed, key_mask.mask.reshape(b, n).float(),
+                                     None if bias is None else bias.reshape(b, n).float(), scale, None,
+                                     flash_multiple(), buckets.BUCKET_OVERHEAD, needs.keys)
+    if fused is None:
+        return None
+    out, _, _, keys, _ = fused
+    return out, AttentionSignals(keys=keys)
 
 
 def ragged_applies(dtype: torch.dtype, needs: AttentionNeeds, key_mask: KeyMask | None, packed: Tensor | None,

@@ -369,9 +369,9 @@ def fused_ltmp_merge_prune(
 
 
 def fused_bucketed_attention(
-    qkv: Tensor, packed: Tensor, live: Tensor, bias: Tensor | None, scale: float, log_floor: float, multiple: int,
-    overhead: float, keys: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor | None, list[int]] | None:
+    qkv: Tensor, packed: Tensor, live: Tensor, bias: Tensor | None, scale: float, log_floor: float | None,
+    multiple: int, overhead: float, keys: bool,
+) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None, list[int]] | None:
     """:func:`~tokenreduce.ops.attention.attend_bucketed`'s Python path in one kernel call: the bucket plan,
     the gathers, ATen's flash kernel per bucket, the received-attention bound (the exact values for an image it
     does not certify) and the head-mean keys.
@@ -379,11 +379,12 @@ def fused_bucketed_attention(
     Args:
         qkv: ΣN×3×H×d float32 live rows; packed: their ΣN rows in the B·N flattening (increasing); live: B×N
         float32 live mask; bias: B×N float32 key bias (``log size``) or ``None``; scale: the logit scale;
-        log_floor: an image is certified where every live key's log bound exceeds this; multiple, overhead:
+        log_floor: an image is certified where every live key's log bound exceeds this (``None``: no received
+        attention at all, for a caller that needs the output and the keys only); multiple, overhead:
         the bucket plan's (:func:`~tokenreduce.ops.buckets.bucket_layout`); keys: also the head-mean keys.
 
     Returns:
-        ``(out, received, certified, keys, lengths)``: ΣN×(H·d), B×N float32 (0 at dead positions), B bool,
+        ``(out, received, certified, keys, lengths)``: ΣN×(H·d), B×N float32 (0 at dead positions) or ``None``, B bool,
         B×N×d or ``None``, and the buckets' lengths; or ``None`` when the kernel is not eligible or not
         available (the caller then takes the Python path).
     """
@@ -391,8 +392,10 @@ def fused_bucketed_attention(
     if module is None or live.dtype != torch.float32:
         return None
     out, received, certified, key_mean, lengths = module.bucketed_attention(
-        qkv, packed, live, bias, float(scale), float(log_floor), int(multiple), float(overhead), bool(keys))
-    return out, received, certified, key_mean if keys else None, lengths.tolist()
+        qkv, packed, live, bias, float(scale), 0.0 if log_floor is None else float(log_floor), int(multiple),
+        float(overhead), bool(keys), log_floor is not None)
+    return (out, None if log_floor is None else received, certified, key_mean if keys else None,
+            lengths.tolist())
 
 
 def fused_squeeze(

@@ -64,12 +64,13 @@ std::vector<int64_t> plan_buckets(const std::vector<int64_t>& histogram, int64_t
 // live: B×N float32 live mask (live: > 0); bias: B×N float32 additive key bias (log size) or None;
 // scale: the logit scale; log_floor: an image is certified where every live key's log bound exceeds this
 // (log(floor) + margin, compared in float32); multiple: lengths round up to a multiple of this (at most N);
-// overhead: a bucket's fixed cost in multiply-adds; keys: also return the head-mean keys.
+// overhead: a bucket's fixed cost in multiply-adds; keys: also return the head-mean keys; bound: compute the
+// received attention (else it stays 0 and every image counts as certified).
 // Returns (ΣN×(H·d) outputs, B×N float32 received attention (0 at dead positions), B bool certified,
 // B×N×d head-mean keys (0 at dead positions) or an empty tensor, the bucket lengths (int64)).
 BucketedAttention bucketed_attention(const at::Tensor& qkv_in, const at::Tensor& packed_in, const at::Tensor& live_in,
                                      const c10::optional<at::Tensor>& bias_in, double scale, double log_floor,
-                                     int64_t multiple, double overhead, bool keys) {
+                                     int64_t multiple, double overhead, bool keys, bool bound) {
   TORCH_CHECK(qkv_in.dim() == 4 && qkv_in.size(1) == 3, "bucketed_attention: qkv must be ΣN×3×H×d");
   TORCH_CHECK(qkv_in.scalar_type() == at::kFloat && live_in.scalar_type() == at::kFloat,
               "bucketed_attention: float32 tensors only");
@@ -159,6 +160,7 @@ BucketedAttention bucketed_attention(const at::Tensor& qkv_in, const at::Tensor&
       }
     });
     const at::Tensor q = buffer[0], key = buffer[1], v = buffer[2];
+    // the log-sum-exp comes with the kernel's output either way
     auto result = at::_scaled_dot_product_flash_attention_for_cpu(q, key, v, 0.0, false, mask, scale);
     const at::Tensor& flash = std::get<0>(result);
     const at::Tensor lse = std::get<1>(result).to(at::kFloat);
@@ -170,65 +172,69 @@ BucketedAttention bucketed_attention(const at::Tensor& qkv_in, const at::Tensor&
     const float* k_data = buffer_data + part;
 
     at::parallel_for(0, m, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> mean_q(heads * dim), mean_lse(heads), bound(len), exact(len), logits(len);
+      std::vector<float> mean_q(heads * dim), mean_lse(heads), log_bound(len), exact(len), logits(len);
       for (int64_t j = begin; j < end; ++j) {
         const int64_t b = images[j];
         const float* img_mask = mask_data + j * len;
-        int64_t live_rows = 0;
-        for (int64_t t = 0; t < len; ++t) live_rows += img_mask[t] != neg_inf;
-        const float w = live_rows > 0 ? 1.f / static_cast<float>(live_rows) : 0.f;
-        // the live query rows' mean query and mean log-sum-exp, per head
-        std::fill(mean_q.begin(), mean_q.end(), 0.f);
-        std::fill(mean_lse.begin(), mean_lse.end(), 0.f);
-        for (int64_t h = 0; h < heads; ++h) {
-          const float* qh = q_data + (j * heads + h) * len * dim;
-          for (int64_t t = 0; t < len; ++t) {
-            if (img_mask[t] == neg_inf) continue;
-            for (int64_t e = 0; e < dim; ++e) mean_q[h * dim + e] += w * qh[t * dim + e];
-            mean_lse[h] += w * lse_data[j * ls0 + h * ls1 + t * ls2];
-          }
-        }
-        bool certain = true;
-        for (int64_t t = 0; t < len; ++t) {
-          if (img_mask[t] == neg_inf) continue;
-          float best = neg_inf;
-          for (int64_t h = 0; h < heads; ++h) {
-            const float* kh = k_data + ((j * heads + h) * len + t) * dim;
-            float dot = 0.f;
-            for (int64_t e = 0; e < dim; ++e) dot += kh[e] * mean_q[h * dim + e];
-            best = std::max(best, dot * static_cast<float>(scale) - mean_lse[h]);
-          }
-          bound[t] = best - log_heads + img_mask[t];
-          certain = certain && bound[t] > threshold;
-        }
-        certified_data[b] = certain;
-        float* img_received = received_data + b * n;
-        if (certain) {
-          for (int64_t t = 0; t < len; ++t) img_received[t] = img_mask[t] == neg_inf ? 0.f : std::exp(bound[t]);
-        } else {  // the explicit softmax: Σ_h Σ_i live P_h[i, t] / (H · live rows)
-          std::fill(exact.begin(), exact.end(), 0.f);
+        if (!bound) {
+          certified_data[b] = true;
+        } else {
+          int64_t live_rows = 0;
+          for (int64_t t = 0; t < len; ++t) live_rows += img_mask[t] != neg_inf;
+          const float w = live_rows > 0 ? 1.f / static_cast<float>(live_rows) : 0.f;
+          // the live query rows' mean query and mean log-sum-exp, per head
+          std::fill(mean_q.begin(), mean_q.end(), 0.f);
+          std::fill(mean_lse.begin(), mean_lse.end(), 0.f);
           for (int64_t h = 0; h < heads; ++h) {
             const float* qh = q_data + (j * heads + h) * len * dim;
-            const float* kh = k_data + (j * heads + h) * len * dim;
-            for (int64_t i = 0; i < len; ++i) {
-              if (img_mask[i] == neg_inf) continue;
-              float top = neg_inf;
-              for (int64_t t = 0; t < len; ++t) {
-                float dot = 0.f;
-                for (int64_t e = 0; e < dim; ++e) dot += qh[i * dim + e] * kh[t * dim + e];
-                logits[t] = dot * static_cast<float>(scale) + img_mask[t];
-                top = std::max(top, logits[t]);
-              }
-              float sum = 0.f;
-              for (int64_t t = 0; t < len; ++t) {
-                logits[t] = std::exp(logits[t] - top);
-                sum += logits[t];
-              }
-              for (int64_t t = 0; t < len; ++t) exact[t] += logits[t] / sum;
+            for (int64_t t = 0; t < len; ++t) {
+              if (img_mask[t] == neg_inf) continue;
+              for (int64_t e = 0; e < dim; ++e) mean_q[h * dim + e] += w * qh[t * dim + e];
+              mean_lse[h] += w * lse_data[j * ls0 + h * ls1 + t * ls2];
             }
           }
-          const float denom = static_cast<float>(heads) * static_cast<float>(live_rows);
-          for (int64_t t = 0; t < len; ++t) img_received[t] = img_mask[t] == neg_inf ? 0.f : exact[t] / denom;
+          bool certain = true;
+          for (int64_t t = 0; t < len; ++t) {
+            if (img_mask[t] == neg_inf) continue;
+            float best = neg_inf;
+            for (int64_t h = 0; h < heads; ++h) {
+              const float* kh = k_data + ((j * heads + h) * len + t) * dim;
+              float dot = 0.f;
+              for (int64_t e = 0; e < dim; ++e) dot += kh[e] * mean_q[h * dim + e];
+              best = std::max(best, dot * static_cast<float>(scale) - mean_lse[h]);
+            }
+            log_bound[t] = best - log_heads + img_mask[t];
+            certain = certain && log_bound[t] > threshold;
+          }
+          certified_data[b] = certain;
+          float* img_received = received_data + b * n;
+          if (certain) {
+            for (int64_t t = 0; t < len; ++t) img_received[t] = img_mask[t] == neg_inf ? 0.f : std::exp(log_bound[t]);
+          } else {  // the explicit softmax: Σ_h Σ_i live P_h[i, t] / (H · live rows)
+            std::fill(exact.begin(), exact.end(), 0.f);
+            for (int64_t h = 0; h < heads; ++h) {
+              const float* qh = q_data + (j * heads + h) * len * dim;
+              const float* kh = k_data + (j * heads + h) * len * dim;
+              for (int64_t i = 0; i < len; ++i) {
+                if (img_mask[i] == neg_inf) continue;
+                float top = neg_inf;
+                for (int64_t t = 0; t < len; ++t) {
+                  float dot = 0.f;
+                  for (int64_t e = 0; e < dim; ++e) dot += qh[i * dim + e] * kh[t * dim + e];
+                  logits[t] = dot * static_cast<float>(scale) + img_mask[t];
+                  top = std::max(top, logits[t]);
+                }
+                float sum = 0.f;
+                for (int64_t t = 0; t < len; ++t) {
+                  logits[t] = std::exp(logits[t] - top);
+                  sum += logits[t];
+                }
+                for (int64_t t = 0; t < len; ++t) exact[t] += logits[t] / sum;
+              }
+            }
+            const float denom = static_cast<float>(heads) * static_cast<float>(live_rows);
+            for (int64_t t = 0; t < len; ++t) img_received[t] = img_mask[t] == neg_inf ? 0.f : exact[t] / denom;
+          }
         }
         // outputs to the live rows (heads concatenated); head-mean keys
         for (int64_t t = 0; t < len; ++t) {

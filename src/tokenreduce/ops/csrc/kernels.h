@@ -23,7 +23,7 @@ LtmpStep ltmp_merge_prune(const at::Tensor& x_in, const c10::optional<at::Tensor
 using BucketedAttention = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 BucketedAttention bucketed_attention(const at::Tensor& qkv_in, const at::Tensor& packed_in, const at::Tensor& live_in,
                                      const c10::optional<at::Tensor>& bias_in, double scale, double log_floor,
-                                     int64_t multiple, double overhead, bool keys);
+                                     int64_t multiple, double overhead, bool keys, bool bound);
 
 // TPS's squeeze, inference form: host choice, weighted merge, sizes (squeeze.cpp).
 std::vector<at::Tensor> squeeze_tokens(const at::Tensor& x_in, const c10::optional<at::Tensor>& size_in,

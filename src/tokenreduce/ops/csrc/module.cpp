@@ -14,7 +14,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "a padded batch's attention in length buckets with the received-attention bound (inference)",
         pybind11::arg("qkv"), pybind11::arg("packed"), pybind11::arg("live"), pybind11::arg("bias"),
         pybind11::arg("scale"), pybind11::arg("log_floor"), pybind11::arg("multiple"), pybind11::arg("overhead"),
-        pybind11::arg("keys"), pybind11::call_guard<pybind11::gil_scoped_release>());
+        pybind11::arg("keys"), pybind11::arg("bound") = true, pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("squeeze_tokens", &squeeze_tokens, "TPS's squeeze: host choice + weighted merge + sizes (inference)",
         pybind11::arg("x"), pybind11::arg("size"), pybind11::arg("keep"), pybind11::arg("drop"), pybind11::arg("p"),
         pybind11::arg("temperature"), pybind11::call_guard<pybind11::gil_scoped_release>());
