@@ -31,16 +31,18 @@ Two forms behind one reducer, chosen by the model's mode:
   front, the sequence is cut to the largest count in the batch (rounded up to a
   multiple of the CPU's vector width, :func:`length_multiple`), and the padding is removed from attention with a −inf
   key bias (fused SDPA kept).  Every image's result equals running it alone.  The
-  per-token work runs on the live tokens only.  The prune rule only compares the
-  attention a token receives with the threshold, so on the CPU the fused kernel
-  serves every image whose tokens it can certify above the threshold (a lower
-  bound from its log-sum-exp, :func:`~tokenreduce.ops.attention.attention_with_received_floor`);
-  elsewhere the explicit softmax runs, on chunks of images of similar length for a
-  padded batch (:func:`~tokenreduce.ops.attention.attend_ragged`).  The cost is the
-  padding and two or three host synchronisations per block (to learn the counts).  With
-  batch size 1 there is no padding at all.  On the CPU the step after the
-  similarities runs as one fused kernel (:func:`~tokenreduce.ops.cpu_kernels.fused_ltmp_merge_prune`,
-  the same numbers) unless sources or restoration are tracked.
+  per-token work runs on the live tokens only, and between blocks the stream stays packed
+  (``packs_stream``: ``TokenState.packing``, only the live rows, ΣN×C; the merge/prune kernel reads
+  and writes them).  The prune rule only compares the attention a token receives with the threshold,
+  so on the CPU the fused kernel serves every image whose tokens it can certify above the threshold (a
+  lower bound from its log-sum-exp, :func:`~tokenreduce.ops.attention.attention_with_received_floor`),
+  in length buckets for a padded batch (:func:`~tokenreduce.ops.attention.attend_bucketed`: each group
+  of images of similar length at its own longest length, one C++ call where the kernels are built);
+  elsewhere the explicit softmax runs, on chunks of images of similar length for a padded batch
+  (:func:`~tokenreduce.ops.attention.attend_ragged`).  With batch size 1 there is no padding at all.
+  On the CPU the step after the similarities runs as one fused kernel
+  (:func:`~tokenreduce.ops.cpu_kernels.fused_ltmp_merge_prune`, the same numbers) unless sources or
+  restoration are tracked.
 
 Choices where the official code is ambiguous (documented, exposed):
 
