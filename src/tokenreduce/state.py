@@ -62,7 +62,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from .ops.gather import batched_gather
+from .ops.gather import batched_gather, padded_rows
 
 NO_POSITION = -1
 """``pos`` of a token with no single original position (a new combination of tokens)."""
@@ -145,8 +145,7 @@ class TokenState:
         if self.packing is None:
             return self
         batch, n = self.mask.shape[:2]
-        x = self.x.new_zeros(batch * n, self.x.shape[-1]).index_copy_(0, self.packing.rows, self.x)
-        return replace(self, x=x.view(batch, n, -1), packing=None)
+        return replace(self, x=padded_rows(self.x, self.packing.rows, batch, n), packing=None)
 
     def with_x(self, x: Tensor) -> TokenState:
         return replace(self, x=x)

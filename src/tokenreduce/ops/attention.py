@@ -43,9 +43,9 @@ from torch import Tensor, nn
 
 from . import buckets
 from .cpu_kernels import fused_bucketed_attention
-from .gather import head_mean
+from .gather import head_mean, padded_rows
 from .modes import fp32, tracing
-from .ragged import ragged_attention, ragged_layout
+from .ragged import padded_key_means, ragged_attention, ragged_layout
 from .received import FLOOR_MARGIN, MIN_FLOOR, certify_received, fused_attention_available, fused_attention_with_lse
 
 
@@ -196,54 +196,59 @@ def attention_with_signals(
     return attn.proj_drop(attn.proj(out)), signals
 
 
+def _padded_inference(dtype: torch.dtype, needs: AttentionNeeds, key_mask: KeyMask | None, packed: Tensor | None,
+                      training: bool) -> bool:
+    """Padded batched inference (a hard key mask and packed rows; no autograd, not traced), float32, for a
+    method that needs at most the received attention and the head-averaged keys (LTMP)."""
+    return (
+        packed is not None and key_mask is not None and not key_mask.soft and not training
+        and not (needs.probs or needs.cls_attn or needs.values or needs.head_keys)
+        and dtype == torch.float32 and not torch.is_grad_enabled() and not tracing()
+    )
+
+
 def buckets_apply(dtype: torch.dtype, needs: AttentionNeeds, key_mask: KeyMask | None, packed: Tensor | None,
                   training: bool) -> bool:
     """Whether a padded batch's attention that needs no received attention (the output and at most the
     head-averaged keys: LTMP's blocks whose prune threshold is 0) may run in length buckets on the CPU
-    (:func:`fused_bucketed_rows`): inference as :func:`ragged_applies`, and ATen's CPU flash kernel."""
-    return (
-        packed is not None and packed.device.type == "cpu" and key_mask is not None and not key_mask.soft
-        and not training and not (needs.received or needs.probs or needs.cls_attn or needs.values or needs.head_keys)
-        and dtype == torch.float32 and not torch.is_grad_enabled() and not tracing() and fused_attention_available()
-    )
+    (:func:`fused_bucketed_rows`): padded inference as for :func:`ragged_applies`, and ATen's CPU flash kernel."""
+    return (_padded_inference(dtype, needs, key_mask, packed, training) and not needs.received
+            and packed.device.type == "cpu" and fused_attention_available())
 
 
 def fused_bucketed_rows(
     qkv: Tensor | tuple[Tensor, Tensor, Tensor], packed: Tensor, scale: float, bias: Tensor | None,
-    needs: AttentionNeeds, key_mask: KeyMask,
+    needs: AttentionNeeds, key_mask: KeyMask, floor: float | None = None,
 ) -> tuple[Tensor, AttentionSignals] | None:
-    """A padded batch's attention output (and head-mean keys) in length buckets, in one call of the fused kernel
-    (:func:`~tokenreduce.ops.cpu_kernels.fused_bucketed_attention` without the received attention); ``None``
-    where the kernel is not built (the caller then runs the padded layout).
+    """A padded batch's attention in length buckets in one call of the fused kernel
+    (:func:`~tokenreduce.ops.cpu_kernels.fused_bucketed_attention`): the output, the head-mean keys and, with
+    ``floor``, the received attention certified against it; ``None`` where the kernel is not built.
 
     Args:
         qkv: the live rows' head vectors: ΣN×3×H×d, or three ΣN×H×d tensors (q, k, v).
         packed, scale, bias, needs, key_mask: as :func:`attend_bucketed`.
+        floor: ``needs.received_floor`` for a caller that needs the received attention, else ``None``.
 
     Returns:
-        ``(out, signals)``: ΣN×(H·d) outputs (heads concatenated) and the signals (keys only), or ``None``.
+        ``(out, signals)``: ΣN×(H·d) outputs (heads concatenated) and the signals (B×N), or ``None``.
     """
     rows = qkv if isinstance(qkv, Tensor) else torch.stack(qkv, dim=1)
     b, n = key_mask.mask.shape[:2]
     fused = fused_bucketed_attention(rows, packed, key_mask.mask.reshape(b, n).float(),
-                                     None if bias is None else bias.reshape(b, n).float(), scale, None,
-                                     flash_multiple(), buckets.BUCKET_OVERHEAD, needs.keys)
+                                     None if bias is None else bias.reshape(b, n).float(), scale,
+                                     None if floor is None else math.log(floor) + FLOOR_MARGIN, flash_multiple(),
+                                     buckets.BUCKET_OVERHEAD, needs.keys)
     if fused is None:
         return None
-    out, _, _, keys, _ = fused
-    return out, AttentionSignals(keys=keys)
+    out, received, _, keys, _ = fused
+    return out, AttentionSignals(keys=keys, received=received)
 
 
 def ragged_applies(dtype: torch.dtype, needs: AttentionNeeds, key_mask: KeyMask | None, packed: Tensor | None,
                    training: bool) -> bool:
-    """Whether :func:`attend_ragged` serves a call: padded batched inference (a hard key mask and packed
-    rows; no autograd, not traced), float32, for a method that needs the received attention and at most
-    the head-averaged keys besides (LTMP)."""
-    return (
-        packed is not None and key_mask is not None and not key_mask.soft and not training
-        and needs.received and not (needs.probs or needs.cls_attn or needs.values or needs.head_keys)
-        and dtype == torch.float32 and not torch.is_grad_enabled() and not tracing()
-    )
+    """Whether :func:`attend_ragged` serves a call: padded inference (:func:`_padded_inference`) for a method
+    that needs the received attention."""
+    return _padded_inference(dtype, needs, key_mask, packed, training) and needs.received
 
 
 def attend_ragged(
@@ -298,17 +303,14 @@ def attend_bucketed(
     Returns:
         ``(out, signals)``: ΣN×(H·d) outputs (heads concatenated) and the signals (B×N; 0 at padding).
     """
+    floor = needs.received_floor
+    served = fused_bucketed_rows(qkv, packed, scale, bias, needs, key_mask, floor)
+    if served is not None:  # the same steps in one kernel call
+        return served
     rows = qkv if isinstance(qkv, Tensor) else torch.stack(qkv, dim=1)
     total, _, heads, d = rows.shape
     b, n = key_mask.mask.shape[:2]
     live = key_mask.mask.reshape(b, n).float()
-    floor = needs.received_floor
-    fused = fused_bucketed_attention(rows, packed, live, None if bias is None else bias.reshape(b, n).float(), scale,
-                                     math.log(floor) + FLOOR_MARGIN, flash_multiple(), buckets.BUCKET_OVERHEAD,
-                                     needs.keys)
-    if fused is not None:  # the same steps in one kernel call
-        out, received, _, keys, _ = fused
-        return out, AttentionSignals(keys=keys, received=received)
     layout = buckets.bucket_layout(packed, b, n, heads, d, flash_multiple())
     # padding rows read a live row of their image: finite (a padding key's probability is exactly 0, and 0·inf
     # is not), and nothing crosses images
@@ -328,12 +330,8 @@ def attend_bucketed(
                                                                     weights, floor)
         out[at:at + m * length].view(m, length, heads, d).copy_(bucket_out.transpose(1, 2))
         received[at:at + m * length].view(m, length).copy_(bucket_received)
-    received = live.new_zeros(b * n).index_copy_(0, packed, received.index_select(0, layout.slots)).view(b, n)
-    keys = None
-    if needs.keys:
-        per_head = rows[:, 1]  # ΣN×H×d
-        packed_keys = head_mean(per_head.transpose(0, 1).unsqueeze(0)).squeeze(0)  # ΣN×d
-        keys = packed_keys.new_zeros(b * n, d).index_copy_(0, packed, packed_keys).view(b, n, d)
+    received = padded_rows(received.index_select(0, layout.slots), packed, b, n)
+    keys = padded_key_means(rows[:, 1], packed, b, n) if needs.keys else None
     return out.index_select(0, layout.slots), AttentionSignals(keys=keys, received=received)
 
 
@@ -342,8 +340,7 @@ def unpack_rows(rows: Tensor, packed: Tensor | None, key_mask: KeyMask | None) -
     layout of ``key_mask`` (padding rows zero); ``rows`` (B×N×D) as it is when nothing is packed."""
     if packed is None:
         return rows
-    b, n = key_mask.mask.shape[:2]
-    return rows.new_zeros(b * n, rows.shape[-1]).index_copy_(0, packed, rows).view(b, n, -1)
+    return padded_rows(rows, packed, *key_mask.mask.shape[:2])
 
 
 def pack_rows(x: Tensor, packed: Tensor | None) -> Tensor:

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .ragged import image_lengths
+
 BUCKET_OVERHEAD = 1_500_000
 """The fixed cost of one more bucket, in attention multiply-adds: about 150 µs of the PyTorch path (a kernel
 call, the key mask, the received-attention bound and their copies, ~10 small ops) at the ~0.1 ns per
@@ -111,7 +113,7 @@ def bucket_layout(packed: Tensor, batch: int, tokens: int, heads: int, head_dim:
     overhead = BUCKET_OVERHEAD if overhead is None else overhead
     image = torch.div(packed, tokens, rounding_mode="floor")
     position = packed - image * tokens
-    lengths = torch.ones(batch, dtype=dtype, device=device).scatter_reduce_(0, image, position + 1, reduce="amax")
+    lengths = image_lengths(packed, batch, tokens).clamp_(min=1)
     rounded = (torch.div(lengths + (multiple - 1), multiple, rounding_mode="floor") * multiple).clamp_(max=tokens)
     histogram = torch.bincount(rounded, minlength=tokens + 1).tolist()  # host sync
     caps = plan_buckets({length: images for length, images in enumerate(histogram) if images}, heads, head_dim,
@@ -124,10 +126,11 @@ def bucket_layout(packed: Tensor, batch: int, tokens: int, heads: int, head_dim:
     counts = [0] * len(caps)
     for length, images in enumerate(histogram):
         counts[bucket_of[length]] += images
-    starts, firsts, first = [], [], 0  # each bucket's first image (in ``order``) and first buffer row
+    starts, firsts, start, first = [], [], 0, 0  # each bucket's first image (in ``order``) and first buffer row
     for count, cap in zip(counts, caps, strict=True):
-        starts.append(sum(counts[:len(starts)]))
+        starts.append(start)
         firsts.append(first)
+        start += count
         first += count * cap
     bucket = torch.tensor(bucket_of, dtype=dtype, device=device).index_select(0, rounded)  # B
     cap = torch.tensor(caps, dtype=dtype, device=device).index_select(0, bucket)

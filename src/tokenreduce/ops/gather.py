@@ -55,6 +55,13 @@ def batched_scatter_add(values: Tensor, index: Tensor, num_groups: int) -> Tenso
     return out.view(batch, num_groups, *values.shape[2:])
 
 
+def padded_rows(rows: Tensor, packed: Tensor, batch: int, tokens: int) -> Tensor:
+    """The live rows of a padded batch (ΣN×…, at rows ``packed`` of the B·N flattening) in its B×N×… layout,
+    zero elsewhere."""
+    flat = rows.new_zeros(batch * tokens, *rows.shape[1:]).index_copy_(0, packed, rows)
+    return flat.view(batch, tokens, *rows.shape[1:])
+
+
 _SMALL = 1 << 16
 """Elements per head below which :func:`head_mean` uses a single op."""
 

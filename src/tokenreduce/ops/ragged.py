@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .gather import head_mean
+from .gather import head_mean, padded_rows
 
 
 @dataclass(frozen=True)
@@ -81,20 +81,24 @@ def rounded_length(length: int, multiple: int, cap: int) -> int:
     return min(cap, -(-length // multiple) * multiple)
 
 
-def image_lengths(packed: Tensor, batch: int, tokens: int) -> list[int]:
-    """Every image's length in a padded batch (its last live position + 1; 0 for none), one host sync.
+def image_lengths(packed: Tensor, batch: int, tokens: int) -> Tensor:
+    """Every image's length in a padded batch (its last live position + 1; 0 for none), a B tensor.
 
     Args:
         packed: ΣN rows of the live tokens in the B·N flattening; batch, tokens: B and N.
     """
     image = torch.div(packed, tokens, rounding_mode="floor")
-    lengths = torch.zeros(batch, dtype=packed.dtype, device=packed.device).scatter_reduce_(
+    return torch.zeros(batch, dtype=packed.dtype, device=packed.device).scatter_reduce_(
         0, image, packed - image * tokens + 1, reduce="amax")
-    return lengths.tolist()
 
 
-def ragged_layout(packed: Tensor, batch: int, tokens: int, heads: int, budget: int, multiple: int = 1,
-                  lengths: list[int] | None = None) -> RaggedLayout:
+def padded_key_means(keys: Tensor, packed: Tensor, batch: int, tokens: int) -> Tensor:
+    """The head-averaged keys of a padded batch's live rows (``keys``: ΣN×H×d) in its B×N×d layout, zero at
+    padding: :func:`~tokenreduce.ops.gather.head_mean`'s numbers."""
+    return padded_rows(head_mean(keys.transpose(0, 1).unsqueeze(0)).squeeze(0), packed, batch, tokens)
+
+
+def ragged_layout(packed: Tensor, batch: int, tokens: int, heads: int, budget: int) -> RaggedLayout:
     """The chunk layout of a padded batch's live rows (one host synchronisation).
 
     Args:
@@ -102,19 +106,17 @@ def ragged_layout(packed: Tensor, batch: int, tokens: int, heads: int, budget: i
         batch, tokens: B and N of the padded layout.
         heads: H.
         budget: the most attention probabilities (m·H·L²) a chunk of several images may hold.
-        multiple: a chunk's length is its longest image's rounded up to a multiple of this (at most N).
-        lengths: the images' lengths (:func:`image_lengths`) if already known.
     """
     device = packed.device
     image = torch.div(packed, tokens, rounding_mode="floor")
     position = packed - image * tokens
-    length_of = image_lengths(packed, batch, tokens) if lengths is None else lengths
+    length_of = image_lengths(packed, batch, tokens).tolist()  # host sync
     order = sorted(range(batch), key=lambda b: -length_of[b])  # stable: ties keep batch order
     chunks: list[Chunk] = []
     qkv_base, out_base, block, stride = [0] * batch, [0] * batch, [0] * batch, [0] * batch
     start = qkv_at = out_at = 0
     while start < batch:
-        length = rounded_length(max(length_of[order[start]], 1), multiple, tokens)
+        length = max(length_of[order[start]], 1)
         images = min(batch - start, max(1, budget // (heads * length * length)))
         chunks.append(Chunk(start, images, length, qkv_at, out_at))
         for j, b in enumerate(order[start:start + images]):
@@ -192,9 +194,5 @@ def ragged_attention(
         total = torch.bmm(weights.repeat(1, heads).unsqueeze(1), probs.view(m, heads * length, length)).squeeze(1)
         received[c.start:c.start + m, :length] = total / (heads * weights.sum(dim=1, keepdim=True))
     out_rows = out.index_select(0, layout.out_index).view(rows, heads * d)
-    key_rows = None
-    if keys:
-        k = qkv[:, 1] if fused else qkv[1]  # ΣN×H×d
-        packed_keys = head_mean(k.transpose(0, 1).unsqueeze(0)).squeeze(0)  # ΣN×d
-        key_rows = packed_keys.new_zeros(b * n, d).index_copy_(0, layout.rows, packed_keys).view(b, n, d)
+    key_rows = padded_key_means(qkv[:, 1] if fused else qkv[1], layout.rows, b, n) if keys else None
     return out_rows, received.index_select(0, layout.inverse), key_rows
