@@ -1,9 +1,12 @@
-"""LTMP's fused CPU kernel (ops/csrc/ltmp_merge_prune.cpp): a hand-worked padded batch on both paths,
-bit-equality with the PyTorch path, and when it is (not) used."""
+"""LTMP's fused CPU kernel (ops/csrc/ltmp_merge_prune.cpp): a hand-worked padded batch on both paths, its
+similarities against the PyTorch path's to rounding, bit-equality with the PyTorch path after them, and when it
+is (not) used."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -75,6 +78,23 @@ def _random_case(batch, n, channels, dim, prefix, dead, with_size, merge, prune,
     return ltmp, state, AttentionSignals(keys=keys, received=received)
 
 
+@contextlib.contextmanager
+def _kernel_fed_python_similarities() -> Iterator[None]:
+    """The fused kernel given ``LTMP._similarity``'s values instead of computing its own from the keys (which
+    agree with them to rounding only): what it does after the similarities, which is the Python path's bit for
+    bit."""
+    real = ltmp_module.fused_ltmp_merge_prune
+
+    def fed(x, size, sim, *args, keys=None, **kwargs):
+        if keys is not None:
+            sim = LTMP._similarity(AttentionSignals(head_keys=keys) if keys.dim() == 4 else AttentionSignals(keys=keys))
+        return real(x, size, sim, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ltmp_module, "fused_ltmp_merge_prune", fed)
+        yield
+
+
 @settings(max_examples=80, deadline=None, derandomize=True)
 @given(
     batch=st.integers(1, 4),
@@ -88,10 +108,11 @@ def _random_case(batch, n, channels, dim, prefix, dead, with_size, merge, prune,
     prune=st.sampled_from([0.0, 0.02, 0.05, 0.09]),
     seed=st.integers(0, 2**16),
 )
-def test_kernel_equals_python_path_bit_for_bit(batch, n, channels, dim, prefix, dead, with_size, merge, prune, seed):
+def test_kernel_equals_python_path_bit_for_bit_after_the_similarities(batch, n, channels, dim, prefix, dead,
+                                                                      with_size, merge, prune, seed):
     outs = {}
     for mode in ("on", "off"):
-        with kernel_mode(mode):
+        with kernel_mode(mode), _kernel_fed_python_similarities():
             ltmp, state, signals = _random_case(batch, n, channels, dim, prefix, dead, with_size, merge, prune, seed)
             outs[mode] = ltmp.reduce(0, state, signals)
     fused, python = outs["on"], outs["off"]
@@ -101,6 +122,80 @@ def test_kernel_equals_python_path_bit_for_bit(batch, n, channels, dim, prefix, 
     assert (fused.mask is None) == (python.mask is None)
     if fused.mask is not None:
         assert torch.equal(fused.mask, python.mask)
+
+
+def _keys(batch: int, heads: int, n: int, dim: int, seed: int, per_head: bool) -> torch.Tensor:
+    """B×N×d keys, or B×H×N×d per-head keys laid out as a fused qkv projection leaves them (strided views)."""
+    g = torch.Generator().manual_seed(seed)
+    if not per_head:
+        return torch.randn(batch, n, dim, generator=g)
+    qkv = torch.randn(batch, n, 3, heads, dim, generator=g)
+    return qkv.permute(2, 0, 3, 1, 4)[1]
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(batch=st.integers(1, 3), heads=st.integers(1, 4), n=st.integers(1, 40), dim=st.sampled_from([1, 3, 8, 64]),
+       per_head=st.booleans(), seed=st.integers(0, 2**16))
+def test_kernel_similarities_are_the_python_ones_to_rounding(batch, heads, n, dim, per_head, seed):
+    keys = _keys(batch, heads, n, dim, seed, per_head)
+    with kernel_mode("on"):
+        fused = cpu_kernels.load_cpu_kernels().ltmp_similarities(keys)
+    python = LTMP._similarity(AttentionSignals(head_keys=keys) if per_head else AttentionSignals(keys=keys))
+    assert fused.shape == python.shape == (batch, (n + 1) // 2, n // 2)
+    torch.testing.assert_close(fused, python, atol=1e-6, rtol=0)
+    assert (fused <= 1).all()
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(batch=st.integers(1, 4), heads=st.integers(1, 3), n=st.integers(1, 30), prefix=st.integers(0, 3),
+       dead=st.booleans(), with_size=st.booleans(), with_importance=st.booleans(), packed=st.booleans(),
+       merge=st.floats(0.0, 1.0), seed=st.integers(0, 2**16))
+def test_the_step_from_keys_is_the_step_from_its_own_similarities(batch, heads, n, prefix, dead, with_size,
+                                                                  with_importance, packed, merge, seed):
+    """The kernel computes an image's similarities row by row from the keys, never the whole matrix; that gives
+    exactly what it gives when handed the matrix of the same similarities (``ltmp_similarities``), with dead,
+    prefix and packed tokens."""
+    with kernel_mode("on"):
+        module = cpu_kernels.load_cpu_kernels()
+    g = torch.Generator().manual_seed(seed)
+    prefix = min(prefix, n)
+    keys = _keys(batch, heads, n, 8, seed, per_head=True)
+    keys[:, :, n // 2] = keys[:, :, n // 3]  # a cosine-1 pair (and ties)
+    x = torch.randn(batch, n, 5, generator=g)
+    size = torch.randint(1, 4, (batch, n, 1), generator=g).float() if with_size else None
+    importance = torch.rand(batch, n, generator=g) * 0.1 if with_importance else None
+    counts = mask = None
+    if packed:
+        counts = torch.randint(max(prefix, 1), n + 1, (batch,), generator=g)
+        x = x.reshape(-1, 5)[: int(counts.sum())]
+    elif dead:
+        live = torch.rand(batch, n, generator=g) > 0.3
+        live[:, :prefix] = True
+        mask = live.unsqueeze(-1).float()
+    args = (importance, mask, merge, 0.05, prefix, 8, counts, packed)
+    from_keys = module.ltmp_merge_prune(x, size, keys, *args, True)
+    from_sim = module.ltmp_merge_prune(x, size, module.ltmp_similarities(keys), *args, False)
+    for got, expected in zip(from_keys, from_sim, strict=True):
+        assert got == expected if isinstance(got, bool) else torch.equal(got, expected)
+
+
+def test_at_batch_one_the_attention_hands_ltmp_the_per_head_keys(kernel_state, monkeypatch):
+    """With the kernel, no separate head-mean op runs at batch 1: the attention returns the per-head keys
+    (``AttentionNeeds.keys_as_heads``) and the kernel averages them itself; the result is the one without
+    the kernel, which takes the head mean in PyTorch."""
+    import tokenreduce.ops.attention as attention
+
+    means = []
+    real = attention.head_mean
+    monkeypatch.setattr(attention, "head_mean", lambda k: means.append(k.shape) or real(k))
+    image = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    model = tr.apply(make_vit(), "ltmp", untrained=True, merge_threshold=0.5, prune_threshold=0.004)
+    runs = run_with_and_without_kernels(model, image)
+    (on, counts_on), (off, counts_off) = runs["on"], runs["off"]
+    assert counts_on == counts_off and counts_on[-1] < 65
+    assert torch.equal(on, off)
+    assert tr.reducer(model).needs(0).keys_as_heads
+    assert means == []  # with the kernel on (first) and off: the Python path takes the mean in LTMP itself
 
 
 def test_kernel_is_used_only_where_it_gives_the_python_result(kernel_state, monkeypatch):

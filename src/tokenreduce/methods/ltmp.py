@@ -40,9 +40,11 @@ Two forms behind one reducer, chosen by the model's mode:
   of images of similar length at its own longest length, one C++ call where the kernels are built);
   elsewhere the explicit softmax runs, on chunks of images of similar length for a padded batch
   (:func:`~tokenreduce.ops.attention.attend_ragged`).  With batch size 1 there is no padding at all.
-  On the CPU the step after the similarities runs as one fused kernel
-  (:func:`~tokenreduce.ops.cpu_kernels.fused_ltmp_merge_prune`, the same numbers) unless sources or
-  restoration are tracked.
+  On the CPU the whole step runs as one fused kernel
+  (:func:`~tokenreduce.ops.cpu_kernels.fused_ltmp_merge_prune`) unless sources or restoration are tracked:
+  it takes the keys, as the per-head keys where the attention has them (``AttentionNeeds.keys_as_heads``:
+  no separate head-mean op), computes each image's similarities row by row (the Python path's to
+  rounding, ~1e-7) and gives the Python path's numbers bit for bit after them.
 
 Choices where the official code is ambiguous (documented, exposed):
 
@@ -77,7 +79,7 @@ from torch import Tensor, nn
 from ..budget import Schedule
 from ..ops.attention import AttentionNeeds, AttentionSignals, KeyMask, flash_multiple
 from ..ops.cpu_kernels import fused_ltmp_merge_prune
-from ..ops.gather import batched_gather, batched_scatter_add
+from ..ops.gather import batched_gather, batched_scatter_add, head_mean
 from ..ops.modes import no_grad, tracing
 from ..ops.prune import threshold_mask
 from ..ops.ragged import rounded_length
@@ -220,8 +222,9 @@ class LTMP(Reducer):
         if self.training or tracing() or self._module is None:
             return [AttentionNeeds(keys=True, received=True)] * self.info.depth
         _, thresholds = self._host_thresholds(refresh=True)  # once per forward: also sees changes through .data
-        return [AttentionNeeds(keys=True) if theta <= 0.0 else AttentionNeeds(keys=True, received=True,
-                                                                             received_floor=theta)
+        # the per-head keys will do: the fused kernel averages them itself (no separate head-mean op)
+        return [AttentionNeeds(keys=True, keys_as_heads=True) if theta <= 0.0 else
+                AttentionNeeds(keys=True, keys_as_heads=True, received=True, received_floor=theta)
                 for theta in thresholds]
 
     def _host_thresholds(self, refresh: bool = False) -> tuple[list[float], list[float]]:
@@ -296,9 +299,17 @@ class LTMP(Reducer):
         return best, partner, importance
 
     @staticmethod
+    def _keys(signals: AttentionSignals) -> Tensor:
+        """The keys the similarities compare: B×N×d head means, or the B×H×N×d per-head keys where the attention
+        gave those instead (``AttentionNeeds.keys_as_heads``)."""
+        return signals.keys if signals.keys is not None else signals.head_keys
+
+    @staticmethod
     def _similarity(signals: AttentionSignals) -> Tensor:
         """B×NA×NB cosine similarities (at most 1) of the head-averaged keys, A (even) to B (odd) positions, float32."""
-        keys = signals.keys if signals.keys.dtype == torch.float32 else signals.keys.float()
+        keys = LTMP._keys(signals)
+        keys = head_mean(keys) if keys.dim() == 4 else keys
+        keys = keys if keys.dtype == torch.float32 else keys.float()
         metric_a, metric_b = alternate(unit_rows(keys))
         sim = metric_a @ metric_b.transpose(-1, -2)
         # at most 1, as a cosine is: a threshold of 1 then merges nothing on any path (see the module note)
@@ -316,14 +327,14 @@ class LTMP(Reducer):
         """Inference form: hard comparisons, merged and pruned tokens really removed (batch padded).  The
         thresholds are Python floats, or 0-d tensors while a graph is captured."""
         p = state.num_prefix
-        sim = self._similarity(signals)
-        if state.source is None and state.owner is None:  # the fused CPU kernel, where eligible: same numbers
+        if state.source is None and state.owner is None:  # the fused CPU kernel, where eligible: the same decisions
             packing = state.packing
-            bsz = sim.shape[0]
+            keys = self._keys(signals)
+            bsz = keys.shape[0]
             fused = fused_ltmp_merge_prune(
-                state.x, state.size, sim, signals.received, None if packing is not None else state.mask, theta_m,
+                state.x, state.size, None, signals.received, None if packing is not None else state.mask, theta_m,
                 theta_p, p, length_multiple(bsz), counts=None if packing is None else packing.counts,
-                packed=packing is not None)
+                packed=packing is not None, keys=keys)
             if fused is not None:
                 pos = None if state.pos is None else batched_gather(state.pos, fused.index)
                 out_x, packing = fused.x, None
@@ -336,6 +347,7 @@ class LTMP(Reducer):
                                            packing=packing)
         if state.packing is not None:  # the Python path runs on the padded layout (the caller packs it again)
             state = state.unpacked()
+        sim = self._similarity(signals)
         x = state.x
         signals = self._received(state, signals)
         bsz, n, _ = x.shape

@@ -229,8 +229,8 @@ def eva_attention(
         q, k, v = (_split_heads(unpack_rows(proj(x), packed, key_mask), heads)
                    for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
     q, k = attn.q_norm(q), attn.k_norm(k)
-    keys = head_mean(k) if needs.keys else None  # the keys before the rotary embedding
-    head_keys = k if needs.head_keys else None
+    keys = head_mean(k) if needs.keys and not needs.keys_as_heads else None  # the keys before the rotary embedding
+    head_keys = k if needs.head_keys or (needs.keys and needs.keys_as_heads) else None
     if rope is not None:
         if query_key is None:
             query_key = torch.stack([q, k])

@@ -57,6 +57,10 @@ class AttentionNeeds:
     head_keys: bool = False
     """The keys of every head, B×H×N×d, for a method that averages them itself (ToMe's fused merge kernel
     takes them without a separate head-mean op); what ``keys`` averages."""
+    keys_as_heads: bool = False
+    """With ``keys``: the caller also takes the per-head keys in their place, averaging them itself (LTMP's fused
+    kernel).  Where the attention has them as B×H×N×d, it then returns them as ``head_keys`` and ``keys`` is
+    ``None``; where it has only their mean (a padded batch's packed rows), ``keys`` as usual."""
     cls_attn: bool = False
     values: bool = False
     probs: bool = False
@@ -432,8 +436,8 @@ def attend(
         received = received_attention(q, k, scale, bias, rows, probs)
 
     signals = AttentionSignals(
-        keys=head_mean(k) if needs.keys else None,
-        head_keys=k if needs.head_keys else None,
+        keys=head_mean(k) if needs.keys and not needs.keys_as_heads else None,
+        head_keys=k if needs.head_keys or (needs.keys and needs.keys_as_heads) else None,
         cls_attn=cls_attn,
         values=v if needs.values else None,
         probs=probs if needs.probs else None,

@@ -7,8 +7,8 @@ give the same numbers as the Python path:
 
 * ``csrc/bipartite_merge.cpp``: ToMe's matching and size-weighted merge
   (:func:`~tokenreduce.ops.matching.bipartite_soft_matching` + :func:`~tokenreduce.ops.merge.merge_wavg`);
-* ``csrc/ltmp_merge_prune.cpp``: LTMP's inference step after the similarities (threshold merge,
-  threshold prune, compaction of the padded batch; ``LTMP._reduce_hard``);
+* ``csrc/ltmp_merge_prune.cpp``: LTMP's inference step (the similarities from the keys, to rounding, then the
+  threshold merge, threshold prune and compaction of the padded batch bit for bit; ``LTMP._reduce_hard``);
 * ``csrc/bucketed_attention.cpp``: a padded batch's attention in length buckets with the lower bound on the
   attention every key receives (:func:`~tokenreduce.ops.attention.attend_bucketed`; LTMP at inference);
 * ``csrc/dpc_knn.cpp``: BAT's DPC-kNN clustering (:func:`~tokenreduce.ops.cluster.dpc_knn`): the tokens'
@@ -336,35 +336,41 @@ class LtmpStep(NamedTuple):
 
 
 def fused_ltmp_merge_prune(
-    x: Tensor, size: Tensor | None, sim: Tensor, importance: Tensor | None, mask: Tensor | None,
+    x: Tensor, size: Tensor | None, sim: Tensor | None, importance: Tensor | None, mask: Tensor | None,
     theta_merge: float, theta_prune: float, num_prefix: int, multiple: int = 1, counts: Tensor | None = None,
-    packed: bool = False,
+    packed: bool = False, keys: Tensor | None = None,
 ) -> LtmpStep | None:
-    """LTMP's inference step after the similarities, in one kernel call (``LTMP._reduce_hard``'s numbers).
+    """LTMP's inference step in one kernel call (``LTMP._reduce_hard``'s numbers).
 
     Args:
         x: B×N×C float32 hidden states, or with ``counts`` the ΣN×C live ones (image by image, each image's
         live tokens its first ``counts[b]`` positions); size: B×N×1 float32 sizes or ``None`` (all ones);
         sim: B×⌈N/2⌉×⌊N/2⌋ cosine similarities of the even (A) to the odd (B) positions (prefix and
-        dead tokens are masked by the kernel); importance: B×N attention received, or ``None`` where the
-        block cannot prune (every importance +inf); mask: B×N×1 float32 live mask or ``None`` (all live);
-        theta_merge, theta_prune: the block's thresholds; num_prefix: protected leading tokens;
-        multiple: M is rounded up to a multiple of this (at most N); counts: B int64 live counts of a
-        packed ``x``, or ``None``; packed: return the output's hidden states packed (required with ``counts``).
+        dead tokens are masked by the kernel), or ``None`` with ``keys``; importance: B×N attention received,
+        or ``None`` where the block cannot prune (every importance +inf); mask: B×N×1 float32 live mask or
+        ``None`` (all live); theta_merge, theta_prune: the block's thresholds; num_prefix: protected leading
+        tokens; multiple: M is rounded up to a multiple of this (at most N); counts: B int64 live counts of a
+        packed ``x``, or ``None``; packed: return the output's hidden states packed (required with ``counts``);
+        keys: instead of ``sim``, the B×N×d keys or B×H×N×d per-head keys (averaged over H as
+        :func:`~tokenreduce.ops.gather.head_mean` does): the kernel computes the similarities, to rounding
+        those of ``LTMP._similarity`` (every step after them is bit for bit the Python path's).
 
     Returns:
         An :class:`LtmpStep`: M the largest live count in the batch rounded up to ``multiple``; or ``None``
         when the kernel is not eligible or not available (the caller then takes the Python path).
     """
+    if (sim is None) == (keys is None):
+        raise ValueError("fused_ltmp_merge_prune: pass either sim or keys")
     module = None if mask is not None and mask.dtype != torch.float32 else _kernels_for(x, size, counts is not None)
     if module is None:
         return None
-    sim = sim if sim.dtype == torch.float32 else sim.float()
+    metric = sim if keys is None else keys
+    metric = metric if metric.dtype == torch.float32 else metric.float()
     if importance is not None and importance.dtype != torch.float32:
         importance = importance.float()
     out_x, out_size, out_mask, index, all_live, out_counts, rows = module.ltmp_merge_prune(
-        x, size, sim, importance, mask, float(theta_merge), float(theta_prune), num_prefix, int(multiple),
-        counts, packed)
+        x, size, metric, importance, mask, float(theta_merge), float(theta_prune), num_prefix, int(multiple),
+        counts, packed, keys is not None)
     return LtmpStep(out_x, out_size, None if all_live else out_mask, index, out_counts, rows if packed else None)
 
 

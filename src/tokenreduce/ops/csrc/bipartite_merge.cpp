@@ -24,7 +24,7 @@
 namespace {
 
 using tokenreduce::first_argmax;
-using tokenreduce::normalise;
+using tokenreduce::unit_rows_every_other;
 
 // `a` ranks before `b` in a descending sort that, like torch.sort, puts NaN first.
 inline bool ranks_before(float a, float b) {
@@ -84,27 +84,11 @@ std::vector<at::Tensor> bipartite_merge_wavg(const at::Tensor& x_in, const c10::
   at::Tensor b = at::empty({batch, nb, dim}, x.options());
   float* a_data = a.data_ptr<float>();
   float* b_data = b.data_ptr<float>();
-  std::vector<float> head_mean(per_head ? dim : 0);
-  // The token's metric row: its own row, or the mean of its heads' rows in `head_mean`.
-  auto metric_row = [&](int64_t img, int64_t pos) -> const float* {
-    const float* row = metric_data + img * m_image + pos * m_token;
-    if (!per_head) return row;
-    if (heads == 1) {
-      std::copy(row, row + dim, head_mean.begin());
-    } else {
-      for (int64_t d = 0; d < dim; ++d) head_mean[d] = row[d] + row[m_head + d];
-      for (int64_t h = 2; h < heads; ++h) {
-        const float* head_row = row + h * m_head;
-        for (int64_t d = 0; d < dim; ++d) head_mean[d] += head_row[d];
-      }
-    }
-    const float count = static_cast<float>(heads);
-    for (int64_t d = 0; d < dim; ++d) head_mean[d] /= count;
-    return head_mean.data();
-  };
+  std::vector<float> scratch(dim);  // a token's head mean (a per-head metric)
   for (int64_t img = 0; img < batch; ++img) {
-    for (int64_t i = 0; i < na; ++i) normalise(metric_row(img, a0 + 2 * i), dim, a_data + (img * na + i) * dim);
-    for (int64_t j = 0; j < nb; ++j) normalise(metric_row(img, b0 + 2 * j), dim, b_data + (img * nb + j) * dim);
+    const float* image = metric_data + img * m_image;
+    unit_rows_every_other(image, m_token, heads, m_head, dim, a0, na, scratch.data(), a_data + img * na * dim);
+    unit_rows_every_other(image, m_token, heads, m_head, dim, b0, nb, scratch.data(), b_data + img * nb * dim);
   }
   // B×NA′×NB′ cosine similarities. Under autocast the BMM runs in low precision, as the
   // Python path's does; the scores are read as float32 either way.

@@ -16,7 +16,9 @@ using LtmpStep = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, bool
 LtmpStep ltmp_merge_prune(const at::Tensor& x_in, const c10::optional<at::Tensor>& size_in, const at::Tensor& sim_in,
                           const c10::optional<at::Tensor>& importance_in, const c10::optional<at::Tensor>& mask_in,
                           double theta_merge, double theta_prune, int64_t p, int64_t multiple,
-                          const c10::optional<at::Tensor>& counts_in, bool packed_out);
+                          const c10::optional<at::Tensor>& counts_in, bool packed_out, bool from_keys);
+// LTMP's cosine similarities of the even to the odd positions, from the (per-head) keys.
+at::Tensor ltmp_similarities(const at::Tensor& keys_in);
 
 // A padded batch's attention in length buckets with the received-attention bound (bucketed_attention.cpp).
 // (outputs, received attention, certified images, head-mean keys, bucket lengths).

@@ -1,8 +1,10 @@
 // Fused CPU kernel: LTMP's inference step (threshold merge, threshold prune, compaction) in one call.
 //
 // The same rule and the same numbers as LTMP._reduce_hard in tokenreduce/methods/ltmp.py, which at
-// batch 1 is ~80 small ATen ops whose fixed costs outweigh their arithmetic. The cosine similarities
-// come in computed (one BMM in Python, so they are bit-identical); everything after them is here:
+// batch 1 is ~80 small ATen ops whose fixed costs outweigh their arithmetic.  The cosine similarities come
+// in computed, or the kernel computes them from the keys, image by image and row by row (ImageCosines: the head
+// mean, the unit rows and the dot products, never the whole B×NA×NB matrix; they agree with LTMP._similarity to
+// rounding, ~1e-7).  Everything after them gives the Python path's numbers bit for bit:
 //
 //   * every A token (even position) that is live and not a prefix token takes its best live, non-prefix
 //     B partner (odd position; first maximum, NaN first, as torch.max); it merges iff best > θ_merge;
@@ -21,6 +23,7 @@
 // Built on first use by tokenreduce/ops/cpu_kernels.py (torch.utils.cpp_extension.load); bound in module.cpp.
 
 #include "kernels.h"
+#include "rows.h"
 
 #include <ATen/Parallel.h>
 
@@ -29,32 +32,124 @@
 #include <limits>
 #include <vector>
 
+namespace {
+
+// The keys of a batch as the kernel reads them: B×H×N×d with a unit last stride (3-D keys are one head).
+struct KeyView {
+  at::Tensor keys;
+  const float* data;
+  int64_t batch, heads, n, dim;
+
+  explicit KeyView(const at::Tensor& keys_in) {
+    TORCH_CHECK(keys_in.dim() == 3 || keys_in.dim() == 4, "ltmp: keys must be 3-D or 4-D");
+    TORCH_CHECK(keys_in.device().is_cpu() && keys_in.scalar_type() == at::kFloat, "ltmp: float32 CPU keys only");
+    const at::Tensor per_head = keys_in.dim() == 4 ? keys_in : keys_in.unsqueeze(1);
+    keys = per_head.stride(3) == 1 ? per_head : per_head.contiguous();
+    data = keys.data_ptr<float>();
+    batch = keys.size(0), heads = keys.size(1), n = keys.size(2), dim = keys.size(3);
+  }
+};
+
+// One image's keys ready for its A-to-B cosines: the unit rows of the A (even) positions, ⌈N/2⌉×d, and those of
+// the B (odd) positions transposed, d×⌊N/2⌋, so that one A row's cosines with every B row are a loop over the
+// B rows that the compiler vectorises.  Buffers are reused from image to image.
+class ImageCosines {
+ public:
+  explicit ImageCosines(const KeyView& view) : view_(view), na_((view.n + 1) / 2), nb_(view.n / 2) {
+    a_.resize(na_ * view.dim);
+    b_t_.resize(view.dim * nb_);
+    row_.resize(view.dim);
+    scratch_.resize(view.dim);
+  }
+
+  // Unit rows of image `img` (heads averaged first, as tokenreduce.ops.gather.head_mean does).
+  void load(int64_t img) {
+    const int64_t dim = view_.dim;
+    const float* image = view_.data + img * view_.keys.stride(0);
+    const int64_t token_stride = view_.keys.stride(2), head_stride = view_.keys.stride(1);
+    tokenreduce::unit_rows_every_other(image, token_stride, view_.heads, head_stride, dim, 0, na_, scratch_.data(),
+                                       a_.data());
+    for (int64_t j = 0; j < nb_; ++j) {
+      tokenreduce::unit_rows_every_other(image, token_stride, view_.heads, head_stride, dim, 2 * j + 1, 1,
+                                         scratch_.data(), row_.data());
+      for (int64_t d = 0; d < dim; ++d) b_t_[d * nb_ + j] = row_[d];
+    }
+  }
+
+  // The cosines of A row i with every B row, at most 1 (a merge threshold of 1 then merges nothing, see LTMP's
+  // module note; NaN stays), into out (⌊N/2⌋ floats): each a sum over d in order, one product at a time.
+  void row(int64_t i, float* __restrict__ out) const {
+    const int64_t dim = view_.dim;
+    const float* a = a_.data() + i * dim;
+    std::fill(out, out + nb_, 0.f);
+    for (int64_t d = 0; d < dim; ++d) {
+      const float a_d = a[d];
+      const float* __restrict__ b_d = b_t_.data() + d * nb_;
+      for (int64_t j = 0; j < nb_; ++j) out[j] += a_d * b_d[j];
+    }
+    for (int64_t j = 0; j < nb_; ++j) out[j] = out[j] > 1.f ? 1.f : out[j];
+  }
+
+ private:
+  const KeyView& view_;
+  int64_t na_, nb_;
+  std::vector<float> a_, b_t_, row_, scratch_;
+};
+
+}  // namespace
+
+// keys: B×N×d float32 keys, or B×H×N×d per-head keys (any strides with a unit last one) that are averaged over H
+// first, as tokenreduce.ops.gather.head_mean does.  Returns the B×⌈N/2⌉×⌊N/2⌋ float32 cosine similarities of the
+// even (A) to the odd (B) positions, prefix and dead ones included, clamped at 1: what ltmp_merge_prune computes
+// from keys (LTMP._similarity's numbers to rounding: unit rows as tokenreduce::normalise, each cosine a sum over d
+// in order).
+at::Tensor ltmp_similarities(const at::Tensor& keys_in) {
+  const KeyView view(keys_in);
+  const int64_t na = (view.n + 1) / 2, nb = view.n / 2;
+  at::Tensor sim = at::empty({view.batch, na, nb}, view.keys.options());
+  float* sim_data = sim.data_ptr<float>();
+  at::parallel_for(0, view.batch, 1, [&](int64_t begin, int64_t end) {
+    ImageCosines cosines(view);
+    for (int64_t img = begin; img < end; ++img) {
+      cosines.load(img);
+      for (int64_t i = 0; i < na; ++i) cosines.row(i, sim_data + (img * na + i) * nb);
+    }
+  });
+  return sim;
+}
+
 // x: B×N×C float32, or ΣN×C live rows with counts; size: B×N×1 float32 or None (all ones); sim: B×NA×NB float32
 // cosine similarities of the A (even) and B (odd) positions, prefix and dead tokens included (they are masked
 // here); importance: B×N float32, or None where the block cannot prune (every token's importance is +inf);
 // mask: B×N×1 float32 live mask (live: > 0) or None (all live; with counts: the first counts[b] positions);
 // p: prefix tokens; multiple: the padded length M is the largest live count rounded up to a multiple of this
-// (at most N); counts: B int64 live counts of a packed input x, or None; packed: return the output x packed.
+// (at most N); counts: B int64 live counts of a packed input x, or None; packed: return the output x packed;
+// from_keys: sim holds the keys instead (3-D or 4-D, see ltmp_similarities), and the kernel computes the
+// similarities first.
 // Returns (B×M×C or ΣM×C x, B×M×1 sizes, B×M×1 float live mask, B×M int64 input positions, whether every output
 // row is live, B int64 live counts, ΣM int64 rows of the live output tokens in the B·M flattening (packed only)).
 LtmpStep ltmp_merge_prune(const at::Tensor& x_in, const c10::optional<at::Tensor>& size_in, const at::Tensor& sim_in,
                           const c10::optional<at::Tensor>& importance_in, const c10::optional<at::Tensor>& mask_in,
                           double theta_merge, double theta_prune, int64_t p, int64_t multiple,
-                          const c10::optional<at::Tensor>& counts_in, bool packed_out) {
+                          const c10::optional<at::Tensor>& counts_in, bool packed_out, bool from_keys) {
   const bool has_importance = importance_in.has_value() && importance_in->defined();
   const bool packed_in = counts_in.has_value() && counts_in->defined();
-  TORCH_CHECK(x_in.dim() == (packed_in ? 2 : 3) && sim_in.dim() == 3,
+  TORCH_CHECK(x_in.dim() == (packed_in ? 2 : 3) && (from_keys || sim_in.dim() == 3),
               "ltmp_merge_prune: x must be 3-D (2-D with counts) and sim 3-D");
   TORCH_CHECK(x_in.device().is_cpu() && sim_in.device().is_cpu(), "ltmp_merge_prune: CPU tensors only");
   TORCH_CHECK(x_in.scalar_type() == at::kFloat && sim_in.scalar_type() == at::kFloat,
               "ltmp_merge_prune: float32 tensors only");
   TORCH_CHECK(!packed_in || packed_out, "ltmp_merge_prune: a packed input gives a packed output");
   const at::Tensor x = x_in.contiguous();
-  const at::Tensor sim = sim_in.contiguous();
-  const int64_t batch = sim.size(0), n = sim.size(1) + sim.size(2), channels = x.size(-1);
+  // the similarities come in (sim), or each image's are computed row by row from the keys (key_view)
+  const at::Tensor sim = from_keys ? at::Tensor() : sim_in.contiguous();
+  const c10::optional<KeyView> key_view = from_keys ? c10::optional<KeyView>(KeyView(sim_in)) : c10::nullopt;
+  const int64_t batch = from_keys ? key_view->batch : sim.size(0);
+  const int64_t n = from_keys ? key_view->n : sim.size(1) + sim.size(2), channels = x.size(-1);
   const int64_t na = (n + 1) / 2, nb = n / 2;
-  TORCH_CHECK(sim.size(1) == na && sim.size(2) == nb && (packed_in || (x.size(0) == batch && x.size(1) == n)),
-              "ltmp_merge_prune: sim must be B×ceil(N/2)×floor(N/2)");
+  TORCH_CHECK((from_keys || (sim.size(1) == na && sim.size(2) == nb)) &&
+                  (packed_in || (x.size(0) == batch && x.size(1) == n)),
+              "ltmp_merge_prune: sim must be B×ceil(N/2)×floor(N/2) and x B×N×C");
   // where every image's rows start in x: b·N (padded) or the running sum of the live counts (packed)
   std::vector<int64_t> x_start(batch), in_count(batch, n);
   if (packed_in) {
@@ -98,7 +193,7 @@ LtmpStep ltmp_merge_prune(const at::Tensor& x_in, const c10::optional<at::Tensor
   const float* x_data = x.data_ptr<float>();
   const float* size_data = has_size ? size.data_ptr<float>() : nullptr;
   const float* mask_data = has_mask ? mask.data_ptr<float>() : nullptr;
-  const float* sim_data = sim.data_ptr<float>();
+  const float* sim_data = from_keys ? nullptr : sim.data_ptr<float>();
   const float* imp_data = has_importance ? importance.data_ptr<float>() : nullptr;
   const float th_merge = static_cast<float>(theta_merge), th_prune = static_cast<float>(theta_prune);
   const float neg_inf = -std::numeric_limits<float>::infinity();
@@ -117,18 +212,36 @@ LtmpStep ltmp_merge_prune(const at::Tensor& x_in, const c10::optional<at::Tensor
   at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
     std::vector<uint8_t> live(n), merged(na);
     std::vector<int64_t> partner(na), last(std::max<int64_t>(nb, 1));
+    c10::optional<ImageCosines> cosines;
+    std::vector<float> cosine_row;
+    if (from_keys) {
+      cosines.emplace(*key_view);
+      cosine_row.resize(nb);
+    }
     for (int64_t img = begin; img < end; ++img) {
       for (int64_t t = 0; t < n; ++t) live[t] = t < in_count[img] && (!has_mask || mask_data[img * n + t] > 0.f);
-      const float* img_sim = sim_data + img * na * nb;
+      if (from_keys) cosines->load(img);
+      // A row i's similarities with every B token: computed now from the keys, or read from sim
+      auto sim_row = [&](int64_t i) -> const float* {
+        if (!from_keys) return sim_data + (img * na + i) * nb;
+        cosines->row(i, cosine_row.data());
+        return cosine_row.data();
+      };
       const float* imp = has_importance ? imp_data + img * n : nullptr;  // nullptr: +inf, nothing pruned
       int64_t* img_first = first.data() + img * std::max<int64_t>(nb, 1);
       int64_t* img_next = next.data() + img * std::max<int64_t>(na, 1);
       std::fill(img_first, img_first + nb, int64_t{-1});
+      bool every_b = true;  // every B token may be a partner: the plain first maximum of a row
+      for (int64_t j = 0; j < nb; ++j) every_b = every_b && 2 * j + 1 >= p && live[2 * j + 1];
       for (int64_t i = 0; i < na; ++i) {
         float best = neg_inf;
         int64_t best_j = 0;
-        if (2 * i >= p && live[2 * i] && nb > 0) {
-          const float* row = img_sim + i * nb;
+        if (2 * i >= p && live[2 * i] && nb > 0 && every_b) {
+          const float* row = sim_row(i);
+          best_j = tokenreduce::first_argmax(row, nb);
+          best = row[best_j];
+        } else if (2 * i >= p && live[2 * i] && nb > 0) {
+          const float* row = sim_row(i);
           for (int64_t j = 0; j < nb; ++j) {
             const float value = (2 * j + 1 >= p && live[2 * j + 1]) ? row[j] : neg_inf;
             if (j == 0) {

@@ -10,12 +10,52 @@ namespace tokenreduce {
 // Lower clamp of a row norm before dividing by it (tokenreduce.ops.similarity.NORM_EPS).
 constexpr float kNormEps = 1e-6f;
 
-// Writes row / max(|row|, eps) (dim floats) to `out`: tokenreduce.ops.similarity.unit_rows for one row.
-inline void normalise(const float* row, int64_t dim, float* out) {
-  float sum_sq = 0.f;
-  for (int64_t d = 0; d < dim; ++d) sum_sq += row[d] * row[d];
+// Writes row / max(|row|, eps) (dim floats) to `out`: tokenreduce.ops.similarity.unit_rows for one row (the same
+// values to rounding).  The sum of squares runs in 8 independent lanes, summed pairwise at the end, so that the
+// compiler vectorises it; the order is fixed by dim alone.
+inline void normalise(const float* __restrict__ row, int64_t dim, float* __restrict__ out) {
+  constexpr int64_t kLanes = 8;
+  float lane[kLanes] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  int64_t d = 0;
+  for (; d + kLanes <= dim; d += kLanes) {
+    for (int64_t k = 0; k < kLanes; ++k) lane[k] += row[d + k] * row[d + k];
+  }
+  for (int64_t k = 0; k < kLanes && d + k < dim; ++k) lane[k] += row[d + k] * row[d + k];
+  const float sum_sq = ((lane[0] + lane[4]) + (lane[2] + lane[6])) + ((lane[1] + lane[5]) + (lane[3] + lane[7]));
   const float denom = std::max(std::sqrt(sum_sq), kNormEps);
   for (int64_t d = 0; d < dim; ++d) out[d] = row[d] / denom;
+}
+
+// Writes the mean of `heads` rows of dim floats (head h at row + h * head_stride) to `out`, as
+// tokenreduce.ops.gather.head_mean: the heads added in order, then one division by their count.
+inline void head_mean_row(const float* __restrict__ row, int64_t heads, int64_t head_stride, int64_t dim,
+                          float* __restrict__ out) {
+  if (heads == 1) {
+    std::copy(row, row + dim, out);
+    return;
+  }
+  for (int64_t d = 0; d < dim; ++d) out[d] = row[d] + row[head_stride + d];
+  for (int64_t h = 2; h < heads; ++h) {
+    const float* head_row = row + h * head_stride;
+    for (int64_t d = 0; d < dim; ++d) out[d] += head_row[d];
+  }
+  const float count = static_cast<float>(heads);
+  for (int64_t d = 0; d < dim; ++d) out[d] /= count;
+}
+
+// Unit rows (`normalise`) of `count` tokens first, first + 2, ... of one image's metric, dim floats each, written
+// one after another to `out`.  The metric's token t, head h starts at image + t * token_stride + h * head_stride;
+// with heads > 1 the heads are averaged first (`head_mean_row`, into `scratch`, dim floats).
+inline void unit_rows_every_other(const float* image, int64_t token_stride, int64_t heads, int64_t head_stride,
+                                  int64_t dim, int64_t first, int64_t count, float* scratch, float* out) {
+  for (int64_t i = 0; i < count; ++i) {
+    const float* row = image + (first + 2 * i) * token_stride;
+    if (heads > 1) {
+      head_mean_row(row, heads, head_stride, dim, scratch);
+      row = scratch;
+    }
+    normalise(row, dim, out + i * dim);
+  }
 }
 
 // Index of the first maximum of row[0..n) (n >= 1); a NaN wins, as in torch.argmax.
