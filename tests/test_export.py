@@ -194,3 +194,34 @@ def test_deepcopy_of_a_reduced_model(method: str) -> None:
             assert torch.equal(model(x), before)
     tr.remove(clone)
     assert tr.is_reduced(model) and not tr.is_reduced(clone)
+
+
+@pytest.mark.parametrize("flag", ["torchscript", "dynamo"])
+def test_tracing_sees_an_onnx_export_as_torch_does(monkeypatch, flag):
+    """``tracing()`` reads torch's two ONNX-export flags directly (its public check re-imports them on every
+    call); it must agree with ``torch.onnx.is_in_onnx_export`` whichever flag an exporter sets."""
+    from torch.onnx._internal.exporter import _flags
+    from torch.onnx._internal.torchscript_exporter._globals import GLOBALS
+
+    from tokenreduce.ops import modes
+
+    assert not modes.tracing() and not torch.onnx.is_in_onnx_export()
+    if flag == "torchscript":
+        monkeypatch.setattr(GLOBALS, "in_onnx_export", True)
+    else:
+        monkeypatch.setattr(_flags, "_is_onnx_exporting", True)
+    assert torch.onnx.is_in_onnx_export() and modes.tracing()
+
+
+def test_tracing_falls_back_to_torchs_check_where_it_reads_other_names(monkeypatch):
+    from tokenreduce.ops import modes
+
+    calls = []
+
+    def public() -> bool:  # a torch whose check is not the two flags
+        calls.append(1)
+        return True
+
+    monkeypatch.setattr(torch.onnx, "is_in_onnx_export", public)
+    monkeypatch.setattr(modes, "_onnx_check", None)
+    assert modes.tracing() and calls == [1]

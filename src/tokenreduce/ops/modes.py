@@ -29,7 +29,38 @@ def tracing() -> bool:
     A captured graph must not depend on the example's batch size, so shape-dependent fast paths
     (chosen per call in eager mode) take their general form while tracing.
     """
-    return torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing()
+    return torch.compiler.is_compiling() or _onnx_exporting() or torch.jit.is_tracing()
+
+
+# What torch.onnx.is_in_onnx_export reads (torch 2.12 to 2.14): two flags, in modules it imports on every call.
+_ONNX_EXPORT_NAMES = ("torch.onnx._internal.exporter", "_flags", "torch.onnx._internal.torchscript_exporter._globals",
+                      "GLOBALS", "in_onnx_export", "_is_onnx_exporting")
+
+
+def _onnx_export_check() -> Callable[[], bool]:
+    """``torch.onnx.is_in_onnx_export``, or where it reads just its two flags (its code names exactly
+    :data:`_ONNX_EXPORT_NAMES`), a function that reads them without its two imports per call: 0.1 µs
+    instead of 1.5, in a check that runs twice per block."""
+    public = torch.onnx.is_in_onnx_export
+    if getattr(getattr(public, "__code__", None), "co_names", None) != _ONNX_EXPORT_NAMES:
+        return public
+    try:
+        from torch.onnx._internal.exporter import _flags
+        from torch.onnx._internal.torchscript_exporter._globals import GLOBALS
+    except ImportError:
+        return public
+    return lambda: bool(GLOBALS.in_onnx_export or _flags._is_onnx_exporting)
+
+
+_onnx_check: Callable[[], bool] | None = None
+
+
+def _onnx_exporting() -> bool:
+    """Whether an ONNX export is running (:func:`_onnx_export_check`, chosen on first use)."""
+    global _onnx_check
+    if _onnx_check is None:
+        _onnx_check = _onnx_export_check()
+    return _onnx_check()
 
 
 def no_grad() -> AbstractContextManager:

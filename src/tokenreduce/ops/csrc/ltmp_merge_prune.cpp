@@ -79,15 +79,16 @@ class ImageCosines {
   // The cosines of A row i with every B row, at most 1 (a merge threshold of 1 then merges nothing, see LTMP's
   // module note; NaN stays), into out (⌊N/2⌋ floats): each a sum over d in order, one product at a time.
   void row(int64_t i, float* __restrict__ out) const {
-    const int64_t dim = view_.dim;
-    const float* a = a_.data() + i * dim;
-    std::fill(out, out + nb_, 0.f);
+    const int64_t dim = view_.dim, nb = nb_;
+    const float* __restrict__ a = a_.data() + i * dim;
+    const float* __restrict__ b_t = b_t_.data();
+    std::fill(out, out + nb, 0.f);
     for (int64_t d = 0; d < dim; ++d) {
       const float a_d = a[d];
-      const float* __restrict__ b_d = b_t_.data() + d * nb_;
-      for (int64_t j = 0; j < nb_; ++j) out[j] += a_d * b_d[j];
+      const float* __restrict__ b_d = b_t + d * nb;
+      for (int64_t j = 0; j < nb; ++j) out[j] += a_d * b_d[j];
     }
-    for (int64_t j = 0; j < nb_; ++j) out[j] = out[j] > 1.f ? 1.f : out[j];
+    for (int64_t j = 0; j < nb; ++j) out[j] = out[j] > 1.f ? 1.f : out[j];
   }
 
  private:
