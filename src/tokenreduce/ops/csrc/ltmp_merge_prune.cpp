@@ -197,6 +197,8 @@ LtmpStep ltmp_merge_prune(const at::Tensor& x_in, const c10::optional<at::Tensor
   const float* sim_data = from_keys ? nullptr : sim.data_ptr<float>();
   const float* imp_data = has_importance ? importance.data_ptr<float>() : nullptr;
   const float th_merge = static_cast<float>(theta_merge), th_prune = static_cast<float>(theta_prune);
+  // a merge threshold of 1 or more (learned thresholds saturate there) cannot fire: the similarities are skipped
+  const bool can_merge = !(th_merge >= 1.f);
   const float neg_inf = -std::numeric_limits<float>::infinity();
 
   // The layout order: prefix positions, then the non-prefix even (A) and odd (B) positions.
@@ -221,7 +223,7 @@ LtmpStep ltmp_merge_prune(const at::Tensor& x_in, const c10::optional<at::Tensor
     }
     for (int64_t img = begin; img < end; ++img) {
       for (int64_t t = 0; t < n; ++t) live[t] = t < in_count[img] && (!has_mask || mask_data[img * n + t] > 0.f);
-      if (from_keys) cosines->load(img);
+      if (from_keys && can_merge) cosines->load(img);
       // A row i's similarities with every B token: computed now from the keys, or read from sim
       auto sim_row = [&](int64_t i) -> const float* {
         if (!from_keys) return sim_data + (img * na + i) * nb;
@@ -237,7 +239,9 @@ LtmpStep ltmp_merge_prune(const at::Tensor& x_in, const c10::optional<at::Tensor
       for (int64_t i = 0; i < na; ++i) {
         float best = neg_inf;
         int64_t best_j = 0;
-        if (2 * i >= p && live[2 * i] && nb > 0 && every_b) {
+        if (!can_merge) {
+          // no similarity exceeds the threshold (cosines are at most 1, NaN exceeds nothing): none computed
+        } else if (2 * i >= p && live[2 * i] && nb > 0 && every_b) {
           const float* row = sim_row(i);
           best_j = tokenreduce::first_argmax(row, nb);
           best = row[best_j];
