@@ -345,8 +345,8 @@ def fused_ltmp_merge_prune(
     Args:
         x: B×N×C float32 hidden states, or with ``counts`` the ΣN×C live ones (image by image, each image's
         live tokens its first ``counts[b]`` positions); size: B×N×1 float32 sizes or ``None`` (all ones);
-        sim: B×⌈N/2⌉×⌊N/2⌋ cosine similarities of the even (A) to the odd (B) positions (prefix and
-        dead tokens are masked by the kernel), or ``None`` with ``keys``; importance: B×N attention received,
+        sim: B×⌈N/2⌉×⌊N/2⌋ cosine similarities of the even (A) to the odd (B) positions, at most 1 (prefix
+        and dead tokens are masked by the kernel), or ``None`` with ``keys``; importance: B×N attention received,
         or ``None`` where the block cannot prune (every importance +inf); mask: B×N×1 float32 live mask or
         ``None`` (all live); theta_merge, theta_prune: the block's thresholds; num_prefix: protected leading
         tokens; multiple: M is rounded up to a multiple of this (at most N); counts: B int64 live counts of a
