@@ -416,3 +416,14 @@ def test_the_packed_stream_gives_the_padded_result(batch, n, channels, prefix, w
         assert packed.packing.rows.tolist() == alive.reshape(-1).nonzero().squeeze(1).tolist(), mode
         assert packed.packing.counts.tolist() == alive.sum(dim=1).tolist(), mode
         assert torch.equal(packed.x, padded.x[alive]), mode
+
+
+def test_the_fused_steps_state_is_what_dataclasses_replace_gives():
+    """``TokenState.stepped`` builds the state field by field: every other field keeps its value, for every field
+    the dataclass has (a field added later without updating ``stepped`` fails here)."""
+    originals = {field.name: object() for field in dataclasses.fields(TokenState)}
+    state = TokenState(**originals)
+    new = {name: object() for name in ("x", "size", "mask", "pos", "packing")}
+    stepped, replaced = state.stepped(**new), dataclasses.replace(state, **new)
+    for field in dataclasses.fields(TokenState):
+        assert getattr(stepped, field.name) is getattr(replaced, field.name), field.name

@@ -150,6 +150,14 @@ class TokenState:
     def with_x(self, x: Tensor) -> TokenState:
         return replace(self, x=x)
 
+    def stepped(self, x: Tensor, size: Tensor | None, mask: Tensor | None, pos: Tensor | None,
+                packing: Packing | None) -> TokenState:
+        """``dataclasses.replace(self, x=x, size=size, mask=mask, pos=pos, packing=packing)`` without its walk
+        over the fields, which costs as much as a small op at batch 1 (LTMP's fused step; the sources and the
+        owner map are kept as they are, so the caller is one that tracks neither)."""
+        return TokenState(x, size, self.source, self.num_prefix, mask, pos, self.owner, self.archive, self.orphans,
+                          self.archives, packing)
+
     def _rows(self, index: Tensor, num_prefix: int) -> TokenState:
         """The tokens ``index`` (B×K) with their per-token tensors, no restoration bookkeeping."""
         return TokenState(

@@ -253,15 +253,18 @@ class LTMP(Reducer):
 
     # -- the reduction ---------------------------------------------------------------
     def reduce(self, block: int, state: TokenState, signals: AttentionSignals) -> TokenState:
-        module = self.module
         if self.training:
+            module = self.module
             return self._reduce_soft(state, self._received(state, signals), module.merge_threshold[block],
                                      module.prune_threshold[block])
         if tracing():  # a graph keeps the thresholds as its parameters
+            module = self.module
             theta_m, theta_p = module.merge_threshold[block], module.prune_threshold[block]
         else:
             merge, prune = self._host_thresholds()
             theta_m, theta_p = merge[block], prune[block]
+        if not torch.is_grad_enabled():  # the usual inference: no with-block (it costs even where it changes nothing)
+            return self._reduce_hard(state, signals, theta_m, theta_p)
         with no_grad():
             return self._reduce_hard(state, signals, theta_m, theta_p)
 
@@ -343,8 +346,7 @@ class LTMP(Reducer):
                         out_x = out_x.view(bsz, -1, out_x.shape[-1])
                     else:
                         packing = Packing(fused.rows, fused.counts)
-                return dataclasses.replace(state, x=out_x, size=fused.size, mask=fused.mask, pos=pos,
-                                           packing=packing)
+                return state.stepped(out_x, fused.size, fused.mask, pos, packing)
         if state.packing is not None:  # the Python path runs on the padded layout (the caller packs it again)
             state = state.unpacked()
         sim = self._similarity(signals)

@@ -271,13 +271,14 @@ def kernel_eligible(x: Tensor, size: Tensor | None, packed: bool = False) -> boo
     """Whether the fused kernel may replace the Python path for hidden states ``x`` (B×N×C, or ΣN×C when
     ``packed``): never while a graph is captured (``torch.compile``, TorchScript, ONNX export), which must
     hold its general form."""
-    if tracing() or torch.jit.is_scripting():
+    # the tensors' own flags first (``is_cpu``, not ``device.type``, which builds a device object), the modes last
+    if not x.is_cpu or x.dtype != torch.float32 or x.dim() != (2 if packed else 3):
         return False
-    if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != (2 if packed else 3):
+    if size is not None and (size.dtype != torch.float32 or not size.is_cpu):
         return False
-    if size is not None and (size.dtype != torch.float32 or size.device.type != "cpu"):
+    if torch.is_grad_enabled() and (x.requires_grad or (size is not None and size.requires_grad)):
         return False
-    return not (torch.is_grad_enabled() and (x.requires_grad or (size is not None and size.requires_grad)))
+    return not (tracing() or torch.jit.is_scripting())
 
 
 def _kernels_for(x: Tensor, size: Tensor | None, packed: bool = False) -> ModuleType | None:
