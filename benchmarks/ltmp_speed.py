@@ -11,7 +11,8 @@ padded batch pays for it.
 For each target GMACs ratio, one merge threshold for all blocks (prune threshold
 0) is found by bisection so that the batch's mean GMACs per image hits the target.
 Then the reduced model is timed against the unreduced one on the same batch,
-alternately, medians of repeats.  Efficiency = speed-up × GMACs ratio, where the
+alternately; a speed-up is the median over rounds of the two back-to-back timings'
+ratio (load that drifts on a shared machine cancels in each round).  Efficiency = speed-up × GMACs ratio, where the
 ratio is the *mean over the images* (what the method saves), not the padded
 count the batch actually ran (what the padding costs is part of the result).
 
@@ -45,7 +46,7 @@ import torch.nn.functional as F
 from latency_profile import op_profile, profile_difference  # a sibling script (benchmarks/ is the script's path)
 
 import tokenreduce as tr
-from tokenreduce.eval.accuracy import time_models
+from tokenreduce.eval.accuracy import paired_speedups
 from tokenreduce.eval.ceiling import schedule_only_model
 from tokenreduce.threads import set_threads
 
@@ -171,23 +172,23 @@ def main(argv: list[str] | None = None) -> int:
         by_count = sorted(range(len(finals)), key=finals.__getitem__)
         low, mid, high = (finals[by_count[i]] for i in (0, len(finals) // 2, -1))
         spread = f"{low:.0f}/{mid:.0f}/{high:.0f}"
-        batch_ips = time_models({"base": base, "reduced": reduced}, images, repeats=args.repeats)
-        batch_speedup = batch_ips["reduced"] / batch_ips["base"]
+        batch_speedup = paired_speedups({"base": base, "reduced": reduced}, images, "base",
+                                        repeats=args.repeats)["reduced"]
         # batch 1: the median image of the batch (by final count), so the row is typical
         median_image = images[by_count[len(finals) // 2]][None]
         with torch.no_grad():
             reduced(median_image)
-        one = tr.stats(reduced)
-        counts = [(round(b.tokens_in), round(b.tokens_out)) for b in one.blocks]
+        one_stats = tr.stats(reduced)
+        one_ratio = one_stats.ratio
+        counts = [(round(b.tokens_in), round(b.tokens_out)) for b in one_stats.blocks]
         if tr.is_reduced(sliced):
             tr.remove(sliced)
         schedule_only_model(sliced, counts)
-        one_ips = time_models({"base": base, "reduced": reduced, "ceiling": sliced}, median_image,
-                              repeats=args.latency_repeats)
-        one_speedup = one_ips["reduced"] / one_ips["base"]
-        ceiling = one_ips["ceiling"] / one_ips["base"] * one.ratio
+        one_speedups = paired_speedups({"base": base, "reduced": reduced, "ceiling": sliced}, median_image, "base",
+                                       repeats=args.latency_repeats)
+        one_speedup, ceiling = one_speedups["reduced"], one_speedups["ceiling"] * one_ratio
         print(f"{target:>6.2f} {threshold:>9.4f} {ratio:>11.3f} {spread:>24} {batch_speedup:>10.2f}x "
-              f"{batch_speedup * ratio:>5.2f} {one_speedup:>11.2f}x {one_speedup * one.ratio:>5.2f} {ceiling:>12.2f}")
+              f"{batch_speedup * ratio:>5.2f} {one_speedup:>11.2f}x {one_speedup * one_ratio:>5.2f} {ceiling:>12.2f}")
         if args.profile:
             with torch.no_grad():
                 print_profile(reduced, sliced, median_image, args.profile)

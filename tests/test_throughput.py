@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 
 import pytest
+import torch
 from conftest import make_vit
 from torch import nn
 
@@ -52,3 +53,17 @@ def test_paired_speedup_is_the_median_of_the_per_round_ratios():
         paired_speedup([1.0], [1.0, 2.0])
     with pytest.raises(ValueError, match="same number"):
         paired_speedup([], [])
+
+
+def test_paired_speedups_time_every_model_against_the_base_in_the_same_rounds(monkeypatch):
+    """Every model's speed-up is the median of its per-round ratios to the base's timing of the same round."""
+    from tokenreduce.eval import accuracy
+
+    # "fast": ratios 2, 4, 0.5 (median 2), where the ratio of the medians would read 1
+    rounds = {"base": [2.0, 8.0, 2.0], "fast": [1.0, 2.0, 4.0], "slow": [4.0, 4.0, 8.0]}
+    monkeypatch.setattr(accuracy, "_alternate_seconds", lambda models, x, repeats, warmup: rounds)
+    models = {name: nn.Identity() for name in rounds}
+    speedups = accuracy.paired_speedups(models, torch.zeros(1), "base", repeats=3)
+    assert speedups == {"fast": pytest.approx(2.0), "slow": pytest.approx(0.5)}
+    with pytest.raises(KeyError, match="not one of the models"):
+        accuracy.paired_speedups(models, torch.zeros(1), "missing")

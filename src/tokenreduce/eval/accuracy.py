@@ -209,6 +209,20 @@ def time_models(models: dict[str, nn.Module], x: Tensor, *, repeats: int = 5, wa
     return {name: TimingResult(x.shape[0], s).images_per_second for name, s in seconds.items()}
 
 
+def paired_speedups(models: dict[str, nn.Module], x: Tensor, base: str, *, repeats: int = 9,
+                    warmup: int = 1) -> dict[str, float]:
+    """Speed-up of every model in ``models`` over ``models[base]`` on the batch ``x`` (B×C×H×W), timed
+    alternately: the median over rounds of the per-round ratio (:func:`~.throughput.paired_speedup`).
+
+    Raises:
+        KeyError: ``base`` is not one of ``models``.
+    """
+    if base not in models:
+        raise KeyError(f"paired_speedups: the base {base!r} is not one of the models {sorted(models)}")
+    seconds = _alternate_seconds(models, x, repeats, warmup)
+    return {name: paired_speedup(seconds[base], s) for name, s in seconds.items() if name != base}
+
+
 def time_against(base: nn.Module, reduced: nn.Module, x: Tensor, *, repeats: int = 9,
                  warmup: int = 1) -> dict[str, float]:
     """Images/s of ``base`` and ``reduced`` on the batch ``x`` (B×C×H×W), timed alternately (medians),
