@@ -324,15 +324,15 @@ class LtmpStep(NamedTuple):
         size: B×M×1 sizes.
         mask: B×M×1 float live mask, ``None`` when every row is live.
         index: B×M int64 input position of every output row.
-        counts: B int64 live tokens per image (each image's first ``counts[b]`` rows).
-        rows: packed only: the ΣM rows of the live tokens in the B·M flattening.
+        counts: packed only (else ``None``): B int64 live tokens per image (each image's first ``counts[b]`` rows).
+        rows: packed only (else ``None``): the ΣM rows of the live tokens in the B·M flattening.
     """
 
     x: Tensor
     size: Tensor
     mask: Tensor | None
     index: Tensor
-    counts: Tensor
+    counts: Tensor | None
     rows: Tensor | None
 
 
@@ -369,10 +369,9 @@ def fused_ltmp_merge_prune(
     metric = metric if metric.dtype == torch.float32 else metric.float()
     if importance is not None and importance.dtype != torch.float32:
         importance = importance.float()
-    out_x, out_size, out_mask, index, all_live, out_counts, rows = module.ltmp_merge_prune(
+    return LtmpStep(*module.ltmp_merge_prune(
         x, size, metric, importance, mask, float(theta_merge), float(theta_prune), num_prefix, int(multiple),
-        counts, packed, keys is not None)
-    return LtmpStep(out_x, out_size, None if all_live else out_mask, index, out_counts, rows if packed else None)
+        counts, packed, keys is not None))
 
 
 def fused_bucketed_attention(

@@ -11,8 +11,8 @@ std::vector<at::Tensor> bipartite_merge_wavg(const at::Tensor& x_in, const c10::
                                              const at::Tensor& metric_in, int64_t r, int64_t p);
 
 // LTMP's inference step: threshold merge, threshold prune, compaction (ltmp_merge_prune.cpp).
-// (x, sizes, live mask, input positions, whether every output row is live, live counts, live rows).
-using LtmpStep = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, bool, at::Tensor, at::Tensor>;
+// (x, sizes, live mask or undefined, input positions, live counts and live rows (packed only, else undefined)).
+using LtmpStep = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 LtmpStep ltmp_merge_prune(const at::Tensor& x_in, const c10::optional<at::Tensor>& size_in, const at::Tensor& sim_in,
                           const c10::optional<at::Tensor>& importance_in, const c10::optional<at::Tensor>& mask_in,
                           double theta_merge, double theta_prune, int64_t p, int64_t multiple,

@@ -127,8 +127,9 @@ at::Tensor ltmp_similarities(const at::Tensor& keys_in) {
 // (at most N); counts: B int64 live counts of a packed input x, or None; packed: return the output x packed;
 // from_keys: sim holds the keys instead (3-D or 4-D, see ltmp_similarities), and the kernel computes the
 // similarities first.
-// Returns (B×M×C or ΣM×C x, B×M×1 sizes, B×M×1 float live mask, B×M int64 input positions, whether every output
-// row is live, B int64 live counts, ΣM int64 rows of the live output tokens in the B·M flattening (packed only)).
+// Returns (B×M×C or ΣM×C x, B×M×1 sizes, B×M×1 float live mask (undefined where every output row is live),
+// B×M int64 input positions, B int64 live counts and ΣM int64 rows of the live output tokens in the B·M flattening
+// (both packed only, else undefined)).  Undefined tensors reach Python as None.
 LtmpStep ltmp_merge_prune(const at::Tensor& x_in, const c10::optional<at::Tensor>& size_in, const at::Tensor& sim_in,
                           const c10::optional<at::Tensor>& importance_in, const c10::optional<at::Tensor>& mask_in,
                           double theta_merge, double theta_prune, int64_t p, int64_t multiple,
@@ -305,19 +306,23 @@ LtmpStep ltmp_merge_prune(const at::Tensor& x_in, const c10::optional<at::Tensor
     out_start[img] = packed_out ? live_rows : img * m_out;
     live_rows += count[img];
   }
+  bool all_live = true;
+  for (int64_t img = 0; img < batch; ++img) all_live = all_live && count[img] == m_out;
+  // only what the caller reads is allocated (an allocation costs about what a small op does at batch 1): the
+  // mask where a row is dead, the counts and the live rows for a packed output
   at::Tensor out = packed_out ? at::empty({live_rows, channels}, x.options())
                               : at::empty({batch, m_out, channels}, x.options());
   at::Tensor out_size = at::empty({batch, m_out, 1}, x.options());
-  at::Tensor out_mask = at::empty({batch, m_out, 1}, x.options());
+  at::Tensor out_mask = all_live ? at::Tensor() : at::empty({batch, m_out, 1}, x.options());
   at::Tensor index = at::empty({batch, m_out}, x.options().dtype(at::kLong));
-  at::Tensor out_count = at::empty({batch}, x.options().dtype(at::kLong));
-  at::Tensor rows = at::empty({packed_out ? live_rows : 0}, x.options().dtype(at::kLong));
+  at::Tensor out_count = packed_out ? at::empty({batch}, x.options().dtype(at::kLong)) : at::Tensor();
+  at::Tensor rows = packed_out ? at::empty({live_rows}, x.options().dtype(at::kLong)) : at::Tensor();
   float* out_data = out.data_ptr<float>();
   float* out_size_data = out_size.data_ptr<float>();
-  float* out_mask_data = out_mask.data_ptr<float>();
+  float* out_mask_data = all_live ? nullptr : out_mask.data_ptr<float>();
   int64_t* index_data = index.data_ptr<int64_t>();
-  int64_t* rows_data = rows.data_ptr<int64_t>();
-  std::copy(count.begin(), count.end(), out_count.data_ptr<int64_t>());
+  int64_t* rows_data = packed_out ? rows.data_ptr<int64_t>() : nullptr;
+  if (packed_out) std::copy(count.begin(), count.end(), out_count.data_ptr<int64_t>());
   at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> acc(channels);
     for (int64_t img = begin; img < end; ++img) {
@@ -354,7 +359,7 @@ LtmpStep ltmp_merge_prune(const at::Tensor& x_in, const c10::optional<at::Tensor
           }
         }
         out_size_data[img * m_out + row] = total;
-        out_mask_data[img * m_out + row] = img_alive[t] ? 1.f : 0.f;
+        if (out_mask_data != nullptr) out_mask_data[img * m_out + row] = img_alive[t] ? 1.f : 0.f;
         index_data[img * m_out + row] = t;
         if (packed_out && img_alive[t]) rows_data[out_start[img] + row] = img * m_out + row;
         ++row;
@@ -367,7 +372,5 @@ LtmpStep ltmp_merge_prune(const at::Tensor& x_in, const c10::optional<at::Tensor
       }
     }
   });
-  bool all_live = true;
-  for (int64_t img = 0; img < batch; ++img) all_live = all_live && count[img] == m_out;
-  return {out, out_size, out_mask, index, all_live, out_count, rows};
+  return {out, out_size, out_mask, index, out_count, rows};
 }
