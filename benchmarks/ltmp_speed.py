@@ -11,10 +11,11 @@ padded batch pays for it.
 For each target GMACs ratio, one merge threshold for all blocks (prune threshold
 0) is found by bisection so that the batch's mean GMACs per image hits the target.
 Then the reduced model is timed against the unreduced one on the same batch,
-alternately; a speed-up is the median over rounds of the two back-to-back timings'
-ratio (load that drifts on a shared machine cancels in each round).  Efficiency = speed-up × GMACs ratio, where the
-ratio is the *mean over the images* (what the method saves), not the padded
-count the batch actually ran (what the padding costs is part of the result).
+alternately; a speed-up is the median over rounds of the ratio of the two
+back-to-back timings (load that drifts on a shared machine cancels in each
+round).  Efficiency = speed-up × GMACs ratio, where the ratio is the *mean over
+the images* (what the method saves), not the padded count the batch actually
+ran (what the padding costs is part of the result).
 
 At batch 1 the row also gives the *ceiling*: the same model following the
 median image's per-block token counts by slicing alone
