@@ -26,14 +26,10 @@ inline void normalise(const float* __restrict__ row, int64_t dim, float* __restr
   for (int64_t d = 0; d < dim; ++d) out[d] = row[d] / denom;
 }
 
-// Writes the mean of `heads` rows of dim floats (head h at row + h * head_stride) to `out`, as
+// Writes the mean of `heads` >= 2 rows of dim floats (head h at row + h * head_stride) to `out`, as
 // tokenreduce.ops.gather.head_mean: the heads added in order, then one division by their count.
 inline void head_mean_row(const float* __restrict__ row, int64_t heads, int64_t head_stride, int64_t dim,
                           float* __restrict__ out) {
-  if (heads == 1) {
-    std::copy(row, row + dim, out);
-    return;
-  }
   for (int64_t d = 0; d < dim; ++d) out[d] = row[d] + row[head_stride + d];
   for (int64_t h = 2; h < heads; ++h) {
     const float* head_row = row + h * head_stride;
