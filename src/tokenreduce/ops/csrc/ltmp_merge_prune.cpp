@@ -121,7 +121,8 @@ at::Tensor ltmp_similarities(const at::Tensor& keys_in) {
 
 // x: B×N×C float32, or ΣN×C live rows with counts; size: B×N×1 float32 or None (all ones); sim: B×NA×NB float32
 // cosine similarities of the A (even) and B (odd) positions, at most 1 (as LTMP._similarity clamps them), prefix
-// and dead tokens included (they are masked here); importance: B×N float32, or None where the block cannot prune (every token's importance is +inf);
+// and dead tokens included (they are masked here); importance: B×N float32, or None where the block cannot prune
+// (every token's importance is +inf);
 // mask: B×N×1 float32 live mask (live: > 0) or None (all live; with counts: the first counts[b] positions);
 // p: prefix tokens; multiple: the padded length M is the largest live count rounded up to a multiple of this
 // (at most N); counts: B int64 live counts of a packed input x, or None; packed: return the output x packed;
