@@ -19,7 +19,7 @@ import tokenreduce as tr
 import tokenreduce.methods.ltmp as ltmp_module
 from tokenreduce.methods.ltmp import LTMP, LTMPParams
 from tokenreduce.ops import cpu_kernels
-from tokenreduce.ops.attention import AttentionSignals, flash_multiple
+from tokenreduce.ops.attention import AttentionSignals, flash_multiple, size_bias
 from tokenreduce.ops.similarity import alternate, unit_rows
 from tokenreduce.state import TokenState
 
@@ -62,6 +62,7 @@ def _random_case(batch, n, channels, dim, prefix, dead, with_size, merge, prune,
     g = torch.Generator().manual_seed(seed)
     prefix = min(prefix, n)
     x = torch.randn(batch, n, channels, generator=g)
+    x[:, -1, 0] = -0.0  # a signed zero: the Python path's (s·x + 0) / s turns a B token's into +0, so must the kernel
     keys = torch.randn(batch, n, dim, generator=g)
     if n > 3:
         keys[:, 3] = keys[:, 2]  # an exact cosine-1 pair, and a tie for the partner of position 2
@@ -117,7 +118,7 @@ def test_kernel_equals_python_path_bit_for_bit_after_the_similarities(batch, n, 
             outs[mode] = ltmp.reduce(0, state, signals)
     fused, python = outs["on"], outs["off"]
     assert torch.equal(fused.pos, python.pos)
-    assert torch.equal(fused.x, python.x)
+    assert torch.equal(fused.x.view(torch.int32), python.x.view(torch.int32))  # bits: +0 and −0 differ
     assert torch.equal(fused.size, python.size)
     assert (fused.mask is None) == (python.mask is None)
     if fused.mask is not None:
@@ -142,6 +143,21 @@ def test_kernel_similarities_are_the_python_ones_to_rounding(batch, heads, n, di
         fused = cpu_kernels.load_cpu_kernels().ltmp_similarities(keys)
     python = LTMP._similarity(AttentionSignals(head_keys=keys) if per_head else AttentionSignals(keys=keys))
     assert fused.shape == python.shape == (batch, (n + 1) // 2, n // 2)
+    torch.testing.assert_close(fused, python, atol=1e-6, rtol=0)
+    assert (fused <= 1).all()
+
+
+@pytest.mark.parametrize("per_head", [False, True])
+def test_kernel_similarities_of_keys_below_the_norm_clamp_are_the_python_ones(per_head):
+    """Keys whose (head-mean) norm is below the clamp (``unit_rows``' eps, 1e-6) are divided by the clamp, not by their
+    norm; the kernel sums the heads instead of averaging them, with the clamp scaled by the head count."""
+    keys = _keys(2, 3, 12, 64, 0, per_head)
+    token_axis = 2 if per_head else 1
+    keys.narrow(token_axis, 2, 3).mul_(1e-9)  # tokens 2-4: norms ~1e-8 (and their heads' mean too)
+    keys.narrow(token_axis, 6, 1).zero_()
+    with kernel_mode("on"):
+        fused = cpu_kernels.load_cpu_kernels().ltmp_similarities(keys)
+    python = LTMP._similarity(AttentionSignals(head_keys=keys) if per_head else AttentionSignals(keys=keys))
     torch.testing.assert_close(fused, python, atol=1e-6, rtol=0)
     assert (fused <= 1).all()
 
@@ -273,6 +289,21 @@ def test_thresholds_changed_between_forwards_take_effect(kernel_state):
     assert final_tokens() == merged
     reducer.module.merge_threshold.data.fill_(1.0)  # no autograd version bump: seen by the next forward
     assert final_tokens() == 65
+
+
+def test_a_reduce_outside_a_forward_reads_the_thresholds_again(kernel_state):
+    """During a forward the blocks compare with the thresholds read at its start; after it, a direct call of
+    ``reduce`` reads the parameters as they are then."""
+    model = tr.apply(make_vit(), "ltmp", untrained=True, merge_threshold=1.0)
+    reducer = tr.reducer(model)
+    with torch.no_grad():
+        model(torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(5)))
+        reducer.module.merge_threshold.fill_(0.0)
+    assert tr.stats(model).blocks[-1].tokens_out == 65
+    keys = _keys(1, 1, 9, 8, 0, per_head=False)
+    state = TokenState(torch.randn(1, 9, 4), num_prefix=1)
+    out = reducer.reduce(0, state, AttentionSignals(keys=keys))
+    assert out.num_tokens < 9
 
 
 @pytest.mark.parametrize("mode", ["on", "off"])
@@ -418,12 +449,73 @@ def test_the_packed_stream_gives_the_padded_result(batch, n, channels, prefix, w
         assert torch.equal(packed.x, padded.x[alive]), mode
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_the_kernel_returns_positions_and_log_sizes_only_where_asked(packed):
+    with kernel_mode("on"):
+        module = cpu_kernels.load_cpu_kernels()
+    g = torch.Generator().manual_seed(0)
+    keys = _keys(3, 2, 11, 8, 0, per_head=True)
+    x = torch.randn(3, 11, 5, generator=g)
+    size = torch.randint(1, 4, (3, 11, 1), generator=g).float()
+    counts = None
+    if packed:
+        counts = torch.tensor([11, 7, 9])
+        x = x.reshape(-1, 5)[:27]
+    args = (x, size, keys, torch.rand(3, 11, generator=g) * 0.2, None, 0.2, 0.05, 1, 1, counts, packed, True)
+    full = module.ltmp_merge_prune(*args, True, True)
+    lean = module.ltmp_merge_prune(*args, False, False)
+    assert lean[3] is None and lean[6] is None and full[3] is not None
+    for i in (0, 1, 2, 4, 5):  # hidden states, sizes, mask, counts and rows: the same either way
+        assert (lean[i] is None and full[i] is None) or torch.equal(lean[i], full[i])
+    assert torch.equal(full[6], size_bias(full[1]))  # the same ATen op as the attention's bias: the same bits
+    assert full[6].shape == (3, 1, 1, full[1].shape[1])
+
+
+def test_the_reduced_model_takes_the_kernels_size_bias_and_never_a_stale_one(kernel_state, monkeypatch):
+    """With the kernel the proportional-attention bias comes with the step (``TokenState.size_bias``): no block
+    computes it again, and the logits are those of the Python path, which computes it in every block.  A state
+    whose sizes were replaced after the bias was made does not pass it on."""
+    import tokenreduce.models.base as model_base
+
+    computed = []
+    monkeypatch.setattr(model_base, "size_bias", lambda size: computed.append(1) or size_bias(size))
+    image = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+    model = tr.apply(make_vit(), "ltmp", untrained=True, merge_threshold=0.5)
+    runs = {}
+    for mode in ("on", "off"):
+        cpu_kernels.set_cpu_kernels(mode)
+        computed.clear()
+        with torch.inference_mode():
+            runs[mode] = model(image)
+        runs[mode + " biases"] = len(computed)
+    assert torch.equal(runs["on"], runs["off"])
+    assert runs["on biases"] == 0 and runs["off biases"] > 0
+    assert tr.stats(model).blocks[-1].tokens_out < 65  # sizes changed: the bias was needed
+
+    from tokenreduce.models import adapter_for
+    from tokenreduce.models.base import ReductionContext
+
+    context = ReductionContext(tr.reducer(model), adapter_for(model), "ltmp", trace_source=False)
+    context.start(torch.zeros(1, 5, 8), training=False)
+    size, other = torch.ones(1, 5, 1), torch.full((1, 5, 1), 2.0)
+    context.update(TokenState(torch.zeros(1, 5, 8), size=size, size_bias=(size, size_bias(size) + 1)))
+    assert torch.equal(context.key_bias(), size_bias(size) + 1)  # taken as it came, not computed again
+    context.update(TokenState(torch.zeros(1, 5, 8), size=other, size_bias=(size, size_bias(size))))
+    assert torch.equal(context.key_bias(), size_bias(other))
+
+
 def test_the_fused_steps_state_is_what_dataclasses_replace_gives():
     """``TokenState.stepped`` builds the state field by field: every other field keeps its value, for every field
     the dataclass has (a field added later without updating ``stepped`` fails here)."""
     originals = {field.name: object() for field in dataclasses.fields(TokenState)}
     state = TokenState(**originals)
     new = {name: object() for name in ("x", "size", "mask", "pos", "packing")}
-    stepped, replaced = state.stepped(**new), dataclasses.replace(state, **new)
-    for field in dataclasses.fields(TokenState):
-        assert getattr(stepped, field.name) is getattr(replaced, field.name), field.name
+    for log_size in (None, object()):  # the old size's bias never carries over to the new size
+        stepped = state.stepped(**new, log_size=log_size)
+        replaced = dataclasses.replace(state, **new, size_bias=None if log_size is None else (new["size"], log_size))
+        for field in dataclasses.fields(TokenState):
+            got, expected = getattr(stepped, field.name), getattr(replaced, field.name)
+            if field.name == "size_bias" and expected is not None:
+                assert got[0] is expected[0] and got[1] is expected[1]
+            else:
+                assert got is expected, field.name

@@ -98,6 +98,10 @@ class TokenState:
         orphans: whether a current token may stand for no original token (module docstring).
         archives: archive pruned tokens without an owner map (module docstring).
         packing: ``x`` holds only the live tokens (ΣN×C) at these rows (module docstring), or ``None``.
+        size_bias: ``(size, log size)`` where the reduction that made ``size`` computed its proportional-attention
+            bias as well (B×1×1×N, :func:`~tokenreduce.ops.attention.size_bias`; LTMP's fused step), or ``None``.
+            It holds only while ``size`` is that very tensor: the reduced model checks, so a state whose size was
+            replaced since has its bias computed again.
     """
 
     x: Tensor
@@ -111,6 +115,7 @@ class TokenState:
     orphans: bool = False
     archives: bool = False
     packing: Packing | None = None
+    size_bias: tuple[Tensor, Tensor] | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -151,12 +156,13 @@ class TokenState:
         return replace(self, x=x)
 
     def stepped(self, x: Tensor, size: Tensor | None, mask: Tensor | None, pos: Tensor | None,
-                packing: Packing | None) -> TokenState:
-        """``dataclasses.replace(self, x=x, size=size, mask=mask, pos=pos, packing=packing)`` without its walk
-        over the fields, which costs as much as a small op at batch 1 (LTMP's fused step; the sources and the
-        owner map are kept as they are, so the caller is one that tracks neither)."""
+                packing: Packing | None, log_size: Tensor | None = None) -> TokenState:
+        """``dataclasses.replace(self, x=x, size=size, mask=mask, pos=pos, packing=packing, size_bias=…)`` without
+        its walk over the fields, which costs as much as a small op at batch 1 (LTMP's fused step; the sources and
+        the owner map are kept as they are, so the caller is one that tracks neither).  ``log_size``: ``size``'s
+        bias where the step computed it (``size_bias``)."""
         return TokenState(x, size, self.source, self.num_prefix, mask, pos, self.owner, self.archive, self.orphans,
-                          self.archives, packing)
+                          self.archives, packing, None if log_size is None else (size, log_size))
 
     def _rows(self, index: Tensor, num_prefix: int) -> TokenState:
         """The tokens ``index`` (B×K) with their per-token tensors, no restoration bookkeeping."""

@@ -242,6 +242,10 @@ class Reducer:
     def reduce(self, block: int, state: TokenState, signals: AttentionSignals) -> TokenState:
         return state
 
+    def end_forward(self) -> None:
+        """Called by the reduced model after the last block of every forward (a method that keeps values for the
+        length of one forward drops them here)."""
+
     def key_mask(self, mask: Tensor) -> KeyMask:
         """How a carried live-token mask (B×N×1) enters attention; hard (−inf bias) by default."""
         return KeyMask(mask)

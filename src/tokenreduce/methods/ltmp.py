@@ -44,7 +44,8 @@ Two forms behind one reducer, chosen by the model's mode:
   (:func:`~tokenreduce.ops.cpu_kernels.fused_ltmp_merge_prune`) unless sources or restoration are tracked:
   it takes the keys, as the per-head keys where the attention has them (``AttentionNeeds.keys_as_heads``:
   no separate head-mean op), computes each image's similarities row by row (the Python path's to
-  rounding, ~1e-7) and gives the Python path's numbers bit for bit after them.
+  rounding, ~1e-7) and gives the Python path's numbers bit for bit after them, the next block's
+  proportional-attention bias (``log size``, ``TokenState.size_bias``) included.
 
 Choices where the official code is ambiguous (documented, exposed):
 
@@ -188,6 +189,9 @@ class LTMP(Reducer):
         self.prop_attn = params.prop_attn
         # (merge, prune parameters, their versions and data pointers, their values): see _host_thresholds
         self._host_cache: tuple[Tensor, Tensor, tuple[int, ...], list[float], list[float]] | None = None
+        # this forward's thresholds as Python floats, read at its start, dropped at its end (eager inference only)
+        self._forward_thresholds: tuple[list[float], list[float]] | None = None
+        self._needs_cache: tuple[list[float], list[AttentionNeeds]] | None = None  # (prune thresholds, needs)
 
     def build_module(self) -> LTMPThresholds:
         """The thresholds at their initial values."""
@@ -218,14 +222,26 @@ class LTMP(Reducer):
         return self.needs_per_block()[block]
 
     def needs_per_block(self) -> list[AttentionNeeds]:
-        """:meth:`needs` for every block, reading the prune thresholds with one host transfer."""
+        """:meth:`needs` for every block, reading the thresholds with one host transfer.
+
+        A reduced model calls this at the start of every forward; at inference in eager mode the values read are
+        also the thresholds every block's :meth:`reduce` compares with during that forward."""
         if self.training or tracing() or self._module is None:
+            self._forward_thresholds = None
             return [AttentionNeeds(keys=True, received=True)] * self.info.depth
-        _, thresholds = self._host_thresholds(refresh=True)  # once per forward: also sees changes through .data
-        # the per-head keys will do: the fused kernel averages them itself (no separate head-mean op)
-        return [AttentionNeeds(keys=True, keys_as_heads=True) if theta <= 0.0 else
+        merge, prune = self._host_thresholds(refresh=True)  # once per forward: also sees changes through .data
+        self._forward_thresholds = (merge, prune)
+        cached = self._needs_cache
+        if cached is None or cached[0] != prune:
+            # the per-head keys will do: the fused kernel averages them itself (no separate head-mean op)
+            cached = self._needs_cache = (prune, [
+                AttentionNeeds(keys=True, keys_as_heads=True) if theta <= 0.0 else
                 AttentionNeeds(keys=True, keys_as_heads=True, received=True, received_floor=theta)
-                for theta in thresholds]
+                for theta in prune])
+        return cached[1]
+
+    def end_forward(self) -> None:
+        self._forward_thresholds = None  # a reduce called outside a forward reads the parameters again
 
     def _host_thresholds(self, refresh: bool = False) -> tuple[list[float], list[float]]:
         """The merge and prune thresholds as Python floats, read with one host transfer, so that at inference
@@ -239,8 +255,7 @@ class LTMP(Reducer):
         key = (merge._version, prune._version, merge.data_ptr(), prune.data_ptr())
         cache = self._host_cache
         if refresh or cache is None or cache[0] is not merge or cache[1] is not prune or cache[2] != key:
-            values = torch.stack([merge.detach(), prune.detach()]).tolist()
-            cache = self._host_cache = (merge, prune, key, values[0], values[1])
+            cache = self._host_cache = (merge, prune, key, merge.tolist(), prune.tolist())
         return cache[3], cache[4]
 
     def key_mask(self, mask: Tensor) -> KeyMask:
@@ -253,11 +268,17 @@ class LTMP(Reducer):
 
     # -- the reduction ---------------------------------------------------------------
     def reduce(self, block: int, state: TokenState, signals: AttentionSignals) -> TokenState:
+        """Block ``block``'s merge and prune (the module note).  Inside a reduced model's eager inference forward the
+        thresholds are those :meth:`needs_per_block` read at the forward's start (no check of the parameters per
+        block); elsewhere they are read here."""
         if self.training:
             module = self.module
             return self._reduce_soft(state, self._received(state, signals), module.merge_threshold[block],
                                      module.prune_threshold[block])
-        if tracing():  # a graph keeps the thresholds as its parameters
+        snapshot = self._forward_thresholds
+        if snapshot is not None:
+            theta_m, theta_p = snapshot[0][block], snapshot[1][block]
+        elif tracing():  # a graph keeps the thresholds as its parameters
             module = self.module
             theta_m, theta_p = module.merge_threshold[block], module.prune_threshold[block]
         else:
@@ -337,7 +358,7 @@ class LTMP(Reducer):
             fused = fused_ltmp_merge_prune(
                 state.x, state.size, None, signals.received, None if packing is not None else state.mask, theta_m,
                 theta_p, p, length_multiple(bsz), counts=None if packing is None else packing.counts,
-                packed=packing is not None, keys=keys)
+                packed=packing is not None, keys=keys, with_index=state.pos is not None, with_log_size=self.prop_attn)
             if fused is not None:
                 pos = None if state.pos is None else batched_gather(state.pos, fused.index)
                 out_x, packing = fused.x, None
@@ -346,7 +367,7 @@ class LTMP(Reducer):
                         out_x = out_x.view(bsz, -1, out_x.shape[-1])
                     else:
                         packing = Packing(fused.rows, fused.counts)
-                return state.stepped(out_x, fused.size, fused.mask, pos, packing)
+                return state.stepped(out_x, fused.size, fused.mask, pos, packing, fused.log_size)
         if state.packing is not None:  # the Python path runs on the padded layout (the caller packs it again)
             state = state.unpacked()
         sim = self._similarity(signals)

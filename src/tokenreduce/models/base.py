@@ -188,6 +188,8 @@ class ReductionContext:
         self.size, self.source, self.mask, self.pos = state.size, state.source, state.mask, state.pos
         self.owner, self.archive, self.orphans = state.owner, state.archive, state.orphans
         self.packing = state.packing
+        if state.size_bias is not None:  # the reduction computed the bias; key_bias uses it while size is its size
+            self._bias_of, self.bias = state.size_bias
         return state.x
 
     def unpack(self, x: Tensor) -> Tensor:
@@ -421,6 +423,7 @@ def run_block(block: nn.Module, x: Tensor, stock: Callable[[Tensor], Tensor]) ->
         x = branches(ctx, block, i, x)
     if i == ctx.last_block:  # the norm and the pool read the padded stream
         x = ctx.unpack(x)
+        reducer.end_forward()
     if ctx.restore is not None and i == ctx.last_block:
         return ctx.finish(x)
     if i in ctx.capture:

@@ -323,23 +323,26 @@ class LtmpStep(NamedTuple):
         x: B×M×C hidden states, or ΣM×C (the live tokens', image by image) when packed.
         size: B×M×1 sizes.
         mask: B×M×1 float live mask, ``None`` when every row is live.
-        index: B×M int64 input position of every output row.
+        index: B×M int64 input position of every output row (``None`` unless asked for).
         counts: packed only (else ``None``): B int64 live tokens per image (each image's first ``counts[b]`` rows).
         rows: packed only (else ``None``): the ΣM rows of the live tokens in the B·M flattening.
+        log_size: B×1×1×M float32 ``log size``, the proportional-attention bias
+            (:func:`~tokenreduce.ops.attention.size_bias`; ``None`` unless asked for).
     """
 
     x: Tensor
     size: Tensor
     mask: Tensor | None
-    index: Tensor
+    index: Tensor | None
     counts: Tensor | None
     rows: Tensor | None
+    log_size: Tensor | None
 
 
 def fused_ltmp_merge_prune(
     x: Tensor, size: Tensor | None, sim: Tensor | None, importance: Tensor | None, mask: Tensor | None,
     theta_merge: float, theta_prune: float, num_prefix: int, multiple: int = 1, counts: Tensor | None = None,
-    packed: bool = False, keys: Tensor | None = None,
+    packed: bool = False, keys: Tensor | None = None, with_index: bool = True, with_log_size: bool = False,
 ) -> LtmpStep | None:
     """LTMP's inference step in one kernel call (``LTMP._reduce_hard``'s numbers).
 
@@ -354,7 +357,8 @@ def fused_ltmp_merge_prune(
         packed ``x``, or ``None``; packed: return the output's hidden states packed (required with ``counts``);
         keys: instead of ``sim``, the B×N×d keys or B×H×N×d per-head keys (averaged over H as
         :func:`~tokenreduce.ops.gather.head_mean` does): the kernel computes the similarities, to rounding
-        those of ``LTMP._similarity`` (every step after them is bit for bit the Python path's).
+        those of ``LTMP._similarity`` (every step after them is bit for bit the Python path's); with_index,
+        with_log_size: also return the input positions and the log sizes (each costs an allocation at batch 1).
 
     Returns:
         An :class:`LtmpStep`: M the largest live count in the batch rounded up to ``multiple``; or ``None``
@@ -371,7 +375,7 @@ def fused_ltmp_merge_prune(
         importance = importance.float()
     return LtmpStep(*module.ltmp_merge_prune(
         x, size, metric, importance, mask, float(theta_merge), float(theta_prune), num_prefix, int(multiple),
-        counts, packed, keys is not None))
+        counts, packed, keys is not None, with_index, with_log_size))
 
 
 def fused_bucketed_attention(

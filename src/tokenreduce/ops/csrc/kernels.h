@@ -11,12 +11,14 @@ std::vector<at::Tensor> bipartite_merge_wavg(const at::Tensor& x_in, const c10::
                                              const at::Tensor& metric_in, int64_t r, int64_t p);
 
 // LTMP's inference step: threshold merge, threshold prune, compaction (ltmp_merge_prune.cpp).
-// (x, sizes, live mask or undefined, input positions, live counts and live rows (packed only, else undefined)).
-using LtmpStep = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+// (x, sizes, live mask or undefined, input positions (or undefined), live counts and live rows (packed only, else
+// undefined), log sizes (or undefined)).
+using LtmpStep = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 LtmpStep ltmp_merge_prune(const at::Tensor& x_in, const c10::optional<at::Tensor>& size_in, const at::Tensor& sim_in,
                           const c10::optional<at::Tensor>& importance_in, const c10::optional<at::Tensor>& mask_in,
                           double theta_merge, double theta_prune, int64_t p, int64_t multiple,
-                          const c10::optional<at::Tensor>& counts_in, bool packed_out, bool from_keys);
+                          const c10::optional<at::Tensor>& counts_in, bool packed_out, bool from_keys,
+                          bool with_index, bool with_log_size);
 // LTMP's cosine similarities of the even to the odd positions, from the (per-head) keys.
 at::Tensor ltmp_similarities(const at::Tensor& keys_in);
 

@@ -27,6 +27,10 @@
 
 #include <ATen/Parallel.h>
 
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -51,50 +55,102 @@ struct KeyView {
 };
 
 // One image's keys ready for its A-to-B cosines: the unit rows of the A (even) positions, ⌈N/2⌉×d, and those of
-// the B (odd) positions transposed, d×⌊N/2⌋, so that one A row's cosines with every B row are a loop over the
-// B rows that the compiler vectorises.  Buffers are reused from image to image.
+// the B (odd) positions transposed, d×⌊N/2⌋ padded with zero columns to a multiple of 8, so that one A row's
+// cosines with every B row are vector operations over the B rows.  Buffers are reused from image to image.
 class ImageCosines {
  public:
-  explicit ImageCosines(const KeyView& view) : view_(view), na_((view.n + 1) / 2), nb_(view.n / 2) {
+  explicit ImageCosines(const KeyView& view)
+      : view_(view), na_((view.n + 1) / 2), nb_(view.n / 2), nb_padded_((nb_ + kLanes - 1) / kLanes * kLanes) {
     a_.resize(na_ * view.dim);
-    b_t_.resize(view.dim * nb_);
+    b_t_.assign(view.dim * nb_padded_, 0.f);  // the padding columns stay 0
     row_.resize(view.dim);
-    scratch_.resize(view.dim);
   }
 
-  // Unit rows of image `img` (heads averaged first, as tokenreduce.ops.gather.head_mean does).
+  // Unit rows of image `img`'s keys, heads averaged first (tokenreduce.ops.gather.head_mean), in one pass over its
+  // tokens: A rows into a_, B rows into the columns of b_t_.
   void load(int64_t img) {
     const int64_t dim = view_.dim;
     const float* image = view_.data + img * view_.keys.stride(0);
-    const int64_t token_stride = view_.keys.stride(2), head_stride = view_.keys.stride(1);
-    tokenreduce::unit_rows_every_other(image, token_stride, view_.heads, head_stride, dim, 0, na_, scratch_.data(),
-                                       a_.data());
-    for (int64_t j = 0; j < nb_; ++j) {
-      tokenreduce::unit_rows_every_other(image, token_stride, view_.heads, head_stride, dim, 2 * j + 1, 1,
-                                         scratch_.data(), row_.data());
-      for (int64_t d = 0; d < dim; ++d) b_t_[d * nb_ + j] = row_[d];
+    const int64_t token_stride = view_.keys.stride(2);
+    for (int64_t t = 0; t < view_.n; ++t) {
+      float* unit = t % 2 == 0 ? a_.data() + (t / 2) * dim : row_.data();
+      unit_key(image + t * token_stride, unit);
+      if (t % 2 == 1) {
+        for (int64_t d = 0; d < dim; ++d) b_t_[d * nb_padded_ + t / 2] = unit[d];
+      }
     }
   }
 
   // The cosines of A row i with every B row, at most 1 (a merge threshold of 1 then merges nothing, see LTMP's
-  // module note; NaN stays), into out (⌊N/2⌋ floats): each a sum over d in order, one product at a time.
+  // module note; NaN stays), into out (⌊N/2⌋ floats): each a sum over d in order.  The B columns go in blocks whose
+  // sums stay in registers for the whole loop over d (columns_block).
   void row(int64_t i, float* __restrict__ out) const {
-    const int64_t dim = view_.dim, nb = nb_;
-    const float* __restrict__ a = a_.data() + i * dim;
-    const float* __restrict__ b_t = b_t_.data();
-    std::fill(out, out + nb, 0.f);
-    for (int64_t d = 0; d < dim; ++d) {
-      const float a_d = a[d];
-      const float* __restrict__ b_d = b_t + d * nb;
-      for (int64_t j = 0; j < nb; ++j) out[j] += a_d * b_d[j];
-    }
-    for (int64_t j = 0; j < nb; ++j) out[j] = out[j] > 1.f ? 1.f : out[j];
+    const float* a = a_.data() + i * view_.dim;
+    int64_t j = 0;
+    for (; j + kWide <= nb_padded_; j += kWide) columns_block<kWide>(a, j, out);
+    for (; j + kWide / 2 <= nb_padded_; j += kWide / 2) columns_block<kWide / 2>(a, j, out);
+    for (; j < nb_padded_; j += kLanes) columns_block<kLanes>(a, j, out);
   }
 
  private:
+  static constexpr int64_t kLanes = 8;  // B columns are padded to a multiple of this (one AVX2 register)
+  static constexpr int64_t kWide = 64;  // B columns per block where that many are left (eight AVX2 registers)
+
+  // One token's unit key (dim floats) into out: the sum of its heads (head h at row + h * head stride) scaled to
+  // unit length.  The cosines are those of the head means (unit_rows(head_mean(keys)) in LTMP._similarity) to
+  // rounding: a mean is the sum over H, and the norm's lower clamp scales with it (H·eps for the sum, eps for the
+  // mean).  One reciprocal and a multiply per row, not a division per element.
+  void unit_key(const float* __restrict__ row, float* __restrict__ out) const {
+    const int64_t dim = view_.dim, heads = view_.heads, head_stride = view_.keys.stride(1);
+    for (int64_t d = 0; d < dim; ++d) out[d] = row[d];
+    for (int64_t h = 1; h < heads; ++h) {
+      const float* __restrict__ head_row = row + h * head_stride;
+      for (int64_t d = 0; d < dim; ++d) out[d] += head_row[d];
+    }
+    constexpr int64_t lanes = 8;
+    float lane[lanes] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    int64_t d = 0;
+    for (; d + lanes <= dim; d += lanes) {
+      for (int64_t k = 0; k < lanes; ++k) lane[k] += out[d + k] * out[d + k];
+    }
+    for (int64_t k = 0; d + k < dim; ++k) lane[k] += out[d + k] * out[d + k];
+    const float sum_sq = ((lane[0] + lane[4]) + (lane[2] + lane[6])) + ((lane[1] + lane[5]) + (lane[3] + lane[7]));
+    const float scale = 1.f / std::max(std::sqrt(sum_sq), tokenreduce::kNormEps * static_cast<float>(heads));
+    for (int64_t d = 0; d < dim; ++d) out[d] *= scale;
+  }
+
+  // The cosines of A row `a` with B columns j0 .. j0 + width - 1 (those below ⌊N/2⌋ are written to out + j0).  With
+  // AVX2 and FMA, width / 8 registers of sums, one fused multiply-add per d (the file is built without contraction,
+  // so the portable loop multiplies and adds); the cosines differ from LTMP._similarity's by rounding either way.
+  template <int64_t width>
+  void columns_block(const float* __restrict__ a, int64_t j0, float* __restrict__ out) const {
+    const float* __restrict__ b_t = b_t_.data() + j0;
+#if defined(__AVX2__) && defined(__FMA__)
+    constexpr int64_t vectors = width / kLanes;
+    __m256 sum[vectors];
+    for (int64_t v = 0; v < vectors; ++v) sum[v] = _mm256_setzero_ps();
+    for (int64_t d = 0; d < view_.dim; ++d) {
+      const __m256 a_d = _mm256_set1_ps(a[d]);
+      const float* __restrict__ b_d = b_t + d * nb_padded_;
+      for (int64_t v = 0; v < vectors; ++v) sum[v] = _mm256_fmadd_ps(a_d, _mm256_loadu_ps(b_d + v * kLanes), sum[v]);
+    }
+    float flat[width];
+    for (int64_t v = 0; v < vectors; ++v) _mm256_storeu_ps(flat + v * kLanes, sum[v]);
+#else
+    float flat[width] = {};
+    for (int64_t d = 0; d < view_.dim; ++d) {
+      const float a_d = a[d];
+      const float* __restrict__ b_d = b_t + d * nb_padded_;
+      for (int64_t k = 0; k < width; ++k) flat[k] += a_d * b_d[k];
+    }
+#endif
+    const int64_t valid = std::min(width, nb_ - j0);
+    for (int64_t k = 0; k < valid; ++k) out[j0 + k] = flat[k] > 1.f ? 1.f : flat[k];
+  }
+
   const KeyView& view_;
-  int64_t na_, nb_;
-  std::vector<float> a_, b_t_, row_, scratch_;
+  int64_t na_, nb_, nb_padded_;
+  std::vector<float> a_, b_t_, row_;  // b_t_: d×nb_padded_, the B unit rows transposed
 };
 
 }  // namespace
@@ -127,14 +183,17 @@ at::Tensor ltmp_similarities(const at::Tensor& keys_in) {
 // p: prefix tokens; multiple: the padded length M is the largest live count rounded up to a multiple of this
 // (at most N); counts: B int64 live counts of a packed input x, or None; packed: return the output x packed;
 // from_keys: sim holds the keys instead (3-D or 4-D, see ltmp_similarities), and the kernel computes the
-// similarities first.
+// similarities first; with_index: return the input positions; with_log_size: return the log of the sizes as the
+// B×1×1×M proportional-attention bias (tokenreduce.ops.attention.size_bias: the same ATen op, no Python call).
 // Returns (B×M×C or ΣM×C x, B×M×1 sizes, B×M×1 float live mask (undefined where every output row is live),
-// B×M int64 input positions, B int64 live counts and ΣM int64 rows of the live output tokens in the B·M flattening
-// (both packed only, else undefined)).  Undefined tensors reach Python as None.
+// B×M int64 input positions (undefined without with_index), B int64 live counts and ΣM int64 rows of the live
+// output tokens in the B·M flattening (both packed only, else undefined), B×1×1×M log sizes (undefined without
+// with_log_size)).  Undefined tensors reach Python as None.
 LtmpStep ltmp_merge_prune(const at::Tensor& x_in, const c10::optional<at::Tensor>& size_in, const at::Tensor& sim_in,
                           const c10::optional<at::Tensor>& importance_in, const c10::optional<at::Tensor>& mask_in,
                           double theta_merge, double theta_prune, int64_t p, int64_t multiple,
-                          const c10::optional<at::Tensor>& counts_in, bool packed_out, bool from_keys) {
+                          const c10::optional<at::Tensor>& counts_in, bool packed_out, bool from_keys,
+                          bool with_index, bool with_log_size) {
   const bool has_importance = importance_in.has_value() && importance_in->defined();
   const bool packed_in = counts_in.has_value() && counts_in->defined();
   TORCH_CHECK(x_in.dim() == (packed_in ? 2 : 3) && (from_keys || sim_in.dim() == 3),
@@ -315,13 +374,13 @@ LtmpStep ltmp_merge_prune(const at::Tensor& x_in, const c10::optional<at::Tensor
                               : at::empty({batch, m_out, channels}, x.options());
   at::Tensor out_size = at::empty({batch, m_out, 1}, x.options());
   at::Tensor out_mask = all_live ? at::Tensor() : at::empty({batch, m_out, 1}, x.options());
-  at::Tensor index = at::empty({batch, m_out}, x.options().dtype(at::kLong));
+  at::Tensor index = with_index ? at::empty({batch, m_out}, x.options().dtype(at::kLong)) : at::Tensor();
   at::Tensor out_count = packed_out ? at::empty({batch}, x.options().dtype(at::kLong)) : at::Tensor();
   at::Tensor rows = packed_out ? at::empty({live_rows}, x.options().dtype(at::kLong)) : at::Tensor();
   float* out_data = out.data_ptr<float>();
   float* out_size_data = out_size.data_ptr<float>();
   float* out_mask_data = all_live ? nullptr : out_mask.data_ptr<float>();
-  int64_t* index_data = index.data_ptr<int64_t>();
+  int64_t* index_data = with_index ? index.data_ptr<int64_t>() : nullptr;
   int64_t* rows_data = packed_out ? rows.data_ptr<int64_t>() : nullptr;
   if (packed_out) std::copy(count.begin(), count.end(), out_count.data_ptr<int64_t>());
   at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
@@ -342,6 +401,12 @@ LtmpStep ltmp_merge_prune(const at::Tensor& x_in, const c10::optional<at::Tensor
         float total = size_of(t);
         if (t % 2 == 0) {
           if (write) std::copy(src, src + channels, dst);
+        } else if (img_first[t / 2] < 0 && total == 1.f) {
+          // nothing merged into a unit-size token: (1·x + 0) / 1 below is x + 0 exactly (−0 turns into +0 there
+          // too), without a division per element
+          if (write) {
+            for (int64_t c = 0; c < channels; ++c) dst[c] = src[c] + 0.f;
+          }
         } else {
           if (write) std::fill(acc.begin(), acc.end(), 0.f);
           float merged_size = 0.f;
@@ -361,7 +426,7 @@ LtmpStep ltmp_merge_prune(const at::Tensor& x_in, const c10::optional<at::Tensor
         }
         out_size_data[img * m_out + row] = total;
         if (out_mask_data != nullptr) out_mask_data[img * m_out + row] = img_alive[t] ? 1.f : 0.f;
-        index_data[img * m_out + row] = t;
+        if (index_data != nullptr) index_data[img * m_out + row] = t;
         if (packed_out && img_alive[t]) rows_data[out_start[img] + row] = img * m_out + row;
         ++row;
       };
@@ -373,5 +438,6 @@ LtmpStep ltmp_merge_prune(const at::Tensor& x_in, const c10::optional<at::Tensor
       }
     }
   });
-  return {out, out_size, out_mask, index, out_count, rows};
+  at::Tensor log_size = with_log_size ? at::log(out_size).view({batch, 1, 1, m_out}) : at::Tensor();
+  return {out, out_size, out_mask, index, out_count, rows, log_size};
 }

@@ -9,7 +9,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("x"), pybind11::arg("size"), pybind11::arg("sim"), pybind11::arg("importance"),
         pybind11::arg("mask"), pybind11::arg("theta_merge"), pybind11::arg("theta_prune"), pybind11::arg("p"),
         pybind11::arg("multiple"), pybind11::arg("counts") = pybind11::none(), pybind11::arg("packed") = false,
-        pybind11::arg("from_keys") = false, pybind11::call_guard<pybind11::gil_scoped_release>());
+        pybind11::arg("from_keys") = false, pybind11::arg("with_index") = true, pybind11::arg("with_log_size") = false,
+        pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("ltmp_similarities", &ltmp_similarities, "LTMP's A-to-B cosine similarities from the (per-head) keys",
         pybind11::arg("keys"), pybind11::call_guard<pybind11::gil_scoped_release>());
   m.def("bucketed_attention", &bucketed_attention,
