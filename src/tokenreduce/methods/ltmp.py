@@ -285,9 +285,9 @@ class LTMP(Reducer):
             merge, prune = self._host_thresholds()
             theta_m, theta_p = merge[block], prune[block]
         if not torch.is_grad_enabled():  # the usual inference: no with-block (it costs even where it changes nothing)
-            return self._reduce_hard(state, signals, theta_m, theta_p)
+            return self._reduce_hard(state, signals, theta_m, theta_p, block + 1 < self.info.depth)
         with no_grad():
-            return self._reduce_hard(state, signals, theta_m, theta_p)
+            return self._reduce_hard(state, signals, theta_m, theta_p, block + 1 < self.info.depth)
 
     @staticmethod
     def _received(state: TokenState, signals: AttentionSignals) -> AttentionSignals:
@@ -346,10 +346,12 @@ class LTMP(Reducer):
         return torch.cat([pos[:p], pos[2 * ((p + 1) // 2) :: 2], pos[2 * (p // 2) + 1 :: 2]])
 
     def _reduce_hard(
-        self, state: TokenState, signals: AttentionSignals, theta_m: Tensor | float, theta_p: Tensor | float
+        self, state: TokenState, signals: AttentionSignals, theta_m: Tensor | float, theta_p: Tensor | float,
+        next_block: bool = True,
     ) -> TokenState:
         """Inference form: hard comparisons, merged and pruned tokens really removed (batch padded).  The
-        thresholds are Python floats, or 0-d tensors while a graph is captured."""
+        thresholds are Python floats, or 0-d tensors while a graph is captured.  ``next_block``: a block follows,
+        whose attention takes the size bias (the fused kernel then computes it with the step)."""
         p = state.num_prefix
         if state.source is None and state.owner is None:  # the fused CPU kernel, where eligible: the same decisions
             packing = state.packing
@@ -358,7 +360,8 @@ class LTMP(Reducer):
             fused = fused_ltmp_merge_prune(
                 state.x, state.size, None, signals.received, None if packing is not None else state.mask, theta_m,
                 theta_p, p, length_multiple(bsz), counts=None if packing is None else packing.counts,
-                packed=packing is not None, keys=keys, with_index=state.pos is not None, with_log_size=self.prop_attn)
+                packed=packing is not None, keys=keys, with_index=state.pos is not None,
+                with_log_size=self.prop_attn and next_block)
             if fused is not None:
                 pos = None if state.pos is None else batched_gather(state.pos, fused.index)
                 out_x, packing = fused.x, None
