@@ -355,8 +355,8 @@ def fused_ltmp_merge_prune(
         ``None`` (all live); theta_merge, theta_prune: the block's thresholds; num_prefix: protected leading
         tokens; multiple: M is rounded up to a multiple of this (at most N); counts: B int64 live counts of a
         packed ``x``, or ``None``; packed: return the output's hidden states packed (required with ``counts``);
-        keys: instead of ``sim``, the B×N×d keys or B×H×N×d per-head keys (averaged over H as
-        :func:`~tokenreduce.ops.gather.head_mean` does): the kernel computes the similarities, to rounding
+        keys: instead of ``sim``, the B×N×d keys or B×H×N×d per-head keys (compared as their mean over H,
+        :func:`~tokenreduce.ops.gather.head_mean`): the kernel computes the similarities, to rounding
         those of ``LTMP._similarity`` (every step after them is bit for bit the Python path's); with_index,
         with_log_size: also return the input positions and the log sizes (each costs an allocation at batch 1).
 

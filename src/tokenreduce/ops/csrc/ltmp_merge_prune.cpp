@@ -155,11 +155,10 @@ class ImageCosines {
 
 }  // namespace
 
-// keys: B×N×d float32 keys, or B×H×N×d per-head keys (any strides with a unit last one) that are averaged over H
-// first, as tokenreduce.ops.gather.head_mean does.  Returns the B×⌈N/2⌉×⌊N/2⌋ float32 cosine similarities of the
-// even (A) to the odd (B) positions, prefix and dead ones included, clamped at 1: what ltmp_merge_prune computes
-// from keys (LTMP._similarity's numbers to rounding: unit rows as tokenreduce::normalise, each cosine a sum over d
-// in order).
+// keys: B×N×d float32 keys, or B×H×N×d per-head keys (any strides with a unit last one), whose cosines are those of
+// their mean over H (tokenreduce.ops.gather.head_mean).  Returns the B×⌈N/2⌉×⌊N/2⌋ float32 cosine similarities of
+// the even (A) to the odd (B) positions, prefix and dead ones included, clamped at 1: what ltmp_merge_prune computes
+// from keys (LTMP._similarity's numbers to rounding: ImageCosines' unit keys, each cosine a sum over d in order).
 at::Tensor ltmp_similarities(const at::Tensor& keys_in) {
   const KeyView view(keys_in);
   const int64_t na = (view.n + 1) / 2, nb = view.n / 2;
