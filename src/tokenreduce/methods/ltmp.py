@@ -284,10 +284,11 @@ class LTMP(Reducer):
         else:
             merge, prune = self._host_thresholds()
             theta_m, theta_p = merge[block], prune[block]
+        next_block = block + 1 < self.info.depth
         if not torch.is_grad_enabled():  # the usual inference: no with-block (it costs even where it changes nothing)
-            return self._reduce_hard(state, signals, theta_m, theta_p, block + 1 < self.info.depth)
+            return self._reduce_hard(state, signals, theta_m, theta_p, next_block)
         with no_grad():
-            return self._reduce_hard(state, signals, theta_m, theta_p, block + 1 < self.info.depth)
+            return self._reduce_hard(state, signals, theta_m, theta_p, next_block)
 
     @staticmethod
     def _received(state: TokenState, signals: AttentionSignals) -> AttentionSignals:

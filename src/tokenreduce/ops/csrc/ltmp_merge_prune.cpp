@@ -66,8 +66,8 @@ class ImageCosines {
     row_.resize(view.dim);
   }
 
-  // Unit rows of image `img`'s keys, heads averaged first (tokenreduce.ops.gather.head_mean), in one pass over its
-  // tokens: A rows into a_, B rows into the columns of b_t_.
+  // Unit rows of image `img`'s keys (unit_key: heads summed, which has the head mean's direction), in one pass over
+  // its tokens: A rows into a_, B rows into the columns of b_t_.
   void load(int64_t img) {
     const int64_t dim = view_.dim;
     const float* image = view_.data + img * view_.keys.stride(0);
@@ -107,15 +107,8 @@ class ImageCosines {
       const float* __restrict__ head_row = row + h * head_stride;
       for (int64_t d = 0; d < dim; ++d) out[d] += head_row[d];
     }
-    constexpr int64_t lanes = 8;
-    float lane[lanes] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-    int64_t d = 0;
-    for (; d + lanes <= dim; d += lanes) {
-      for (int64_t k = 0; k < lanes; ++k) lane[k] += out[d + k] * out[d + k];
-    }
-    for (int64_t k = 0; d + k < dim; ++k) lane[k] += out[d + k] * out[d + k];
-    const float sum_sq = ((lane[0] + lane[4]) + (lane[2] + lane[6])) + ((lane[1] + lane[5]) + (lane[3] + lane[7]));
-    const float scale = 1.f / std::max(std::sqrt(sum_sq), tokenreduce::kNormEps * static_cast<float>(heads));
+    const float norm = std::sqrt(tokenreduce::sum_of_squares(out, dim));
+    const float scale = 1.f / std::max(norm, tokenreduce::kNormEps * static_cast<float>(heads));
     for (int64_t d = 0; d < dim; ++d) out[d] *= scale;
   }
 

@@ -10,10 +10,9 @@ namespace tokenreduce {
 // Lower clamp of a row norm before dividing by it (tokenreduce.ops.similarity.NORM_EPS).
 constexpr float kNormEps = 1e-6f;
 
-// Writes row / max(|row|, eps) (dim floats) to `out`: tokenreduce.ops.similarity.unit_rows for one row (the same
-// values to rounding).  The sum of squares runs in 8 independent lanes, summed pairwise at the end, so that the
-// compiler vectorises it; the order is fixed by dim alone.
-inline void normalise(const float* __restrict__ row, int64_t dim, float* __restrict__ out) {
+// The sum of squares of dim floats, in 8 independent lanes summed pairwise at the end, so that the compiler
+// vectorises it; the order is fixed by dim alone.
+inline float sum_of_squares(const float* __restrict__ row, int64_t dim) {
   constexpr int64_t kLanes = 8;
   float lane[kLanes] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
   int64_t d = 0;
@@ -21,8 +20,13 @@ inline void normalise(const float* __restrict__ row, int64_t dim, float* __restr
     for (int64_t k = 0; k < kLanes; ++k) lane[k] += row[d + k] * row[d + k];
   }
   for (int64_t k = 0; k < kLanes && d + k < dim; ++k) lane[k] += row[d + k] * row[d + k];
-  const float sum_sq = ((lane[0] + lane[4]) + (lane[2] + lane[6])) + ((lane[1] + lane[5]) + (lane[3] + lane[7]));
-  const float denom = std::max(std::sqrt(sum_sq), kNormEps);
+  return ((lane[0] + lane[4]) + (lane[2] + lane[6])) + ((lane[1] + lane[5]) + (lane[3] + lane[7]));
+}
+
+// Writes row / max(|row|, eps) (dim floats) to `out`: tokenreduce.ops.similarity.unit_rows for one row (the same
+// values to rounding).
+inline void normalise(const float* __restrict__ row, int64_t dim, float* __restrict__ out) {
+  const float denom = std::max(std::sqrt(sum_of_squares(row, dim)), kNormEps);
   for (int64_t d = 0; d < dim; ++d) out[d] = row[d] / denom;
 }
 
